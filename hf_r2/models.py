@@ -1,0 +1,175 @@
+"""One `create_model` for timm names, `hf-hub:` ids, transformers checkpoints and saved hf-r2 folders, and the
+one place that turns a batch into logits and a task loss for either kind of model."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["create_model", "is_transformers_model", "unwrap_model", "forward_logits", "classification_loss"]
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether `model` is a transformers `PreTrainedModel` (it takes `pixel_values=` and returns an output object)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(unwrap_model(model), PreTrainedModel)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / `torch.compile` / accelerate wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def create_model(
+    model_name_or_path: str | Any,
+    num_classes: int | None = None,
+    *,
+    pretrained: bool = False,
+    label_names: list[str] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Create a timm or transformers image classifier from one name.
+
+    `model_name_or_path` may be:
+
+    - a timm name (`"resnet18"`, `"mobilenetv2_100"`) or `"hf-hub:org/name"`: [`timm.create_model`];
+    - a local folder in timm's layout (`config.json` with `architecture`, e.g. saved by `hf-r2 train`): timm, with
+      the folder's `model.safetensors` as weights when `pretrained=True`;
+    - a local folder or Hub id of a transformers checkpoint (`config.json` with `model_type`):
+      [`~transformers.AutoModelForImageClassification`] (`from_pretrained` if `pretrained`, else `from_config`);
+    - a transformers `PretrainedConfig` instance: `AutoModelForImageClassification.from_config`.
+
+    Args:
+        model_name_or_path (`str` or `transformers.PretrainedConfig`):
+            What to create (see above).
+        num_classes (`int`, *optional*):
+            Size of the classifier head; `None` keeps the checkpoint's.
+        pretrained (`bool`, *optional*, defaults to `False`):
+            Load weights (from the folder, the Hub or the cache); `False` gives a random init.
+        label_names (`list[str]`, *optional*):
+            Class names, stored as `id2label` on transformers models and `label_names` on timm's `pretrained_cfg`.
+        kwargs:
+            Passed on to `timm.create_model` or `from_pretrained` / `from_config`.
+    """
+    if label_names is not None and num_classes is None:
+        num_classes = len(label_names)
+    if not isinstance(model_name_or_path, str):
+        return _create_transformers(model_name_or_path, num_classes, pretrained, label_names, **kwargs)
+    name = model_name_or_path
+    config_path = os.path.join(name, "config.json")
+    if os.path.isdir(name):
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{name!r} is a folder without a config.json: not a saved model.")
+        config = _read_json(config_path)
+        if "architecture" in config and "model_type" not in config:
+            return _create_timm_from_folder(name, config, num_classes, pretrained, label_names, **kwargs)
+        return _create_transformers(name, num_classes, pretrained, label_names, **kwargs)
+    import timm
+
+    if name.startswith("hf-hub:") or name.startswith("local-dir:") or timm.is_model(name):
+        model = timm.create_model(name, pretrained=pretrained, **_num_classes_kw(num_classes), **kwargs)
+        _set_timm_labels(model, label_names)
+        return model
+    if "/" in name:
+        return _create_transformers(name, num_classes, pretrained, label_names, **kwargs)
+    close = timm.list_models(f"*{name}*")[:5]
+    hint = f" Close timm names: {close}." if close else ""
+    raise ValueError(
+        f"Unknown model {name!r}: not a timm model name, an `hf-hub:` id, a local folder or a Hub id `org/name`.{hint}"
+    )
+
+
+def _num_classes_kw(num_classes: int | None) -> dict[str, int]:
+    return {} if num_classes is None else {"num_classes": num_classes}
+
+
+def _set_timm_labels(model: nn.Module, label_names: list[str] | None) -> None:
+    if label_names is not None and hasattr(model, "pretrained_cfg"):
+        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": list(label_names)}
+
+
+def _create_timm_from_folder(
+    folder: str, config: dict[str, Any], num_classes: int | None, pretrained: bool, label_names, **kwargs: Any
+) -> nn.Module:
+    import timm
+
+    model_args = dict(config.get("model_args", {}))
+    saved_classes = config.get("num_classes")
+    model_args.setdefault("num_classes", saved_classes)
+    model_args.update(kwargs)
+    pretrained_cfg = dict(config.get("pretrained_cfg", {}))
+    weights = os.path.join(folder, "model.safetensors")
+    if pretrained:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{folder!r} has no model.safetensors to load with `pretrained=True`.")
+        pretrained_cfg["file"] = weights
+    pretrained_cfg.pop("hf_hub_id", None)
+    model = timm.create_model(
+        config["architecture"], pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg, **model_args
+    )
+    if num_classes is not None and num_classes != model_args["num_classes"]:
+        model.reset_classifier(num_classes)
+    _set_timm_labels(model, label_names or config.get("label_names") or pretrained_cfg.get("label_names"))
+    return model
+
+
+def _create_transformers(source: Any, num_classes: int | None, pretrained: bool, label_names, **kwargs: Any):
+    from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig
+
+    head: dict[str, Any] = {}
+    if label_names is not None:
+        head = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                "label2id": {n: i for i, n in enumerate(label_names)}}
+    elif num_classes is not None:
+        head = {"num_labels": num_classes}
+    if isinstance(source, PretrainedConfig):
+        for key, value in head.items():
+            setattr(source, key, value)
+        return AutoModelForImageClassification.from_config(source, **kwargs)
+    if pretrained:
+        return AutoModelForImageClassification.from_pretrained(
+            source, **head, ignore_mismatched_sizes=bool(head), **kwargs
+        )
+    return AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(source, **head), **kwargs)
+
+
+def forward_logits(model: nn.Module, pixel_values: Tensor) -> Tensor:
+    """Logits `(B, num_classes)` of a timm or transformers classifier."""
+    if is_transformers_model(model):
+        return model(pixel_values=pixel_values).logits
+    return model(pixel_values)
+
+
+def classification_loss(
+    model: nn.Module, pixel_values: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Cross-entropy and logits for a batch, the same way for timm and transformers models.
+
+    The loss is the mean over the batch, or `sum / num_items_in_batch` when that is given (the Trainer passes the
+    number of labels over all gradient-accumulation micro-batches, so that unequal micro-batches weigh right).
+    It is computed here rather than by a transformers model's own head so that both kinds of model give the same
+    number for the same logits.
+    """
+    logits = forward_logits(model, pixel_values)
+    if num_items_in_batch is None:
+        loss = F.cross_entropy(logits.float(), labels)
+    else:
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum") / num_items_in_batch
+    return loss, logits

@@ -1,0 +1,73 @@
+"""Shared fixtures: offline settings, tiny models, the local CIFAR-10 copy."""
+
+import os
+
+# Before any Hugging Face library is imported: never reach the network in tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("HF_R2_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """Folder holding `cifar10`, `cifar10-small` and `cifar10-tiny` (parquet); skips if absent."""
+    if not (DATA_DIR / "cifar10-tiny").is_dir():
+        pytest.skip(f"local CIFAR-10 copy not found under {DATA_DIR} (set HF_R2_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture
+def tiny_cifar_dir(data_dir) -> Path:
+    return data_dir / "cifar10-tiny"
+
+
+def make_timm(name: str = "test_resnet", num_classes: int = 10, **kwargs):
+    """A tiny timm model from random init (timm's own `test_*` models: 0.1M to 0.4M parameters)."""
+    import timm
+
+    return timm.create_model(name, num_classes=num_classes, **kwargs)
+
+
+@pytest.fixture
+def timm_cnn():
+    """timm CNN with batch norm (`test_resnet`)."""
+    return make_timm("test_resnet")
+
+
+@pytest.fixture
+def timm_vit():
+    """timm ViT at 32x32 input."""
+    return make_timm("test_vit", img_size=32)
+
+
+@pytest.fixture
+def hf_resnet():
+    """A transformers ResNet from a small config (no download)."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    cfg = ResNetConfig(num_labels=10, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    return ResNetForImageClassification(cfg)
+
+
+@pytest.fixture
+def hf_convnext():
+    """A transformers ConvNeXt from a small config (no batch norm; no download)."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    cfg = ConvNextConfig(num_labels=10, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2)
+    return ConvNextForImageClassification(cfg)
