@@ -1,0 +1,68 @@
+"""R2Config: validation errors, JSON round trip."""
+
+import json
+
+import pytest
+
+from hf_r2 import R2_CONFIG_NAME, R2Config, R2LossType
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        R2Config(),
+        R2Config(loss="margin", weight=0.1, per_channel=True, margin_penalty=0.5, warmup_steps=100),
+        R2Config(loss=R2LossType.SOFT_MIN_MAX, include=["layer"], exclude=[r"fc$"], skip_first_last=True),
+        R2Config(loss="kurtosis", kurtosis_target=2.0),
+    ],
+)
+def test_round_trip(config, tmp_path):
+    path = config.save_pretrained(tmp_path)
+    assert path.endswith(R2_CONFIG_NAME)
+    loaded = R2Config.from_pretrained(tmp_path)
+    assert loaded == config
+    assert loaded.to_dict() == config.to_dict()
+    on_disk = json.loads((tmp_path / R2_CONFIG_NAME).read_text())
+    assert on_disk["hf_r2_version"]
+    assert R2Config.from_pretrained(tmp_path / R2_CONFIG_NAME) == config
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_enum_and_string_are_the_same():
+    assert R2Config(loss=R2LossType.MARGIN) == R2Config(loss="margin")
+    assert R2Config(loss="margin").loss_type is R2LossType.MARGIN
+
+
+def test_unknown_loss_names_the_choices():
+    with pytest.raises(ValueError, match=r"`loss` must be one of 'linf', 'margin', 'soft_min_max', 'kurtosis'"):
+        R2Config(loss="l2")
+    with pytest.raises(ValueError, match=r"Did you mean `loss='soft_min_max'`"):
+        R2Config(loss="soft-min-max")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"weight": -1.0}, "`weight` must be >= 0"),
+        ({"warmup_steps": -5}, "`warmup_steps` must be >= 0"),
+        ({"margin_penalty": -0.1}, "`margin_penalty` must be >= 0"),
+        ({"include": ["conv("]}, "`include` holds an invalid regular expression"),
+    ],
+)
+def test_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        R2Config(**kwargs)
+
+
+def test_single_pattern_string_becomes_list():
+    assert R2Config(include="conv").include == ["conv"]
+
+
+def test_unknown_field_is_an_error():
+    with pytest.raises(ValueError, match=r"Unknown `R2Config` field\(s\) \['wieght'\]"):
+        R2Config.from_dict({"loss": "linf", "wieght": 0.1})
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No r2_config.json"):
+        R2Config.from_pretrained(tmp_path)

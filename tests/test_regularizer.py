@@ -1,0 +1,223 @@
+"""R2Regularizer: target selection, and its batched values and gradients against the functional losses."""
+
+import pytest
+import torch
+from conftest import make_timm
+from torch import nn
+
+from hf_r2 import R2Config, R2Regularizer, find_target_modules
+from hf_r2.losses import kurtosis_r2, linf_r2, margin_r2, soft_min_max_r2
+
+LOSSES = ["linf", "margin", "soft_min_max", "kurtosis"]
+
+
+def _reference_total(reg: R2Regularizer) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """Sum of the functional losses over layers on float64-free copies; returns (total, weight copies, param copy)."""
+    c = reg.config
+    weights = [w.detach().clone().requires_grad_() for w in reg.weights()]
+    param = None
+    if c.loss == "margin":
+        param = reg.margin.detach().clone().requires_grad_()
+    elif c.loss == "soft_min_max":
+        param = reg.log_alpha.detach().clone().requires_grad_()
+    total, offset = 0.0, 0
+    for w in weights:
+        k = w.shape[0] if c.per_channel else 1
+        p = None if param is None else param[offset : offset + k]
+        if p is not None and not c.per_channel:
+            p = p.reshape(())
+        offset += k
+        if c.loss == "linf":
+            total = total + linf_r2(w, c.per_channel)
+        elif c.loss == "margin":
+            total = total + margin_r2(w, p, c.margin_penalty)
+        elif c.loss == "soft_min_max":
+            total = total + soft_min_max_r2(w, p.exp(), c.soft_min_max_penalty)
+        else:
+            total = total + kurtosis_r2(w, c.kurtosis_target, c.per_channel)
+    return total, weights, param
+
+
+def _perturb(reg: R2Regularizer) -> None:
+    """Move the learnable parameters off their initial values, so that margins have excess."""
+    with torch.no_grad():
+        if reg.config.loss == "margin":
+            reg.margin.mul_(0.8)
+        if reg.config.loss == "soft_min_max":
+            reg.log_alpha.sub_(0.7)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("model_name", ["test_resnet", "test_efficientnet", "test_vit"])
+def test_matches_functional_losses(loss, per_channel, model_name):
+    model = make_timm(model_name, **({"img_size": 32} if "vit" in model_name else {}))
+    reg = R2Regularizer(model, R2Config(loss=loss, per_channel=per_channel, margin_penalty=0.5))
+    _perturb(reg)
+    expected, ref_weights, ref_param = _reference_total(reg)
+    expected.backward()
+    value = reg()
+    value.backward()
+    assert value.dtype == torch.float32 and value.dim() == 0
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    tol = dict(rtol=1e-3, atol=1e-6) if loss in ("soft_min_max", "kurtosis") else dict(rtol=1e-5, atol=1e-7)
+    for w, ref in zip(reg.weights(), ref_weights):
+        got = torch.zeros_like(w) if w.grad is None else w.grad
+        torch.testing.assert_close(got, ref.grad, **tol)
+    if ref_param is not None:
+        torch.testing.assert_close(next(reg.parameters()).grad, ref_param.grad, **tol)
+
+
+def test_layer_values_are_per_layer():
+    model = make_timm("test_resnet")
+    reg = R2Regularizer(model, loss="linf")
+    values = reg.layer_values()
+    assert values.shape == (len(reg.names),)
+    expected = torch.stack([w.detach().abs().max() for w in reg.weights()])
+    torch.testing.assert_close(values, expected)
+
+
+def test_targets_cover_conv_depthwise_and_linear():
+    model = make_timm("test_efficientnet")
+    names = [n for n, _ in find_target_modules(model)]
+    modules = dict(model.named_modules())
+    assert any(isinstance(modules[n], nn.Conv2d) and modules[n].groups > 1 for n in names)  # depthwise
+    assert any(isinstance(modules[n], nn.Linear) for n in names)
+    expected = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert names == expected
+
+
+def test_transformers_model_targets(hf_resnet):
+    names = [n for n, _ in find_target_modules(hf_resnet)]
+    assert any("convolution" in n for n in names) and names[-1].startswith("classifier")
+
+
+def test_include_exclude_and_skip_first_last():
+    model = make_timm("test_resnet")
+    all_names = [n for n, _ in find_target_modules(model)]
+    only = [n for n, _ in find_target_modules(model, include=[r"^layer1\."])]
+    assert only and all(n.startswith("layer1.") for n in only)
+    without_fc = [n for n, _ in find_target_modules(model, exclude=[r"^fc$"])]
+    assert without_fc == [n for n in all_names if n != "fc"]
+    inner = [n for n, _ in find_target_modules(model, skip_first_last=True)]
+    assert inner == all_names[1:-1]
+
+
+def test_no_match_names_the_pattern():
+    model = make_timm("test_resnet")
+    with pytest.raises(ValueError, match=r"include='nothing_here'"):
+        R2Regularizer(model, include=["nothing_here"])
+
+
+def test_model_without_layers_is_an_error():
+    with pytest.raises(ValueError, match="no Conv1d/Conv2d/Conv3d/Linear"):
+        R2Regularizer(nn.Sequential(nn.ReLU()))
+
+
+def test_config_or_kwargs_not_both():
+    with pytest.raises(TypeError, match="not both"):
+        R2Regularizer(make_timm("test_resnet"), R2Config(), loss="margin")
+
+
+def test_own_parameters_only_and_model_state_untouched():
+    model = make_timm("test_resnet")
+    keys = set(model.state_dict())
+    reg = R2Regularizer(model, loss="margin", per_channel=True)
+    assert [n for n, _ in reg.named_parameters()] == ["margin"]
+    assert reg.margin.numel() == sum(w.shape[0] for w in reg.weights())
+    assert set(model.state_dict()) == keys
+    assert set(reg.state_dict()) == {"margin"}
+    assert not list(R2Regularizer(model, loss="linf").parameters())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_margin_initialised_at_max_abs(per_channel):
+    reg = R2Regularizer(make_timm("test_resnet"), loss="margin", per_channel=per_channel, margin_penalty=2.0)
+    ws = reg.weights()
+    expected = torch.cat([w.detach().abs().reshape(w.shape[0], -1).amax(1) if per_channel else
+                          w.detach().abs().max()[None] for w in ws])
+    torch.testing.assert_close(reg.margin.detach(), expected)
+    # no excess at the start: only the penalty remains, and no weight gets a gradient
+    value = reg()
+    value.backward()
+    assert value.item() == pytest.approx(2.0 * expected.pow(2).sum().item(), rel=1e-5)
+    assert all(w.grad is None or torch.count_nonzero(w.grad) == 0 for w in ws)
+
+
+def test_soft_min_max_starts_within_ten_percent_of_range():
+    reg = R2Regularizer(make_timm("test_resnet"), loss="soft_min_max", soft_min_max_penalty=0.0)
+    spans = torch.stack([w.detach().max() - w.detach().min() for w in reg.weights()])
+    values = reg.layer_values().detach()
+    assert torch.all(values >= 0.9 * spans) and torch.all(values <= spans * (1 + 1e-6))
+
+
+def test_ties_share_the_linf_subgradient():
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.5, -0.5, 0.1, 0.2], [0.3, 0.5, -0.2, 0.0]]))
+    reg = R2Regularizer(nn.Sequential(layer), loss="linf")
+    reg().backward()
+    # max |w| = 0.5 is hit three times; +0.5 wins the tie with -0.5, and the two +0.5 share the gradient
+    assert layer.weight.grad.sum().item() == pytest.approx(1.0)
+    assert layer.weight.grad[0, 0].item() == pytest.approx(0.5) and layer.weight.grad[1, 1].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_conv1d_conv3d_linear_channels_last_and_bf16(loss):
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Conv3d(2, 5, 2), nn.Conv2d(3, 6, 3), nn.Linear(7, 1))
+    model[2].to(memory_format=torch.channels_last)
+    for per_channel in (False, True):
+        reg = R2Regularizer(model, loss=loss, per_channel=per_channel)
+        _perturb(reg)
+        expected, ref_weights, _ = _reference_total(reg)
+        expected.backward()
+        reg().backward()
+        for w, ref in zip(reg.weights(), ref_weights):
+            torch.testing.assert_close(torch.zeros_like(w) if w.grad is None else w.grad, ref.grad,
+                                       rtol=1e-3, atol=1e-6)
+            w.grad = None
+    model16 = model.to(torch.bfloat16)
+    reg = R2Regularizer(model16, loss=loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = reg()
+    assert value.dtype == torch.float32
+    value.backward()
+    assert all(w.grad is None or w.grad.dtype == torch.bfloat16 for w in reg.weights())
+
+
+def test_warmup_ramps_lambda():
+    reg = R2Regularizer(make_timm("test_resnet"), weight=0.2, warmup_steps=10)
+    assert reg.weight_at(0) == 0.0
+    assert reg.weight_at(5) == pytest.approx(0.1)
+    assert reg.weight_at(10) == pytest.approx(0.2) and reg.weight_at(50) == pytest.approx(0.2)
+    assert R2Regularizer(make_timm("test_resnet"), weight=0.3).weight_at(0) == pytest.approx(0.3)
+
+
+def test_stats_against_numpy():
+    model = make_timm("test_resnet")
+    reg = R2Regularizer(model)
+    stats = reg.stats()
+    assert list(stats["per_layer"]) == reg.names
+    for name, w in zip(reg.names, reg.weights()):
+        a = w.detach().double().numpy().reshape(-1)
+        s = stats["per_layer"][name]
+        c = a - a.mean()
+        assert s["min"] == pytest.approx(a.min()) and s["max"] == pytest.approx(a.max())
+        assert s["std"] == pytest.approx(a.std(), rel=1e-5)
+        assert s["max_over_std"] == pytest.approx(abs(a).max() / a.std(), rel=1e-5)
+        assert s["kurtosis"] == pytest.approx((c**4).mean() / (c**2).mean() ** 2, rel=1e-4)
+    assert stats["overall"]["max_abs"] == pytest.approx(max(w.detach().abs().max().item() for w in reg.weights()))
+
+
+@pytest.mark.parametrize("loss", ["linf", "margin", "soft_min_max"])
+def test_training_on_r2_shrinks_the_range(loss):
+    model = make_timm("test_resnet")
+    reg = R2Regularizer(model, loss=loss)
+    before = reg.stats()["overall"]["mean_max_over_std"]
+    opt = torch.optim.SGD([*reg.weights(), *reg.parameters()], lr=0.01)
+    for _ in range(30):
+        opt.zero_grad()
+        reg().backward()
+        opt.step()
+    after = reg.stats()["overall"]["mean_max_over_std"]
+    assert after < before
