@@ -7,15 +7,23 @@ The total is `sum_l R(W_l)` over the target layers `l` (Conv1d/2d/3d, depthwise 
 type so that timm and transformers layers alike are covered), with `R` one of the functions of
 [`hf_r2.losses`]. A plain loop of those functions costs 4x to 35x an SGD step, mostly in autograd's dense
 backward of `max`/`softmax` and in per-layer kernel chains. The L-inf, Margin and Soft-Min-Max forms here use
-what each gradient really touches:
+what each gradient really touches, in a number of kernels that grows with the number of distinct row lengths,
+not of layers:
 
-- one pass of `amax`/`amin` per layer (read-only, vectorised) gives every row's extremes; all further
-  bookkeeping runs on the small concatenated vector of row extremes, a fixed number of kernels for the model;
-- L-inf: the gradient is one element per tensor (or row), written in backward with one compare;
+- layers are grouped by row length `K = numel / C_out`; the small layers of a group are concatenated into one
+  `(sum C, K)` matrix (big layers stay views), and one `amax`/`amin` pass per group gives every row's
+  extremes; all further bookkeeping runs on the small vector of all rows, a fixed number of kernels;
+- L-inf: the gradient sits on the elements equal to each row's (or layer's) extreme, written in backward by
+  one compare into the gradient's own buffer, counted (ties share it) and scaled in place;
 - Margin: only rows whose extreme passes their margin can have an excess, so only those rows are gathered
-  and differentiated; a layer with no excess gets no dense gradient at all;
-- Soft-Min-Max: softmax weights below `exp(-(ln n + 24))` are below float32 resolution in the sum, so only
-  rows within `(ln n + 24) / alpha` of the extreme enter the softmax (exact to float32 rounding).
+  and differentiated (the forward's excess buffer becomes the gradient); a group with no excess gets no
+  gradient at all;
+- Soft-Min-Max: softmax weights below `exp(-(ln n + 24))` are below float32 resolution in the sum, so per
+  tensor only blocks of weights within `(ln n + 24) / alpha` of the layer's extreme enter the softmax; per
+  channel every row is dense. Exponents are clamped at -60 to keep the tail out of (slow) denormals.
+
+On the CPU, fresh buffers cost page faults on first touch (often more than the arithmetic), so each loss
+allocates one weight-sized buffer per group where it can and reuses forward buffers as gradients.
 
 KURE (`loss="kurtosis"`) needs every weight's moments and is computed with plain autograd per layer.
 """
@@ -23,7 +31,6 @@ KURE (`loss="kurtosis"`) needs every weight's moments and is computed with plain
 from __future__ import annotations
 
 import logging
-import math
 import re
 from typing import Any
 
@@ -42,6 +49,10 @@ TARGET_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Con
 # Soft-Min-Max: elements farther than (ln n + _SMM_TAIL) / alpha from the extreme carry total softmax mass
 # below n * exp(-(ln n + _SMM_TAIL)) = exp(-_SMM_TAIL) ~ 4e-11, far below float32 resolution.
 _SMM_TAIL = 24.0
+_SMM_BLOCK = 8
+_SMM_BLOCK_MIN_K = 1 << 14
+_EXP_FLOOR = 60.0
+_ALPHA_MAX = 1e30
 
 
 def find_target_modules(
@@ -93,14 +104,89 @@ def _rows(w: Tensor) -> Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _row_extremes(weights: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Max and min of every row of every weight, concatenated: two float32 vectors of `sum_l C_l` entries.
+# Layers with at least this many weights are reduced in place; smaller layers with the same row length are
+# concatenated into one `(sum C, K)` matrix, so that a model costs a few kernels per row length, not per layer.
+_GROUP_MAX_NUMEL = 1 << 18
 
-    Reducing the transposed `(K, C)` view over dim 0 vectorises across channels, which measured faster on
-    the CPU than reducing each row along its contiguous dim.
+
+class _Plan:
+    """The static layout of the batched computation, built once per set of weight shapes.
+
+    Layers are put in "group order": layers with the same row length `K = numel / C` (and dtype and device)
+    form a group, whose rows are stacked into one `(R, K)` matrix (a view for a single big layer). All rows of
+    the model, in group order, make the small "row vectors" on which the bookkeeping runs in a fixed number of
+    kernels. `order[j]` is the layer at group position `j`; `inv` maps back.
     """
-    rmax = torch.cat([_rows(w).t().amax(0) for w in weights]).float()
-    rmin = torch.cat([_rows(w).t().amin(0) for w in weights]).float()
+
+    def __init__(self, weights: list[Tensor]) -> None:
+        device = weights[0].device
+        channels = [w.shape[0] for w in weights]
+        buckets: dict[Any, list[int]] = {}
+        for i, w in enumerate(weights):
+            key = ("alone", i) if w.numel() >= _GROUP_MAX_NUMEL else (w.numel() // max(w.shape[0], 1), w.dtype)
+            buckets.setdefault(key, []).append(i)
+        self.groups = list(buckets.values())
+        self.order = [i for g in self.groups for i in g]
+        self.group_channels = [[channels[i] for i in g] for g in self.groups]
+        self.group_rows = [sum(c) for c in self.group_channels]
+        self.group_k = [weights[g[0]].numel() // max(weights[g[0]].shape[0], 1) for g in self.groups]
+        # block size for the Soft-Min-Max truncation: the largest divisor of K up to _SMM_BLOCK
+        self.group_block = [max(d for d in range(1, min(k, _SMM_BLOCK) + 1) if k % d == 0) for k in self.group_k]
+        self.group_offsets = [0]
+        for r in self.group_rows:
+            self.group_offsets.append(self.group_offsets[-1] + r)
+        n_layers = len(weights)
+        self.order_t = torch.tensor(self.order, device=device)
+        self.inv = torch.empty_like(self.order_t)
+        self.inv[self.order_t] = torch.arange(n_layers, device=device)
+        self.channels = torch.tensor([channels[i] for i in self.order], device=device)  # per layer, group order
+        self.group_rows_t = torch.tensor(self.group_rows, device=device)
+        self.row_layer = torch.repeat_interleave(torch.arange(n_layers, device=device), self.channels)
+        starts = [0]
+        for c in channels[:-1]:
+            starts.append(starts[-1] + c)
+        self.row_perm = torch.cat([torch.arange(starts[i], starts[i] + channels[i]) for i in self.order]).to(device)
+        self.row_inv = torch.empty_like(self.row_perm)
+        self.row_inv[self.row_perm] = torch.arange(len(self.row_perm), device=device)
+        row_len = torch.tensor([w.numel() // max(w.shape[0], 1) for w in weights], dtype=torch.float32)
+        layer_len = torch.tensor([w.numel() for w in weights], dtype=torch.float32)
+        self.log_k = row_len.log()[self.order_t.cpu()].to(device)  # ln n per channel, per layer (group order)
+        self.log_numel = layer_len.log()[self.order_t.cpu()].to(device)  # ln n per tensor
+
+    def matrices(self, weights: tuple[Tensor, ...]) -> list[Tensor]:
+        """One `(R, K)` matrix per group (a view of a contiguous single layer, else a concatenation)."""
+        return [
+            _rows(weights[g[0]]) if len(g) == 1 else torch.cat([_rows(weights[i]) for i in g]) for g in self.groups
+        ]
+
+    def split(self, weights: tuple[Tensor, ...], grads: list[Tensor | None]) -> list[Tensor | None]:
+        """Per-layer gradients (layer order) from per-group `(R, K)` gradients (`None`: no gradient)."""
+        out: list[Tensor | None] = [None] * len(weights)
+        for g, sizes, grad in zip(self.groups, self.group_channels, grads):
+            if grad is None:
+                continue
+            parts = (grad,) if len(g) == 1 else grad.split(sizes)
+            for i, part in zip(g, parts):
+                out[i] = part.view(weights[i].shape)
+        return out
+
+    def chunks(self, rows: Tensor) -> list[Tensor]:
+        """A row vector (group order) split into one chunk per group."""
+        return list(rows.split(self.group_rows))
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _row_extremes(mats: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Max and min of every row of every group matrix, concatenated: two float32 row vectors (group order).
+
+    Reducing the transposed `(K, R)` view over dim 0 vectorises across rows, which measured faster on the CPU
+    than reducing each row along its contiguous dim.
+    """
+    rmax = torch.cat([_f32(x.t().amax(0)) for x in mats])
+    rmin = torch.cat([_f32(x.t().amin(0)) for x in mats])
     return rmax, rmin
 
 
@@ -109,103 +195,160 @@ def _segment(values: Tensor, lengths: Tensor, reduce: str) -> Tensor:
 
 
 class _LinfR2(torch.autograd.Function):
-    """Per-layer L-inf R2 values `(L,)`; see [`hf_r2.losses.linf_r2`]. `channels[l]` is `C_l`."""
+    """Per-layer L-inf R2 values `(L,)`; see [`hf_r2.losses.linf_r2`].
+
+    The gradient goes to the elements equal to each row's (per channel) or layer's extreme, shared among ties
+    as autograd's `amax` does; when `max` and `-min` tie, the larger side (`max`) wins.
+    """
 
     @staticmethod
-    def forward(ctx, per_channel: bool, channels: Tensor, *weights: Tensor) -> Tensor:
-        rmax, rmin = _row_extremes(list(weights))
-        rabs = torch.maximum(rmax, -rmin)
-        values = _segment(rabs, channels, "mean" if per_channel else "max")
-        # the value each gradient goes to: each row's extreme, or the layer's (the larger side wins a tie)
+    def forward(ctx, plan: _Plan, per_channel: bool, *weights: Tensor) -> Tensor:
+        mats = plan.matrices(weights)
+        rmax, rmin = _row_extremes(mats)
         if per_channel:
-            target = torch.where(rmax >= -rmin, rmax, rmin)
+            target = torch.where(rmax >= -rmin, rmax, rmin)  # per row
+            values = _segment(target.abs(), plan.channels, "mean")
         else:
-            lmax, lmin = _segment(rmax, channels, "max"), _segment(rmin, channels, "min")
-            target = torch.where(lmax >= -lmin, lmax, lmin)
-        ctx.per_channel, ctx.weights = per_channel, weights
-        ctx.save_for_backward(target, channels)
-        return values
+            lmax, lmin = _segment(rmax, plan.channels, "max"), _segment(rmin, plan.channels, "min")
+            target = torch.where(lmax >= -lmin, lmax, lmin)  # per layer
+            values = target.abs()
+            # the rows that hold their layer's target: the only rows with a gradient
+            t_row = target[plan.row_layer]
+            hit = (rmax == t_row) | (rmin == t_row)
+            n_hit = _segment(hit.float(), plan.group_rows_t, "sum").long().tolist()
+            ctx.hits = hit.nonzero().flatten().split(n_hit)
+        ctx.plan, ctx.per_channel, ctx.mats, ctx.shapes = plan, per_channel, mats, weights
+        ctx.save_for_backward(target)
+        return values[plan.inv]
 
     @staticmethod
     def backward(ctx, grad_values: Tensor):
-        target, channels = ctx.saved_tensors
-        sign = torch.sign(target)
-        grads = []
+        (target,) = ctx.saved_tensors
+        plan = ctx.plan
+        g = grad_values.float()[plan.order_t]
+        # ties share the subgradient, as autograd's amax does
         if ctx.per_channel:
-            sizes = channels.tolist()
-            coef = sign * torch.repeat_interleave(grad_values / channels, channels)
-            for w, t, c in zip(ctx.weights, target.split(sizes), coef.split(sizes)):
-                w2 = _rows(w)
-                mask = w2 == t.to(w.dtype)[:, None]
-                share = c / mask.sum(1).clamp_min(1)  # ties share the subgradient, as autograd's amax does
-                grads.append(torch.where(mask, share.to(w.dtype)[:, None], 0).view_as(w))
-        else:
-            coef = sign * grad_values
-            for w, t, c in zip(ctx.weights, target.unbind(), coef.unbind()):
-                mask = w == t.to(w.dtype)
-                grads.append(torch.where(mask, (c / mask.sum().clamp_min(1)).to(w.dtype), 0))
-        return None, None, *grads
+            # 1 where w equals its row's target, else 0, written straight into the gradient's buffer (no bool mask)
+            grads = [
+                torch.eq(x, t[:, None].to(x.dtype), out=torch.empty_like(x))
+                for x, t in zip(ctx.mats, plan.chunks(target))
+            ]
+            counts = torch.cat([h.sum(1, dtype=torch.float32) for h in grads])
+            share = torch.sign(target) * (g / plan.channels)[plan.row_layer] / counts.clamp_min(1)
+            for h, c in zip(grads, plan.chunks(share)):
+                h.mul_(c[:, None].to(h.dtype))
+        else:  # zeros, but for the few rows holding their layer's target: compared, counted and scaled
+            grads = [torch.zeros_like(x) for x in ctx.mats]
+            local = [idx - start for idx, start in zip(ctx.hits, plan.group_offsets)]
+            layer = plan.row_layer[torch.cat(ctx.hits)]
+            t_hit = target[layer].split([len(i) for i in local])
+            rows = [
+                torch.eq(x.index_select(0, i), t[:, None].to(x.dtype)).to(x.dtype)
+                for x, i, t in zip(ctx.mats, local, t_hit)
+            ]
+            counts = torch.zeros_like(g).index_add_(0, layer, torch.cat([r.sum(1, dtype=torch.float32) for r in rows]))
+            coef = (torch.sign(target) * g / counts.clamp_min(1))[layer].split([len(i) for i in local])
+            for h, i, r, c in zip(grads, local, rows, coef):
+                h.index_copy_(0, i, r.mul_(c[:, None].to(h.dtype)))
+        return None, None, *plan.split(ctx.shapes, grads)
 
 
 class _MarginR2(torch.autograd.Function):
     """Per-layer Margin R2 values `(L,)`; see [`hf_r2.losses.margin_r2`]. Differentiates only rows with excess."""
 
     @staticmethod
-    def forward(
-        ctx, per_channel: bool, penalty: float, channels: Tensor, margin: Tensor, *weights: Tensor
-    ) -> Tensor:
-        n_layers = len(weights)
-        rmax, rmin = _row_extremes(list(weights))
-        rabs = torch.maximum(rmax, -rmin)
+    def forward(ctx, plan: _Plan, per_channel: bool, penalty: float, margin: Tensor, *weights: Tensor) -> Tensor:
+        mats = plan.matrices(weights)
+        rmax, rmin = _row_extremes(mats)
         m = margin.detach().float()
-        m_row = m.abs() if per_channel else torch.repeat_interleave(m.abs(), channels)
-        exceed = rabs > m_row
-        offsets = (torch.cumsum(channels, 0) - channels).tolist()
-        excess_sq = torch.zeros(n_layers, dtype=torch.float32, device=m.device)
-        excess_abs = torch.zeros_like(m_row)  # sum over the row of |d|, for the margin's gradient
-        saved: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
-        for l in _segment(exceed.float(), channels, "max").nonzero().flatten().tolist():
-            start, count = offsets[l], weights[l].shape[0]
-            rows_idx = exceed[start : start + count].nonzero().flatten()
-            rows = _rows(weights[l]).index_select(0, rows_idx).float()
-            bound = m_row[start + rows_idx][:, None]
-            d = rows - torch.clamp(rows, -bound, bound)  # = sign(w) * relu(|w| - |m|)
-            excess_sq[l] = d.pow(2).sum()
-            excess_abs[start + rows_idx] = d.abs().sum(1)
-            saved[l] = (rows_idx, d)
-        penalty_sq = _segment(m.pow(2), channels, "sum") if per_channel else m.pow(2)
-        ctx.per_channel, ctx.penalty, ctx.weights, ctx.rows = per_channel, penalty, weights, saved
-        ctx.save_for_backward(margin, channels, excess_abs)
-        return excess_sq + penalty * penalty_sq
+        m_g = m[plan.row_perm] if per_channel else m[plan.order_t]
+        bound = m_g.abs() if per_channel else m_g.abs()[plan.row_layer]
+        exceed = torch.maximum(rmax, -rmin) > bound
+        n_rows = _segment(exceed.float(), plan.group_rows_t, "sum").tolist()
+        excess_sq = torch.zeros_like(bound)
+        excess_abs = torch.zeros_like(bound)  # sum over the row of |d|, for the margin's gradient
+        saved: list[tuple[Tensor | None, Tensor] | None] = []
+        for x, start, rows, count in zip(mats, plan.group_offsets, plan.group_rows, n_rows):
+            if count == 0:  # no weight beyond its margin: no gradient, and no dense work
+                saved.append(None)
+                continue
+            if count == rows:
+                idx, y, b = None, _f32(x), bound[start : start + rows, None]
+            else:
+                idx = exceed[start : start + rows].nonzero().flatten()
+                y, b = _f32(x.index_select(0, idx)), bound[start + idx, None]
+            d = torch.maximum(y, -b)
+            torch.minimum(d, b, out=d)
+            torch.sub(y, d, out=d)  # = sign(w) * relu(|w| - |m|)
+            sq = torch.linalg.vector_norm(d, dim=1).square()
+            ab = d.abs_().sum(1)  # d now holds |d|; backward takes the sign back from w
+            if idx is None:
+                excess_sq[start : start + rows], excess_abs[start : start + rows] = sq, ab
+            else:
+                excess_sq[start + idx], excess_abs[start + idx] = sq, ab
+            saved.append((idx, y, b, d))
+        if per_channel:
+            values = _segment(excess_sq + penalty * m_g.pow(2), plan.channels, "sum")
+        else:
+            values = _segment(excess_sq, plan.channels, "sum") + penalty * m_g.pow(2)
+        ctx.plan, ctx.per_channel, ctx.penalty, ctx.mats, ctx.shapes, ctx.parts = (
+            plan, per_channel, penalty, mats, weights, saved)
+        ctx.save_for_backward(margin, m_g, excess_abs)
+        return values[plan.inv]
 
     @staticmethod
     def backward(ctx, grad_values: Tensor):
-        margin, channels, excess_abs = ctx.saved_tensors
-        m = margin.detach().float()
-        g_row = torch.repeat_interleave(grad_values, channels)
+        margin, m_g, excess_abs = ctx.saved_tensors
+        plan = ctx.plan
+        ctx.fresh = not getattr(ctx, "used", False)
+        ctx.used = True
+        g = grad_values.float()[plan.order_t]
+        g_row = g[plan.row_layer]
         # d/dm [relu(|w| - |m|)^2 summed + penalty m^2] = -2 sign(m) sum |d| + 2 penalty m
         if ctx.per_channel:
-            grad_margin = g_row * (2 * ctx.penalty * m - 2 * torch.sign(m) * excess_abs)
+            grad_margin = (g_row * (2 * ctx.penalty * m_g - 2 * torch.sign(m_g) * excess_abs))[plan.row_inv]
         else:
-            s1 = _segment(excess_abs, channels, "sum")
-            grad_margin = grad_values * (2 * ctx.penalty * m - 2 * torch.sign(m) * s1)
-        offsets = (torch.cumsum(channels, 0) - channels).tolist()
+            s1 = _segment(excess_abs, plan.channels, "sum")
+            grad_margin = (g * (2 * ctx.penalty * m_g - 2 * torch.sign(m_g) * s1))[plan.inv]
         grads: list[Tensor | None] = []
-        for l, (w, item) in enumerate(zip(ctx.weights, ctx.rows)):
-            if item is None:  # no weight beyond its margin: no gradient, and no dense work
+        for x, start, rows, item in zip(ctx.mats, plan.group_offsets, plan.group_rows, ctx.parts):
+            if item is None:
                 grads.append(None)
                 continue
-            rows_idx, d = item
-            grad = torch.zeros_like(_rows(w))
-            grad.index_copy_(0, rows_idx, (2 * g_row[offsets[l] + rows_idx][:, None] * d).to(w.dtype))
-            grads.append(grad.view_as(w))
-        return None, None, None, grad_margin.to(margin.dtype), *grads
+            idx, y, b, d = item
+            if ctx.fresh:  # the forward's |d| buffer becomes the gradient: no new allocation
+                piece = d.copysign_(y)  # = sign(w) * relu(|w| - |m|)
+            else:  # a second backward (retain_graph): the buffer was handed out, recompute it
+                piece = y - torch.minimum(torch.maximum(y, -b), b)
+            if idx is None:
+                grads.append(piece.mul_(2 * g_row[start : start + rows, None]).to(x.dtype))
+            else:
+                grad = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+                grad.index_copy_(0, idx, piece.mul_(2 * g_row[start + idx, None]).to(x.dtype))
+                grads.append(grad)
+        return None, None, None, grad_margin.to(margin.dtype), *plan.split(ctx.shapes, grads)
 
 
-def _softmax_sum(x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
-    """`p = softmax(alpha * x)` over the last dim and `s = sum(p * x)`, in float32."""
-    p = torch.softmax(alpha * x, dim=-1)
-    return p, (p * x).sum(-1)
+def _softmax_sum(y: Tensor, ref: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Unnormalised softmax terms `e = exp(a (y - ref))` of the rows of `y` (`ref`, `a`: one entry per row),
+    with `ed = e (y - ref)` and the row sums `sum e`, `sum e (y - ref)`, `sum e (y - ref)^2` (moments about
+    `ref`, which keeps the variance free of cancellation)."""
+    dy = y - ref[:, None]
+    # exp(-60) ~ 1e-26 is far below float32 resolution next to the extreme's exp(0) = 1; clamping there keeps
+    # the tail (and its products in backward) out of denormals, which are 10-100x slower on x86
+    e = torch.mul(dy, a[:, None]).clamp_min_(-_EXP_FLOOR).exp_()
+    ed = e * dy
+    s0, s1 = e.sum(1), ed.sum(1)
+    return e, ed, s0, s1, dy.mul_(ed).sum(1)
+
+
+def _dense_softmax_sums(y: Tensor, ref: Tensor, a: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Like [`_softmax_sum`] over whole rows, allocating only `e`: `scratch` holds `d = y - ref`, then `e d`,
+    then `(e d)^2 / e = e d^2` (`e >= exp(-60) > 0`), all in place."""
+    d = torch.sub(y, ref[:, None], out=scratch)
+    e = torch.mul(d, a[:, None]).clamp_min_(-_EXP_FLOOR).exp_()
+    s0, s1 = e.sum(1), d.mul_(e).sum(1)
+    return e, s0, s1, d.mul_(d).div_(e).sum(1)
 
 
 class _SoftMinMaxR2(torch.autograd.Function):
@@ -214,81 +357,118 @@ class _SoftMinMaxR2(torch.autograd.Function):
     Gradients, with `p = softmax(alpha w)`, `q = softmax(-alpha w)`:
     `d smax / d w_i = p_i (1 + alpha (w_i - smax))`, `d smin / d w_i = q_i (1 - alpha (w_i - smin))`,
     `d (smax - smin) / d alpha = Var_p(w) + Var_q(w)` and `d bound / d alpha = -bound / alpha`.
+
+    Each row of a group matrix is cut into `K / g` blocks of `g` strided elements (`(R, g, K / g)` view); only
+    the blocks whose extreme lies within `(ln n + _SMM_TAIL) / alpha` of the softmax's extreme (the row's, or
+    the layer's) enter the softmax, gathered into an `(n_blocks, g)` matrix. The softmax is shifted by that
+    extreme, so the per-tensor form is a sum of per-row partial sums.
     """
 
     @staticmethod
     def forward(
-        ctx, per_channel: bool, penalty: float, channels: Tensor, log_alpha: Tensor, *weights: Tensor
+        ctx, plan: _Plan, per_channel: bool, penalty: float, log_alpha: Tensor, *weights: Tensor
     ) -> Tensor:
-        n_layers = len(weights)
-        alpha = log_alpha.detach().float().exp()
-        sizes = channels.tolist()
-        n = [w.numel() // w.shape[0] if per_channel else w.numel() for w in weights]
-        log_n = torch.tensor([math.log(k) for k in n], dtype=torch.float32, device=alpha.device)
+        mats = plan.matrices(weights)
+        # per tensor, only a few blocks of a few rows come near the layer's extremes; per channel, a row of
+        # K >= _SMM_BLOCK_MIN_K may be sparse enough, but rows of a few thousand weights were measured a third
+        # within reach (after gathering, slower than dense rows)
+        use_blocks = [not per_channel or k >= _SMM_BLOCK_MIN_K for k in plan.group_k]
+        blocks = [x.view(x.shape[0], g, -1) if ub else None for x, g, ub in zip(mats, plan.group_block, use_blocks)]
+        bmax = [None if b is None else b.amax(1) for b in blocks]
+        bmin = [None if b is None else b.amin(1) for b in blocks]
+        rmax = torch.cat([_f32(x.t().amax(0) if b is None else b.amax(1)) for x, b in zip(mats, bmax)])
+        rmin = torch.cat([_f32(x.t().amin(0) if b is None else b.amin(1)) for x, b in zip(mats, bmin)])
+        # finite even where the initial alpha overflowed (a single-element or constant layer: 0 * inf would be NaN)
+        alpha = log_alpha.detach().float().exp().clamp_max(_ALPHA_MAX)
         if per_channel:
-            log_n = torch.repeat_interleave(log_n, channels)
-        saved = []
-        if per_channel:  # every row is its own softmax: dense, one (C, K) block per layer
-            spans = []
-            for w, a in zip(weights, alpha.split(sizes)):
-                x = _rows(w).float()
-                p, smax = _softmax_sum(x, a[:, None])
-                q, smin = _softmax_sum(x, -a[:, None])
-                spans.append(smax - smin)
-                saved.append((x, p, smax, q, smin))
-            span = torch.cat(spans)
-        else:  # only the rows that reach within (ln n + tail) / alpha of the extreme enter each softmax
-            rmax, rmin = _row_extremes(list(weights))
-            lmax, lmin = _segment(rmax, channels, "max"), _segment(rmin, channels, "min")
-            reach = (log_n + _SMM_TAIL) / alpha
-            rows_hi = (rmax > torch.repeat_interleave(lmax - reach, channels)).split(sizes)
-            rows_lo = (rmin < torch.repeat_interleave(lmin + reach, channels)).split(sizes)
-            spans = []
-            for l, w in enumerate(weights):
-                w2, a = _rows(w), alpha[l]
-                idx_hi, idx_lo = rows_hi[l].nonzero().flatten(), rows_lo[l].nonzero().flatten()
-                x_hi = w2.index_select(0, idx_hi).float()
-                x_lo = w2.index_select(0, idx_lo).float()
-                p, smax = _softmax_sum(x_hi.reshape(-1), a)
-                q, smin = _softmax_sum(x_lo.reshape(-1), -a)
-                spans.append(smax - smin)
-                saved.append((idx_hi, x_hi, p.view_as(x_hi), smax, idx_lo, x_lo, q.view_as(x_lo), smin))
-            span = torch.stack(spans)
-        bound = 2 * log_n / alpha  # log_n = 0 (a single element) gives 0
-        ctx.per_channel, ctx.penalty, ctx.weights, ctx.parts = per_channel, penalty, weights, saved
-        ctx.save_for_backward(log_alpha, channels, bound)
-        values = span + penalty * bound
-        return _segment(values, channels, "mean") if per_channel else values
+            a_s = a_row = alpha[plan.row_perm]
+            hi = hi_s = rmax
+            lo = lo_s = rmin
+            log_n = plan.log_k[plan.row_layer]
+            log_n_row = log_n
+        else:
+            a_s = alpha[plan.order_t]
+            hi_s, lo_s = _segment(rmax, plan.channels, "max"), _segment(rmin, plan.channels, "min")
+            a_row, hi, lo = a_s[plan.row_layer], hi_s[plan.row_layer], lo_s[plan.row_layer]
+            log_n = plan.log_numel
+            log_n_row = log_n[plan.row_layer]
+        reach = (log_n_row + _SMM_TAIL) / a_row
+        thr_hi, thr_lo = hi - reach, lo + reach
+        sums = torch.zeros(6, rmax.shape[0], dtype=torch.float32, device=rmax.device)
+        parts = []
+        for x, b, bx, bn, start, rows in zip(mats, blocks, bmax, bmin, plan.group_offsets, plan.group_rows):
+            sl = slice(start, start + rows)
+            if b is None:  # dense rows: three weight-sized buffers (scratch, e, f), e becomes the gradient
+                y = _f32(x)
+                scratch = torch.empty_like(y)
+                e, *sp = _dense_softmax_sums(y, hi[sl], a_row[sl], scratch)
+                f, *sq = _dense_softmax_sums(y, lo[sl], -a_row[sl], scratch)
+                sums[:3, sl], sums[3:, sl] = torch.stack(sp), torch.stack(sq)
+                parts.append((None, None, e, scratch, None, None, f, None))
+                continue
+            rp, jp = (_f32(bx) >= thr_hi[sl, None]).nonzero().unbind(1)  # >=: the extreme is in, however large alpha
+            rq, jq = (_f32(bn) <= thr_lo[sl, None]).nonzero().unbind(1)
+            e, ed, *sp = _softmax_sum(_f32(b[rp, :, jp]), hi[start + rp], a_row[start + rp])
+            f, fd, *sq = _softmax_sum(_f32(b[rq, :, jq]), lo[start + rq], -a_row[start + rq])
+            sums[:3].index_add_(1, start + rp, torch.stack(sp))
+            sums[3:].index_add_(1, start + rq, torch.stack(sq))
+            parts.append((rp, jp, e, ed, rq, jq, f, fd))
+        if not per_channel:  # one softmax per layer: add up its rows' partial sums
+            sums = _segment(sums.t().contiguous(), plan.channels, "sum").t()
+        ze, s1e, s2e, zf, s1f, s2f = sums.unbind()
+        me, mf = s1e / ze, s1f / zf  # smax - hi, smin - lo
+        var = (s2e / ze - me * me) + (s2f / zf - mf * mf)
+        bound = 2 * log_n / a_s  # log_n = 0 (a single element) gives 0
+        values = (hi_s + me) - (lo_s + mf) + penalty * bound
+        if per_channel:
+            values = _segment(values, plan.channels, "mean")
+        ctx.plan, ctx.per_channel, ctx.penalty, ctx.parts = plan, per_channel, penalty, parts
+        ctx.shapes, ctx.dtypes = weights, [x.dtype for x in mats]
+        ctx.inputs = (mats, hi, lo, a_row)  # for the dense groups' backward
+        ctx.save_for_backward(log_alpha, a_s, ze, me, zf, mf, var, bound)
+        return values[plan.inv]
 
     @staticmethod
     def backward(ctx, grad_values: Tensor):
-        log_alpha, channels, bound = ctx.saved_tensors
-        alpha = log_alpha.detach().float().exp()
-        grads = []
+        log_alpha, a_s, ze, me, zf, mf, var, bound = ctx.saved_tensors
+        plan = ctx.plan
+        g = grad_values.float()[plan.order_t]
         if ctx.per_channel:
-            g = torch.repeat_interleave(grad_values / channels, channels)
-            variances = []
-            for w, (x, p, smax, q, smin), a, gl in zip(ctx.weights, ctx.parts, alpha.split(channels.tolist()),
-                                                      g.split(channels.tolist())):
-                a, gl, smax_, smin_ = a[:, None], gl[:, None], smax[:, None], smin[:, None]
-                grad = gl * (p * (1 + a * (x - smax_)) - q * (1 - a * (x - smin_)))
-                grads.append(grad.to(w.dtype).view_as(w))
-                variances.append((p * x * x).sum(1) - smax**2 + (q * x * x).sum(1) - smin**2)
-            var = torch.cat(variances)
+            g = (g / plan.channels)[plan.row_layer]
+            grad_log_alpha = (g * a_s * var - ctx.penalty * g * bound)[plan.row_inv]
+            cols = (g, a_s, ze, me, zf, mf)
         else:
-            g = grad_values
-            variances = []
-            for l, (w, parts) in enumerate(zip(ctx.weights, ctx.parts)):
-                idx_hi, x_hi, p, smax, idx_lo, x_lo, q, smin = parts
-                a, gl = alpha[l], g[l]
-                grad = torch.zeros(_rows(w).shape, dtype=torch.float32, device=w.device)
-                grad.index_add_(0, idx_hi, gl * p * (1 + a * (x_hi - smax)))
-                grad.index_add_(0, idx_lo, -gl * q * (1 - a * (x_lo - smin)))
-                grads.append(grad.to(w.dtype).view_as(w))
-                variances.append((p * x_hi * x_hi).sum() - smax**2 + (q * x_lo * x_lo).sum() - smin**2)
-            var = torch.stack(variances)
-        grad_log_alpha = g * alpha * (var - ctx.penalty * bound / alpha)  # chain rule through alpha = exp(log_alpha)
-        return None, None, None, grad_log_alpha.to(log_alpha.dtype), *grads
+            grad_log_alpha = (g * a_s * var - ctx.penalty * g * bound)[plan.inv]
+            cols = tuple(v[plan.row_layer] for v in (g, a_s, ze, me, zf, mf))
+        # p (1 + a (w - smax)) = (e / Z) (1 - a me) + (a / Z) e (w - hi); q (1 - a (w - smin)) likewise with -a
+        g_r, a_r, ze_r, me_r, zf_r, mf_r = cols
+        c_e0, c_e1 = g_r * (1 - a_r * me_r) / ze_r, g_r * a_r / ze_r
+        c_f0, c_f1 = -g_r * (1 + a_r * mf_r) / zf_r, g_r * a_r / zf_r
+        fresh = not getattr(ctx, "used", False)
+        ctx.used = True
+        grads = []
+        for (rp, jp, e, ed, rq, jq, f, fd), g_size, start, rows, dtype in zip(
+            ctx.parts, plan.group_block, plan.group_offsets, plan.group_rows, ctx.dtypes
+        ):
+            if rp is None:  # dense rows: grad = e (c_e0 + c_e1 (w - hi)) + f (c_f0 + c_f1 (w - lo)), in e
+                sl, scratch = slice(start, start + rows), ed
+                mats, hi, lo, a_row = ctx.inputs
+                y = _f32(mats[len(grads)])
+                if not fresh:  # a second backward (retain_graph): e was handed out, rebuild e and f
+                    e = _dense_softmax_sums(y, hi[sl], a_row[sl], scratch)[0]
+                    f = _dense_softmax_sums(y, lo[sl], -a_row[sl], scratch)[0]
+                for buf, c0, c1, ref in ((e, c_e0, c_e1, hi), (f, c_f0, c_f1, lo)):
+                    torch.sub(y, ref[sl, None], out=scratch).mul_(c1[sl, None]).add_(c0[sl, None])
+                    buf.mul_(scratch)
+                grads.append(e.add_(f).to(dtype))
+                continue
+            ip, iq = start + rp, start + rq
+            grad = torch.zeros(rows, g_size, plan.group_k[len(grads)] // g_size, device=e.device)
+            view = grad.permute(0, 2, 1)  # (R, K / g, g): the layout of the gathered blocks
+            view.index_put_((rp, jp), torch.mul(e, c_e0[ip, None]).addcmul_(ed, c_e1[ip, None]), accumulate=True)
+            view.index_put_((rq, jq), torch.mul(f, c_f0[iq, None]).addcmul_(fd, c_f1[iq, None]), accumulate=True)
+            grads.append(grad.view(rows, -1).to(dtype))
+        return None, None, None, grad_log_alpha.to(log_alpha.dtype), *plan.split(ctx.shapes, grads)
 
 
 class R2Regularizer(nn.Module):
@@ -366,13 +546,23 @@ class R2Regularizer(nn.Module):
         loss, c = self.config.loss_type, self.config
         device_type = weights[0].device.type
         with torch.autocast(device_type, enabled=False):
+            if loss is R2LossType.KURTOSIS:
+                return torch.stack([kurtosis_r2(w, c.kurtosis_target, c.per_channel) for w in weights])
+            plan = self._plan(weights)
             if loss is R2LossType.LINF:
-                return _LinfR2.apply(c.per_channel, self._channels, *weights)
+                return _LinfR2.apply(plan, c.per_channel, *weights)
             if loss is R2LossType.MARGIN:
-                return _MarginR2.apply(c.per_channel, c.margin_penalty, self._channels, self.margin, *weights)
-            if loss is R2LossType.SOFT_MIN_MAX:
-                return _SoftMinMaxR2.apply(c.per_channel, c.soft_min_max_penalty, self._channels, self.log_alpha, *weights)
-            return torch.stack([kurtosis_r2(w, c.kurtosis_target, c.per_channel) for w in weights])
+                return _MarginR2.apply(plan, c.per_channel, c.margin_penalty, self.margin, *weights)
+            return _SoftMinMaxR2.apply(plan, c.per_channel, c.soft_min_max_penalty, self.log_alpha, *weights)
+
+    def _plan(self, weights: list[Tensor]) -> _Plan:
+        """The batched layout for these weights, rebuilt only when a shape, dtype or device changes."""
+        key = tuple((w.shape, w.dtype, w.device) for w in weights)
+        cached = self.__dict__.get("_plan_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, _Plan(weights))
+            self.__dict__["_plan_cache"] = cached
+        return cached[1]
 
     def forward(self) -> Tensor:
         """`sum_l R(W_l)` over the target layers: a float32 scalar, differentiable in the weights and R2's own parameters."""
