@@ -1,0 +1,397 @@
+"""`R2Trainer`: the 🤗 Transformers [`~transformers.Trainer`] with R2-Loss added to the task loss.
+
+Paper: "R2 Loss: Range Restriction Loss for Model Compression and Quantization", Kundu et al., 2023
+(https://huggingface.co/papers/2303.08253).
+
+The Trainer hooks overridden here, and why:
+
+| hook | why |
+|---|---|
+| `compute_loss` | cross-entropy (timm and transformers alike) plus `lambda * R`, scaled for gradient accumulation |
+| `prediction_step` | a plain timm model returns logits, not a loss: evaluate through `compute_loss` |
+| `log` | average and log `task_loss`, `r2_loss`, `r2_lambda` and the weight-range statistics |
+| `create_optimizer` | train R2's own margins / temperatures, without weight decay |
+| `_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler` | checkpoint and resume R2's own parameters |
+| `_save` | timm models in timm's own layout; `r2_config.json` and `r2_stats.json` next to the weights |
+
+plus one private callback that clears the gradients of R2's own parameters after each optimizer step (the
+Trainer's `model.zero_grad()` does not reach them) and drops the R2 metrics of `predict()` (which does not log).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from accelerate.utils import broadcast
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .config import R2Config
+from .models import classification_loss, forward_logits, is_transformers_model, unwrap_model
+from .regularizer import R2Regularizer
+
+__all__ = ["R2Trainer", "compute_accuracy", "R2_STATE_NAME", "R2_STATS_NAME"]
+
+logger = logging.getLogger(__name__)
+
+R2_STATE_NAME = "r2_regularizer.safetensors"
+R2_STATS_NAME = "r2_stats.json"
+
+# regularizer.stats()["overall"] entries logged as `r2_<name>` at each logging step
+_LOGGED_STATS = ("max_abs", "mean_max_over_std", "max_max_over_std", "mean_kurtosis")
+
+
+def compute_accuracy(eval_pred: Any) -> dict[str, float]:
+    """Top-1 accuracy for the Trainer's `compute_metrics`: `{"accuracy": #(argmax logits == label) / N}`.
+
+    Args:
+        eval_pred ([`~transformers.EvalPrediction`] or `tuple`):
+            `(predictions, label_ids)`, with predictions the logits `(N, num_classes)` (or a tuple whose first
+            entry they are) and label_ids `(N,)`, as numpy arrays.
+
+    ```python
+    >>> trainer = R2Trainer(model, args, train_dataset=train, eval_dataset=val, compute_metrics=compute_accuracy)
+    >>> trainer.evaluate()["eval_accuracy"]
+    ```
+    """
+    logits, labels = eval_pred[0], eval_pred[1]
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    predictions = np.asarray(logits).argmax(axis=-1)
+    labels = np.asarray(labels)
+    if predictions.shape != labels.shape:
+        raise ValueError(
+            f"`compute_accuracy` needs logits of shape (N, num_classes) and labels of shape (N,), got logits "
+            f"{np.shape(logits)} and labels {labels.shape}."
+        )
+    return {"accuracy": float((predictions == labels).mean()) if labels.size else float("nan")}
+
+
+def _is_timm_model(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "pretrained_cfg", None), dict) and not is_transformers_model(model)
+
+
+class _R2Callback(TrainerCallback):
+    """Housekeeping on Trainer events that no overridable method covers.
+
+    - after each optimizer step, clear the gradients of R2's own parameters: the Trainer clears gradients with
+      `model.zero_grad()`, which does not reach them (they live outside the model), so they would add up over steps;
+    - after `predict()`, which does not log, drop the R2 metrics of its batches, so that they do not leak into the
+      next `evaluate()`.
+    """
+
+    def __init__(self, trainer: R2Trainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.regularizer.zero_grad(set_to_none=True)
+
+    def on_predict(self, args, state, control, metrics, **kwargs):
+        self.trainer._metrics["eval"].clear()
+
+
+class R2Trainer(Trainer):
+    """[`~transformers.Trainer`] for image classifiers that adds R2-Loss to the task loss.
+
+    The loss of one optimizer step is
+
+    `loss = (1 / N) * sum_i CE(f(x_i), y_i) + lambda(t) * R(W)`
+
+    over the `N` examples of the step (all gradient-accumulation micro-batches, and all processes), with `R` the
+    [`R2Regularizer`] total `sum_l R(W_l)` and `lambda(t) = regularizer.weight_at(state.global_step)` (the R2 weight,
+    ramped from 0 over `r2_warmup_steps`). The cross-entropy is [`hf_r2.models.classification_loss`], so timm
+    models, [`~transformers.TimmWrapperForImageClassification`] and any `AutoModelForImageClassification` model
+    are trained the same way; batches are `{"pixel_values": (B, 3, H, W), "labels": (B,)}`.
+
+    Gradient accumulation (GA) does not change the effective strength of R2: each micro-batch of a step returns
+    `sum_(i in micro-batch) CE_i / N + lambda * R / k`, with `N` the `num_items_in_batch` the Trainer counts over
+    the `k` micro-batches of the step (so a short last micro-batch weighs right), and the Trainer uses it as is
+    (`loss_is_scaled_for_ga`). The summed gradient is that of `loss` above, whatever `k`. With several processes
+    and `average_tokens_across_devices=True`, `N` counts every process's examples and the cross-entropy part is
+    multiplied by the number of processes, which DDP's gradient mean then cancels, as the Trainer itself does; the
+    R2 term is the same on every process, so its mean is itself. R2's own parameters (margins, temperatures) live
+    outside the DDP module: they start from rank 0's values on every process and get the same gradient there.
+    Gradient clipping (`max_grad_norm`) covers the model's parameters only, as the Trainer clips `model.parameters()`.
+
+    Logged (through the Trainer's own `log`, so every `report_to` integration sees them), as means over the
+    (micro-)batches since the last log: `task_loss` (the mean cross-entropy), `r2_loss` (the added term
+    `lambda * R`), `r2_lambda`, and at each logging step the weight-range
+    statistics of the target layers `r2_max_abs`, `r2_mean_max_over_std`, `r2_max_max_over_std` and
+    `r2_mean_kurtosis` (see [`R2Regularizer.stats`]). In evaluation the first two come as `eval_task_loss` and
+    `eval_r2_loss` (also in the dict `evaluate()` returns, so `metric_for_best_model="task_loss"` works), and
+    `eval_loss` is `eval_task_loss + eval_r2_loss`, the training objective.
+
+    Saving: [`~transformers.Trainer.save_model`] writes the model's own weights only, in its own format (a
+    transformers model through `save_pretrained`, a timm model in timm's layout: `config.json` + `model.safetensors`
+    via `timm.models.save_for_hf`), so plain timm / transformers (or [`hf_r2.create_model`]) load it; next to them
+    go `r2_config.json` and `r2_stats.json`. Checkpoints also hold `r2_regularizer.safetensors` (R2's learnable
+    parameters), and R2's optimizer state sits in `optimizer.pt`, so `train(resume_from_checkpoint=...)` resumes
+    exactly.
+
+    Args:
+        model (`torch.nn.Module`):
+            A timm or transformers image classifier.
+        args ([`R2TrainingArguments`] or [`~transformers.TrainingArguments`], *optional*):
+            Training arguments; the R2 settings come from [`R2TrainingArguments.r2_config`]. Defaults to
+            `R2TrainingArguments(output_dir="tmp_trainer")`.
+        data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers, \
+        optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
+            As for [`~transformers.Trainer`]. Pass [`compute_accuracy`] as `compute_metrics` for top-1 accuracy.
+        r2_config ([`R2Config`], *optional*):
+            R2 settings that take precedence over those of `args` (required, in effect, with plain
+            `TrainingArguments`, which have none: [`R2Config`]'s defaults are used then).
+
+    ```python
+    >>> import timm
+    >>> from hf_r2 import R2Trainer, R2TrainingArguments
+    >>> model = timm.create_model("resnet18", num_classes=10)
+    >>> args = R2TrainingArguments(output_dir="out", r2_loss="margin", r2_weight=0.01, report_to="tensorboard")
+    >>> trainer = R2Trainer(model, args, train_dataset=train, eval_dataset=val, compute_metrics=compute_accuracy)
+    >>> trainer.train()
+    >>> trainer.save_model()
+    ```
+    """
+
+    _tag_names = ["hf-r2", "r2-loss"]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Any = None,
+        callbacks: list | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Any = None,
+        *,
+        r2_config: R2Config | None = None,
+    ) -> None:
+        if model is None:
+            # `model_init` would build a new model inside `train()`, after the regularizer has bound the old one.
+            raise ValueError("`R2Trainer` needs a `model` (`model_init` is not supported).")
+        if args is None:
+            from .training_args import R2TrainingArguments
+
+            args = R2TrainingArguments(output_dir="tmp_trainer")
+        if args.label_smoothing_factor != 0:
+            raise ValueError(
+                f"`label_smoothing_factor={args.label_smoothing_factor}` is not supported by `R2Trainer`, which "
+                "computes the cross-entropy itself; set `label_smoothing_factor=0`."
+            )
+        if r2_config is None:
+            r2_config = getattr(args, "r2_config", None) or R2Config()
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        if self.args.remove_unused_columns:
+            logger.warning(
+                "`remove_unused_columns=True` makes the Trainer drop the columns of a `datasets.Dataset` that the "
+                "model's forward does not name, such as the `image` column a transform reads, or `pixel_values` for a "
+                "timm model; `R2TrainingArguments` defaults to False."
+            )
+        # Built after `Trainer.__init__` has moved the model to its device, so R2's parameters land there too.
+        self.regularizer = R2Regularizer(unwrap_model(self.model), r2_config)
+        if self.accelerator.num_processes > 1:
+            # Margins / temperatures start from each process's own weights, which DDP only syncs later (from rank 0):
+            # start every process from rank 0's values, as DDP does for the weights.
+            with torch.no_grad():
+                for p in self.regularizer.parameters():
+                    p.copy_(broadcast(p.detach().clone(), from_process=0))
+        self.add_callback(_R2Callback(self))
+        # Have the Trainer count `num_items_in_batch` over each step's micro-batches for every model (it does so only
+        # for models whose forward takes **kwargs): `compute_loss` normalises by it, see the class docstring.
+        # DataParallel (n_gpu > 1 in one process) splits the count per replica, so it keeps per-batch means.
+        self.model_accepts_loss_kwargs = self.args.n_gpu <= 1
+        self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ---- loss ----
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Cross-entropy plus `lambda * R` for one (micro-)batch; with `return_outputs`, also the logits.
+
+        Without `num_items_in_batch` (evaluation, or a direct call): `mean_i CE_i + lambda * R`. With it (training):
+        `sum_i CE_i / num_items_in_batch + lambda * R / k` for the `k` micro-batches of the step, so that the step's
+        gradient is that of the mean cross-entropy over all its examples plus `lambda * R` (see the class docstring).
+        """
+        if "pixel_values" not in inputs or "labels" not in inputs:
+            raise ValueError(
+                f"`R2Trainer` needs batches with `pixel_values` and `labels`, got keys {sorted(inputs)}. With a "
+                "`datasets.Dataset`, set `remove_unused_columns=False` and a transform / collator that yields them "
+                "(`hf_r2.data.with_transforms`, `hf_r2.data.collate_fn`)."
+            )
+        labels = inputs["labels"]
+        task_loss, logits = classification_loss(model, inputs["pixel_values"], labels, num_items_in_batch)
+        lam = self.regularizer.weight_at(self.state.global_step)
+        r2_term = lam * self.regularizer() if lam > 0 else task_loss.new_zeros(())
+
+        if num_items_in_batch is None:
+            task_mean = task_loss.detach()
+            loss = task_loss + r2_term
+        else:
+            # the mean over this micro-batch alone, for logging
+            task_mean = task_loss.detach() * num_items_in_batch / labels.ne(-100).sum().clamp_min(1)
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                task_loss = task_loss * self.accelerator.num_processes
+            k = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            loss = task_loss + r2_term / k
+
+        metrics = self._metrics["train" if model.training else "eval"]
+        metrics["task_loss"].append(task_mean)
+        metrics["r2_loss"].append(r2_term.detach())
+        if model.training:
+            metrics["r2_lambda"].append(lam)
+        return (loss, logits) if return_outputs else loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """`(loss, logits, labels)` for one evaluation batch, the loss from [`~R2Trainer.compute_loss`].
+
+        Overridden because a plain timm model returns logits, not the `(loss, logits)` output the Trainer expects.
+        `loss` is `None` for a batch without labels.
+        """
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if labels is None:
+                loss, logits = None, forward_logits(model, inputs["pixel_values"])
+            else:
+                loss, logits = self.compute_loss(model, inputs, return_outputs=True)
+                loss = loss.detach()
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, logits.detach(), labels
+
+    # ---- logging ----
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averaged R2 metrics since the last log (and, in training, the weight-range statistics)."""
+        mode = "train" if self.model.training else "eval"
+        metrics: dict[str, float] = {}
+        for key, values in self._metrics[mode].items():
+            if not values:
+                continue
+            if isinstance(values[0], Tensor):
+                # one collective per key and log, rather than one per micro-batch
+                local = torch.stack([v.float() for v in values]).mean().reshape(1)
+                metrics[key] = self.accelerator.gather(local).mean().item()
+            else:
+                metrics[key] = sum(values) / len(values)
+        if mode == "train" and metrics:
+            overall = self.regularizer.stats()["overall"]
+            metrics.update({f"r2_{name}": overall[name] for name in _LOGGED_STATS})
+        if mode == "eval":
+            # `evaluate(metric_key_prefix=...)` always logs `<prefix>_runtime`
+            prefix = next((k[: -len("_runtime")] for k in logs if k.endswith("_runtime")), "eval")
+            metrics = {f"{prefix}_{key}": value for key, value in metrics.items()}
+        # in place: `evaluate()` returns this same dict, so `eval_task_loss` can be a `metric_for_best_model`
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    # ---- optimizer ----
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, plus a param group for R2's learnable parameters (same lr, no weight decay)."""
+        created_here = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        own = [p for p in self.regularizer.parameters() if p.requires_grad]
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [p for p in own if id(p) not in in_optimizer]
+        if missing and created_here:
+            optimizer.add_param_group({"params": missing, "weight_decay": 0.0})
+        elif missing:
+            logger.warning(
+                "The optimizer passed to `R2Trainer` does not hold R2's learnable parameters (%s), which stay at "
+                "their initial values. Add `trainer.regularizer.parameters()` to it to train them.",
+                ", ".join(name for name, _ in self.regularizer.named_parameters()),
+            )
+        return optimizer
+
+    # ---- checkpoints ----
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        state = self.regularizer.state_dict()
+        if state and self.args.should_save:
+            tensors = {k: v.detach().contiguous() for k, v in state.items()}
+            safetensors.torch.save_file(tensors, os.path.join(output_dir, R2_STATE_NAME), metadata={"format": "pt"})
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and len(self.regularizer.state_dict()):
+            path = os.path.join(checkpoint, R2_STATE_NAME)
+            if os.path.isfile(path):
+                device = next(self.regularizer.parameters()).device
+                self.regularizer.load_state_dict(safetensors.torch.load_file(path, device=str(device)))
+            else:
+                logger.warning("No %s in %s: R2's learnable parameters start from their initial values.",
+                               R2_STATE_NAME, checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Tensor] | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if _is_timm_model(model):
+            if self.args.should_save:
+                self._save_timm(model, output_dir, state_dict)
+        else:
+            super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self.regularizer.config.save_pretrained(output_dir)
+            with open(os.path.join(output_dir, R2_STATS_NAME), "w") as f:
+                json.dump(self.regularizer.stats(), f, indent=2)
+
+    def _save_timm(self, model: nn.Module, output_dir: str, state_dict: dict[str, Tensor] | None) -> None:
+        """timm's own layout (`config.json` + `model.safetensors`), as `timm.models.save_for_hf`."""
+        import timm.models
+
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info("Saving model checkpoint to %s", output_dir)
+        label_names = model.pretrained_cfg.get("label_names")
+        model_config = {"label_names": list(label_names)} if label_names else None
+        if state_dict is None:
+            timm.models.save_for_hf(model, output_dir, model_config=model_config, safe_serialization=True)
+        else:
+            # weights gathered by FSDP / DeepSpeed: write those, and timm's config for the model
+            from timm.models._hub import save_config_for_hf
+
+            safetensors.torch.save_file(
+                {k: v.contiguous() for k, v in state_dict.items()},
+                os.path.join(output_dir, "model.safetensors"),
+                metadata={"format": "pt"},
+            )
+            save_config_for_hf(model, os.path.join(output_dir, "config.json"), model_config=model_config)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

@@ -1,0 +1,182 @@
+"""`R2TrainingArguments`: [`~transformers.TrainingArguments`] plus the R2-Loss fields of [`R2Config`].
+
+Paper: "R2 Loss: Range Restriction Loss for Model Compression and Quantization", Kundu et al., 2023
+(https://huggingface.co/papers/2303.08253).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .config import R2Config, R2LossType
+
+__all__ = ["R2TrainingArguments"]
+
+
+# A backticked R2Config field name at the start of a code span, e.g. `loss` or `loss='margin'`.
+_R2_NAME = re.compile(
+    r"`(" + "|".join(f.name for f in dataclasses.fields(R2Config) if f.name != "version") + r")\b"
+)
+
+
+@dataclass
+class R2TrainingArguments(TrainingArguments):
+    # docstyle-ignore
+    r"""
+    Configuration class for the [`R2Trainer`].
+
+    This class holds only the parameters specific to R2-Loss training; every other field is a
+    [`~transformers.TrainingArguments`] field. The `r2_*` fields are those of [`R2Config`] with an `r2_` prefix, and
+    [`~R2TrainingArguments.r2_config`] turns them into one (so an invalid value fails here, at construction).
+
+    Using [`~transformers.HfArgumentParser`] this class becomes command-line flags (`--r2_loss margin
+    --r2_weight 0.01`) or a JSON / YAML config file.
+
+    A baseline run (same training, no R2 term) is `r2_weight=0`: R2 is then not computed, but `task_loss` and the
+    range statistics (`r2_max_abs`, ...) are still logged, so that baseline and R2 runs compare on one chart. There
+    is no `r2_loss="none"`: one switch for "off" is enough, and `r2_loss` always names a real variant.
+
+    Parameters:
+        > Parameters that control the R2 term
+
+        r2_loss (`str`, *optional*, defaults to `"linf"`):
+            Which R2 variant: `"linf"` (largest absolute weight), `"margin"` (learnable margin), `"soft_min_max"`
+            (smooth max minus min, learnable temperature) or `"kurtosis"` (KURE, the comparison regulariser).
+        r2_weight (`float`, *optional*, defaults to `0.01`):
+            The coefficient lambda of the R2 term in the total loss `task_loss + lambda * R`. `0` trains a baseline.
+        r2_warmup_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps over which lambda ramps linearly from 0 to `r2_weight`.
+        r2_per_channel (`bool`, *optional*, defaults to `False`):
+            Compute the loss per output channel instead of per tensor, for per-channel quantization.
+
+        > Parameters that control which layers R2 acts on
+
+        r2_include (`list[str]`, *optional*):
+            Regular expressions (`re.search`) over module names; only matching Conv/Linear layers are targets. `None`
+            targets every Conv1d/2d/3d and Linear layer.
+        r2_exclude (`list[str]`, *optional*):
+            Regular expressions over module names to leave out, applied after `r2_include`.
+        r2_skip_first_last (`bool`, *optional*, defaults to `False`):
+            Leave out the first and the last target layer (often kept at high precision).
+
+        > Parameters of each R2 variant
+
+        r2_margin_penalty (`float`, *optional*, defaults to `1.0`):
+            Margin R2: strength of the `m^2` term that shrinks the learnable margin.
+        r2_soft_min_max_penalty (`float`, *optional*, defaults to `1.0`):
+            Soft-Min-Max R2: scale of the `2 ln(n) / alpha` term that keeps the temperature from collapsing.
+        r2_kurtosis_target (`float`, *optional*, defaults to `1.8`):
+            KURE: target kurtosis (1.8 is the uniform distribution's).
+
+    > [!NOTE]
+    > These parameters have default values different from [`~transformers.TrainingArguments`]:
+    > - `remove_unused_columns`: Defaults to `False` instead of `True`. A timm model's `forward(x)` names no input
+    >   column, so the Trainer's column filter would drop `pixel_values` and `labels`.
+
+    ```python
+    >>> from hf_r2 import R2TrainingArguments
+    >>> args = R2TrainingArguments(output_dir="out", r2_loss="margin", r2_weight=0.01, r2_warmup_steps=100)
+    >>> args.r2_config.loss
+    'margin'
+    ```
+    """
+
+    # Parameters whose default values are overridden from TrainingArguments
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={
+            "help": "Whether or not to automatically remove the columns unused by the model forward method. Defaults "
+            "to `False` here: a timm model's `forward(x)` names no column, so `pixel_values` and `labels` would go."
+        },
+    )
+
+    # Parameters that control the R2 term
+    r2_loss: str = field(
+        default="linf",
+        metadata={
+            "help": "Which R2 variant: 'linf' (largest absolute weight), 'margin' (learnable margin), 'soft_min_max' "
+            "(smooth max minus min, learnable temperature) or 'kurtosis' (KURE, the comparison regulariser).",
+            "choices": [e.value for e in R2LossType],
+        },
+    )
+    r2_weight: float = field(
+        default=0.01,
+        metadata={
+            "help": "The coefficient lambda of the R2 term in the total loss `task_loss + lambda * R`. 0 trains a "
+            "baseline (R2 is not computed; task_loss and the range statistics are still logged)."
+        },
+    )
+    r2_warmup_steps: int = field(
+        default=0, metadata={"help": "Optimizer steps over which lambda ramps linearly from 0 to `r2_weight`."}
+    )
+    r2_per_channel: bool = field(
+        default=False,
+        metadata={"help": "Compute the loss per output channel instead of per tensor, for per-channel quantization."},
+    )
+
+    # Parameters that control which layers R2 acts on
+    r2_include: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Regular expressions (re.search) over module names; only matching Conv/Linear layers are "
+            "targets. Default: every Conv1d/2d/3d and Linear layer."
+        },
+    )
+    r2_exclude: list[str] | None = field(
+        default=None,
+        metadata={"help": "Regular expressions over module names to leave out, applied after `r2_include`."},
+    )
+    r2_skip_first_last: bool = field(
+        default=False,
+        metadata={"help": "Leave out the first and the last target layer (often kept at high precision)."},
+    )
+
+    # Parameters of each R2 variant
+    r2_margin_penalty: float = field(
+        default=1.0, metadata={"help": "Margin R2: strength of the m^2 term that shrinks the learnable margin."}
+    )
+    r2_soft_min_max_penalty: float = field(
+        default=1.0,
+        metadata={
+            "help": "Soft-Min-Max R2: scale of the 2 ln(n) / alpha term that keeps the temperature from collapsing."
+        },
+    )
+    r2_kurtosis_target: float = field(
+        default=1.8, metadata={"help": "KURE: target kurtosis (1.8 is the uniform distribution's)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r2_loss is None or str(self.r2_loss).lower() in ("none", "off", ""):
+            raise ValueError(
+                f"`r2_loss` must be one of {[e.value for e in R2LossType]}, got {self.r2_loss!r}. For a baseline run "
+                "without the R2 term keep a variant and set `r2_weight=0`."
+            )
+        for name in ("r2_include", "r2_exclude"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        self.r2_config  # noqa: B018 - build once so that R2Config's checks run at construction
+
+    @property
+    def r2_config(self) -> R2Config:
+        """The [`R2Config`] built from the `r2_*` fields (a new object at each access)."""
+        try:
+            return R2Config(
+                loss=self.r2_loss,
+                weight=self.r2_weight,
+                warmup_steps=self.r2_warmup_steps,
+                per_channel=self.r2_per_channel,
+                include=self.r2_include,
+                exclude=self.r2_exclude,
+                skip_first_last=self.r2_skip_first_last,
+                margin_penalty=self.r2_margin_penalty,
+                soft_min_max_penalty=self.r2_soft_min_max_penalty,
+                kurtosis_target=self.r2_kurtosis_target,
+            )
+        except ValueError as err:
+            # R2Config names its own fields (`loss`, `weight`, ...): name the arguments the user actually set.
+            raise ValueError(_R2_NAME.sub(r"`r2_\1", str(err))) from None
