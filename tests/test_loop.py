@@ -1,0 +1,436 @@
+"""Tests of `hf_r2.loop`: the plain Accelerate loop with R2-Loss.
+
+The numbers are checked against a loop written out by hand (plain torch, the functional `margin_r2`, the learning
+rate and R2 weight formulas), against an uninterrupted run (resume), and against one process (two CPU processes
+under `accelerate launch`).
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from _loop_worker import SyntheticImages, TinyConvNet, build
+from hf_r2.config import R2Config
+from hf_r2.losses import margin_r2
+from hf_r2.loop import LoopConfig, _resolve_checkpoint, evaluate, train_with_accelerate
+
+WORKER = Path(__file__).with_name("_loop_worker.py")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; every test starts (and leaves) them blank."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.set_num_threads(1)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _load_checkpoint(folder: Path) -> dict:
+    """Model weights, R2 parameters, step counter and optimizer state of an `accelerator.save_state` folder."""
+    return {
+        "model": load_file(folder / "model.safetensors"),
+        "r2": torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False),
+        "loop": torch.load(folder / "custom_checkpoint_1.pkl", weights_only=False),
+        "optimizer": torch.load(folder / "optimizer.bin", weights_only=False),
+        "scheduler": torch.load(folder / "scheduler.bin", weights_only=False),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoopConfig
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_epochs": 0}, r"`num_epochs` must be an integer >= 1, got 0"),
+        ({"per_device_batch_size": 0}, r"`per_device_batch_size` must be an integer >= 1"),
+        ({"gradient_accumulation_steps": 0}, r"`gradient_accumulation_steps` must be an integer >= 1"),
+        ({"max_steps": 0}, r"`max_steps` must be > 0, or -1"),
+        ({"per_device_eval_batch_size": 0}, r"`per_device_eval_batch_size` must be >= 1 or None"),
+        ({"checkpointing_steps": 0}, r"`checkpointing_steps` must be >= 1 or None"),
+        ({"lr_warmup_steps": -1}, r"`lr_warmup_steps` must be >= 0"),
+        ({"learning_rate": 0.0}, r"`learning_rate` must be > 0"),
+        ({"weight_decay": -0.1}, r"`weight_decay` must be >= 0"),
+        ({"momentum": 1.0}, r"`momentum` must be in \[0, 1\)"),
+        ({"optimizer": "adam"}, r"`optimizer` must be one of 'sgd', 'adamw', got 'adam'"),
+        ({"optimizer": "AdamW"}, r"Did you mean `optimizer='adamw'`"),
+        ({"lr_scheduler_type": "linear"}, r"`lr_scheduler_type` must be one of 'cosine', 'constant'"),
+        ({"mixed_precision": "fp32"}, r"Did you mean `mixed_precision='no'`"),
+        ({"output_dir": ""}, r"`output_dir` must be a non-empty path"),
+    ],
+)
+def test_loop_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoopConfig(**kwargs)
+
+
+def test_loop_config_round_trip(tmp_path):
+    config = LoopConfig(output_dir=str(tmp_path), optimizer="adamw", max_steps=7, checkpointing_steps=3,
+                        mixed_precision="bf16", log_with="none", per_device_eval_batch_size=5)
+    assert config.log_with is None and config.eval_batch_size == 5
+    config.save_pretrained(tmp_path)
+    again = LoopConfig.from_pretrained(tmp_path)
+    assert again.to_dict() == config.to_dict()
+    with pytest.raises(ValueError, match=r"Unknown `LoopConfig` field\(s\) \['lr'\]"):
+        LoopConfig.from_dict({"lr": 0.1})
+
+
+def test_resolve_latest_checkpoint(tmp_path):
+    config = LoopConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
+    with pytest.raises(FileNotFoundError, match="no step_<n> folder"):
+        _resolve_checkpoint(config)
+    for name in ("step_2", "step_10", "step_9", "other"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert _resolve_checkpoint(config) == str(tmp_path / "checkpoints" / "step_10")  # numeric, not lexicographic
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        _resolve_checkpoint(replace(config, resume_from_checkpoint=str(tmp_path / "missing")))
+
+
+def test_train_argument_errors(tmp_path):
+    from accelerate import Accelerator
+
+    model, _, train_ds, _, config = build(str(tmp_path), 8, 1)
+    with pytest.raises(ValueError, match=r"Pass `r2_config=R2Config\(...\)`"):
+        train_with_accelerate(model, train_ds, config=config)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    match = r"`gradient_accumulation_steps=2` but `config.gradient_accumulation_steps=1`"
+    with pytest.raises(ValueError, match=match):
+        train_with_accelerate(model, train_ds, r2_config=R2Config(), config=config, accelerator=accelerator)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop against a hand-written reference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _reference_training(config: LoopConfig, r2_config: R2Config, train_ds):
+    """The same training written out: per-epoch `randperm(seed + epoch)`, consecutive micro-batches, SGD with
+    momentum, linear-warm-up + cosine learning rate, and per step `mean task loss + lambda(step) * sum margin_r2`."""
+    torch.manual_seed(0)
+    model = TinyConvNet()
+    layers = [model.conv1, model.conv2, model.head]
+    margins = [layer.weight.detach().abs().amax().float().clone().requires_grad_() for layer in layers]
+    init_margins = torch.stack(margins).detach().clone()
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [layer.weight for layer in layers], "weight_decay": config.weight_decay},
+            {"params": [layer.bias for layer in layers], "weight_decay": 0.0},
+            {"params": margins, "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate, momentum=config.momentum,
+    )
+    n, b, ga = len(train_ds), config.per_device_batch_size, config.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(math.ceil(n / b) / ga)
+    total, warmup = config.num_epochs * steps_per_epoch, config.lr_warmup_steps
+    x, y = train_ds.pixel_values, train_ds.labels
+    step, excess = 0, 0.0
+    for epoch in range(config.num_epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
+        micro = [perm[i : i + b] for i in range(0, n, b)]
+        for start in range(0, len(micro), ga):
+            progress = (step - warmup) / (total - warmup)
+            factor = step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * progress))
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * factor
+            lam = r2_config.weight * min(1.0, step / r2_config.warmup_steps)
+            task = sum(F.cross_entropy(model(x[idx]), y[idx]) for idx in micro[start : start + ga]) / ga
+            r2 = sum(margin_r2(layer.weight, m, r2_config.margin_penalty) for layer, m in zip(layers, margins))
+            excess += sum((layer.weight.abs() - m).clamp_min(0).sum().item() for layer, m in zip(layers, margins))
+            optimizer.zero_grad()
+            (task + lam * r2).backward()
+            optimizer.step()
+            step += 1
+    return model.state_dict(), torch.stack(margins).detach(), init_margins, excess
+
+
+@pytest.mark.parametrize("per_device_batch_size, gradient_accumulation_steps", [(8, 1), (4, 2)])
+def test_matches_reference_loop(tmp_path, per_device_batch_size, gradient_accumulation_steps):
+    model, regularizer, train_ds, _, config = build(str(tmp_path), per_device_batch_size, gradient_accumulation_steps)
+    r2_config = regularizer.config
+    # the default path: the regularizer is built inside; its final state is read back from the last checkpoint
+    config = replace(config, checkpointing_steps=8)
+    metrics = train_with_accelerate(model, train_ds, r2_config=r2_config, config=config)
+    assert metrics["global_step"] == 8 and metrics["epoch"] == 2.0
+
+    ref_weights, ref_margins, init_margins, excess = _reference_training(config, r2_config, train_ds)
+    assert excess > 0, "the margins never uncovered any weight: the R2 gradient on the weights went untested"
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, ref_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+    saved = _load_checkpoint(tmp_path / "checkpoints" / "step_8")
+    torch.testing.assert_close(saved["r2"]["margin"], ref_margins, rtol=1e-5, atol=1e-6)
+    assert saved["loop"] == {"global_step": 8}
+    assert not torch.allclose(ref_margins, init_margins)  # the margins were learned, not left at max |w|
+
+
+def test_evaluate_matches_full_batch(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = TinyConvNet()
+    eval_ds = SyntheticImages(10, seed=1)
+    dataloader = accelerator.prepare(torch.utils.data.DataLoader(eval_ds, batch_size=3))  # 3 + 3 + 3 + 1
+    model.train()
+    result = evaluate(model, dataloader, accelerator)
+    assert model.training  # mode restored
+    with torch.no_grad():
+        logits = model.eval()(eval_ds.pixel_values).double()
+    expected_loss = F.cross_entropy(logits, eval_ds.labels).item()
+    expected_acc = (logits.argmax(-1) == eval_ds.labels).double().mean().item()
+    assert result["accuracy"] == pytest.approx(expected_acc, abs=1e-12)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints, logging, mixed precision, saving
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    # 32 samples, micro-batch 4, 2 micro-batches per step: 4 steps an epoch, 8 in all; state saved every 2 steps
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    model, _, train_ds, _, config = build(str(full_dir), 4, 2)
+    r2_config = R2Config(loss="margin", weight=0.5, warmup_steps=3)
+    config = replace(config, checkpointing_steps=2)
+    train_with_accelerate(model, train_ds, r2_config=r2_config, config=config)
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    other = TinyConvNet()
+    # step 6 = epoch 1 after 2 of its 4 steps: the loop must reshuffle epoch 1 and skip its first 4 micro-batches
+    resume = replace(config, output_dir=str(resumed_dir),
+                     resume_from_checkpoint=str(full_dir / "checkpoints" / "step_6"))
+    metrics = train_with_accelerate(other, train_ds, r2_config=r2_config, config=resume)
+    assert metrics["global_step"] == 8
+    assert not (resumed_dir / "checkpoints" / "step_6").exists()  # it resumed after step 6, not from 0
+
+    full, resumed = (_load_checkpoint(d / "checkpoints" / "step_8") for d in (full_dir, resumed_dir))
+    for name in full["model"]:
+        torch.testing.assert_close(resumed["model"][name], full["model"][name], rtol=0, atol=1e-7, msg=name)
+    torch.testing.assert_close(resumed["r2"]["margin"], full["r2"]["margin"], rtol=0, atol=1e-7)
+    assert resumed["loop"] == full["loop"] == {"global_step": 8}
+    assert resumed["scheduler"]["last_epoch"] == full["scheduler"]["last_epoch"] == 8
+    for key, buf in full["optimizer"]["state"].items():
+        torch.testing.assert_close(resumed["optimizer"]["state"][key]["momentum_buffer"], buf["momentum_buffer"],
+                                   rtol=0, atol=1e-7)
+    # the resumed weights really moved away from the checkpoint they started from
+    start = _load_checkpoint(full_dir / "checkpoints" / "step_6")
+    assert not torch.allclose(start["model"]["conv1.weight"], full["model"]["conv1.weight"])
+
+
+def test_logs_r2_metrics(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+    from accelerate.utils import DataLoaderConfiguration
+
+    class RecordingTracker(GeneralTracker):
+        """Keeps what `accelerator.log` sends."""
+
+        name = "recording"
+        requires_logging_directory = False
+
+        def __init__(self):
+            super().__init__()
+            self.logs, self.config = [], None
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logs.append((step, dict(values)))
+
+    tracker = RecordingTracker()
+    accelerator = Accelerator(cpu=True, log_with=[tracker],
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=3))
+    model, _, train_ds, eval_ds, config = build(str(tmp_path), 8, 1)
+    r2_config = R2Config(loss="margin", weight=0.5, warmup_steps=2)
+    config = replace(config, lr_warmup_steps=2)
+    metrics = train_with_accelerate(model, train_ds, eval_ds, r2_config=r2_config, config=config,
+                                    accelerator=accelerator)
+    assert tracker.config["r2_config.loss"] == "margin" and tracker.config["learning_rate"] == 0.1
+
+    train_logs = [(s, v) for s, v in tracker.logs if "task_loss" in v]
+    assert [s for s, _ in train_logs] == list(range(1, 9))  # logging_steps=1
+    for step, values in train_logs:
+        assert {"loss", "task_loss", "r2_loss", "r2_lambda", "lr", "epoch", "r2_max_abs", "r2_mean_max_over_std",
+                "r2_max_max_over_std", "r2_mean_kurtosis"} <= set(values)
+        assert values["r2_lambda"] == pytest.approx(0.5 * min(1.0, (step - 1) / 2))  # the weight used for this step
+        assert values["loss"] == pytest.approx(values["task_loss"] + values["r2_loss"])
+        assert (values["r2_loss"] == 0) == (step == 1)  # lambda * R: 0 only while lambda is 0
+        warm = step / 2 if step < 2 else 0.5 * (1 + math.cos(math.pi * (step - 2) / 6))
+        assert values["lr"] == pytest.approx(0.1 * warm)  # the rate for the next step
+        assert values["epoch"] == pytest.approx(step / 4)
+    max_abs = max(w.abs().max().item() for w in (model.conv1.weight, model.conv2.weight, model.head.weight))
+    assert train_logs[-1][1]["r2_max_abs"] == pytest.approx(max_abs)
+    eval_logs = [(s, v) for s, v in tracker.logs if "eval_accuracy" in v]
+    assert [s for s, _ in eval_logs] == [4, 8]
+    assert eval_logs[-1][1]["eval_loss"] == pytest.approx(metrics["eval_loss"])
+
+
+def test_mixed_precision_on_cpu(tmp_path, caplog):
+    """bf16 autocast stays close to float32 but is not identical to it (autocast really ran); fp16 is float32 on
+    the CPU in accelerate 1.x, and the loop says so."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    results = {}
+    for precision in ("no", "bf16", "fp16"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        model, regularizer, train_ds, _, config = build(str(tmp_path / precision), 8, 1)
+        config = replace(config, num_epochs=1, mixed_precision=precision)
+        with caplog.at_level("WARNING", logger="hf_r2.loop"):
+            metrics = train_with_accelerate(model, train_ds, regularizer=regularizer, config=config)
+        assert regularizer.margin.dtype == torch.float32 and all(math.isfinite(v) for v in metrics.values())
+        results[precision] = model.state_dict()
+    diffs = [(results["bf16"][k] - results["no"][k]).abs().max().item() for k in results["no"]]
+    assert 0 < max(diffs) < 2e-2
+    for name, value in results["no"].items():
+        assert torch.equal(results["fp16"][name], value), name
+    assert "`mixed_precision='fp16'` has no effect on the CPU" in caplog.text
+
+
+def test_saves_timm_model_folder(tmp_path):
+    import timm
+
+    from hf_r2.models import create_model
+
+    model = timm.create_model("test_convnext", num_classes=4)
+    data = SyntheticImages(8, seed=0, size=32)
+    r2_config = R2Config(loss="linf", weight=0.01)
+    config = LoopConfig(output_dir=str(tmp_path), max_steps=1, per_device_batch_size=4, use_cpu=True)
+    train_with_accelerate(model, data, r2_config=r2_config, config=config)
+    folder = tmp_path / "model"
+    assert {"config.json", "model.safetensors", "r2_config.json", "r2_stats.json"} <= set(os.listdir(folder))
+    assert R2Config.from_pretrained(folder).to_dict() == r2_config.to_dict()
+    stats = json.loads((folder / "r2_stats.json").read_text())
+    assert stats["overall"]["max_abs"] == pytest.approx(
+        max(m.weight.abs().max().item() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    )
+    reloaded = create_model(str(folder), pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(data.pixel_values), model.eval()(data.pixel_values))
+
+
+def test_saves_transformers_model_folder(tmp_path, hf_convnext):
+    from hf_r2.models import create_model, forward_logits
+
+    data = SyntheticImages(8, seed=0, num_classes=10, size=32)
+    config = LoopConfig(output_dir=str(tmp_path), max_steps=1, per_device_batch_size=4, use_cpu=True,
+                        optimizer="adamw", learning_rate=1e-3, weight_decay=0.05)
+    before = {k: v.clone() for k, v in hf_convnext.state_dict().items()}
+    train_with_accelerate(hf_convnext, data, r2_config=R2Config(loss="soft_min_max"), config=config)
+    assert any(not torch.equal(before[k], v) for k, v in hf_convnext.state_dict().items())
+    folder = tmp_path / "model"
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "convnext"
+    assert (folder / "r2_config.json").is_file() and (folder / "r2_stats.json").is_file()
+    reloaded = create_model(str(folder), pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(forward_logits(reloaded, data.pixel_values),
+                                   forward_logits(hf_convnext.eval(), data.pixel_values))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two processes (DDP over gloo on the CPU)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_match_one(tmp_path):
+    """2 processes x micro-batch 2 x 2 accumulation steps == 1 process x batch 8, to float32 rounding.
+
+    Accelerate's prepared loader gives rank r the loader batches r, r + 2, r + 4, ... of the (seeded, identical)
+    shuffled order, so the 4 micro-batches of optimizer step k are samples 8k .. 8k + 7 of that order: the same
+    samples as step k of the 1-process run. DDP averages the gradients over ranks, which equals the mean over the
+    8 samples; the R2 parameters are outside DDP and stay identical because every rank computes the same R.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    out = tmp_path / "two"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()),
+        str(WORKER), "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["num_processes"] for r in ranks] == [2, 2]
+    assert ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"
+
+    # both ranks end identical, R2 parameters included
+    for name in ranks[0]["model"]:
+        assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name]), name
+    assert torch.equal(ranks[0]["r2"]["margin"], ranks[1]["r2"]["margin"])
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+
+    # one process, same global batch
+    model, regularizer, train_ds, eval_ds, config = build(str(tmp_path / "one"), 8, 1)
+    init_margin = regularizer.margin.detach().clone()
+    metrics = train_with_accelerate(model, train_ds, eval_ds, regularizer=regularizer, config=config)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(ranks[0]["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(ranks[0]["r2"]["margin"], regularizer.margin.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(init_margin, regularizer.margin.detach())
+    # metrics averaged over ranks and, for evaluation, over the 10 samples once (the padded repeats dropped)
+    two = ranks[0]["metrics"]
+    assert two["global_step"] == metrics["global_step"] == 8
+    for key in ("train_task_loss", "train_loss", "train_r2_loss", "r2_max_abs", "eval_loss", "eval_accuracy"):
+        assert two[key] == pytest.approx(metrics[key], rel=1e-5), key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# examples/train_accelerate.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_example_script_runs(tmp_path, data_dir):
+    """One step of the example on 16 local CIFAR-10 images: flags -> dataclasses -> data -> loop -> model folder."""
+    import importlib.util
+
+    path = WORKER.parents[1] / "examples" / "train_accelerate.py"
+    spec = importlib.util.spec_from_file_location("train_accelerate", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    metrics = example.main([
+        "--model", "test_convnext", "--dataset", "cifar10-tiny", "--data_dir", str(data_dir), "--input_size", "32",
+        "--max_train_samples", "16", "--max_eval_samples", "8", "--max_steps", "1", "--per_device_batch_size", "16",
+        "--loss", "margin", "--weight", "0.01", "--output_dir", str(tmp_path), "--use_cpu",
+    ])
+    assert metrics["global_step"] == 1 and 0 <= metrics["eval_accuracy"] <= 1
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved["architecture"] == "test_convnext" and saved["num_classes"] == 10
+    assert saved["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert R2Config.from_pretrained(tmp_path / "model").loss == "margin"
+    with pytest.raises(SystemExit):  # a config's ValueError becomes a usage error
+        example.main(["--model", "test_convnext", "--optimizer", "adam"])
