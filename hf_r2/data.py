@@ -1,0 +1,503 @@
+"""Image-classification data through 🤗 Datasets, with each model's own preprocessing from timm's data config.
+
+[`load_image_dataset`] turns a short name (`"cifar10"`), a Hub id, a folder of images or parquet files into a
+[`~datasets.DatasetDict`] with the splits `"train"` and `"test"` and the columns `image` and `label`.
+[`build_transform`] resolves the model's mean, std and input size the way `timm.data.resolve_data_config` does
+(for transformers models too), and [`with_transforms`] + [`collate_fn`] give the batches every part of hf-r2 uses:
+`{"pixel_values": float tensor (B, 3, H, W), "labels": long tensor (B,)}`.
+"""
+
+from __future__ import annotations
+
+import enum
+import glob
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "AugmentType",
+    "LOCAL_DATASETS",
+    "HUB_FALLBACKS",
+    "find_local_data_dir",
+    "load_image_dataset",
+    "label_names",
+    "build_transform",
+    "with_transforms",
+    "collate_fn",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Short names resolved to a local parquet copy (a folder of that name under the data directory).
+LOCAL_DATASETS = ("cifar10", "cifar10-small", "cifar10-tiny")
+#: Where a short name goes when no local copy is found: (Hub id, train rows, test rows); `None` keeps all rows.
+HUB_FALLBACKS: dict[str, tuple[str, int | None, int | None]] = {
+    "cifar10": ("uoft-cs/cifar10", None, None),
+    "cifar10-small": ("uoft-cs/cifar10", 5000, 1000),
+    "cifar10-tiny": ("uoft-cs/cifar10", 1000, 200),
+}
+
+_IMAGE_NAMES = ("image", "img", "pixel_values", "picture", "photo")
+_LABEL_NAMES = ("label", "labels", "fine_label", "class", "target")
+_EVAL_SPLITS = ("test", "validation", "valid", "val", "eval")
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_SPLIT_PATTERN = re.compile(r"(?:^|[-_./])(train|test|validation|valid|val|eval)(?:$|[-_./\d])")
+
+
+class AugmentType(str, enum.Enum):
+    """Training-time augmentation recipes of [`build_transform`]. Plain strings are accepted too.
+
+    - `"auto"`: `"cifar"` when the input size is 64 pixels or less, else `"timm"`.
+    - `"cifar"`: the small-image recipe: random crop with 4 pixels of zero padding and a horizontal flip; evaluation
+      uses the whole image (resized to the input size when it differs).
+    - `"timm"`: timm's `create_transform(is_training=True)` (random-resized crop, flip, colour jitter); evaluation
+      resizes and centre-crops by the model's `crop_pct`.
+    - `"none"`: no augmentation: training uses the evaluation transform of `"cifar"`.
+    """
+
+    AUTO = "auto"
+    CIFAR = "cifar"
+    TIMM = "timm"
+    NONE = "none"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def find_local_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The folder that holds the local copies (`cifar10/`, `cifar10-small/`, `cifar10-tiny/`), or `None`.
+
+    Looks, in order, at `data_dir`, `$HF_R2_DATA_DIR`, `shared/data` next to the repository that holds this package
+    (`<repo>/../shared/data`), and `../shared/data` / `shared/data` from the working directory.
+    """
+    candidates: list[Path] = []
+    if data_dir is not None:
+        candidates.append(Path(data_dir))
+    if os.environ.get("HF_R2_DATA_DIR"):
+        candidates.append(Path(os.environ["HF_R2_DATA_DIR"]))
+    repo_root = Path(__file__).resolve().parents[1]
+    candidates += [repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
+                   Path.cwd() / "shared" / "data"]
+    for candidate in candidates:
+        if any((candidate / name).is_dir() for name in LOCAL_DATASETS):
+            return candidate
+    return None
+
+
+def _split_of(path: str) -> str:
+    """Split named by a (relative) file path (`train-00000-of-00004.parquet` -> `train`); `train` when none is."""
+    match = _SPLIT_PATTERN.search(os.path.basename(path).lower()) or _SPLIT_PATTERN.search(path.lower())
+    return match.group(1) if match else "train"
+
+
+def _parquet_files(pattern_or_dir: str) -> dict[str, list[str]]:
+    if os.path.isdir(pattern_or_dir):
+        files = sorted(glob.glob(os.path.join(pattern_or_dir, "**", "*.parquet"), recursive=True))
+    else:
+        files = sorted(glob.glob(pattern_or_dir, recursive=True))
+    by_split: dict[str, list[str]] = {}
+    for file in files:
+        # inside a folder its sub-folders may name the split (train/x.parquet); for a glob only the file name does
+        name = os.path.relpath(file, pattern_or_dir) if os.path.isdir(pattern_or_dir) else os.path.basename(file)
+        by_split.setdefault(_split_of(name), []).append(file)
+    return by_split
+
+
+def _has_images(folder: str) -> bool:
+    for _, _, files in os.walk(folder):
+        if any(f.lower().endswith(_IMAGE_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
+def _load_raw(name_or_path: str, data_dir: str | None, train_split: str | None, eval_split: str | None):
+    """`(DatasetDict, source description, fallback sample caps)` before columns are checked."""
+    from datasets import DatasetDict, load_dataset
+
+    caps: tuple[int | None, int | None] = (None, None)
+    if name_or_path in LOCAL_DATASETS:
+        root = find_local_data_dir(data_dir)
+        if root is not None and (root / name_or_path).is_dir():
+            files = _parquet_files(str(root / name_or_path))
+            return load_dataset("parquet", data_files=files), f"local copy {root / name_or_path}", caps
+        hub_id, n_train, n_test = HUB_FALLBACKS[name_or_path]
+        logger.warning(
+            "No local copy of %r found (looked at `data_dir`, $HF_R2_DATA_DIR and ../shared/data); loading %r "
+            "from the Hub%s.", name_or_path, hub_id, "" if n_train is None else f", first {n_train}/{n_test} rows "
+            "after a seeded shuffle (not the same images as the local copy)",
+        )
+        name_or_path, data_dir, caps = hub_id, None, (n_train, n_test)
+    elif name_or_path == "imagefolder":
+        if data_dir is None:
+            raise ValueError("`name_or_path='imagefolder'` needs `data_dir=` (the folder of class sub-folders).")
+        return load_dataset("imagefolder", data_dir=data_dir), f"image folder {data_dir}", caps
+    elif name_or_path == "parquet":
+        if data_dir is None:
+            raise ValueError("`name_or_path='parquet'` needs `data_dir=` (a folder or a glob of parquet files).")
+        name_or_path = data_dir
+    if os.path.isdir(name_or_path) or glob.has_magic(name_or_path) or name_or_path.endswith(".parquet"):
+        files = _parquet_files(name_or_path)
+        if files:
+            return load_dataset("parquet", data_files=files), f"parquet files {name_or_path}", caps
+        if os.path.isdir(name_or_path) and _has_images(name_or_path):
+            return load_dataset("imagefolder", data_dir=name_or_path), f"image folder {name_or_path}", caps
+        raise ValueError(
+            f"`name_or_path={name_or_path!r}` is a local path but holds no parquet files and no images "
+            f"({', '.join(_IMAGE_EXTENSIONS)})."
+        )
+    if os.path.exists(name_or_path):
+        raise ValueError(f"`name_or_path={name_or_path!r}` is a file, not a folder, a glob or a .parquet file.")
+    loaded = load_dataset(name_or_path, data_dir=data_dir)
+    if not isinstance(loaded, DatasetDict):  # pragma: no cover - load_dataset without `split` gives a DatasetDict
+        loaded = DatasetDict({"train": loaded})
+    return loaded, f"Hub dataset {name_or_path}", caps
+
+
+def _pick_column(dataset, requested: str | None, kind: str) -> str:
+    from datasets import ClassLabel, Image
+
+    columns = list(dataset.column_names)
+    features = dataset.features
+    if requested is not None:
+        if requested not in columns:
+            raise ValueError(
+                f"`{kind}_column={requested!r}` is not a column of the dataset; its columns are {columns}."
+            )
+        return requested
+    feature_type, names = (Image, _IMAGE_NAMES) if kind == "image" else (ClassLabel, _LABEL_NAMES)
+    typed = [c for c in columns if isinstance(features[c], feature_type)]
+    for name in names:  # prefer the usual names, typed or not (e.g. `fine_label` over `coarse_label`)
+        if name in typed:
+            return name
+    if typed:
+        return typed[0]
+    for name in names:
+        if name in columns:
+            return name
+    other = "label" if kind == "image" else "image"
+    raise ValueError(
+        f"Could not find the {kind} column: the dataset's columns are "
+        f"{ {c: type(features[c]).__name__ for c in columns} }, and none is a "
+        f"`datasets.{feature_type.__name__}` or named one of {list(names)}. Pass it explicitly, e.g. "
+        f"`{kind}_column={columns[0]!r}` (command line: `--{kind}_column {columns[0]}`; the {other} column can be "
+        f"given the same way with `{other}_column=`)."
+    )
+
+
+def _normalise_columns(dataset, image_column: str, label_column: str, names: list[str] | None):
+    from datasets import ClassLabel, Image, Value
+
+    dataset = dataset.remove_columns([c for c in dataset.column_names if c not in (image_column, label_column)])
+    # through temporary names, so that e.g. a label column called "image" does not collide
+    dataset = dataset.rename_columns({image_column: "__hf_r2_image__", label_column: "__hf_r2_label__"})
+    dataset = dataset.rename_columns({"__hf_r2_image__": "image", "__hf_r2_label__": "label"})
+    image_feature = dataset.features["image"]
+    if isinstance(image_feature, Value) and image_feature.dtype in ("string", "large_string", "binary"):
+        dataset = dataset.cast_column("image", Image())  # file paths or encoded bytes
+    if not isinstance(dataset.features["label"], ClassLabel):
+        assert names is not None, "class names are resolved before columns are normalised"
+        if dataset.features["label"].dtype in ("string", "large_string"):
+            index = {n: i for i, n in enumerate(names)}
+            dataset = dataset.map(lambda b: {"label": [index[v] for v in b["label"]]}, batched=True,
+                                  desc="encode labels")
+        dataset = dataset.cast_column("label", ClassLabel(names=names))
+    return dataset
+
+
+def _class_names(splits: dict[str, Any], label_column: str) -> list[str] | None:
+    """The classes of a label column that is not a `ClassLabel`: sorted strings, or `0..max` for integers."""
+    from datasets import ClassLabel
+
+    first = next(iter(splits.values()))
+    if isinstance(first.features[label_column], ClassLabel):
+        return None
+    values = set()
+    for split in splits.values():
+        values.update(split.unique(label_column))
+    if all(isinstance(v, str) for v in values):
+        return sorted(values)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and min(values) >= 0:
+        return [str(i) for i in range(max(values) + 1)]
+    raise ValueError(
+        f"The label column {label_column!r} holds {sorted(map(repr, values))[:5]}...: expected class indices "
+        f"(integers >= 0), class names (strings) or a `datasets.ClassLabel`. Pass another one with `label_column=`."
+    )
+
+
+def load_image_dataset(
+    name_or_path: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    train_split: str | None = None,
+    eval_split: str | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 0,
+):
+    """Load an image-classification dataset as a `DatasetDict` with the splits `"train"` and `"test"`.
+
+    Whatever the source, the result has exactly two splits, `"train"` and `"test"` (the split evaluated on, whatever
+    its original name), and exactly two columns: `image` (a [`~datasets.Image`] feature, decoded to PIL) and
+    `label` (a [`~datasets.ClassLabel`], so [`label_names`] always works). Other columns are dropped.
+
+    `name_or_path` may be:
+
+    - `"cifar10"`, `"cifar10-small"` (5k/1k) or `"cifar10-tiny"` (1k/200): the local parquet copy in the folder of
+      that name under `data_dir`, `$HF_R2_DATA_DIR` or `../shared/data` from the repository (see
+      [`find_local_data_dir`]). Without a local copy they load `uoft-cs/cifar10` from the Hub (the small and tiny
+      names then take that many rows after a seeded shuffle, which are not the same images);
+    - `"imagefolder"` with `data_dir=` a folder of class sub-folders (optionally under `train/` and `test/`), or
+      such a folder given directly;
+    - `"parquet"` with `data_dir=` a folder or glob of parquet files, or such a folder / glob / file given directly.
+      Files are put in splits by their names (`train-*.parquet`, `test-*.parquet`, `validation-*`, ...);
+    - anything else: a Hub dataset id, `datasets.load_dataset(name_or_path, data_dir=data_dir)`.
+
+    Args:
+        name_or_path (`str`):
+            What to load (see above).
+        data_dir (`str` or `os.PathLike`, *optional*):
+            For the CIFAR-10 short names: the folder holding the local copies. For `"imagefolder"` / `"parquet"`:
+            the folder (or glob) of files. For a Hub id: passed to `load_dataset`.
+        image_column (`str`, *optional*):
+            The image column. By default the first [`~datasets.Image`] feature, else a column named `image`, `img`,
+            `pixel_values`, ...
+        label_column (`str`, *optional*):
+            The label column. By default a [`~datasets.ClassLabel`] (preferring `label`, `labels`, `fine_label`),
+            else a column with one of those names (integers or strings, turned into a `ClassLabel`).
+        train_split (`str`, *optional*, defaults to `"train"`):
+            The source split to train on.
+        eval_split (`str`, *optional*):
+            The source split to evaluate on. By default the first of `test`, `validation`, `valid`, `val`, `eval`
+            that exists; if none does, 10% of the training split (seeded) is held out.
+        max_train_samples (`int`, *optional*):
+            Keep this many training rows, chosen by a shuffle with `seed` (so classes stay mixed).
+        max_eval_samples (`int`, *optional*):
+            Keep this many evaluation rows, chosen the same way.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the subsampling shuffles and of a held-out split.
+
+    Returns:
+        [`~datasets.DatasetDict`]: with splits `"train"` and `"test"`, columns `image` and `label`.
+
+    Example:
+
+    ```python
+    >>> from hf_r2.data import load_image_dataset, label_names
+    >>> ds = load_image_dataset("cifar10-tiny")
+    >>> ds["train"].num_rows, ds["test"].num_rows, label_names(ds)[:2]
+    (1000, 200, ['airplane', 'automobile'])
+    ```
+    """
+    from datasets import DatasetDict
+
+    for arg, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+        if value is not None and value <= 0:
+            raise ValueError(f"`{arg}` must be a positive number of rows or None, got {value!r}.")
+    raw, source, (cap_train, cap_eval) = _load_raw(str(name_or_path), None if data_dir is None else str(data_dir),
+                                                   train_split, eval_split)
+    train_split = train_split or "train"
+    if train_split not in raw:
+        raise ValueError(f"`train_split={train_split!r}` is not a split of {source}; its splits are {list(raw)}.")
+    if eval_split is not None and eval_split not in raw:
+        raise ValueError(f"`eval_split={eval_split!r}` is not a split of {source}; its splits are {list(raw)}.")
+    if eval_split is None:
+        eval_split = next((s for s in _EVAL_SPLITS if s in raw and s != train_split), None)
+    train = raw[train_split]
+    image_column = _pick_column(train, image_column, "image")
+    label_column = _pick_column(train, label_column, "label")
+    if image_column == label_column:
+        raise ValueError(f"`image_column` and `label_column` are both {image_column!r}; they must differ.")
+    if eval_split is None:
+        logger.warning("%s has no evaluation split (splits: %s); holding out 10%% of %r (seed %d).",
+                       source, list(raw), train_split, seed)
+        held_out = train.train_test_split(test_size=0.1, seed=seed)
+        splits = {"train": held_out["train"], "test": held_out["test"]}
+    else:
+        splits = {"train": train, "test": raw[eval_split]}
+    for split_name, split in splits.items():
+        missing = [c for c in (image_column, label_column) if c not in split.column_names]
+        if missing:
+            raise ValueError(f"The {split_name} split of {source} lacks the columns {missing}; its columns are "
+                             f"{split.column_names}.")
+    names = _class_names(splits, label_column)
+    caps = {"train": max_train_samples or cap_train, "test": max_eval_samples or cap_eval}
+    out = {}
+    for split_name, split in splits.items():
+        cap = caps[split_name]
+        if cap is not None and cap < split.num_rows:
+            split = split.shuffle(seed=seed).select(range(cap))
+        out[split_name] = _normalise_columns(split, image_column, label_column, names)
+    return DatasetDict(out)
+
+
+def label_names(dataset) -> list[str]:
+    """The class names of a dataset from [`load_image_dataset`] (its `label` `ClassLabel`), for a split or a dict."""
+    from datasets import ClassLabel, DatasetDict
+
+    if isinstance(dataset, DatasetDict):
+        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    feature = dataset.features.get("label")
+    if not isinstance(feature, ClassLabel):
+        raise ValueError(
+            f"The dataset's `label` column is {feature!r}, not a `datasets.ClassLabel`: load it with "
+            f"`load_image_dataset` (columns: {dataset.column_names})."
+        )
+    return list(feature.names)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transforms
+
+
+def _preprocessor_json(config) -> dict[str, Any]:
+    path = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    file = os.path.join(path, "preprocessor_config.json") if path else None
+    if file and os.path.isfile(file):
+        with open(file) as f:
+            return json.load(f)
+    return {}
+
+
+def _size_of(value: Any) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        return int(value[-1])
+    if isinstance(value, dict):
+        for key in ("shortest_edge", "height", "width"):
+            if key in value:
+                return int(value[key])
+    return None
+
+
+def _resolve_data_config(model: nn.Module, input_size: int | None) -> dict[str, Any]:
+    """timm's data config (input_size, interpolation, mean, std, crop_pct, crop_mode) for a timm or HF model."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+
+    from .models import is_transformers_model, unwrap_model
+
+    model = unwrap_model(model)
+    args = {} if input_size is None else {"input_size": (3, int(input_size), int(input_size))}
+    if hasattr(model, "timm_model"):  # transformers' TimmWrapper
+        model = model.timm_model
+    if not is_transformers_model(model):
+        return resolve_data_config(args, model=model)
+    config = model.config
+    processor = _preprocessor_json(config)
+    size = input_size or _size_of(getattr(config, "image_size", None)) or _size_of(processor.get("crop_size")) \
+        or _size_of(processor.get("size")) or 224
+    mean = getattr(config, "image_mean", None) or processor.get("image_mean") or IMAGENET_DEFAULT_MEAN
+    std = getattr(config, "image_std", None) or processor.get("image_std") or IMAGENET_DEFAULT_STD
+    crop_pct = processor.get("crop_pct") or 0.875
+    return {"input_size": (3, int(size), int(size)), "interpolation": "bilinear", "mean": tuple(mean),
+            "std": tuple(std), "crop_pct": float(crop_pct), "crop_mode": "center"}
+
+
+def build_transform(
+    model: nn.Module, train: bool, input_size: int | None = None, augment: str | AugmentType = "auto"
+) -> Callable:
+    """The preprocessing of `model`: a torchvision transform from PIL image to normalised float tensor `(3, H, W)`.
+
+    Mean, std, interpolation and crop come from the model through `timm.data.resolve_data_config` (timm models and
+    transformers' `TimmWrapper`), or for other transformers models from `config.image_size` / the folder's
+    `preprocessor_config.json`, else ImageNet's mean and std at 224 pixels. The transform itself is built by
+    `timm.data.create_transform`, except for the `"cifar"` training recipe (see [`AugmentType`]).
+
+    Args:
+        model (`nn.Module`):
+            A timm or transformers image classifier.
+        train (`bool`):
+            Training transform (with augmentation) or evaluation transform.
+        input_size (`int`, *optional*):
+            Side of the square input in pixels; overrides the model's (use `32` for CIFAR at native size).
+        augment (`str` or [`AugmentType`], *optional*, defaults to `"auto"`):
+            The recipe: `"auto"`, `"cifar"`, `"timm"` or `"none"`.
+    """
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    try:
+        augment = AugmentType(augment)
+    except ValueError:
+        raise ValueError(
+            f"`augment={augment!r}` is not a known recipe; choose one of {[a.value for a in AugmentType]}."
+        ) from None
+    cfg = _resolve_data_config(model, input_size)
+    size = int(cfg["input_size"][-1])
+    if augment is AugmentType.AUTO:
+        augment = AugmentType.CIFAR if size <= 64 else AugmentType.TIMM
+    if augment is AugmentType.TIMM:
+        return create_transform(**cfg, is_training=train)
+    eval_transform = create_transform(**{**cfg, "crop_pct": 1.0}, is_training=False)
+    if not train or augment is AugmentType.NONE:
+        return eval_transform
+    # eval_transform = [Resize, CenterCrop, ToTensor, Normalize]: random crop + flip go after the resize
+    steps = list(eval_transform.transforms)
+    return T.Compose(steps[:2] + [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] + steps[2:])
+
+
+def _to_pil(image: Any):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    array = torch.as_tensor(image).numpy()
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):  # CHW -> HWC
+        array = array.transpose(1, 2, 0)
+    if array.dtype != "uint8":
+        array = (array * 255.0 if array.max() <= 1.0 else array).clip(0, 255).astype("uint8")
+    return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
+
+
+def with_transforms(dataset, model: nn.Module, train: bool, **kwargs: Any):
+    """A copy of `dataset` whose rows are `{"pixel_values": float tensor (3, H, W), "labels": int}`.
+
+    Uses `dataset.with_transform` (applied on access, so nothing is stored), with [`build_transform`]`(model, train,
+    **kwargs)` on the `image` column and `label` passed through as `labels`. A `DatasetDict` gets the same transform
+    on every split.
+
+    Args:
+        dataset ([`~datasets.Dataset`] or [`~datasets.DatasetDict`]):
+            With the columns `image` and `label` (as [`load_image_dataset`] returns).
+        model (`nn.Module`):
+            The model whose preprocessing to use.
+        train (`bool`):
+            Training transform (augmented) or evaluation transform.
+        kwargs:
+            `input_size=` and `augment=` for [`build_transform`].
+    """
+    from datasets import DatasetDict
+
+    if isinstance(dataset, DatasetDict):
+        return DatasetDict({k: with_transforms(v, model, train, **kwargs) for k, v in dataset.items()})
+    missing = [c for c in ("image", "label") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"`with_transforms` needs the columns 'image' and 'label', but the dataset lacks {missing} (columns: "
+            f"{dataset.column_names}); load it with `load_image_dataset`, which renames them."
+        )
+    transform = build_transform(model, train, **kwargs)
+
+    def _apply(batch: dict[str, list]) -> dict[str, list]:
+        return {"pixel_values": [transform(_to_pil(image).convert("RGB")) for image in batch["image"]],
+                "labels": batch["label"]}
+
+    return dataset.with_transform(_apply, columns=["image", "label"])
+
+
+def collate_fn(examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Stack rows of [`with_transforms`] into a batch `{"pixel_values": (B, 3, H, W), "labels": LongTensor (B,)}`."""
+    return {
+        "pixel_values": torch.stack([torch.as_tensor(ex["pixel_values"]) for ex in examples]),
+        "labels": torch.tensor([int(ex["labels"]) for ex in examples], dtype=torch.long),
+    }
