@@ -171,8 +171,11 @@ def main(argv: list[str] | None = None) -> None:
                 for per_channel in (False, True):
                     t_plain, t_r2 = _step_ratio(model, loss, per_channel, b, h, max(5, repeats // 2))
                     mode = "per-channel" if per_channel else "per-tensor"
-                    print(f"step {h}x{w} batch {b} {loss:14s} {mode:12s} (trained state): without {t_plain * 1e3:7.1f} "
-                          f"ms, with {t_r2 * 1e3:7.1f} ms, ratio {t_r2 / t_plain:5.3f}", flush=True)
+                    print(
+                        f"step {h}x{w} batch {b} {loss:14s} {mode:12s} (trained state): "
+                        f"without {t_plain * 1e3:7.1f} ms, with {t_r2 * 1e3:7.1f} ms, ratio {t_r2 / t_plain:5.3f}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

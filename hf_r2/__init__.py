@@ -1,14 +1,34 @@
-"""hf-r2: R2-Loss (Range Restriction Loss) for timm and Hugging Face vision models, for 1- and 2-bit quantization."""
+"""hf-r2: R2-Loss (Range Restriction Loss) for timm and Hugging Face vision models, for 1- and 2-bit quantization.
+
+Paper: "R2 Loss: Range Restriction Loss for Model Compression and Quantization", Kundu et al., 2023
+(https://huggingface.co/papers/2303.08253).
+"""
 
 __version__ = "0.1.0"
 
 from .config import R2_CONFIG_NAME as R2_CONFIG_NAME
 from .config import R2Config as R2Config
 from .config import R2LossType as R2LossType
+from .data import build_transform as build_transform
+from .data import collate_fn as collate_fn
+from .data import label_names as label_names
+from .data import load_image_dataset as load_image_dataset
+from .data import with_transforms as with_transforms
+from .loop import LoopConfig as LoopConfig
+from .loop import train_with_accelerate as train_with_accelerate
 from .losses import kurtosis_r2 as kurtosis_r2
 from .losses import linf_r2 as linf_r2
 from .losses import margin_r2 as margin_r2
 from .losses import soft_min_max_init_alpha as soft_min_max_init_alpha
 from .losses import soft_min_max_r2 as soft_min_max_r2
+from .metrics import evaluate_accuracy as evaluate_accuracy
+from .models import classification_loss as classification_loss
+from .models import create_model as create_model
 from .regularizer import R2Regularizer as R2Regularizer
 from .regularizer import find_target_modules as find_target_modules
+from .saving import R2_STATS_NAME as R2_STATS_NAME
+from .saving import save_model_folder as save_model_folder
+from .trainer import R2_STATE_NAME as R2_STATE_NAME
+from .trainer import R2Trainer as R2Trainer
+from .trainer import compute_accuracy as compute_accuracy
+from .training_args import R2TrainingArguments as R2TrainingArguments

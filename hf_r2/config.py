@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import json
-import os
-import re
-import tempfile
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ._utils import JsonConfigMixin, check_choice, check_patterns, format_choices
 
 __all__ = ["R2Config", "R2LossType", "R2_CONFIG_NAME"]
 
@@ -25,12 +22,8 @@ class R2LossType(str, enum.Enum):
     KURTOSIS = "kurtosis"
 
 
-def _choices(enum_cls: type[enum.Enum]) -> str:
-    return ", ".join(repr(e.value) for e in enum_cls)
-
-
 @dataclass
-class R2Config:
+class R2Config(JsonConfigMixin):
     """Configuration of R2-Loss (Range Restriction Loss) for one model.
 
     The total auxiliary loss is `weight * ramp(step) * sum_l R(W_l)` over the target layers `l`, where `R` is the
@@ -68,10 +61,12 @@ class R2Config:
         KURE: target kurtosis (1.8 is the uniform distribution's).
     """
 
+    config_name: ClassVar[str] = R2_CONFIG_NAME
+
     # the loss
     loss: str = field(
         default="linf",
-        metadata={"help": f"Which R2 variant: one of {_choices(R2LossType)}."},
+        metadata={"help": f"Which R2 variant: one of {format_choices(R2LossType)}."},
     )
     weight: float = field(default=0.01, metadata={"help": "Coefficient lambda of the R2 term in the total loss."})
     warmup_steps: int = field(
@@ -103,15 +98,7 @@ class R2Config:
     version: int = field(default=1, metadata={"help": "Format version of this config."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.loss, R2LossType):
-            self.loss = self.loss.value
-        valid = [e.value for e in R2LossType]
-        if self.loss not in valid:
-            hint = ""
-            close = [v for v in valid if v.replace("_", "") == str(self.loss).lower().replace("_", "").replace("-", "")]
-            if close:
-                hint = f" Did you mean `loss={close[0]!r}`?"
-            raise ValueError(f"`loss` must be one of {_choices(R2LossType)}, got {self.loss!r}.{hint}")
+        self.loss = check_choice("loss", self.loss, R2LossType)
         if self.weight < 0:
             raise ValueError(f"`weight` must be >= 0, got {self.weight}.")
         if self.warmup_steps < 0:
@@ -119,59 +106,9 @@ class R2Config:
         for name in ("margin_penalty", "soft_min_max_penalty"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
-        for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = [value]
-                setattr(self, name, value)
-            for pattern in value or []:
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise ValueError(f"`{name}` holds an invalid regular expression {pattern!r}: {err}.") from None
+        self.include = check_patterns("include", self.include)
+        self.exclude = check_patterns("exclude", self.exclude)
 
     @property
     def loss_type(self) -> R2LossType:
         return R2LossType(self.loss)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict, with the hf-r2 version that wrote it."""
-        from . import __version__
-
-        return {**asdict(self), "hf_r2_version": __version__}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> R2Config:
-        """Build from a dict; unknown keys are an error (they are likely typos), except bookkeeping keys."""
-        data = {k: v for k, v in data.items() if k != "hf_r2_version"}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"Unknown `R2Config` field(s) {unknown}; valid fields are {sorted(names)}.")
-        return cls(**data)
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write `r2_config.json` into `save_directory` (atomically: a temp file, then a rename)."""
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, R2_CONFIG_NAME)
-        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".r2_config.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> R2Config:
-        """Load from a folder, a `r2_config.json` file, or a Hub repo id (through `hf_hub_download`)."""
-        path = os.fspath(path_or_repo_id)
-        if os.path.isdir(path):
-            path = os.path.join(path, R2_CONFIG_NAME)
-        if not os.path.isfile(path):
-            if os.path.exists(os.fspath(path_or_repo_id)):
-                raise FileNotFoundError(f"No {R2_CONFIG_NAME} in {os.fspath(path_or_repo_id)!r}.")
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(os.fspath(path_or_repo_id), R2_CONFIG_NAME, **hub_kwargs)
-        with open(path) as f:
-            return cls.from_dict(json.load(f))

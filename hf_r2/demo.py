@@ -21,10 +21,11 @@ hf-r2 demo --epochs 30 --max-train-samples 0  # the whole training set, for user
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable
+
+from ._utils import write_json_atomic
 
 __all__ = ["DEMO_DEFAULTS", "run_demo", "format_report", "main"]
 
@@ -197,9 +198,7 @@ def run_demo(
         }
     summary = {"settings": settings, "runs": runs, "seconds": time.perf_counter() - start,
                "names": {"baseline": "baseline", "r2": r2_name}}
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "demo_results.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=float)
+    write_json_atomic(os.path.join(output_dir, "demo_results.json"), summary, default=float)
     if print_fn:
         print_fn(format_report(summary))
     return summary

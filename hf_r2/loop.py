@@ -23,25 +23,25 @@ How R2 fits into the loop:
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import functools
-import json
 import logging
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ._utils import JsonConfigMixin, check_choice, format_choices
 from .config import R2Config
-from .models import classification_loss, forward_logits, is_transformers_model
+from .models import classification_loss, forward_logits
 from .regularizer import R2Regularizer
+from .saving import save_model_folder
 
 __all__ = [
     "LOOP_CONFIG_NAME",
@@ -57,7 +57,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LOOP_CONFIG_NAME = "loop_config.json"
-R2_STATS_NAME = "r2_stats.json"
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -78,12 +77,8 @@ class LRSchedulerType(str, enum.Enum):
 _MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
-def _choices(values) -> str:
-    return ", ".join(repr(getattr(v, "value", v)) for v in values)
-
-
 @dataclass
-class LoopConfig:
+class LoopConfig(JsonConfigMixin):
     """Settings of [`train_with_accelerate`]: everything but the R2 settings, which live in [`R2Config`].
 
     > Parameters that control the run
@@ -155,6 +150,9 @@ class LoopConfig:
     The evaluation set, if one is given, is evaluated at the end of every epoch.
     """
 
+    config_name: ClassVar[str] = LOOP_CONFIG_NAME
+
+
     # the run
     output_dir: str = field(default="outputs", metadata={"help": "Where checkpoints, logs and the model go."})
     num_epochs: int = field(default=1, metadata={"help": "Passes over the training set (unless `max_steps`)."})
@@ -168,18 +166,18 @@ class LoopConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Worker processes of each DataLoader."})
     # optimizer and schedule
-    optimizer: str = field(default="sgd", metadata={"help": f"One of {_choices(OptimizerType)}."})
+    optimizer: str = field(default="sgd", metadata={"help": f"One of {format_choices(OptimizerType)}."})
     learning_rate: float = field(default=0.01, metadata={"help": "Peak learning rate (also for the R2 parameters)."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(
         default=0.0, metadata={"help": "Weight decay on weights (never on biases, norms or R2 parameters)."}
     )
     lr_scheduler_type: str = field(
-        default="cosine", metadata={"help": f"After the warm-up, one of {_choices(LRSchedulerType)}."}
+        default="cosine", metadata={"help": f"After the warm-up, one of {format_choices(LRSchedulerType)}."}
     )
     lr_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear learning-rate warm-up."})
     # precision and hardware
-    mixed_precision: str = field(default="no", metadata={"help": f"One of {_choices(_MIXED_PRECISION)}."})
+    mixed_precision: str = field(default="no", metadata={"help": f"One of {format_choices(_MIXED_PRECISION)}."})
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU (needed for several CPU processes)."})
     # checkpoints, evaluation, logging
     checkpointing_steps: int | None = field(
@@ -218,13 +216,14 @@ class LoopConfig:
             raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay}.")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum}.")
-        self.optimizer = _check_choice("optimizer", self.optimizer, OptimizerType)
-        self.lr_scheduler_type = _check_choice("lr_scheduler_type", self.lr_scheduler_type, LRSchedulerType)
+        self.optimizer = check_choice("optimizer", self.optimizer, OptimizerType)
+        self.lr_scheduler_type = check_choice("lr_scheduler_type", self.lr_scheduler_type, LRSchedulerType)
         self.mixed_precision = str(getattr(self.mixed_precision, "value", self.mixed_precision))
         if self.mixed_precision not in _MIXED_PRECISION:
             hint = " Did you mean `mixed_precision='no'`?" if self.mixed_precision in ("fp32", "none", "") else ""
             raise ValueError(
-                f"`mixed_precision` must be one of {_choices(_MIXED_PRECISION)}, got {self.mixed_precision!r}.{hint}"
+                f"`mixed_precision` must be one of {format_choices(_MIXED_PRECISION)}, "
+                f"got {self.mixed_precision!r}.{hint}"
             )
         if isinstance(self.log_with, str) and self.log_with.lower() == "none":
             self.log_with = None
@@ -232,50 +231,6 @@ class LoopConfig:
     @property
     def eval_batch_size(self) -> int:
         return self.per_device_eval_batch_size or self.per_device_batch_size
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict, with the hf-r2 version that wrote it."""
-        from . import __version__
-
-        return {**asdict(self), "hf_r2_version": __version__}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoopConfig:
-        """Build from a dict; unknown keys are an error (they are likely typos), except bookkeeping keys."""
-        data = {k: v for k, v in data.items() if k != "hf_r2_version"}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"Unknown `LoopConfig` field(s) {unknown}; valid fields are {sorted(names)}.")
-        return cls(**data)
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write `loop_config.json` into `save_directory`."""
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, LOOP_CONFIG_NAME)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        return path
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> LoopConfig:
-        """Load from a folder holding `loop_config.json`, or from the file itself."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, LOOP_CONFIG_NAME)
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
-
-def _check_choice(name: str, value: Any, enum_cls: type[enum.Enum]) -> str:
-    value = getattr(value, "value", value)
-    valid = [e.value for e in enum_cls]
-    if value not in valid:
-        close = [v for v in valid if str(value).lower().replace("-", "").replace("_", "") == v]
-        hint = f" Did you mean `{name}={close[0]!r}`?" if close else ""
-        raise ValueError(f"`{name}` must be one of {_choices(enum_cls)}, got {value!r}.{hint}")
-    return value
 
 
 class LoopState:
@@ -549,36 +504,6 @@ def _tracker_config(config: LoopConfig, r2_config: R2Config) -> dict[str, Any]:
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in values.items()}
 
 
-def _save_model_folder(
-    model: nn.Module, save_directory: str, r2_config: R2Config, stats: dict[str, Any] | None = None
-) -> str:
-    """Save a trained model so that it loads back with its own library, plus the R2 side files.
-
-    transformers models: `save_pretrained`; timm models: `timm.models.save_for_hf` (`config.json` in timm's layout
-    and `model.safetensors`); any other module: `model.safetensors` only. Then `r2_config.json` and, if given,
-    `r2_stats.json` (the output of [`R2Regularizer.stats`]).
-    """
-    os.makedirs(save_directory, exist_ok=True)
-    if is_transformers_model(model):
-        model.save_pretrained(save_directory)
-    elif hasattr(model, "pretrained_cfg"):
-        import timm.models
-
-        label_names = model.pretrained_cfg.get("label_names")
-        model_config = {"label_names": list(label_names)} if label_names else None
-        timm.models.save_for_hf(model, save_directory, model_config=model_config, safe_serialization=True)
-    else:
-        from safetensors.torch import save_model
-
-        save_model(model, os.path.join(save_directory, "model.safetensors"))
-    r2_config.save_pretrained(save_directory)
-    if stats is not None:
-        with open(os.path.join(save_directory, R2_STATS_NAME), "w") as f:
-            json.dump(stats, f, indent=2)
-            f.write("\n")
-    return save_directory
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------
@@ -735,7 +660,7 @@ def train_with_accelerate(
     metrics.update(_range_stats(regularizer))
     accelerator.wait_for_everyone()
     if config.save_model and accelerator.is_main_process:
-        _save_model_folder(
+        save_model_folder(
             accelerator.unwrap_model(model), os.path.join(config.output_dir, "model"), r2_config, regularizer.stats()
         )
     accelerator.end_training()

@@ -32,6 +32,7 @@ __all__ = ["linf_r2", "margin_r2", "soft_min_max_r2", "kurtosis_r2", "soft_min_m
 
 # `soft_min_max_init_alpha` picks alpha so that the soft range is at least (1 - _SMM_INIT_GAP) of the true range.
 _SMM_INIT_GAP = 0.1
+_SMM_MAX_ALPHA = 1e30
 
 
 def _f32(weight: Tensor) -> Tensor:
@@ -167,7 +168,8 @@ def soft_min_max_init_alpha(weight: Tensor, per_channel: bool = False) -> Tensor
         w = _rows(weight, per_channel)
         span = (w.amax(dim=1) - w.amin(dim=1)).clamp_min(torch.finfo(torch.float32).tiny)
         n = max(w.shape[1], 2)
-        alpha = 2.0 * math.log(n) / (_SMM_INIT_GAP * span)
+        # a constant row (span 0) has nothing to approximate: cap alpha so that log(alpha) stays finite
+        alpha = (2.0 * math.log(n) / (_SMM_INIT_GAP * span)).clamp_max(_SMM_MAX_ALPHA)
         return alpha if per_channel else alpha.reshape(())
 
 

@@ -3,11 +3,11 @@ one place that turns a batch into logits and a task loss for either kind of mode
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -89,7 +89,7 @@ def create_model(
         return model
     if "/" in name:
         return _create_transformers(name, num_classes, pretrained, label_names, **kwargs)
-    close = timm.list_models(f"*{name}*")[:5]
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6) or timm.list_models(f"*{name}*")[:5]
     hint = f" Close timm names: {close}." if close else ""
     raise ValueError(
         f"Unknown model {name!r}: not a timm model name, an `hf-hub:` id, a local folder or a Hub id `org/name`.{hint}"
@@ -115,11 +115,13 @@ def _create_timm_from_folder(
     model_args.setdefault("num_classes", saved_classes)
     model_args.update(kwargs)
     pretrained_cfg = dict(config.get("pretrained_cfg", {}))
-    weights = os.path.join(folder, "model.safetensors")
     if pretrained:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"{folder!r} has no model.safetensors to load with `pretrained=True`.")
-        pretrained_cfg["file"] = weights
+        found = [p for p in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(folder, p))]
+        if not found:
+            raise FileNotFoundError(
+                f"{folder!r} has neither model.safetensors nor pytorch_model.bin to load with `pretrained=True`."
+            )
+        pretrained_cfg["file"] = os.path.join(folder, found[0])
     pretrained_cfg.pop("hf_hub_id", None)
     model = timm.create_model(
         config["architecture"], pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg, **model_args

@@ -519,7 +519,9 @@ class R2Regularizer(nn.Module):
         loss = config.loss_type
         with torch.no_grad():
             if loss is R2LossType.MARGIN:
-                init = [_rows(w).abs().amax(1).float() if per_channel else w.abs().amax().float()[None] for w in weights]
+                init = [
+                    _rows(w).abs().amax(1).float() if per_channel else w.abs().amax().float()[None] for w in weights
+                ]
                 self.margin = nn.Parameter(torch.cat(init))
             elif loss is R2LossType.SOFT_MIN_MAX:
                 init = [soft_min_max_init_alpha(w, per_channel).reshape(-1) for w in weights]
@@ -565,7 +567,8 @@ class R2Regularizer(nn.Module):
         return cached[1]
 
     def forward(self) -> Tensor:
-        """`sum_l R(W_l)` over the target layers: a float32 scalar, differentiable in the weights and R2's own parameters."""
+        """`sum_l R(W_l)` over the target layers: a float32 scalar, differentiable in the weights and R2's own
+        parameters."""
         return self.layer_values().sum()
 
     @torch.no_grad()

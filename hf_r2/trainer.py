@@ -20,7 +20,6 @@ Trainer's `model.zero_grad()` does not reach them) and drops the R2 metrics of `
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import defaultdict
@@ -34,15 +33,15 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import R2Config
-from .models import classification_loss, forward_logits, is_transformers_model, unwrap_model
+from .models import classification_loss, forward_logits, unwrap_model
 from .regularizer import R2Regularizer
+from .saving import R2_STATS_NAME, is_timm_model, save_r2_files, save_timm_folder
 
 __all__ = ["R2Trainer", "compute_accuracy", "R2_STATE_NAME", "R2_STATS_NAME"]
 
 logger = logging.getLogger(__name__)
 
 R2_STATE_NAME = "r2_regularizer.safetensors"
-R2_STATS_NAME = "r2_stats.json"
 
 # regularizer.stats()["overall"] entries logged as `r2_<name>` at each logging step
 _LOGGED_STATS = ("max_abs", "mean_max_over_std", "max_max_over_std", "mean_kurtosis")
@@ -72,10 +71,6 @@ def compute_accuracy(eval_pred: Any) -> dict[str, float]:
             f"{np.shape(logits)} and labels {labels.shape}."
         )
     return {"accuracy": float((predictions == labels).mean()) if labels.size else float("nan")}
-
-
-def _is_timm_model(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "pretrained_cfg", None), dict) and not is_transformers_model(model)
 
 
 class _R2Callback(TrainerCallback):
@@ -362,36 +357,13 @@ class R2Trainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Tensor] | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if _is_timm_model(model):
-            if self.args.should_save:
-                self._save_timm(model, output_dir, state_dict)
-        else:
+        if not is_timm_model(model):
             super()._save(output_dir, state_dict)
+        elif self.args.should_save:
+            logger.info("Saving model checkpoint to %s", output_dir)
+            save_timm_folder(model, output_dir, state_dict)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         if self.args.should_save:
-            self.regularizer.config.save_pretrained(output_dir)
-            with open(os.path.join(output_dir, R2_STATS_NAME), "w") as f:
-                json.dump(self.regularizer.stats(), f, indent=2)
-
-    def _save_timm(self, model: nn.Module, output_dir: str, state_dict: dict[str, Tensor] | None) -> None:
-        """timm's own layout (`config.json` + `model.safetensors`), as `timm.models.save_for_hf`."""
-        import timm.models
-
-        os.makedirs(output_dir, exist_ok=True)
-        logger.info("Saving model checkpoint to %s", output_dir)
-        label_names = model.pretrained_cfg.get("label_names")
-        model_config = {"label_names": list(label_names)} if label_names else None
-        if state_dict is None:
-            timm.models.save_for_hf(model, output_dir, model_config=model_config, safe_serialization=True)
-        else:
-            # weights gathered by FSDP / DeepSpeed: write those, and timm's config for the model
-            from timm.models._hub import save_config_for_hf
-
-            safetensors.torch.save_file(
-                {k: v.contiguous() for k, v in state_dict.items()},
-                os.path.join(output_dir, "model.safetensors"),
-                metadata={"format": "pt"},
-            )
-            save_config_for_hf(model, os.path.join(output_dir, "config.json"), model_config=model_config)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            save_r2_files(output_dir, self.regularizer.config, self.regularizer.stats())

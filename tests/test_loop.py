@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _loop_worker import SyntheticImages, TinyConvNet, build
 from safetensors.torch import load_file
 
-from _loop_worker import SyntheticImages, TinyConvNet, build
 from hf_r2.config import R2Config
-from hf_r2.losses import margin_r2
 from hf_r2.loop import LoopConfig, _resolve_checkpoint, evaluate, train_with_accelerate
+from hf_r2.losses import margin_r2
 
 WORKER = Path(__file__).with_name("_loop_worker.py")
 

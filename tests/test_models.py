@@ -79,8 +79,24 @@ def test_folder_errors(tmp_path, timm_cnn):
         create_model(str(tmp_path))
     timm.models.save_for_hf(timm_cnn, str(tmp_path), safe_serialization=True)
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor pytorch_model.bin"):
         create_model(str(tmp_path), pretrained=True)
+
+
+def test_folder_with_pytorch_model_bin(tmp_path, timm_cnn):
+    import timm.models
+
+    timm.models.save_for_hf(timm_cnn, str(tmp_path), safe_serialization=False)
+    assert (tmp_path / "pytorch_model.bin").is_file()
+    loaded = create_model(str(tmp_path), pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), timm_cnn.eval()(x))
+
+
+def test_unknown_name_suggests_close_timm_names():
+    with pytest.raises(ValueError, match=r"Close timm names: \[.*'resnet18'"):
+        create_model("resnet19")
 
 
 def test_forward_logits_same_for_timm_and_its_transformers_wrapper(timm_cnn):

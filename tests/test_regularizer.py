@@ -159,7 +159,8 @@ def test_ties_share_the_linf_subgradient():
     reg().backward()
     # max |w| = 0.5 is hit three times; +0.5 wins the tie with -0.5, and the two +0.5 share the gradient
     assert layer.weight.grad.sum().item() == pytest.approx(1.0)
-    assert layer.weight.grad[0, 0].item() == pytest.approx(0.5) and layer.weight.grad[1, 1].item() == pytest.approx(0.5)
+    assert layer.weight.grad[0, 0].item() == pytest.approx(0.5)
+    assert layer.weight.grad[1, 1].item() == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
-import os
-import re
-import tempfile
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .._utils import JsonConfigMixin, check_choice, check_patterns
 from ..regularizer import find_target_modules
 from .uniform import ScaleMethod, fake_quantize
 
@@ -32,7 +29,7 @@ WEIGHT_QUANT_CONFIG_NAME = "quantization_config.json"
 
 
 @dataclass
-class WeightQuantConfig:
+class WeightQuantConfig(JsonConfigMixin):
     """Configuration of data-free uniform weight quantization (see [`quantize_weights`]).
 
     The grids (levels, zero point, where 0 lies) are tabled in [`hf_r2.quant.uniform`]. In short: symmetric
@@ -62,6 +59,9 @@ class WeightQuantConfig:
     skip_first_last (`bool`, *optional*, defaults to `False`):
         Leave the first and the last target layer in float (the usual choice at 1 to 4 bits).
     """
+
+    config_name: ClassVar[str] = WEIGHT_QUANT_CONFIG_NAME
+
 
     # the grid
     bits: int = field(default=2, metadata={"help": "Bit width of the weights, 1 to 8 (1 = binary, symmetric)."})
@@ -100,67 +100,9 @@ class WeightQuantConfig:
                 "`bits=1` is binary quantization `sign(w) * mean|w|`, which is symmetric only; got "
                 "`symmetric=False`. Use `WeightQuantConfig(bits=1, symmetric=True)`."
             )
-        if isinstance(self.scale_method, ScaleMethod):
-            self.scale_method = self.scale_method.value
-        valid = [m.value for m in ScaleMethod]
-        if self.scale_method not in valid:
-            hint = ""
-            guess = str(self.scale_method).lower().replace("_", "").replace("-", "")
-            if guess in valid:
-                hint = f" Did you mean `scale_method={guess!r}`?"
-            raise ValueError(f"`scale_method` must be one of {valid}, got {self.scale_method!r}.{hint}")
-        for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = [value]
-                setattr(self, name, value)
-            if value is not None and not isinstance(value, (list, tuple)):
-                raise ValueError(f"`{name}` must be a list of regular expressions or `None`, got {value!r}.")
-            for pattern in value or []:
-                try:
-                    re.compile(pattern)
-                except (re.error, TypeError) as err:
-                    raise ValueError(f"`{name}` holds an invalid regular expression {pattern!r}: {err}.") from None
-            if value is not None:
-                setattr(self, name, list(value))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict, with the hf-r2 version that wrote it."""
-        from .. import __version__
-
-        return {**asdict(self), "hf_r2_version": __version__}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> WeightQuantConfig:
-        """Build from a dict; unknown keys are an error (they are likely typos), except bookkeeping keys."""
-        data = {k: v for k, v in data.items() if k != "hf_r2_version"}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"Unknown `WeightQuantConfig` field(s) {unknown}; valid fields are {sorted(names)}.")
-        return cls(**data)
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write `quantization_config.json` into `save_directory` (atomically: a temp file, then a rename)."""
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, WEIGHT_QUANT_CONFIG_NAME)
-        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".quantization_config.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> WeightQuantConfig:
-        """Load from a folder holding `quantization_config.json`, or from the file itself."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, WEIGHT_QUANT_CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No {WEIGHT_QUANT_CONFIG_NAME} at {path!r}.")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        self.scale_method = check_choice("scale_method", self.scale_method, ScaleMethod)
+        self.include = check_patterns("include", self.include)
+        self.exclude = check_patterns("exclude", self.exclude)
 
 
 def _resolve_config(config: WeightQuantConfig | None, kwargs: dict[str, Any]) -> WeightQuantConfig:

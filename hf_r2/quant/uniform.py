@@ -62,6 +62,8 @@ import math
 import torch
 from torch import Tensor
 
+from .._utils import check_choice
+
 __all__ = [
     "ScaleMethod",
     "compute_qparams",
@@ -105,11 +107,7 @@ def _check_bits(bits: int, symmetric: bool) -> None:
 
 
 def _check_scale_method(scale_method: str | ScaleMethod) -> str:
-    value = scale_method.value if isinstance(scale_method, ScaleMethod) else scale_method
-    valid = [m.value for m in ScaleMethod]
-    if value not in valid:
-        raise ValueError(f"`scale_method` must be one of {valid}, got {scale_method!r}.")
-    return value
+    return check_choice("scale_method", scale_method, ScaleMethod)
 
 
 def _work_dtype(w: Tensor) -> torch.dtype:

@@ -1,0 +1,113 @@
+"""Shared helpers for hf-r2's plain-data configs: choice validation, atomic JSON writes, and the JSON round trip
+(`to_dict` / `from_dict` / `save_pretrained` / `from_pretrained`) that every config has, as peft's configs do."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from typing import Any, ClassVar, TypeVar
+
+__all__ = ["JsonConfigMixin", "check_choice", "check_patterns", "format_choices", "write_json_atomic"]
+
+_C = TypeVar("_C", bound="JsonConfigMixin")
+
+
+def format_choices(choices: Iterable[Any]) -> str:
+    """`'a', 'b', 'c'`: the choices (str enum members or strings), for error and help messages."""
+    return ", ".join(repr(getattr(c, "value", c)) for c in choices)
+
+
+def check_choice(name: str, value: Any, enum_cls: type[enum.Enum]) -> str:
+    """The plain-string value of `value` (a member of `enum_cls` or its string), or a `ValueError` that names the
+    parameter, shows the bad value, lists the valid ones and, for a near miss (`soft-min-max`), the fix."""
+    value = getattr(value, "value", value)
+    valid = [e.value for e in enum_cls]
+    if value not in valid:
+        norm = str(value).lower().replace("-", "").replace("_", "")
+        close = [v for v in valid if v.replace("_", "") == norm]
+        hint = f" Did you mean `{name}={close[0]!r}`?" if close else ""
+        raise ValueError(f"`{name}` must be one of {format_choices(enum_cls)}, got {value!r}.{hint}")
+    return value
+
+
+def check_patterns(name: str, value: Any) -> list[str] | None:
+    """`value` (`None`, one regex or a list of them) as a list of valid regular expressions, or a `ValueError`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"`{name}` must be a list of regular expressions or `None`, got {value!r}.")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ValueError(f"`{name}` holds an invalid regular expression {pattern!r}: {err}.") from None
+    return list(value)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> str:
+    """Write `data` as indented JSON to `path` atomically (a temp file in the same folder, then `os.replace`), so
+    that a crash mid-write never leaves a truncated file where a good one was."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, **dump_kwargs)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class JsonConfigMixin:
+    """JSON round trip for a config dataclass whose file name is `config_name`.
+
+    `to_dict()` adds the hf-r2 version that wrote it; `from_dict()` rejects unknown keys (likely typos);
+    `save_pretrained(dir)` writes `dir/<config_name>` atomically; `from_pretrained(path)` reads a folder, the file
+    itself or (through `hf_hub_download`) a Hub repo id.
+    """
+
+    config_name: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {**dataclasses.asdict(self), "hf_r2_version": __version__}
+
+    @classmethod
+    def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
+        data = {k: v for k, v in data.items() if k != "hf_r2_version"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"Unknown `{cls.__name__}` field(s) {unknown}; valid fields are {sorted(names)}.")
+        return cls(**data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write `<config_name>` into `save_directory` (atomically: a temp file, then a rename)."""
+        return write_json_atomic(os.path.join(save_directory, self.config_name), self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls: type[_C], path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> _C:
+        """Load from a folder, the JSON file itself, or a Hub repo id (`hub_kwargs` go to `hf_hub_download`)."""
+        given = os.fspath(path_or_repo_id)
+        path = os.path.join(given, cls.config_name) if os.path.isdir(given) else given
+        if not os.path.isfile(path):
+            if os.path.exists(given) or given.startswith((".", "/", "~")) or given.count("/") > 1:
+                raise FileNotFoundError(f"No {cls.config_name} in {given!r}.")
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(given, cls.config_name, **hub_kwargs)
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

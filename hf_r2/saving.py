@@ -1,0 +1,76 @@
+"""Saving a trained model folder: the model in its own library's format, plus R2's side files.
+
+The folder loads with plain timm (`timm.create_model("local-dir:...")`, or `"hf-hub:..."` once pushed) or plain
+transformers (`from_pretrained`), and with [`hf_r2.create_model`]; `r2_config.json` and `r2_stats.json` sit beside
+the weights, as peft keeps `adapter_config.json` beside its adapter.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import safetensors.torch
+from torch import Tensor, nn
+
+from ._utils import write_json_atomic
+from .config import R2Config
+from .models import is_transformers_model
+
+__all__ = ["R2_STATS_NAME", "is_timm_model", "save_model_folder", "save_r2_files", "save_timm_folder"]
+
+R2_STATS_NAME = "r2_stats.json"
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    """A timm model (it carries a `pretrained_cfg` dict) that is not a transformers model."""
+    return isinstance(getattr(model, "pretrained_cfg", None), dict) and not is_transformers_model(model)
+
+
+def save_timm_folder(model: nn.Module, save_directory: str, state_dict: dict[str, Tensor] | None = None) -> None:
+    """timm's own layout: `config.json` (`architecture`, `num_classes`, `pretrained_cfg` with the label names)
+    and `model.safetensors`, as [`timm.models.save_for_hf`] writes it. `state_dict` overrides the weights (e.g.
+    gathered by FSDP / DeepSpeed)."""
+    import timm.models
+
+    os.makedirs(save_directory, exist_ok=True)
+    label_names = model.pretrained_cfg.get("label_names")
+    model_config = {"label_names": list(label_names)} if label_names else None
+    if state_dict is None:
+        timm.models.save_for_hf(model, save_directory, model_config=model_config, safe_serialization=True)
+        return
+    from timm.models._hub import save_config_for_hf
+
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in state_dict.items()},
+        os.path.join(save_directory, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    save_config_for_hf(model, os.path.join(save_directory, "config.json"), model_config=model_config)
+
+
+def save_r2_files(save_directory: str, r2_config: R2Config | None, stats: dict[str, Any] | None = None) -> None:
+    """`r2_config.json` and, if given, `r2_stats.json` (the output of [`R2Regularizer.stats`])."""
+    if r2_config is not None:
+        r2_config.save_pretrained(save_directory)
+    if stats is not None:
+        write_json_atomic(os.path.join(save_directory, R2_STATS_NAME), stats)
+
+
+def save_model_folder(
+    model: nn.Module, save_directory: str, r2_config: R2Config | None = None, stats: dict[str, Any] | None = None
+) -> str:
+    """Save `model` so that it loads back with its own library, plus the R2 side files.
+
+    transformers models: `save_pretrained`; timm models: timm's layout ([`save_timm_folder`]); any other module:
+    `model.safetensors` only.
+    """
+    os.makedirs(save_directory, exist_ok=True)
+    if is_transformers_model(model):
+        model.save_pretrained(save_directory)
+    elif is_timm_model(model):
+        save_timm_folder(model, save_directory)
+    else:
+        safetensors.torch.save_model(model, os.path.join(save_directory, "model.safetensors"))
+    save_r2_files(save_directory, r2_config, stats)
+    return save_directory
