@@ -307,9 +307,9 @@ def load_image_dataset(
                                                    train_split, eval_split)
     train_split = train_split or "train"
     if train_split not in raw:
-        raise ValueError(f"`train_split={train_split!r}` is not a split of {source}; its splits are {list(raw)}.")
+        raise ValueError(f"`train_split={train_split!r}` is not a split of {source}; its splits are {sorted(raw)}.")
     if eval_split is not None and eval_split not in raw:
-        raise ValueError(f"`eval_split={eval_split!r}` is not a split of {source}; its splits are {list(raw)}.")
+        raise ValueError(f"`eval_split={eval_split!r}` is not a split of {source}; its splits are {sorted(raw)}.")
     if eval_split is None:
         eval_split = next((s for s in _EVAL_SPLITS if s in raw and s != train_split), None)
     train = raw[train_split]

@@ -198,7 +198,7 @@ def test_bad_paths_and_splits(tmp_path, data_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no parquet files and no images"):
         load_image_dataset(str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match=r"`eval_split='validation'` is not a split.*\['train', 'test'\]"):
+    with pytest.raises(ValueError, match=r"`eval_split='validation'` is not a split.*\['test', 'train'\]"):
         load_image_dataset("cifar10-tiny", data_dir=data_dir, eval_split="validation")
 
 
