@@ -30,6 +30,7 @@ KURE (`loss="kurtosis"`) needs every weight's moments and is computed with plain
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from typing import Any
@@ -170,6 +171,36 @@ class _Plan:
                 out[i] = part.view(weights[i].shape)
         return out
 
+    def split_sparse(
+        self, weights: tuple[Tensor, ...], items: list[tuple[Tensor, Tensor] | None]
+    ) -> list[Tensor | None]:
+        """Per-layer gradients (layer order) as sparse COO tensors with dense rows (`sparse_dim=1`), from per-group
+        `(rows, values)`: sorted row indices into the group's `(R, K)` matrix and their `(n, K)` gradient rows.
+        A layer with no row gets no gradient (`None`)."""
+        out: list[Tensor | None] = [None] * len(weights)
+        for g, sizes, item in zip(self.groups, self.group_channels, items):
+            if item is None:
+                continue
+            rows, vals = item
+            if len(g) == 1:
+                parts = [(rows, vals)]
+            else:  # rows are sorted: cut them at the layer boundaries
+                starts = [0, *itertools.accumulate(sizes)][:-1]
+                cuts = torch.searchsorted(rows, rows.new_tensor(starts[1:])).tolist()
+                counts = [b - a for a, b in zip([0, *cuts], [*cuts, len(rows)])]
+                parts = [(r - start, v) for r, v, start in zip(rows.split(counts), vals.split(counts), starts)]
+            for i, (r, v) in zip(g, parts):
+                if r.numel():
+                    w = weights[i]
+                    out[i] = torch.sparse_coo_tensor(
+                        r[None],
+                        v.to(w.dtype).view(-1, *w.shape[1:]),
+                        w.shape,
+                        is_coalesced=True,
+                        check_invariants=False,
+                    )
+        return out
+
     def chunks(self, rows: Tensor) -> list[Tensor]:
         """A row vector (group order) split into one chunk per group."""
         return list(rows.split(self.group_rows))
@@ -237,19 +268,18 @@ class _LinfR2(torch.autograd.Function):
             share = torch.sign(target) * (g / plan.channels)[plan.row_layer] / counts.clamp_min(1)
             for h, c in zip(grads, plan.chunks(share)):
                 h.mul_(c[:, None].to(h.dtype))
-        else:  # zeros, but for the few rows holding their layer's target: compared, counted and scaled
-            grads = [torch.zeros_like(x) for x in ctx.mats]
+        else:  # sparse: only the few rows holding their layer's target are compared, counted and scaled
             local = [idx - start for idx, start in zip(ctx.hits, plan.group_offsets)]
             layer = plan.row_layer[torch.cat(ctx.hits)]
             t_hit = target[layer].split([len(i) for i in local])
             rows = [
-                torch.eq(x.index_select(0, i), t[:, None].to(x.dtype)).to(x.dtype)
+                torch.eq(x.index_select(0, i), t[:, None].to(x.dtype)).float()
                 for x, i, t in zip(ctx.mats, local, t_hit)
             ]
-            counts = torch.zeros_like(g).index_add_(0, layer, torch.cat([r.sum(1, dtype=torch.float32) for r in rows]))
+            counts = torch.zeros_like(g).index_add_(0, layer, torch.cat([r.sum(1) for r in rows]))
             coef = (torch.sign(target) * g / counts.clamp_min(1))[layer].split([len(i) for i in local])
-            for h, i, r, c in zip(grads, local, rows, coef):
-                h.index_copy_(0, i, r.mul_(c[:, None].to(h.dtype)))
+            items = [(i, r.mul_(c[:, None])) for i, r, c in zip(local, rows, coef)]
+            return None, None, *plan.split_sparse(ctx.shapes, items)
         return None, None, *plan.split(ctx.shapes, grads)
 
 
@@ -292,7 +322,13 @@ class _MarginR2(torch.autograd.Function):
         else:
             values = _segment(excess_sq, plan.channels, "sum") + penalty * m_g.pow(2)
         ctx.plan, ctx.per_channel, ctx.penalty, ctx.mats, ctx.shapes, ctx.parts = (
-            plan, per_channel, penalty, mats, weights, saved)
+            plan,
+            per_channel,
+            penalty,
+            mats,
+            weights,
+            saved,
+        )
         ctx.save_for_backward(margin, m_g, excess_abs)
         return values[plan.inv]
 
@@ -310,10 +346,13 @@ class _MarginR2(torch.autograd.Function):
         else:
             s1 = _segment(excess_abs, plan.channels, "sum")
             grad_margin = (g * (2 * ctx.penalty * m_g - 2 * torch.sign(m_g) * s1))[plan.inv]
-        grads: list[Tensor | None] = []
+        # groups where every row has an excess get a dense gradient; the others a sparse one (its entries)
+        dense: list[Tensor | None] = []
+        sparse: list[tuple[Tensor, Tensor, Tensor] | None] = []
         for x, start, rows, item in zip(ctx.mats, plan.group_offsets, plan.group_rows, ctx.parts):
+            dense.append(None)
+            sparse.append(None)
             if item is None:
-                grads.append(None)
                 continue
             idx, y, b, d = item
             if ctx.fresh:  # the forward's |d| buffer becomes the gradient: no new allocation
@@ -321,12 +360,14 @@ class _MarginR2(torch.autograd.Function):
             else:  # a second backward (retain_graph): the buffer was handed out, recompute it
                 piece = y - torch.minimum(torch.maximum(y, -b), b)
             if idx is None:
-                grads.append(piece.mul_(2 * g_row[start : start + rows, None]).to(x.dtype))
+                dense[-1] = piece.mul_(2 * g_row[start : start + rows, None]).to(x.dtype)
             else:
-                grad = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-                grad.index_copy_(0, idx, piece.mul_(2 * g_row[start + idx, None]).to(x.dtype))
-                grads.append(grad)
-        return None, None, None, grad_margin.to(margin.dtype), *plan.split(ctx.shapes, grads)
+                sparse[-1] = (idx, piece.mul_(2 * g_row[start + idx, None]))
+        grads = [
+            s if s is not None else d
+            for s, d in zip(plan.split_sparse(ctx.shapes, sparse), plan.split(ctx.shapes, dense))
+        ]
+        return None, None, None, grad_margin.to(margin.dtype), *grads
 
 
 def _softmax_sum(y: Tensor, ref: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -365,9 +406,7 @@ class _SoftMinMaxR2(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, plan: _Plan, per_channel: bool, penalty: float, log_alpha: Tensor, *weights: Tensor
-    ) -> Tensor:
+    def forward(ctx, plan: _Plan, per_channel: bool, penalty: float, log_alpha: Tensor, *weights: Tensor) -> Tensor:
         mats = plan.matrices(weights)
         # per tensor, only a few blocks of a few rows come near the layer's extremes; per channel, a row of
         # K >= _SMM_BLOCK_MIN_K may be sparse enough, but rows of a few thousand weights were measured a third
@@ -446,7 +485,7 @@ class _SoftMinMaxR2(torch.autograd.Function):
         c_f0, c_f1 = -g_r * (1 + a_r * mf_r) / zf_r, g_r * a_r / zf_r
         fresh = not getattr(ctx, "used", False)
         ctx.used = True
-        grads = []
+        grads: list[Tensor | None] = []
         for (rp, jp, e, ed, rq, jq, f, fd), g_size, start, rows, dtype in zip(
             ctx.parts, plan.group_block, plan.group_offsets, plan.group_rows, ctx.dtypes
         ):
@@ -468,7 +507,13 @@ class _SoftMinMaxR2(torch.autograd.Function):
             view.index_put_((rp, jp), torch.mul(e, c_e0[ip, None]).addcmul_(ed, c_e1[ip, None]), accumulate=True)
             view.index_put_((rq, jq), torch.mul(f, c_f0[iq, None]).addcmul_(fd, c_f1[iq, None]), accumulate=True)
             grads.append(grad.view(rows, -1).to(dtype))
-        return None, None, None, grad_log_alpha.to(log_alpha.dtype), *plan.split(ctx.shapes, grads)
+        grads = plan.split(ctx.shapes, grads)
+        return None, None, None, grad_log_alpha.to(log_alpha.dtype), *grads
+
+
+def _densify_grad(param: Tensor) -> None:
+    if param.grad is not None and param.grad.is_sparse:
+        param.grad = param.grad.to_dense()
 
 
 class R2Regularizer(nn.Module):
@@ -510,6 +555,14 @@ class R2Regularizer(nn.Module):
         targets = find_target_modules(model, config.include, config.exclude, config.skip_first_last)
         self.names: list[str] = [n for n, _ in targets]
         self._targets: list[nn.Module] = [m for _, m in targets]  # a plain list: not registered as submodules
+        # The R2 gradient of a weight is handed to autograd as a sparse tensor where it touches few elements (L-inf,
+        # Margin, per-tensor Soft-Min-Max): added to the task loss's dense gradient, autograd absorbs it in place
+        # at no cost, where a dense one would cost a weight-sized buffer per layer and step. A weight that only R2
+        # reaches (R2 backpropagated alone, or a layer unused in the forward) would keep a sparse `.grad`, which
+        # optimizers reject: this hook densifies it after accumulation.
+        self._grad_hooks = [
+            m.weight.register_post_accumulate_grad_hook(_densify_grad) for m in self._targets if m.weight.requires_grad
+        ]
         weights = self.weights()
         device = weights[0].device
         per_channel = config.per_channel

@@ -222,3 +222,24 @@ def test_training_on_r2_shrinks_the_range(loss):
         opt.step()
     after = reg.stats()["overall"]["mean_max_over_std"]
     assert after < before
+
+
+@pytest.mark.parametrize("loss", ["linf", "margin", "soft_min_max"])
+def test_r2_gradient_adds_into_the_task_gradient(loss):
+    """R2's sparse gradients must end as ordinary dense `.grad`s equal to task gradient + R2 gradient, on the
+    first micro-batch (`.grad` is None) and when accumulating into an existing `.grad`."""
+    model = make_timm("test_resnet")
+    reg = R2Regularizer(model, loss=loss)
+    _perturb(reg)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).square().mean().backward()
+    task = [w.grad.clone() for w in reg.weights()]
+    model.zero_grad()
+    expected, ref_weights, _ = _reference_total(reg)
+    expected.backward()
+    for accumulate in (False, True):
+        model.zero_grad(set_to_none=not accumulate)
+        (model(x).square().mean() + reg()).backward()
+        for w, t, ref in zip(reg.weights(), task, ref_weights):
+            assert w.grad.layout == torch.strided
+            torch.testing.assert_close(w.grad, t + ref.grad, rtol=1e-4, atol=1e-6)
