@@ -22,30 +22,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 from accelerate import PartialState
 from accelerate.utils import set_seed
 from transformers import HfArgumentParser
 
-from hf_r2.cli import DataArguments, ModelArguments
+from hf_r2.cli import DataArguments, ModelArguments, record_data_config
 from hf_r2.config import R2Config
 from hf_r2.data import collate_fn, label_names, load_image_dataset, with_transforms
 from hf_r2.loop import LoopConfig, train_with_accelerate
 from hf_r2.models import create_model
-
-
-def _record_input_size(model, data_args: DataArguments) -> None:
-    """Store the input size trained at in a timm model's `pretrained_cfg`, so that the saved folder preprocesses
-    alike (the whole image for the small-image recipe)."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if data_args.input_size is None or not isinstance(cfg, dict):
-        return
-    size = int(data_args.input_size)
-    update: dict[str, Any] = {"input_size": (3, size, size)}
-    if data_args.augment in ("cifar", "none") or (data_args.augment == "auto" and size <= 64):
-        update["crop_pct"] = 1.0
-    model.pretrained_cfg = {**cfg, **update}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -72,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             seed=config.seed,
         )
     model = create_model(model_args.model_name_or_path, pretrained=model_args.pretrained, label_names=label_names(ds))
-    _record_input_size(model, data_args)
+    record_data_config(model, data_args)
     transform = {"input_size": data_args.input_size, "augment": data_args.augment}
 
     metrics = train_with_accelerate(

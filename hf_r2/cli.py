@@ -220,7 +220,7 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     names = label_names(ds)
     model = create_model(model_args.model_name_or_path, pretrained=model_args.pretrained, label_names=names)
     transform_kw = {"input_size": data_args.input_size, "augment": data_args.augment}
-    _record_data_config(model, data_args)
+    record_data_config(model, data_args)
     trainer = R2Trainer(
         model=model,
         args=training_args,
@@ -241,8 +241,9 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     return {"train": train_metrics, "eval": eval_metrics, "trainer": trainer}
 
 
-def _record_data_config(model, data_args: DataArguments) -> None:
-    """Store the input size trained at in a timm model's `pretrained_cfg`, so the saved folder preprocesses alike."""
+def record_data_config(model, data_args: DataArguments) -> None:
+    """Store the input size trained at in a timm model's `pretrained_cfg`, so that the saved folder preprocesses
+    alike (the whole image for the small-image recipe). Shared with `examples/train_accelerate.py`."""
     cfg = getattr(model, "pretrained_cfg", None)
     if data_args.input_size is None or not isinstance(cfg, dict):
         return
