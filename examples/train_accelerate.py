@@ -27,9 +27,9 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from transformers import HfArgumentParser
 
-from hf_r2.cli import DataArguments, ModelArguments, record_data_config
+from hf_r2.cli import DataArguments, ModelArguments, load_data, record_data_config
 from hf_r2.config import R2Config
-from hf_r2.data import collate_fn, label_names, load_image_dataset, with_transforms
+from hf_r2.data import collate_fn, label_names, with_transforms
 from hf_r2.loop import LoopConfig, train_with_accelerate
 from hf_r2.models import create_model
 
@@ -46,17 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     state = PartialState(cpu=config.use_cpu)
     set_seed(config.seed)
     with state.main_process_first():
-        ds = load_image_dataset(
-            data_args.dataset_name,
-            data_dir=data_args.data_dir,
-            image_column=data_args.image_column,
-            label_column=data_args.label_column,
-            train_split=data_args.train_split,
-            eval_split=data_args.eval_split,
-            max_train_samples=data_args.max_train_samples,
-            max_eval_samples=data_args.max_eval_samples,
-            seed=config.seed,
-        )
+        ds = load_data(data_args, seed=config.seed)
     model = create_model(model_args.model_name_or_path, pretrained=model_args.pretrained, label_names=label_names(ds))
     record_data_config(model, data_args)
     transform = {"input_size": data_args.input_size, "augment": data_args.augment}

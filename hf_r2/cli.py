@@ -28,6 +28,8 @@ __all__ = [
     "env_command_parser",
     "env_command",
     "run_train",
+    "load_data",
+    "record_data_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -201,22 +203,12 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     """
     from transformers import set_seed
 
-    from .data import collate_fn, label_names, load_image_dataset, with_transforms
+    from .data import collate_fn, label_names, with_transforms
     from .models import create_model
     from .trainer import R2Trainer, compute_accuracy
 
     set_seed(training_args.seed)
-    ds = load_image_dataset(
-        data_args.dataset_name,
-        data_dir=data_args.data_dir,
-        image_column=data_args.image_column,
-        label_column=data_args.label_column,
-        train_split=data_args.train_split,
-        eval_split=data_args.eval_split,
-        max_train_samples=data_args.max_train_samples,
-        max_eval_samples=data_args.max_eval_samples,
-        seed=training_args.seed,
-    )
+    ds = load_data(data_args, seed=training_args.seed)
     names = label_names(ds)
     model = create_model(model_args.model_name_or_path, pretrained=model_args.pretrained, label_names=names)
     transform_kw = {"input_size": data_args.input_size, "augment": data_args.augment}
@@ -239,6 +231,24 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
     return {"train": train_metrics, "eval": eval_metrics, "trainer": trainer}
+
+
+def load_data(data_args: DataArguments, seed: int = 0):
+    """The [`~datasets.DatasetDict`] that `data_args` describe ([`hf_r2.data.load_image_dataset`]); `seed` draws the
+    `max_*_samples` subsets. Shared with `examples/train_accelerate.py`."""
+    from .data import load_image_dataset
+
+    return load_image_dataset(
+        data_args.dataset_name,
+        data_dir=data_args.data_dir,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        train_split=data_args.train_split,
+        eval_split=data_args.eval_split,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        seed=seed,
+    )
 
 
 def record_data_config(model, data_args: DataArguments) -> None:
