@@ -457,3 +457,12 @@ class _SoftMinMaxR2(torch.autograd.Function):
 def _densify_grad(param: Tensor) -> None:
     if param.grad is not None and param.grad.is_sparse:
         param.grad = param.grad.to_dense()
+
+
+def _ensure_dense_grads(weights: list[Tensor]) -> None:
+    """Put [`_densify_grad`] on each weight once (several regularizers on one model share it; a deep copy of the
+    model, which drops hooks, gets its own)."""
+    for w in weights:
+        hooks = getattr(w, "_post_accumulate_grad_hooks", None) or {}
+        if w.requires_grad and not any(h is _densify_grad for h in hooks.values()):
+            w.register_post_accumulate_grad_hook(_densify_grad)

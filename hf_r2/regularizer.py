@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._r2_kernels import _densify_grad, _LinfR2, _MarginR2, _Plan, _rows, _SoftMinMaxR2
+from ._r2_kernels import _ensure_dense_grads, _LinfR2, _MarginR2, _Plan, _rows, _SoftMinMaxR2
 from .config import R2Config, R2LossType
 from .losses import kurtosis_r2, soft_min_max_init_alpha
 
@@ -118,9 +118,7 @@ class R2Regularizer(nn.Module):
         # at no cost, where a dense one would cost a weight-sized buffer per layer and step. A weight that only R2
         # reaches (R2 backpropagated alone, or a layer unused in the forward) would keep a sparse `.grad`, which
         # optimizers reject: this hook densifies it after accumulation.
-        self._grad_hooks = [
-            m.weight.register_post_accumulate_grad_hook(_densify_grad) for m in self._targets if m.weight.requires_grad
-        ]
+        _ensure_dense_grads([m.weight for m in self._targets])
         weights = self.weights()
         device = weights[0].device
         per_channel = config.per_channel

@@ -243,3 +243,17 @@ def test_r2_gradient_adds_into_the_task_gradient(loss):
         for w, t, ref in zip(reg.weights(), task, ref_weights):
             assert w.grad.layout == torch.strided
             torch.testing.assert_close(w.grad, t + ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_grad_hook_is_put_once_and_follows_copies():
+    import copy
+
+    model = make_timm("test_resnet")
+    for _ in range(3):
+        R2Regularizer(model, loss="linf")
+    w = R2Regularizer(model, loss="linf").weights()[0]
+    assert len(w._post_accumulate_grad_hooks) == 1
+    clone = copy.deepcopy(model)
+    reg = R2Regularizer(clone, loss="linf")
+    reg().backward()  # R2 alone: without the hook the copy's .grad would stay sparse
+    assert all(v.grad.layout == torch.strided for v in reg.weights())
