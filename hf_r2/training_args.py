@@ -17,10 +17,10 @@ from .config import R2Config, R2LossType
 __all__ = ["R2TrainingArguments"]
 
 
+# The R2Config fields that R2TrainingArguments carries as `r2_<name>` (all but the format `version`).
+_R2_FIELDS = [f.name for f in dataclasses.fields(R2Config) if f.name != "version"]
 # A backticked R2Config field name at the start of a code span, e.g. `loss` or `loss='margin'`.
-_R2_NAME = re.compile(
-    r"`(" + "|".join(f.name for f in dataclasses.fields(R2Config) if f.name != "version") + r")\b"
-)
+_R2_NAME = re.compile(r"`(" + "|".join(_R2_FIELDS) + r")\b")
 
 
 @dataclass
@@ -165,18 +165,7 @@ class R2TrainingArguments(TrainingArguments):
     def r2_config(self) -> R2Config:
         """The [`R2Config`] built from the `r2_*` fields (a new object at each access)."""
         try:
-            return R2Config(
-                loss=self.r2_loss,
-                weight=self.r2_weight,
-                warmup_steps=self.r2_warmup_steps,
-                per_channel=self.r2_per_channel,
-                include=self.r2_include,
-                exclude=self.r2_exclude,
-                skip_first_last=self.r2_skip_first_last,
-                margin_penalty=self.r2_margin_penalty,
-                soft_min_max_penalty=self.r2_soft_min_max_penalty,
-                kurtosis_target=self.r2_kurtosis_target,
-            )
+            return R2Config(**{name: getattr(self, f"r2_{name}") for name in _R2_FIELDS})
         except ValueError as err:
             # R2Config names its own fields (`loss`, `weight`, ...): name the arguments the user actually set.
             raise ValueError(_R2_NAME.sub(r"`r2_\1", str(err))) from None
