@@ -14,6 +14,11 @@ from .data import collate_fn as collate_fn
 from .data import label_names as label_names
 from .data import load_image_dataset as load_image_dataset
 from .data import with_transforms as with_transforms
+from .hub import HubPushError as HubPushError
+from .hub import R2Pretrained as R2Pretrained
+from .hub import download as download
+from .hub import from_pretrained as from_pretrained
+from .hub import push_to_hub as push_to_hub
 from .loop import LoopConfig as LoopConfig
 from .loop import train_with_accelerate as train_with_accelerate
 from .losses import kurtosis_r2 as kurtosis_r2
@@ -22,6 +27,7 @@ from .losses import margin_r2 as margin_r2
 from .losses import soft_min_max_init_alpha as soft_min_max_init_alpha
 from .losses import soft_min_max_r2 as soft_min_max_r2
 from .metrics import evaluate_accuracy as evaluate_accuracy
+from .model_card import build_model_card as build_model_card
 from .models import classification_loss as classification_loss
 from .models import create_model as create_model
 from .regularizer import R2Regularizer as R2Regularizer

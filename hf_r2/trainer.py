@@ -13,6 +13,7 @@ The Trainer hooks overridden here, and why:
 | `create_optimizer` | train R2's own margins / temperatures, without weight decay |
 | `_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler` | checkpoint and resume R2's own parameters |
 | `_save` | timm models in timm's own layout; `r2_config.json` and `r2_stats.json` next to the weights |
+| `create_model_card` | hf-r2's card ([`hf_r2.model_card.build_model_card`]), so `push_to_hub` uploads it |
 
 plus one private callback that clears the gradients of R2's own parameters after each optimizer step (the
 Trainer's `model.zero_grad()` does not reach them) and drops the R2 metrics of `predict()` (which does not log).
@@ -367,3 +368,50 @@ class R2Trainer(Trainer):
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         if self.args.should_save:
             save_r2_files(output_dir, self.regularizer.config, self.regularizer.stats())
+
+    # ---- Hub ----
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write hf-r2's model card ([`hf_r2.model_card.build_model_card`]) to `output_dir/README.md`; called by
+        [`~transformers.Trainer.push_to_hub`] after `save_model`, so the card goes up with the model.
+
+        The accuracy on the card is the folder's `eval_results.json` (`trainer.save_metrics("eval", ...)`), else the
+        last `eval_accuracy` logged; none if the model was never evaluated. `dataset` (or `dataset_tags`) gives the
+        card's `datasets`, `finetuned_from` its `base_model`. `language`, `tasks` and `dataset_args` are not used.
+        """
+        from .model_card import build_model_card, read_measured_accuracy, write_model_card
+
+        if not self.is_world_process_zero():
+            return
+        output_dir = self.args.output_dir
+        accuracy = read_measured_accuracy(output_dir)
+        if accuracy is None:
+            logged = [e["eval_accuracy"] for e in self.state.log_history if "eval_accuracy" in e]
+            accuracy = float(logged[-1]) if logged else None
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        names = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                 "max_steps", "weight_decay", "optim", "lr_scheduler_type", "warmup_steps", "seed")
+        training = {name: getattr(self.args, name) for name in names if hasattr(self.args, name)}
+        training = {k: getattr(v, "value", v) for k, v in training.items()}
+        card = build_model_card(
+            output_dir,
+            self.args.hub_model_id or model_name,
+            datasets=dataset or dataset_tags,
+            base_model=finetuned_from,
+            license=license,
+            tags=tags,
+            accuracy=accuracy,
+            training=training,
+        )
+        write_model_card(output_dir, card)

@@ -1,0 +1,261 @@
+"""Push an hf-r2 model folder to the Hugging Face Hub, and load one back.
+
+Saving and pushing are separate steps: [`push_to_hub`] first saves everything (weights in the model's own format,
+`r2_config.json`, `r2_stats.json`, the model card `README.md`) into a folder that the user keeps, then uploads that
+folder. An upload that fails leaves the folder whole, so it can be retried with `hf-r2 push FOLDER REPO_ID`.
+
+A timm model is pushed in timm's own Hub layout, so `timm.create_model("hf-hub:REPO_ID", pretrained=True)` loads it
+without hf-r2; a transformers model in `save_pretrained` layout, so `AutoModelForImageClassification.from_pretrained`
+loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from .config import R2_CONFIG_NAME, R2Config
+from .model_card import build_model_card, folder_library, write_model_card
+from .saving import R2_STATS_NAME, save_model_folder
+
+__all__ = ["HubPushError", "R2Pretrained", "download", "from_pretrained", "push_folder", "push_to_hub"]
+
+
+class HubPushError(RuntimeError):
+    """An upload to the Hub failed; the local folder is complete and the push can be retried."""
+
+
+class R2Pretrained(NamedTuple):
+    """What [`from_pretrained`] returns; unpacks as `model, r2_config, stats = hf_r2.from_pretrained(...)`.
+
+    model (`torch.nn.Module`):
+        The timm or transformers model, with its saved weights, in eval mode.
+    r2_config ([`R2Config`] or `None`):
+        The R2 settings it was trained with (`None` if the folder has no `r2_config.json`).
+    stats (`dict` or `None`):
+        The weight-range statistics of [`R2Regularizer.stats`] (`None` if the folder has no `r2_stats.json`).
+    """
+
+    model: nn.Module
+    r2_config: R2Config | None
+    stats: dict[str, Any] | None
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(
+            f"`repo_id={repo_id!r}` is not a valid Hub repo id ({err}). Use `name` or `namespace/name`, with letters, "
+            "digits, `-`, `_` and `.` only (no `--` or `..`), at most 96 characters."
+        ) from None
+
+
+def _retry_hint(folder: str, repo_id: str) -> str:
+    return f"The local folder {folder!r} is complete; retry the upload with `hf-r2 push {folder} {repo_id}`."
+
+
+def push_folder(
+    folder: str,
+    repo_id: str,
+    *,
+    commit_message: str = "Upload model trained with hf-r2",
+    token: str | None = None,
+    revision: str | None = None,
+    private: bool | None = None,
+    create_pr: bool = False,
+    exist_ok: bool = True,
+    datasets: str | list[str] | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    write_card: bool = True,
+) -> str:
+    """Upload a saved model folder to the Hub repo `repo_id`, after writing its model card into the folder.
+
+    Args:
+        folder (`str`):
+            A folder saved by [`hf_r2.save_model_folder`], `R2Trainer.save_model` or `hf-r2 train`.
+        repo_id (`str`):
+            `namespace/name` (or `name`, under the token's user).
+        commit_message (`str`, *optional*, defaults to `"Upload model trained with hf-r2"`):
+            The commit message.
+        token (`str`, *optional*):
+            A token with write access; defaults to `HF_TOKEN` or the one stored by `hf auth login`.
+        revision (`str`, *optional*):
+            The branch to commit to (default: `main`).
+        private (`bool`, *optional*):
+            Make the repo private when it is created (no effect on an existing repo).
+        create_pr (`bool`, *optional*, defaults to `False`):
+            Open a pull request instead of committing to the branch.
+        exist_ok (`bool`, *optional*, defaults to `True`):
+            Push to the repo if it already exists; with `False`, an existing repo is an error.
+        datasets, base_model, license:
+            Model card metadata (see [`hf_r2.model_card.build_model_card`]).
+        write_card (`bool`, *optional*, defaults to `True`):
+            Write (overwrite) the folder's `README.md` with the hf-r2 model card before uploading.
+
+    Returns:
+        `str`: the URL of the commit (or pull request).
+    """
+    from huggingface_hub import HfApi, get_token
+
+    from . import __version__
+
+    _check_repo_id(repo_id)
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"`folder={folder!r}` is not a folder: save the model first (`hf_r2.save_model_folder`)."
+        )
+    folder_library(folder)  # a clear error for a folder without config.json
+    if write_card:
+        card = build_model_card(folder, repo_id, datasets=datasets, base_model=base_model, license=license)
+        write_model_card(folder, card)
+    token = token or get_token()
+    if not token:
+        raise ValueError(
+            "No Hugging Face token found to push with. Log in with `hf auth login`, set the `HF_TOKEN` environment "
+            f"variable, or pass `token=`. {_retry_hint(folder, repo_id)}"
+        )
+    api = HfApi(token=token, library_name="hf-r2", library_version=__version__)
+    try:
+        if not exist_ok and api.repo_exists(repo_id):
+            raise FileExistsError(
+                f"The Hub repo {repo_id!r} already exists and `exist_ok=False`; pick another `repo_id` or pass "
+                "`exist_ok=True` (`hf-r2 push` without `--no-exist-ok`) to push a new commit to it."
+            )
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_url.repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+            ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*", "runs/**", "*.tmp"],
+        )
+    except FileExistsError:
+        raise
+    except Exception as err:  # network down, bad token, 5xx, ...
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        what = f"HTTP {status}" if status else type(err).__name__
+        hint = " Check that the token has write access (`hf auth whoami`)." if status in (401, 403) else ""
+        raise HubPushError(
+            f"Uploading {folder!r} to the Hub repo {repo_id!r} failed ({what}: {err}).{hint} "
+            f"{_retry_hint(folder, repo_id)}"
+        ) from err
+    return str(getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info)
+
+
+def push_to_hub(
+    model: nn.Module | str,
+    repo_id: str,
+    save_directory: str | None = None,
+    *,
+    r2_config: R2Config | None = None,
+    stats: dict[str, Any] | None = None,
+    **push_kwargs: Any,
+) -> str:
+    """Save `model` into `save_directory` (which you keep), then push that folder to the Hub repo `repo_id`.
+
+    Args:
+        model (`torch.nn.Module` or `str`):
+            A timm or transformers model, or the path of a folder already saved (then `save_directory`, `r2_config`
+            and `stats` are not used).
+        repo_id (`str`):
+            `namespace/name` of the Hub repo (created if missing).
+        save_directory (`str`):
+            The local folder to save into first; required when `model` is a module.
+        r2_config ([`R2Config`], *optional*):
+            The R2 settings it was trained with (`r2_config.json`).
+        stats (`dict`, *optional*):
+            The weight-range statistics, `R2Regularizer(model, r2_config).stats()` (`r2_stats.json`).
+        push_kwargs:
+            Passed on to [`push_folder`]: `commit_message`, `token`, `revision`, `private`, `create_pr`, `exist_ok`,
+            `datasets`, `base_model`, `license`.
+
+    Returns:
+        `str`: the URL of the commit (or pull request).
+
+    ```python
+    >>> import hf_r2
+    >>> hf_r2.push_to_hub(model, "me/resnet18-r2", "out/resnet18-r2", r2_config=cfg, stats=reg.stats(),
+    ...                   datasets="uoft-cs/cifar10")
+    ```
+    """
+    _check_repo_id(repo_id)
+    if isinstance(model, (str, os.PathLike)):
+        return push_folder(os.fspath(model), repo_id, **push_kwargs)
+    if save_directory is None:
+        raise ValueError(
+            "`save_directory` is required to push a model: hf-r2 saves into a folder you keep, then uploads it. "
+            f"Pass e.g. `save_directory={repo_id.split('/')[-1]!r}`."
+        )
+    save_model_folder(model, save_directory, r2_config=r2_config, stats=stats)
+    return push_folder(save_directory, repo_id, **push_kwargs)
+
+
+def download(
+    repo_id: str,
+    *,
+    local_dir: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+) -> str:
+    """Download the Hub repo `repo_id` (into the cache, or into `local_dir`) and return the folder's path.
+
+    Works offline from the cache (`HF_HUB_OFFLINE=1` or `local_files_only=True`) once downloaded.
+    """
+    from huggingface_hub import snapshot_download
+
+    _check_repo_id(repo_id)
+    return snapshot_download(
+        repo_id,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_dir=local_dir,
+        local_files_only=local_files_only,
+    )
+
+
+def from_pretrained(repo_id_or_path: str, **download_kwargs: Any) -> R2Pretrained:
+    """Load a model pushed (or saved) by hf-r2, with its R2 settings and weight-range statistics.
+
+    Args:
+        repo_id_or_path (`str`):
+            A local folder, or a Hub repo id (downloaded with [`download`]; from the cache when offline).
+        download_kwargs:
+            `revision`, `token`, `cache_dir`, `local_dir`, `local_files_only` for [`download`].
+
+    Returns:
+        [`R2Pretrained`]: `(model, r2_config, stats)`, `r2_config` and `stats` being `None` when not saved.
+
+    ```python
+    >>> model, r2_config, stats = hf_r2.from_pretrained("me/resnet18-r2")
+    ```
+    """
+    from .models import create_model
+
+    path = os.fspath(repo_id_or_path)
+    if os.path.isdir(path):
+        folder = path
+    elif path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path.replace("/", ""):
+        raise FileNotFoundError(f"`repo_id_or_path={path!r}` is neither a folder nor a Hub repo id.")
+    else:
+        folder = download(path, **download_kwargs)
+    model = create_model(folder, pretrained=True).eval()
+    config_path = os.path.join(folder, R2_CONFIG_NAME)
+    r2_config = R2Config.from_pretrained(folder) if os.path.isfile(config_path) else None
+    stats = None
+    stats_path = os.path.join(folder, R2_STATS_NAME)
+    if os.path.isfile(stats_path):
+        with open(stats_path, encoding="utf-8") as f:
+            stats = json.load(f)
+    return R2Pretrained(model, r2_config, stats)

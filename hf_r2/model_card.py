@@ -1,0 +1,232 @@
+"""The model card of an hf-r2 model folder: Hub metadata (`library_name`, tags, datasets, base model, the measured
+accuracy as model-index `eval_results`) plus a body with the R2 settings, the per-layer weight ranges, how to load the
+model, and the citation.
+
+Only numbers measured and saved in the folder (`eval_results.json` / `all_results.json`, as
+`Trainer.save_metrics("eval", ...)` writes them) or passed explicitly go on the card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .config import R2_CONFIG_NAME
+from .saving import R2_STATS_NAME
+
+__all__ = ["MODEL_CARD_TAGS", "R2_CITATION", "build_model_card", "folder_library", "read_measured_accuracy",
+           "write_model_card"]
+
+MODEL_CARD_TAGS = ["r2-loss", "quantization", "image-classification", "hf-r2"]
+
+R2_CITATION = """@article{kundu2023r2,
+  title   = {R2 Loss: Range Restriction Loss for Model Compression and Quantization},
+  author  = {Kundu, Arnav and Yoo, Chungkuk and Mishra, Srijan and Cho, Minsik and Adya, Saurabh},
+  journal = {arXiv preprint arXiv:2303.08253},
+  year    = {2023}
+}"""
+
+# Rows of the per-layer range table; larger models list the layers with the largest max/std first, then stop.
+_MAX_LAYER_ROWS = 60
+_RESULT_FILES = ("eval_results.json", "all_results.json")
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else None
+
+
+def folder_library(folder: str) -> str:
+    """`"timm"` for a folder in timm's layout (`config.json` with `architecture` and no `model_type`), else
+    `"transformers"`. Raises `FileNotFoundError` when the folder has no `config.json`."""
+    config = _read_json(os.path.join(folder, "config.json"))
+    if config is None:
+        raise FileNotFoundError(
+            f"{folder!r} has no config.json: not a saved model folder. Save one with `hf_r2.save_model_folder` or "
+            "`trainer.save_model()` first."
+        )
+    return "timm" if "architecture" in config and "model_type" not in config else "transformers"
+
+
+def read_measured_accuracy(folder: str) -> float | None:
+    """The top-1 accuracy measured on the evaluation data (`eval_accuracy`), from the folder's `eval_results.json`,
+    else its `all_results.json`; `None` when neither holds one."""
+    for name in _RESULT_FILES:
+        results = _read_json(os.path.join(folder, name)) or {}
+        for key in ("eval_accuracy", "accuracy"):
+            value = results.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                return float(value)
+    return None
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _r2_section(r2_config: dict[str, Any] | None) -> str:
+    if not r2_config:
+        return "## R2 settings\n\nNo `r2_config.json` was saved with this model.\n"
+    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in sorted(r2_config.items()))
+    return (
+        "## R2 settings\n\nTrained with R2-Loss (`task_loss + lambda * R(W)`), which restricts the range of the "
+        "weights so that they quantize to few bits. The settings, as saved in `r2_config.json`:\n\n"
+        f"| setting | value |\n|---|---|\n{rows}\n"
+    )
+
+
+def _stats_section(stats: dict[str, Any] | None) -> str:
+    if not stats:
+        return "## Weight ranges\n\nNo `r2_stats.json` was saved with this model.\n"
+    out = ["## Weight ranges\n", "Measured on the saved weights of the layers R2 acts on (`r2_stats.json`)."]
+    overall = stats.get("overall") or {}
+    if overall:
+        out.append("\n| overall | value |\n|---|---|")
+        out += [f"| `{k}` | {_fmt(v)} |" for k, v in overall.items()]
+    per_layer = stats.get("per_layer") or {}
+    if per_layer:
+        names = list(per_layer)
+        if len(names) > _MAX_LAYER_ROWS:
+            names = sorted(names, key=lambda n: -float(per_layer[n].get("max_over_std") or 0))[:_MAX_LAYER_ROWS]
+            out.append(f"\nThe {_MAX_LAYER_ROWS} layers (of {len(per_layer)}) with the largest max/std:")
+        out.append("\n| layer | min | max | std | max/std | kurtosis |\n|---|---|---|---|---|---|")
+        for name in names:
+            s = per_layer[name]
+            out.append(
+                f"| `{name}` | {_fmt(s.get('min'))} | {_fmt(s.get('max'))} | {_fmt(s.get('std'))} | "
+                f"{_fmt(s.get('max_over_std'))} | {_fmt(s.get('kurtosis'))} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def _usage_section(library: str, repo_id: str) -> str:
+    if library == "timm":
+        plain = f'import timm\nmodel = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()'
+    else:
+        plain = (
+            "from transformers import AutoModelForImageClassification\n"
+            f'model = AutoModelForImageClassification.from_pretrained("{repo_id}").eval()'
+        )
+    return (
+        "## How to load\n\n"
+        f"```python\n{plain}\n```\n\n"
+        "With hf-r2, which also returns the R2 settings and the weight-range statistics:\n\n"
+        f'```python\nimport hf_r2\nmodel, r2_config, stats = hf_r2.from_pretrained("{repo_id}")\n```\n'
+    )
+
+
+def build_model_card(
+    folder: str,
+    repo_id: str | None = None,
+    *,
+    datasets: str | list[str] | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    tags: list[str] | None = None,
+    accuracy: float | None = None,
+    training: dict[str, Any] | None = None,
+) -> ModelCard:
+    """The [`~huggingface_hub.ModelCard`] of a saved hf-r2 model folder.
+
+    Args:
+        folder (`str`):
+            A folder saved by [`hf_r2.save_model_folder`], `R2Trainer.save_model` or `hf-r2 train`.
+        repo_id (`str`, *optional*):
+            The Hub repo the card is for (used in the loading snippet and as the model name); defaults to the folder
+            name.
+        datasets (`str` or `list[str]`, *optional*):
+            Hub ids of the training / evaluation data (e.g. `"uoft-cs/cifar10"`). The measured accuracy goes into the
+            model-index only when the dataset is known (the model-index needs one).
+        base_model (`str`, *optional*):
+            The checkpoint this model was fine-tuned from, if any.
+        license (`str`, *optional*):
+            The license id of the weights.
+        tags (`list[str]`, *optional*):
+            Tags added to [`MODEL_CARD_TAGS`].
+        accuracy (`float`, *optional*):
+            A measured top-1 accuracy; defaults to the one in the folder's `eval_results.json` / `all_results.json`.
+            Never pass a number that was not measured on the model in `folder`.
+        training (`dict`, *optional*):
+            Training hyperparameters to list (learning rate, batch size, ...).
+    """
+    library = folder_library(folder)
+    repo_id = repo_id or os.path.basename(os.path.abspath(folder))
+    model_name = repo_id.split("/")[-1]
+    r2_config = _read_json(os.path.join(folder, R2_CONFIG_NAME))
+    stats = _read_json(os.path.join(folder, R2_STATS_NAME))
+    if accuracy is None:
+        accuracy = read_measured_accuracy(folder)
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    all_tags = list(MODEL_CARD_TAGS) + [t for t in (tags or []) if t not in MODEL_CARD_TAGS]
+    eval_results = None
+    if accuracy is not None and datasets:
+        eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image Classification",
+                dataset_type=datasets[0],
+                dataset_name=datasets[0],
+                metric_type="accuracy",
+                metric_name="Top-1 accuracy (full precision)",
+                metric_value=accuracy,
+            )
+        ]
+    data = ModelCardData(
+        library_name=library,
+        tags=all_tags,
+        datasets=datasets or None,
+        base_model=base_model,
+        license=license,
+        pipeline_tag="image-classification",
+        metrics=["accuracy"] if accuracy is not None else None,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results,
+    )
+    body = [f"# {model_name}\n",
+            f"An image classifier ({library}) trained with hf-r2 and R2-Loss, the range "
+            "restriction loss of Kundu et al. (2023, [arXiv 2303.08253](https://huggingface.co/papers/2303.08253)), "
+            "which prepares the weights for low-bit quantization. This repo holds the full-precision weights.\n"]
+    if base_model:
+        body.append(f"Fine-tuned from [`{base_model}`](https://huggingface.co/{base_model}).\n")
+    body.append("## Results\n")
+    if accuracy is not None:
+        on = f" on `{datasets[0]}`" if datasets else ""
+        body.append(f"| metric | value |\n|---|---|\n| top-1 accuracy (full precision){on} | {accuracy:.4f} |\n")
+    else:
+        body.append("No evaluation results were saved with this model.\n")
+    body.append(_r2_section(r2_config))
+    body.append(_stats_section(stats))
+    if training:
+        rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in training.items())
+        body.append(f"## Training\n\n| hyperparameter | value |\n|---|---|\n{rows}\n")
+    body.append(_usage_section(library, repo_id))
+    body.append(f"## Citation\n\n```bibtex\n{R2_CITATION}\n```\n")
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
+    return ModelCard(content)
+
+
+def write_model_card(folder: str, card: ModelCard) -> str:
+    """Write `card` to `folder/README.md` atomically (a temp file, then a rename); returns the path."""
+    import tempfile
+
+    path = os.path.join(folder, "README.md")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".README.md.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(str(card))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,231 @@
+"""Push to and download from the Hub (full precision): a round trip against a local Hub on 127.0.0.1.
+
+The local Hub (../shared/tools/local_hub: olah for reads, a receiver for writes) runs for this module only. The hub
+scenarios run in subprocesses (tests/_hub_worker.py), because huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE at
+import and this test session imported it long before, offline. Nothing talks to a host other than 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_timm
+
+import hf_r2
+from hf_r2 import R2Config, R2Regularizer
+from hf_r2._utils import write_json_atomic
+from hf_r2.hub import from_pretrained, push_to_hub
+from hf_r2.model_card import MODEL_CARD_TAGS, build_model_card, read_measured_accuracy
+
+TESTS = Path(__file__).resolve().parent
+LOCAL_HUB = Path(__file__).resolve().parents[2] / "shared" / "tools" / "local_hub"
+WORKER = TESTS / "_hub_worker.py"
+sys.path.insert(0, str(TESTS))
+import _hub_worker as W  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_worker(scenario: str, work: Path, endpoint: str, home: Path, offline: bool = False, timeout: int = 120):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.update(
+        HF_ENDPOINT=endpoint, HF_HUB_DISABLE_XET="1", HF_TOKEN="x", HF_HOME=str(home),
+        HF_HUB_OFFLINE="1" if offline else "0", TRANSFORMERS_OFFLINE="1" if offline else "0",
+        HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run([sys.executable, str(WORKER), scenario, str(work)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"hub worker {scenario!r} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    with open(work / f"{scenario}.json") as f:
+        return json.load(f), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def hub_runs(tmp_path_factory):
+    """Start the local Hub, run push -> load (fresh HF_HOME) -> offline load -> failing pushes; stop the Hub."""
+    if not (LOCAL_HUB / "start.sh").is_file():
+        raise AssertionError(f"the local Hub is missing: {LOCAL_HUB}/start.sh")
+    work = tmp_path_factory.mktemp("hub")
+    state = work / "state"
+    port, olah_port = _free_port(), _free_port()
+    started = subprocess.run(["bash", str(LOCAL_HUB / "start.sh"), str(state), str(port), str(olah_port)],
+                             capture_output=True, text=True, timeout=180)
+    try:
+        if started.returncode != 0:
+            raise AssertionError(f"local Hub did not start:\n{started.stdout}\n{started.stderr}")
+        endpoint = f"http://127.0.0.1:{port}"
+        runs = {}
+        runs["push"], _ = _run_worker("push", work, endpoint, work / "home_push")
+        runs["load"], _ = _run_worker("load", work, endpoint, work / "home_load")
+        # offline, from the cache `load` filled; the endpoint is a closed port, so any network use would fail
+        runs["offline"], _ = _run_worker("offline", work, f"http://127.0.0.1:{_free_port()}", work / "home_load",
+                                         offline=True)
+        runs["fail"], runs["fail_stderr"] = _run_worker("fail", work, f"http://127.0.0.1:{_free_port()}",
+                                                        work / "home_fail")
+        yield runs
+    finally:
+        subprocess.run(["bash", str(LOCAL_HUB / "stop.sh"), str(state)], capture_output=True, timeout=60)
+
+
+# ---- round trip against the local Hub ----
+
+
+def test_push_writes_folder_and_card(hub_runs):
+    push = hub_runs["push"]
+    for files in (push["timm_files"], push["hf_files"]):
+        assert {"README.md", "config.json", "model.safetensors", "r2_config.json", "r2_stats.json"} <= set(files)
+    assert "/commit/" in push["urls"]["timm"] and "/commit/" in push["urls"]["hf"]
+    assert push["exist_error"] is not None and "already exists" in push["exist_error"]
+    assert "exist_ok=True" in push["exist_error"]
+
+
+def test_plain_libraries_and_hf_r2_load_identical_logits(hub_runs):
+    load = hub_runs["load"]
+    for key in ("timm_plain_max_diff", "hf_plain_max_diff", "timm_r2_max_diff", "hf_r2_max_diff"):
+        assert load[key] == 0.0, key
+    assert load["timm_plain_labels"] == ["cat", "dog", "frog"]
+    assert load["hf_plain_id2label"] == {"0": "cat", "1": "dog", "2": "frog"}
+    for key in ("timm_r2_config", "hf_r2_config"):
+        assert load[key]["loss"] == "margin" and load[key]["weight"] == 0.02
+    assert load["timm_r2_stats_keys"] == ["overall", "per_layer"]
+    _, hf_model = W._models()
+    expected_layers = sorted(R2Regularizer(hf_model, R2Config()).stats()["per_layer"])
+    assert load["hf_r2_stats_layers"] == expected_layers
+    assert load["cli_download_rc"] == 0
+    assert {"config.json", "model.safetensors", "r2_config.json", "r2_stats.json", "README.md"} <= set(
+        load["cli_download_files"])
+
+
+def _eval_metrics(card_data: dict) -> list[dict]:
+    return [m for entry in card_data.get("model-index", []) for r in entry["results"] for m in r["metrics"]]
+
+
+def test_cards_metadata_hold_only_measured_numbers(hub_runs):
+    load = hub_runs["load"]
+    timm_card, hf_card, trainer_card = load["timm_card"], load["hf_card"], load["trainer_card"]
+    assert timm_card["data"]["library_name"] == "timm" and trainer_card["data"]["library_name"] == "timm"
+    assert hf_card["data"]["library_name"] == "transformers"
+    for card in (timm_card, hf_card, trainer_card):
+        assert set(MODEL_CARD_TAGS) <= set(card["data"]["tags"])
+        assert "2303.08253" in card["text"] and "Kundu, Arnav" in card["text"]
+    assert timm_card["data"]["datasets"] == [W.DATASET]
+    assert _eval_metrics(timm_card["data"]) == [
+        {"type": "accuracy", "value": W.ACCURACY, "name": "Top-1 accuracy (full precision)"}]
+    assert _eval_metrics(trainer_card["data"])[0]["value"] == W.TRAINER_ACCURACY
+    assert "learning_rate" in trainer_card["text"]  # the Trainer's hyperparameters
+    # the transformers model was never evaluated: no metric at all
+    assert "model-index" not in hf_card["data"] and "metrics" not in hf_card["data"]
+    assert "No evaluation results" in hf_card["text"]
+    assert f'timm.create_model("hf-hub:{W.TIMM_REPO}", pretrained=True)' in timm_card["text"]
+    assert f'AutoModelForImageClassification.from_pretrained("{W.HF_REPO}")' in hf_card["text"]
+
+
+def test_offline_load_from_cache(hub_runs):
+    assert hub_runs["offline"] == {"max_diff": 0.0, "r2_loss": "margin", "has_stats": True}
+
+
+def test_failed_push_is_clear_fast_and_keeps_folder(hub_runs):
+    fail = hub_runs["fail"]
+    assert fail["error_type"] == "HubPushError"
+    assert "failed (ConnectError" in fail["error"]
+    assert "retry the upload with `hf-r2 push" in fail["error"] and W.TIMM_REPO in fail["error"]
+    assert fail["seconds"] < 10
+    assert fail["unchanged"] and fail["unchanged_after_no_token"] and fail["unchanged_after_cli"]
+    assert fail["no_token_error_type"] == "ValueError" and "HF_TOKEN" in fail["no_token_error"]
+    assert fail["cli_push_rc"] == 1 and "hf-r2 push: error: Uploading" in hub_runs["fail_stderr"]
+
+
+# ---- no Hub needed ----
+
+
+@pytest.fixture
+def timm_folder(tmp_path):
+    model = make_timm("test_resnet", num_classes=3).eval()
+    cfg = R2Config(loss="linf", weight=0.05)
+    hf_r2.save_model_folder(model, str(tmp_path / "m"), r2_config=cfg, stats=R2Regularizer(model, cfg).stats())
+    return model, str(tmp_path / "m")
+
+
+@pytest.mark.parametrize("bad", ["bad--id", "a/b/c", "x" * 97, "org/name.git", ""])
+def test_invalid_repo_id(timm_folder, bad):
+    _, folder = timm_folder
+    with pytest.raises(ValueError, match="is not a valid Hub repo id"):
+        push_to_hub(folder, bad)
+    with pytest.raises(ValueError, match="is not a valid Hub repo id"):
+        hf_r2.hub.download(bad)
+
+
+def test_push_module_needs_save_directory(timm_folder):
+    model, _ = timm_folder
+    with pytest.raises(ValueError, match="save_directory"):
+        push_to_hub(model, "me/model")
+
+
+def test_push_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        push_to_hub(str(tmp_path), "me/model")
+
+
+def test_from_pretrained_local_folder(timm_folder, tmp_path):
+    model, folder = timm_folder
+    x = torch.randn(2, 3, 32, 32)
+    loaded, r2_config, stats = from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert r2_config == R2Config(loss="linf", weight=0.05)
+    assert stats == json.loads((Path(folder) / "r2_stats.json").read_text())
+    os.remove(Path(folder) / "r2_config.json")
+    os.remove(Path(folder) / "r2_stats.json")
+    assert from_pretrained(folder)[1:] == (None, None)
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a Hub repo id"):
+        from_pretrained(str(tmp_path / "missing"))
+
+
+def test_card_accuracy_sources(timm_folder):
+    _, folder = timm_folder
+    data = build_model_card(folder, "me/m").data.to_dict()
+    assert "metrics" not in data and "model-index" not in data and data["library_name"] == "timm"
+    write_json_atomic(os.path.join(folder, "all_results.json"), {"eval_accuracy": 0.5, "train_loss": 2.0})
+    assert read_measured_accuracy(folder) == 0.5
+    write_json_atomic(os.path.join(folder, "eval_results.json"), {"eval_accuracy": 0.75})
+    assert read_measured_accuracy(folder) == 0.75  # eval_results.json first
+    # measured but no dataset: on the card and in `metrics`, but no model-index (which needs a dataset)
+    card = build_model_card(folder, "me/m")
+    assert card.data.to_dict()["metrics"] == ["accuracy"] and "model-index" not in card.data.to_dict()
+    assert "| 0.7500 |" in card.text
+    card = build_model_card(folder, "me/m", datasets="uoft-cs/cifar10", base_model="timm/resnet18.a1_in1k")
+    assert _eval_metrics(card.data.to_dict())[0]["value"] == 0.75
+    assert card.data.base_model == "timm/resnet18.a1_in1k"
+    stats = json.loads((Path(folder) / "r2_stats.json").read_text())
+    for name in stats["per_layer"]:
+        assert f"| `{name}` |" in card.text
+
+
+def test_trainer_create_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_r2 import R2Trainer, R2TrainingArguments
+
+    args = R2TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, r2_loss="kurtosis")
+    trainer = R2Trainer(make_timm("test_resnet", num_classes=3), args)
+    trainer.save_model()
+    trainer.state.log_history.append({"eval_accuracy": 0.125, "step": 0})
+    trainer.create_model_card(model_name="out", dataset="uoft-cs/cifar10", finetuned_from="timm/test")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.library_name == "timm" and set(MODEL_CARD_TAGS) <= set(card.data.tags)
+    assert card.data.base_model == "timm/test"
+    assert _eval_metrics(card.data.to_dict())[0]["value"] == 0.125
+    assert "`'kurtosis'`" in card.text
