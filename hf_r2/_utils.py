@@ -12,7 +12,14 @@ import tempfile
 from collections.abc import Iterable
 from typing import Any, ClassVar, TypeVar
 
-__all__ = ["JsonConfigMixin", "check_choice", "check_patterns", "format_choices", "write_json_atomic"]
+__all__ = [
+    "JsonConfigMixin",
+    "check_choice",
+    "check_patterns",
+    "format_choices",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 _C = TypeVar("_C", bound="JsonConfigMixin")
 
@@ -51,23 +58,28 @@ def check_patterns(name: str, value: Any) -> list[str] | None:
     return list(value)
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> str:
-    """Write `data` as indented JSON to `path` atomically (a temp file in the same folder, then `os.replace`), so
-    that a crash mid-write never leaves a truncated file where a good one was."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> str:
+    """Write `text` to `path` atomically (a temp file in the same folder, then `os.replace`), so that a crash
+    mid-write never leaves a truncated file where a good one was."""
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, **dump_kwargs)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> str:
+    """Write `data` as indented JSON to `path` atomically ([`write_text_atomic`]); nothing is written if `data`
+    does not serialise."""
+    return write_text_atomic(path, json.dumps(data, indent=2, **dump_kwargs) + "\n")
 
 
 class JsonConfigMixin:

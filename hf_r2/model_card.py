@@ -15,6 +15,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ._utils import write_text_atomic
 from .config import R2_CONFIG_NAME
 from .saving import R2_STATS_NAME
 
@@ -217,16 +218,4 @@ def build_model_card(
 
 def write_model_card(folder: str, card: ModelCard) -> str:
     """Write `card` to `folder/README.md` atomically (a temp file, then a rename); returns the path."""
-    import tempfile
-
-    path = os.path.join(folder, "README.md")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".README.md.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(str(card))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_text_atomic(os.path.join(folder, "README.md"), str(card))
