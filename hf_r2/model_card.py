@@ -17,6 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ._utils import write_text_atomic
 from .config import R2_CONFIG_NAME
+from .models import is_timm_config
 from .saving import R2_STATS_NAME
 
 __all__ = ["MODEL_CARD_TAGS", "R2_CITATION", "build_model_card", "folder_library", "read_measured_accuracy",
@@ -53,7 +54,7 @@ def folder_library(folder: str) -> str:
             f"{folder!r} has no config.json: not a saved model folder. Save one with `hf_r2.save_model_folder` or "
             "`trainer.save_model()` first."
         )
-    return "timm" if "architecture" in config and "model_type" not in config else "transformers"
+    return "timm" if is_timm_config(config) else "transformers"
 
 
 def read_measured_accuracy(folder: str) -> float | None:

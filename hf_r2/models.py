@@ -11,7 +11,14 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["create_model", "is_transformers_model", "unwrap_model", "forward_logits", "classification_loss"]
+__all__ = [
+    "create_model",
+    "is_timm_config",
+    "is_transformers_model",
+    "unwrap_model",
+    "forward_logits",
+    "classification_loss",
+]
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -30,6 +37,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+def is_timm_config(config: dict[str, Any]) -> bool:
+    """Whether a saved `config.json` is in timm's layout (`architecture`, no transformers `model_type`)."""
+    return "architecture" in config and "model_type" not in config
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -78,7 +90,7 @@ def create_model(
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{name!r} is a folder without a config.json: not a saved model.")
         config = _read_json(config_path)
-        if "architecture" in config and "model_type" not in config:
+        if is_timm_config(config):
             return _create_timm_from_folder(name, config, num_classes, pretrained, label_names, **kwargs)
         return _create_transformers(name, num_classes, pretrained, label_names, **kwargs)
     import timm
