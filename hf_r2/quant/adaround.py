@@ -1,0 +1,638 @@
+"""AdaRound: learn, layer by layer, whether each weight rounds up or down, from a few calibration batches.
+
+Rounding every weight to the nearest grid level is not what minimises a layer's output error. AdaRound (Nagel et
+al., "Up or Down? Adaptive Rounding for Post-Training Quantization", https://huggingface.co/papers/2004.10568)
+keeps each weight's grid scale `s` and zero point `z` fixed and learns only the rounding direction. With
+`x = W / s + z`, the soft-quantized weight is
+
+    W~ = s * (clamp(floor(x) + h(V), 0, 2^b - 1) - z),    h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
+
+(a rectified sigmoid, `zeta = 1.1`, `gamma = -0.1`), with `V` initialised so that `h(V) = x - floor(x)`. AdaRound
+minimises, with Adam on `V` alone,
+
+    mean_rows || W~ x_q - W x_f ||^2  +  lambda * sum (1 - |2 h(V) - 1|^beta)
+
+where `x_q` is the layer's input in the model whose earlier layers are already rounded (through the layer's
+`input_quantizer` if it has one), `x_f` its input in the float model, and the regulariser (off for the first
+`warmup` fraction of the iterations, then with `beta` annealed from `beta_start` to `beta_end` by a cosine, as in
+the authors' implementation in AIMET) drives every `h(V)` to 0 or 1. At the end each weight is rounded up where
+`h(V) >= 0.5` and down otherwise, so it lands on its grid, at the level just below or just above `W / s + z`
+(round-to-nearest is kept for a layer where that does better on the cached rows, as it can after too few steps).
+
+A row is one output position: one token of a Linear layer, one spatial position of one image of a convolution
+(whose input patch is gathered as `unfold` would). Up to `num_samples` rows per layer, drawn uniformly from all the
+calibration batches, are cached, which bounds the memory whatever the image size.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._utils import JsonConfigMixin
+from ..models import forward_logits
+from .bn import _device, _pixel_values
+
+__all__ = ["ADAROUND_CONFIG_NAME", "AdaRoundConfig", "adaround", "adaround_"]
+
+logger = logging.getLogger(__name__)
+
+ADAROUND_CONFIG_NAME = "adaround_config.json"
+
+# Stretch of the rectified sigmoid (the paper's zeta and gamma).
+_ZETA, _GAMMA = 1.1, -0.1
+
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass
+class AdaRoundConfig(JsonConfigMixin):
+    """Configuration of AdaRound (see [`adaround_`]).
+
+    The defaults are scaled down from the paper's (10,000 iterations at learning rate 1e-3, batches of 32 images)
+    to run on a CPU in seconds per layer; the larger learning rate makes up for the fewer steps.
+
+    > Parameters of the optimisation
+
+    iters (`int`, *optional*, defaults to `1000`):
+        Adam steps per layer.
+    lr (`float`, *optional*, defaults to `1e-2`):
+        Learning rate of Adam on the rounding variables `V`.
+    batch_size (`int`, *optional*, defaults to `256`):
+        Rows (output positions: tokens, or spatial positions of one image) per optimisation step, drawn with
+        replacement from the cached rows.
+
+    > Parameters of the rounding regulariser
+
+    reg_weight (`float`, *optional*, defaults to `0.01`):
+        `lambda`, the weight of `sum (1 - |2 h(V) - 1|^beta)` in the loss (0 turns it off; the final rounding is
+        then `h(V) >= 0.5`).
+    beta_start (`float`, *optional*, defaults to `20.0`):
+        The exponent `beta` when the regulariser starts (a high `beta` leaves most `h` free to move).
+    beta_end (`float`, *optional*, defaults to `2.0`):
+        The exponent `beta` at the last step (a low `beta` pushes every `h` to 0 or 1); at most `beta_start`.
+    warmup (`float`, *optional*, defaults to `0.2`):
+        Fraction of the iterations, in `[0, 1)`, run on the reconstruction loss alone before the regulariser starts.
+
+    > Parameters of the calibration data
+
+    num_samples (`int`, *optional*, defaults to `8192`):
+        Most rows cached per layer (inputs and float targets), drawn uniformly from all the calibration batches.
+        The memory is about `num_samples * (in_channels * kernel_size + out_channels)` floats per layer.
+    num_batches (`int`, *optional*):
+        Use only the first `num_batches` calibration batches; `None` uses them all.
+    seed (`int`, *optional*, defaults to `0`):
+        Seed of the row sampling and of the minibatch draws.
+    """
+
+    config_name: ClassVar[str] = ADAROUND_CONFIG_NAME
+
+    # the optimisation
+    iters: int = field(default=1000, metadata={"help": "Adam steps per layer."})
+    lr: float = field(default=1e-2, metadata={"help": "Learning rate of Adam on the rounding variables V."})
+    batch_size: int = field(
+        default=256, metadata={"help": "Rows (tokens / spatial positions of one image) per optimisation step."}
+    )
+    # the rounding regulariser
+    reg_weight: float = field(
+        default=0.01, metadata={"help": "lambda, the weight of the rounding regulariser (0 turns it off)."}
+    )
+    beta_start: float = field(default=20.0, metadata={"help": "The regulariser's exponent beta when it starts."})
+    beta_end: float = field(default=2.0, metadata={"help": "The regulariser's exponent beta at the last step."})
+    warmup: float = field(
+        default=0.2, metadata={"help": "Fraction of the iterations, in [0, 1), without the regulariser."}
+    )
+    # the calibration data
+    num_samples: int = field(default=8192, metadata={"help": "Most rows (inputs and float targets) cached per layer."})
+    num_batches: int | None = field(
+        default=None, metadata={"help": "Use only the first num_batches calibration batches (default: all)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the row sampling and the minibatch draws."})
+    # bookkeeping
+    version: int = field(default=1, metadata={"help": "Format version of this config."})
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "batch_size", "num_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        bad = isinstance(self.num_batches, bool) or not isinstance(self.num_batches, int) or self.num_batches < 1
+        if self.num_batches is not None and bad:
+            raise ValueError(f"`num_batches` must be a positive integer or `None`, got {self.num_batches!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
+        for name in ("lr", "reg_weight", "beta_start", "beta_end", "warmup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+            setattr(self, name, float(value))
+        if self.lr <= 0:
+            raise ValueError(f"`lr` must be positive, got {self.lr!r}.")
+        if self.reg_weight < 0:
+            raise ValueError(f"`reg_weight` must be >= 0 (0 turns the regulariser off), got {self.reg_weight!r}.")
+        if self.beta_end <= 0 or self.beta_start < self.beta_end:
+            raise ValueError(
+                f"`beta_start` and `beta_end` must satisfy `beta_start >= beta_end > 0` (beta is annealed down), "
+                f"got beta_start={self.beta_start!r}, beta_end={self.beta_end!r}; the paper uses 20 and 2."
+            )
+        if not 0 <= self.warmup < 1:
+            raise ValueError(
+                f"`warmup` is a fraction of `iters` and must be in [0, 1), got {self.warmup!r}; e.g. 0.2."
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# building blocks: the rounding function, the rows of a layer, the cache of rows
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _rectified_sigmoid(v: Tensor) -> Tensor:
+    """`h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)`."""
+    return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+
+
+def _inverse_rectified_sigmoid(h: Tensor) -> Tensor:
+    """`V` with `h(V) = h` for `h` in `[0, 1)` (inside the stretched sigmoid's range, so always finite)."""
+    return -torch.log((_ZETA - _GAMMA) / (h - _GAMMA) - 1)
+
+
+def _beta(config: AdaRoundConfig, step: int) -> float | None:
+    """The regulariser's exponent at `step`, or `None` during the warm-up (cosine from `beta_start` to `beta_end`)."""
+    start = int(config.warmup * config.iters)
+    if step < start:
+        return None
+    rel = (step - start) / max(1, config.iters - 1 - start)
+    return config.beta_end + 0.5 * (config.beta_start - config.beta_end) * (1 + math.cos(math.pi * min(rel, 1.0)))
+
+
+def _qparams(module: nn.Module) -> tuple[Tensor, Tensor, int, int]:
+    """`(scale, zero_point, quant_min, quant_max)` of `module.weight_quantizer`, detached, with the scale and zero
+    point shaped to broadcast against the weight (a quantizer may store them flat: `(C,)` or `(1,)`) and the scale
+    taken as `|scale|` (as `FakeQuantizer` uses it)."""
+    quantizer = module.weight_quantizer
+    missing = [a for a in ("scale", "zero_point", "bits") if not hasattr(quantizer, a)]
+    if missing:
+        raise ValueError(
+            f"`weight_quantizer` of {type(module).__name__} lacks {missing}: AdaRound needs a quantizer with `scale`, "
+            "`zero_point` and `bits` (as `hf_r2.quant.layers.FakeQuantizer` has)."
+        )
+    weight = module.weight
+    scale = torch.as_tensor(quantizer.scale).detach().abs()
+    zero_point = torch.as_tensor(quantizer.zero_point).detach().to(scale.dtype)
+
+    def shaped(t: Tensor) -> Tensor:
+        if t.dim() == weight.dim():
+            return t
+        if t.numel() == 1:
+            return t.reshape([1] * weight.dim())
+        if t.numel() == weight.shape[0]:
+            return t.reshape(-1, *([1] * (weight.dim() - 1)))
+        raise ValueError(
+            f"The weight quantizer of {type(module).__name__} has qparams of shape {tuple(t.shape)}, which fit "
+            f"neither per tensor nor per output channel of a weight of shape {tuple(weight.shape)}."
+        )
+
+    quant_min = int(getattr(quantizer, "quant_min", 0))
+    quant_max = int(getattr(quantizer, "quant_max", 2 ** int(quantizer.bits) - 1))
+    return shaped(scale), shaped(zero_point), quant_min, quant_max
+
+
+def _groups(module: nn.Module) -> int:
+    return 1 if isinstance(module, nn.Linear) else module.groups
+
+
+def _grouped_weight(module: nn.Module, weight: Tensor) -> Tensor:
+    """`(G, out_channels / G, in_channels / G * prod(kernel_size))`, matching the rows of [`_row_source`]."""
+    g = _groups(module)
+    return weight.reshape(g, weight.shape[0] // g, -1)
+
+
+def _row_source(module: nn.Module, x: Tensor) -> tuple[int, Any]:
+    """The number of rows of the layer input `x` and a function `gather(idx) -> (len(idx), G, K)` of them.
+
+    A Linear row is one token (`x[..., :]`); a convolution row is the input patch of one output position of one
+    image, padded as the layer pads, in the channel-major order of `weight.reshape(out_channels, -1)`.
+    """
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+        return rows.shape[0], lambda idx: rows[idx].unsqueeze(1)
+    nd = x.dim() - 2
+    same = _timm_conv2d_same()
+    if same is not None and isinstance(module, same[0]):  # TensorFlow "SAME" padding, computed from the input size
+        x = same[1](x, module.kernel_size, module.stride, module.dilation)
+    pad = list(module._reversed_padding_repeated_twice)
+    if any(pad):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    for i, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends the window dim: (N, C, *out, *window)
+    if any(d > 1 for d in module.dilation):
+        x = x[(..., *(slice(None, None, d) for d in module.dilation))]
+    positions = (x.shape[0], *x.shape[2 : 2 + nd])
+    g = module.groups
+
+    def gather(idx: Tensor) -> Tensor:
+        coords = torch.unravel_index(idx, positions)
+        patches = x[(coords[0], slice(None), *coords[1:])]  # (m, C, *kernel_size)
+        return patches.reshape(idx.shape[0], g, -1)
+
+    return math.prod(positions), gather
+
+
+def _timm_conv2d_same() -> tuple[type[nn.Module], Any] | None:
+    try:
+        from timm.layers import Conv2dSame
+        from timm.layers.padding import pad_same
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    return Conv2dSame, pad_same
+
+
+class _UnsupportedLayer(Exception):
+    """The layer's output is not `W x` on the rows AdaRound builds (a custom forward): it is left as it is."""
+
+
+def _check_rows(float_module: nn.Module, x: Tensor, num_rows: int, gather: Any, float_weight: Tensor) -> None:
+    """Check, on a few rows, that `W x` on AdaRound's rows is the layer's own output (bias aside): a layer with a
+    custom forward (weight standardisation, its own padding) would otherwise be rounded against the wrong target."""
+    out = float_module(x)
+    out = out.reshape(-1, out.shape[-1]) if isinstance(float_module, nn.Linear) else out.movedim(1, -1)
+    out = out.reshape(-1, out.shape[-1])
+    if float_module.bias is not None:
+        out = out - float_module.bias
+    idx = torch.linspace(0, num_rows - 1, min(num_rows, 64), device=x.device).long()
+    if out.shape[0] != num_rows:
+        raise _UnsupportedLayer(f"its output has {out.shape[0]} positions, {num_rows} expected")
+    got = _apply(gather(idx).to(float_weight.dtype), float_weight).reshape(len(idx), -1)
+    expected = out[idx].to(got.dtype)
+    tol = 1e-3 * expected.abs().max().clamp_min(1e-12)
+    if not torch.allclose(got, expected, rtol=1e-3, atol=float(tol)):
+        raise _UnsupportedLayer("its output is not the convolution / matrix product of its weight and input")
+
+
+def _apply(rows: Tensor, grouped_weight: Tensor) -> Tensor:
+    """`W x` for rows `(m, G, K)` and a grouped weight `(G, O, K)`: `(m, G, O)`."""
+    return torch.einsum("mgk,gok->mgo", rows, grouped_weight)
+
+
+class _RowCache:
+    """Up to `capacity` rows drawn uniformly without replacement from everything added (each row gets a uniform
+    random key; the rows of the `capacity` smallest keys are kept)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.keys: Tensor | None = None
+        self.inputs: Tensor | None = None
+        self.targets: Tensor | None = None
+        self._pending: Tensor | None = None  # the keys of the rows `candidates` chose, for `add`
+
+    def candidates(self, num_rows: int, generator: torch.Generator) -> Tensor:
+        """Indices of the new rows that may enter the cache (the others are not gathered at all)."""
+        keys = torch.rand(num_rows, generator=generator, dtype=torch.float64)
+        new_keys, idx = torch.topk(keys, min(num_rows, self.capacity), largest=False)
+        if self.keys is not None and self.keys.shape[0] >= self.capacity:
+            keep = new_keys < self.keys.max()
+            new_keys, idx = new_keys[keep], idx[keep]
+        self._pending = new_keys
+        return idx
+
+    def add(self, inputs: Tensor, targets: Tensor) -> None:
+        keys = self._pending.to(inputs.device)
+        if self.keys is not None:
+            keys = torch.cat([self.keys, keys])
+            inputs = torch.cat([self.inputs, inputs])
+            targets = torch.cat([self.targets, targets])
+        if keys.shape[0] > self.capacity:
+            keys, keep = torch.topk(keys, self.capacity, largest=False)
+            inputs, targets = inputs[keep], targets[keep]
+        self.keys, self.inputs, self.targets = keys, inputs, targets
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to end a forward pass once the layer's input is known."""
+
+
+def _layer_input(model: nn.Module, module: nn.Module, pixel_values: Tensor) -> Tensor:
+    """The first input of `module` in a forward of `model` on `pixel_values` (the forward stops there)."""
+    box: list[Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        box.append(args[0] if args else next(iter(kwargs.values())))
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        forward_logits(model, pixel_values)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise RuntimeError(f"{type(module).__name__} did not run in the forward pass: cannot capture its input.")
+    return box[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one layer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _cache_rows(
+    model: nn.Module,
+    float_model: nn.Module,
+    name: str,
+    batches: Iterable[Tensor],
+    config: AdaRoundConfig,
+    generator: torch.Generator,
+) -> _RowCache:
+    """Rows of the layer's (quantized) inputs and of its float outputs `W x_f`, over the calibration batches."""
+    module, float_module = model.get_submodule(name), float_model.get_submodule(name)
+    input_quantizer = getattr(module, "input_quantizer", None)
+    float_weight = _grouped_weight(float_module, float_module.weight.detach())
+    cache = _RowCache(config.num_samples)
+    with torch.no_grad():
+        for pixel_values in batches:
+            x_q = _layer_input(model, module, pixel_values)
+            if input_quantizer is not None:
+                x_q = input_quantizer(x_q)
+            x_f = _layer_input(float_model, float_module, pixel_values)
+            num_rows, gather_q = _row_source(module, x_q)
+            _, gather_f = _row_source(float_module, x_f)
+            if cache.inputs is None:
+                _check_rows(float_module, x_f, num_rows, gather_f, float_weight)
+            idx = cache.candidates(num_rows, generator).to(x_q.device)
+            rows_f = gather_f(idx).to(float_weight.dtype)
+            cache.add(gather_q(idx).to(float_weight.dtype), _apply(rows_f, float_weight))
+    if cache.inputs is None:
+        raise ValueError("`calibration_data` gave no batch: AdaRound needs calibration inputs.")
+    return cache
+
+
+def _optimize_rounding(
+    module: nn.Module, inputs: Tensor, targets: Tensor, config: AdaRoundConfig, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Learn the rounding of `module.weight` on cached rows; returns `(codes, h)`: the integer codes of the rounded
+    weight (`floor(W / s + z)` plus 0 or 1, clamped to the grid) and the final soft `h(V)`."""
+    scale, zero_point, quant_min, quant_max = _qparams(module)
+    weight = module.weight.detach().to(scale.dtype)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    x = weight / safe + zero_point
+    floor = torch.floor(x)
+    v = _inverse_rectified_sigmoid(x - floor).requires_grad_(True)
+    optimizer = torch.optim.Adam([v], lr=config.lr)
+    inputs, targets = inputs.to(scale.dtype), targets.to(scale.dtype)
+    num_rows = inputs.shape[0]
+    with torch.enable_grad():
+        for step in range(config.iters):
+            idx = torch.randint(num_rows, (config.batch_size,), generator=generator).to(inputs.device)
+            h = _rectified_sigmoid(v)
+            soft = scale * (torch.clamp(floor + h, quant_min, quant_max) - zero_point)
+            out = _apply(inputs[idx], _grouped_weight(module, soft))
+            loss = (out - targets[idx]).square().sum((1, 2)).mean()
+            beta = _beta(config, step)
+            if beta is not None and config.reg_weight > 0:
+                loss = loss + config.reg_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    h = _rectified_sigmoid(v.detach())
+    codes = torch.clamp(floor + (h >= 0.5).to(floor.dtype), quant_min, quant_max)
+    return codes, h
+
+
+def _reconstruction_error(module: nn.Module, weight: Tensor, inputs: Tensor, targets: Tensor) -> float:
+    """`mean_rows || W x_q - W_f x_f ||^2` of a weight on the cached rows."""
+    err = _apply(inputs, _grouped_weight(module, weight.to(inputs.dtype))) - targets
+    return err.double().square().sum((1, 2)).mean().item()
+
+
+def _round_layer(
+    model: nn.Module,
+    float_model: nn.Module,
+    name: str,
+    batches: Iterable[Tensor],
+    config: AdaRoundConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """AdaRound one layer of `model` in place; returns its reconstruction errors (AdaRound's, round-to-nearest's),
+    the share of weights rounded the other way than to nearest, and the number of cached rows."""
+    module = model.get_submodule(name)
+    cache = _cache_rows(model, float_model, name, batches, config, generator)
+    codes, _ = _optimize_rounding(module, cache.inputs, cache.targets, config, generator)
+    scale, zero_point, quant_min, quant_max = _qparams(module)
+    with torch.no_grad():
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        x = module.weight.detach().to(scale.dtype) / safe + zero_point
+        nearest = torch.clamp(torch.round(x), quant_min, quant_max)
+        # `(q - z) * s`: the very expression fake_quantize_affine ends with, so the weight quantizer returns it as is
+        errors = {
+            key: _reconstruction_error(module, (q - zero_point) * scale, cache.inputs, cache.targets)
+            for key, q in (("adaround_error", codes), ("nearest_error", nearest))
+        }
+        stats = {**errors, "flipped": (codes != nearest).double().mean().item(), "rows": float(cache.inputs.shape[0])}
+        if errors["adaround_error"] > errors["nearest_error"]:
+            # too few steps (or rows) to beat rounding to nearest on its own objective: keep that instead
+            codes, stats["flipped"] = nearest, 0.0
+        module.weight.copy_(((codes - zero_point) * scale).to(module.weight.dtype))
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _has_quantizer(module: nn.Module) -> bool:
+    quantizer = getattr(module, "weight_quantizer", None)
+    return quantizer is not None and getattr(quantizer, "enabled", True)
+
+
+def _select_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+    if layers is None:
+        return [n for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES) and _has_quantizer(m)]
+    if isinstance(layers, str):
+        layers = [layers]
+    names = list(layers)
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"`layers` names {name!r}, which is not a submodule of the model.") from None
+        if not isinstance(module, _LAYER_TYPES) or not _has_quantizer(module):
+            raise ValueError(
+                f"`layers` names {name!r}, a {type(module).__name__} without an enabled `weight_quantizer`: AdaRound "
+                "rounds Conv1d/2d/3d and Linear layers that carry one (quantize the model first)."
+            )
+    return names
+
+
+def _forward_order(model: nn.Module, names: list[str], pixel_values: Tensor) -> list[str]:
+    """`names` in the order their modules first run in a forward pass (modules that do not run are dropped)."""
+    order: list[str] = []
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def hook(mod: nn.Module, args: Any, name: str = name) -> None:
+            if name not in order:
+                order.append(name)
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            forward_logits(model, pixel_values)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in names if n not in order]
+    if missing:
+        logger.warning("AdaRound skips %d layers that do not run in a forward pass: %s", len(missing), missing)
+    return order
+
+
+def _calibration_batches(
+    calibration_data: Iterable[Any], num_batches: int | None, device: torch.device
+) -> tuple[Iterable[Tensor], Tensor]:
+    """A re-iterable of image tensors on `device` (an iterator is read once into a list) and the first one."""
+    if isinstance(calibration_data, (Tensor, dict)):
+        calibration_data = [calibration_data]
+
+    class _Batches:
+        def __iter__(self) -> Iterator[Tensor]:
+            for i, batch in enumerate(calibration_data):
+                if num_batches is not None and i >= num_batches:
+                    break
+                yield _pixel_values(batch).to(device)
+
+    batches: Iterable[Tensor] = _Batches()
+    if isinstance(calibration_data, Iterator):  # a generator or iterator: it can be read only once
+        batches = list(batches)
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError("`calibration_data` gave no batch: AdaRound needs calibration inputs.")
+    return batches, first
+
+
+def _resolve_config(config: AdaRoundConfig | None, kwargs: dict[str, Any]) -> AdaRoundConfig:
+    names = {f.name for f in dataclasses.fields(AdaRoundConfig)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise ValueError(f"Unknown `AdaRoundConfig` field(s) {unknown}; valid fields are {sorted(names)}.")
+    if config is None:
+        return AdaRoundConfig(**kwargs)
+    if not isinstance(config, AdaRoundConfig):
+        raise TypeError(f"`config` must be an `AdaRoundConfig` or `None`, got {type(config).__name__}.")
+    return dataclasses.replace(config, **kwargs) if kwargs else config
+
+
+def adaround_(
+    model: nn.Module,
+    calibration_data: Iterable[Any],
+    config: AdaRoundConfig | None = None,
+    layers: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Round the weights of `model`'s quantized layers with AdaRound, in place, and return `model`.
+
+    The layers are the Conv1d/2d/3d (depthwise included) and Linear modules with an enabled `weight_quantizer`, as
+    [`hf_r2.quant.layers`] builds them: an object with `scale` and `zero_point` (float tensors, per output channel
+    or per tensor: flat `(C,)` / `(1,)` or shaped to broadcast against the weight; `|scale|` is used), `bits`, and
+    optionally `quant_min` / `quant_max` (default `0` and `2^bits - 1`). A layer's
+    optional `input_quantizer` is applied to its cached inputs, as its forward applies it. The layers are rounded
+    one at a time in the order they run: each learns its rounding (see the module docstring) on its inputs in the
+    model whose earlier layers are already rounded, against the outputs of a float copy of the model (a deep copy,
+    taken first, with every weight and input quantizer removed). Each weight then holds its dequantized grid value
+    `(q - z) * s`, with `q` its code rounded down or up, so the layer's `weight_quantizer` returns it unchanged;
+    scales and zero points are not changed. Where the learnt rounding does worse on the cached rows than rounding
+    to nearest (too few iterations), the layer is rounded to nearest instead. A layer whose output is not the
+    convolution / matrix product of its weight and input (a custom forward, such as timm's weight-standardised
+    `StdConv2d`; timm's `Conv2dSame` is handled) is detected on the first batch and skipped with a warning.
+
+    Args:
+        model (`torch.nn.Module`):
+            A timm or transformers model (run through [`~hf_r2.models.forward_logits`]) with quantized layers. It
+            runs in eval mode (the train/eval mode of every module is restored at the end).
+        calibration_data (iterable of batches):
+            Batches as dicts with `"pixel_values"` (the hf-r2 convention), `(images, labels)` pairs or image tensors,
+            moved to the model's device. It is read once per layer (an iterator is first read into a list).
+        config ([`AdaRoundConfig`], *optional*):
+            The settings; keyword arguments build one if omitted, or override its fields if given
+            (`adaround_(model, data, iters=200)`).
+        layers (`list[str]`, *optional*):
+            Names of the layers to round; `None` rounds every quantized layer.
+
+    Returns:
+        `torch.nn.Module`: `model` itself.
+
+    ```python
+    >>> from hf_r2.quant import AdaRoundConfig, adaround_
+    >>> calibration = [next(iter(train_loader)) for _ in range(8)]
+    >>> adaround_(qmodel, calibration, AdaRoundConfig(iters=1000))
+    ```
+    """
+    config = _resolve_config(config, kwargs)
+    names = _select_layers(model, layers)
+    if not names:
+        logger.warning(
+            "AdaRound found no layer with a `weight_quantizer` in %s: nothing to round", type(model).__name__
+        )
+        return model
+    device = _device(model)
+    batches, first = _calibration_batches(calibration_data, config.num_batches, device)
+    modes = [(m, m.training) for m in model.modules()]
+    generator = torch.Generator().manual_seed(config.seed)
+    try:
+        model.eval()
+        float_model = copy.deepcopy(model)
+        for module in float_model.modules():
+            for attr in ("weight_quantizer", "input_quantizer"):
+                if getattr(module, attr, None) is not None:
+                    setattr(module, attr, None)
+        names = _forward_order(model, names, first)
+        try:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(names, desc="AdaRound", disable=None)
+        except ImportError:  # pragma: no cover - tqdm comes with transformers
+            progress = names
+        for name in progress:
+            try:
+                stats = _round_layer(model, float_model, name, batches, config, generator)
+            except _UnsupportedLayer as err:
+                logger.warning("AdaRound skips %s (%s): %s", name, type(model.get_submodule(name)).__name__, err)
+                continue
+            logger.info(
+                "AdaRound %s: reconstruction error %.4g (round to nearest: %.4g%s), %.1f%% of the weights flipped, "
+                "%d rows",
+                name,
+                stats["adaround_error"],
+                stats["nearest_error"],
+                ", kept" if stats["adaround_error"] > stats["nearest_error"] else "",
+                100 * stats["flipped"],
+                stats["rows"],
+            )
+    finally:
+        for module, training in modes:
+            module.training = training
+    return model
+
+
+def adaround(
+    model: nn.Module,
+    calibration_data: Iterable[Any],
+    config: AdaRoundConfig | None = None,
+    layers: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """A deep copy of `model` whose quantized layers are rounded with AdaRound (see [`adaround_`]); `model` is left
+    untouched."""
+    return adaround_(copy.deepcopy(model), calibration_data, config, layers, **kwargs)

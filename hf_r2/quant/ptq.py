@@ -1,0 +1,299 @@
+"""Post-training quantization: `quantize_(model, PTQConfig(...), calibration_data)`, one verb as in torchao.
+
+The steps, in this order (each optional, chosen by [`PTQConfig`]):
+
+1. batch-norm folding (`bn="fold"`): every conv followed by a BN is folded into it first, so the weights that get
+   quantized are the ones a deployment runs ([`~hf_r2.quant.bn_fold.fold_bn_`]);
+2. weights: every target Conv/Linear gets a frozen [`~hf_r2.quant.layers.FakeQuantizer`] with a `w_bits` grid per
+   output channel or per tensor, range by max-abs or MSE search ([`~hf_r2.quant.uniform.compute_qparams`]);
+3. rounding (`rounding="adaround"`): AdaRound learns, layer by layer on the calibration set, whether each weight
+   rounds up or down ([`~hf_r2.quant.adaround.adaround_`]); `"nearest"` rounds to nearest;
+4. batch-norm re-estimation (`bn="reestimate"`): BN statistics recomputed with the quantized weights
+   ([`~hf_r2.quant.bn.reestimate_bn_stats`]);
+5. activations (`a_bits`): an `a_bits` asymmetric grid at the input of every quantized layer, its range calibrated
+   by an observer (min-max, percentile or MSE, [`~hf_r2.quant.observers`]).
+
+AdaRound comes before BN re-estimation because it makes each layer reproduce its float outputs, and BN is
+re-estimated for the rounding that stays; activations come last so that their ranges are those of the final
+weights and statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._utils import JsonConfigMixin, check_choice, check_patterns
+from ..models import forward_logits
+from ..regularizer import find_target_modules
+from .bn import _device, _pixel_values, reestimate_bn_stats
+from .layers import FakeQuantizer, quantize_layer_, quantized_layers
+from .observers import ObserverType
+from .uniform import ScaleMethod
+
+__all__ = ["PTQConfig", "PTQ_CONFIG_NAME", "BNHandling", "Rounding", "quantize_", "calibrate_activations_"]
+
+logger = logging.getLogger(__name__)
+
+PTQ_CONFIG_NAME = "ptq_config.json"
+
+
+class BNHandling(str, enum.Enum):
+    """What PTQ does with batch norms: fold them into the convs first, re-estimate their statistics after
+    quantization, or keep them as they are."""
+
+    FOLD = "fold"
+    REESTIMATE = "reestimate"
+    KEEP = "keep"
+
+
+class Rounding(str, enum.Enum):
+    """Round-to-nearest or AdaRound."""
+
+    NEAREST = "nearest"
+    ADAROUND = "adaround"
+
+
+def _check_bits_field(name: str, value: Any, allow_none: bool, low: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 8:
+        none = " or `None`" if allow_none else ""
+        raise ValueError(f"`{name}` must be an integer from {low} to 8{none}, got {value!r}.")
+
+
+@dataclass
+class PTQConfig(JsonConfigMixin):
+    """Post-training quantization settings (see [`quantize_`]); `W2A8` is `PTQConfig(w_bits=2, a_bits=8)`.
+
+    > The grids
+
+    w_bits (`int`, *optional*, defaults to `2`):
+        Weight bit width, 1 to 8 (1 = binary `sign(w) * mean|w|`).
+    a_bits (`int`, *optional*, defaults to `8`):
+        Bit width of the inputs of quantized layers, 2 to 8; `None` leaves activations in float (weight-only).
+    per_channel (`bool`, *optional*, defaults to `True`):
+        One weight scale per output channel instead of one per tensor.
+    weight_range (`str`, *optional*, defaults to `"mse"`):
+        `"maxabs"` (nothing clipped) or `"mse"` (the clip ratio of least squared error).
+    act_observer (`str`, *optional*, defaults to `"mse"`):
+        How activation ranges are calibrated: `"minmax"`, `"percentile"` or `"mse"`.
+    act_percentile (`float`, *optional*, defaults to `99.99`):
+        The upper percentile with `act_observer="percentile"`.
+    first_last_bits (`int`, *optional*, defaults to `8`):
+        Weight and input bits of the first and the last quantized layer (8, as the paper's baselines keep them): they
+        get `max(first_last_bits, w_bits)` (and likewise for inputs), so they are never below the others; `None`
+        quantizes them like the others. To keep them in float, `exclude` them.
+
+    > The method
+
+    rounding (`str`, *optional*, defaults to `"nearest"`):
+        `"nearest"` or `"adaround"` (learnt up/down rounding, needs calibration data).
+    adaround (`dict`, *optional*):
+        Fields of [`~hf_r2.quant.adaround.AdaRoundConfig`] (iterations, regulariser weight, ...).
+    bn (`str`, *optional*, defaults to `"reestimate"`):
+        `"fold"` (fold conv+BN pairs before quantizing), `"reestimate"` (recompute BN statistics after) or
+        `"keep"`.
+    calibration_batches (`int`, *optional*, defaults to `16`):
+        How many batches of the calibration data are used (by AdaRound, BN re-estimation and observers).
+
+    > The layers
+
+    include (`list[str]`, *optional*):
+        Regular expressions over module names; only matching Conv/Linear layers are quantized.
+    exclude (`list[str]`, *optional*):
+        Regular expressions over module names to leave in float.
+    """
+
+    config_name: ClassVar[str] = PTQ_CONFIG_NAME
+
+    w_bits: int = field(default=2, metadata={"help": "Weight bit width, 1 to 8."})
+    a_bits: int | None = field(default=8, metadata={"help": "Activation bit width, 2 to 8, or None (weight-only)."})
+    per_channel: bool = field(default=True, metadata={"help": "One weight scale per output channel."})
+    weight_range: str = field(default="mse", metadata={"help": "'maxabs' or 'mse'."})
+    act_observer: str = field(default="mse", metadata={"help": "'minmax', 'percentile' or 'mse'."})
+    act_percentile: float = field(default=99.99, metadata={"help": "Upper percentile for act_observer=percentile."})
+    first_last_bits: int | None = field(default=8, metadata={"help": "Bits of the first and last layer (None: same)."})
+    rounding: str = field(default="nearest", metadata={"help": "'nearest' or 'adaround'."})
+    adaround: dict[str, Any] | None = field(default=None, metadata={"help": "AdaRoundConfig fields."})
+    bn: str = field(default="reestimate", metadata={"help": "'fold', 'reestimate' or 'keep'."})
+    calibration_batches: int = field(default=16, metadata={"help": "Calibration batches used."})
+    include: list[str] | None = field(default=None, metadata={"help": "Regexes of the layers to quantize."})
+    exclude: list[str] | None = field(default=None, metadata={"help": "Regexes of layers to leave in float."})
+    version: int = field(default=1, metadata={"help": "Format version of this config."})
+
+    def __post_init__(self) -> None:
+        _check_bits_field("w_bits", self.w_bits, allow_none=False)
+        _check_bits_field("a_bits", self.a_bits, allow_none=True, low=2)
+        _check_bits_field("first_last_bits", self.first_last_bits, allow_none=True)
+        if not isinstance(self.per_channel, bool):
+            raise ValueError(f"`per_channel` must be `True` or `False`, got {self.per_channel!r}.")
+        self.weight_range = check_choice("weight_range", self.weight_range, ScaleMethod)
+        self.act_observer = check_choice("act_observer", self.act_observer, ObserverType)
+        self.rounding = check_choice("rounding", self.rounding, Rounding)
+        self.bn = check_choice("bn", self.bn, BNHandling)
+        if not 50 < self.act_percentile <= 100:
+            raise ValueError(f"`act_percentile` must be in (50, 100], got {self.act_percentile!r}.")
+        bad = isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int)
+        if bad or self.calibration_batches < 1:
+            raise ValueError(f"`calibration_batches` must be a positive integer, got {self.calibration_batches!r}.")
+        if self.adaround is not None:
+            self.adaround_config()  # validates the fields now rather than mid-run
+        self.include = check_patterns("include", self.include)
+        self.exclude = check_patterns("exclude", self.exclude)
+
+    def adaround_config(self):
+        """The [`~hf_r2.quant.adaround.AdaRoundConfig`] that `adaround` describes."""
+        from .adaround import AdaRoundConfig
+
+        if isinstance(self.adaround, AdaRoundConfig):
+            self.adaround = {f.name: getattr(self.adaround, f.name) for f in dataclasses.fields(AdaRoundConfig)}
+        if self.adaround is not None and not isinstance(self.adaround, dict):
+            raise ValueError(f"`adaround` must be a dict of AdaRoundConfig fields or `None`, got {self.adaround!r}.")
+        return AdaRoundConfig.from_dict(self.adaround or {})
+
+    @property
+    def needs_data(self) -> bool:
+        return self.a_bits is not None or self.rounding == Rounding.ADAROUND.value or self.bn != BNHandling.KEEP.value
+
+
+def _layer_bits(config: Any, index: int, count: int, bits: int | None) -> int | None:
+    """`bits`, or `first_last_bits` for the first and the last layer."""
+    if bits is None:
+        return None
+    if config.first_last_bits is not None and index in (0, count - 1):
+        return max(config.first_last_bits, bits)
+    return bits
+
+
+@torch.no_grad()
+def calibrate_activations_(model: nn.Module, batches: Iterable[Any], observer_sample_size: int = 1 << 18) -> list[str]:
+    """Calibrate every input quantizer of `model`'s quantized layers on `batches` (a forward pass each, model in
+    eval mode, quantized weights in use; activations pass unquantized while observed). Returns the names of the
+    layers calibrated."""
+    layers = [(n, m) for n, m in quantized_layers(model) if m.input_quantizer is not None]
+    for _, module in layers:
+        module.input_quantizer.observe(observer_sample_size)
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    try:
+        for batch in batches:
+            forward_logits(model, _pixel_values(batch).to(device))
+    finally:
+        model.train(was_training)
+        done = [name for name, module in layers if module.input_quantizer.calibrate()]
+    missing = sorted({n for n, _ in layers} - set(done))
+    if missing:
+        raise ValueError(
+            f"No calibration value reached the inputs of {missing}: they are not used by the forward pass. "
+            "`exclude` them from quantization."
+        )
+    return done
+
+
+def _calibration_batches(calibration_data: Iterable[Any] | None, count: int, why: str) -> list[Any]:
+    if calibration_data is None:
+        raise ValueError(
+            f"{why} needs `calibration_data` (an iterable of batches, e.g. a DataLoader of training images); "
+            "for data-free weight quantization use `PTQConfig(a_bits=None, rounding='nearest', bn='keep')`."
+        )
+    batches = list(itertools.islice(iter(calibration_data), count))
+    if not batches:
+        raise ValueError("`calibration_data` gave no batch.")
+    return batches
+
+
+def quantize_(
+    model: nn.Module, config: PTQConfig | None = None, calibration_data: Iterable[Any] | None = None
+) -> nn.Module:
+    """Post-training quantization of `model`, in place: its target Conv/Linear layers become fake-quantized
+    layers ([`~hf_r2.quant.layers.QuantConv2d`], ...) with the grids [`PTQConfig`] describes.
+
+    ```python
+    >>> from hf_r2.quant import PTQConfig, quantize_
+    >>> quantize_(model, PTQConfig(w_bits=2, a_bits=8, rounding="adaround"), calibration_data=train_loader)
+    >>> evaluate(model, eval_loader)
+    ```
+
+    Args:
+        model (`torch.nn.Module`):
+            A timm or transformers image classifier (or any module with Conv/Linear layers).
+        config ([`PTQConfig`], *optional*):
+            Defaults to `PTQConfig()` (W2A8, MSE ranges, round-to-nearest, BN re-estimation).
+        calibration_data (iterable of batches, *optional*):
+            Batches as dicts with `"pixel_values"` (or `(images, labels)` pairs); the first
+            `config.calibration_batches` are used. Needed for activations, AdaRound, BN folding and BN
+            re-estimation.
+
+    Returns:
+        `torch.nn.Module`: `model`. [`~hf_r2.quant.export.save_low_bit`] saves the integer codes and scales.
+    """
+    config = PTQConfig() if config is None else config
+    if not isinstance(config, PTQConfig):
+        raise TypeError(f"`config` must be a `PTQConfig`, got {type(config).__name__}.")
+    batches: list[Any] = []
+    if config.needs_data:
+        why = (
+            f"`a_bits={config.a_bits}`"
+            if config.a_bits is not None
+            else f"`rounding={config.rounding!r}`"
+            if config.rounding == Rounding.ADAROUND.value
+            else f"`bn={config.bn!r}`"
+        )
+        batches = _calibration_batches(calibration_data, config.calibration_batches, f"PTQ with {why}")
+    if config.bn == BNHandling.FOLD.value:
+        from .bn_fold import fold_bn_
+
+        folded = fold_bn_(model, _pixel_values(batches[0])[:2].to(_device(model)))
+        logger.info("Folded %d batch norms into their convs", len(folded))
+
+    targets = find_target_modules(model, config.include, config.exclude)
+    for i, (_, module) in enumerate(targets):
+        w_bits = _layer_bits(config, i, len(targets), config.w_bits)
+        weight_q = FakeQuantizer(
+            w_bits, symmetric=True, per_channel=config.per_channel, channels=module.weight.shape[0]
+        ).init_from(module.weight, config.weight_range)
+        input_q = None
+        a_bits = _layer_bits(config, i, len(targets), config.a_bits)
+        if a_bits is not None:
+            input_q = FakeQuantizer(
+                a_bits,
+                symmetric=False,
+                activation=True,
+                observer=config.act_observer,
+                percentile=config.act_percentile,
+            )
+            input_q.enabled = False  # float inputs until calibrated (AdaRound and BN re-estimation run first)
+        quantize_layer_(module, weight_q, input_q)
+
+    if config.rounding == Rounding.ADAROUND.value:
+        from .adaround import adaround_
+
+        adaround_(model, batches, config.adaround_config())
+    if config.bn == BNHandling.REESTIMATE.value:
+        reestimate_bn_stats(model, batches, num_batches=None)
+    if config.a_bits is not None:
+        calibrate_activations_(model, batches)
+        for _, module in quantized_layers(model):
+            if module.input_quantizer is not None:
+                module.input_quantizer.enabled = True
+    logger.info(
+        "Quantized %d layers: W%d%s, %s, %s range, %s rounding, bn=%s",
+        len(targets),
+        config.w_bits,
+        f"A{config.a_bits}" if config.a_bits else "",
+        "per channel" if config.per_channel else "per tensor",
+        config.weight_range,
+        config.rounding,
+        config.bn,
+    )
+    return model

@@ -1,0 +1,141 @@
+"""Measuring low-bit models: `evaluate(model, data)` (top-1), `low_bit_table(...)` (FP / W8A8 / W4A8 / W2A8), and
+the results file `low_bit_results.json` that every `hf-r2 ptq / qat / compress / evaluate` run adds its row to.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._utils import write_json_atomic
+from ..metrics import evaluate_accuracy
+
+__all__ = [
+    "LOW_BIT_RESULTS_NAME",
+    "evaluate",
+    "parse_setting",
+    "low_bit_table",
+    "format_table",
+    "read_results",
+    "update_results",
+]
+
+LOW_BIT_RESULTS_NAME = "low_bit_results.json"
+
+
+def _loader(data: Any, batch_size: int) -> Iterable[Any]:
+    """`data` itself if it is a DataLoader / iterable of batches, else a DataLoader over a map-style dataset."""
+    if isinstance(data, torch.utils.data.DataLoader) or not hasattr(data, "__getitem__"):
+        return data
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict) and data[0]["labels"].dim() == 1:
+        return data  # a list of batches
+    from ..data import collate_fn
+
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+
+
+def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256, device: str | torch.device | None = None) -> float:
+    """Top-1 accuracy (a fraction in `[0, 1]`) of `model` on `data`.
+
+    `data` is a DataLoader or list of batches (`{"pixel_values", "labels"}`), or a dataset of rows in that form
+    (e.g. [`hf_r2.data.with_transforms`]'s output), batched here. The model runs in eval mode.
+    """
+    return evaluate_accuracy(model, _loader(data, batch_size), device=device)["accuracy"]
+
+
+def parse_setting(setting: str) -> tuple[int | None, int | None]:
+    """`"fp"` -> `(None, None)`, `"w2a8"` -> `(2, 8)`, `"w4"` -> `(4, None)` (weight-only)."""
+    text = setting.strip().lower()
+    if text in ("fp", "fp32", "float"):
+        return None, None
+    match = re.fullmatch(r"w(\d)(?:a(\d))?", text)
+    if not match:
+        raise ValueError(f"Unknown low-bit setting {setting!r}: use 'fp', 'w<bits>' or 'w<bits>a<bits>' ('w2a8').")
+    return int(match.group(1)), (int(match.group(2)) if match.group(2) else None)
+
+
+def low_bit_table(
+    model: nn.Module,
+    eval_data: Any,
+    calibration_data: Iterable[Any] | None = None,
+    settings: Sequence[str] = ("fp", "w8a8", "w4a8", "w2a8"),
+    **ptq_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Top-1 accuracy of `model` in float and after PTQ at each of `settings`; `model` is left untouched.
+
+    Each setting quantizes a copy with [`~hf_r2.quant.ptq.quantize_`] and `PTQConfig(w_bits, a_bits,
+    **ptq_kwargs)` (by default per-channel MSE ranges, round to nearest, BN re-estimation: so
+    `calibration_data` is needed for any setting but `"fp"`).
+
+    Returns:
+        `list[dict]`: one row per setting, `{"setting": "W2A8", "method": "ptq", "w_bits", "a_bits", "accuracy",
+        "config"}`.
+    """
+    from .ptq import PTQConfig, quantize_
+
+    rows = []
+    batches = None if calibration_data is None else list(calibration_data)
+    for setting in settings:
+        w_bits, a_bits = parse_setting(setting)
+        if w_bits is None:
+            rows.append(
+                {
+                    "setting": "FP",
+                    "method": "float",
+                    "w_bits": None,
+                    "a_bits": None,
+                    "accuracy": evaluate(model, eval_data),
+                }
+            )
+            continue
+        config = PTQConfig(w_bits=w_bits, a_bits=a_bits, **ptq_kwargs)
+        quantized = quantize_(copy.deepcopy(model), config, batches)
+        rows.append(
+            {
+                "setting": setting.upper(),
+                "method": "ptq",
+                "w_bits": w_bits,
+                "a_bits": a_bits,
+                "accuracy": evaluate(quantized, eval_data),
+                "config": config.to_dict(),
+            }
+        )
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:
+    """A markdown table of result rows (`setting`, `method`, `accuracy` in %, and `bits_per_weight` if given)."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| setting | method | top-1 (%) | bits / weight |", "|---|---|---|---|"]
+    for row in rows:
+        bpw = row.get("bits_per_weight")
+        lines.append(
+            f"| {row['setting']} | {row.get('method', '')} | {100 * row['accuracy']:.2f} | "
+            f"{'' if bpw is None else f'{bpw:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def read_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows in `folder/low_bit_results.json` (`[]` if there is none)."""
+    path = os.path.join(os.fspath(folder), LOW_BIT_RESULTS_NAME)
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("rows", [])
+
+
+def update_results(folder: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> str:
+    """Add `rows` to `folder/low_bit_results.json` (atomically), replacing rows with the same `setting` and
+    `method`; returns the path."""
+    key = lambda row: (row["setting"], row.get("method"))  # noqa: E731
+    new = {key(row) for row in rows}
+    kept = [row for row in read_results(folder) if key(row) not in new]
+    return write_json_atomic(os.path.join(os.fspath(folder), LOW_BIT_RESULTS_NAME), {"rows": kept + list(rows)})
