@@ -464,5 +464,6 @@ def _ensure_dense_grads(weights: list[Tensor]) -> None:
     model, which drops hooks, gets its own)."""
     for w in weights:
         hooks = getattr(w, "_post_accumulate_grad_hooks", None) or {}
-        if w.requires_grad and not any(h is _densify_grad for h in hooks.values()):
+        # a non-leaf weight (a parametrization's output, e.g. DKM) passes its gradient on; only leaves accumulate
+        if w.requires_grad and w.is_leaf and not any(h is _densify_grad for h in hooks.values()):
             w.register_post_accumulate_grad_hook(_densify_grad)

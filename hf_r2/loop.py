@@ -35,6 +35,7 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
 from ._utils import JsonConfigMixin, check_choice, format_choices
@@ -306,14 +307,16 @@ def train_one_epoch(
     lam = regularizer.weight_at(state.global_step)
     for batch in dataloader:
         with accelerator.accumulate(model):
-            task_loss, _ = classification_loss(model, batch["pixel_values"], batch["labels"])
-            loss = task_loss
             step_ends = accelerator.sync_gradients
-            if step_ends:
-                lam = regularizer.weight_at(state.global_step)
-                r2 = regularizer()
-                # `backward` divides by `ga`; R is the same on every micro-batch, so it enters once, times `ga`
-                loss = loss + (lam * ga) * r2
+            # a parametrized weight (DKM clustering) is computed once for the model and R2 alike
+            with parametrize.cached():
+                task_loss, _ = classification_loss(model, batch["pixel_values"], batch["labels"])
+                loss = task_loss
+                if step_ends:
+                    lam = regularizer.weight_at(state.global_step)
+                    r2 = regularizer()
+                    # `backward` divides by `ga`; R is the same on every micro-batch, so it enters once, times `ga`
+                    loss = loss + (lam * ga) * r2
             accelerator.backward(loss)
             optimizer.step()
             lr_scheduler.step()

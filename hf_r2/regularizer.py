@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._r2_kernels import _ensure_dense_grads, _LinfR2, _MarginR2, _Plan, _rows, _SoftMinMaxR2
 from .config import R2Config, R2LossType
@@ -28,6 +29,13 @@ __all__ = ["R2Regularizer", "find_target_modules", "TARGET_MODULE_TYPES"]
 logger = logging.getLogger(__name__)
 
 TARGET_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _has_weight(module: nn.Module) -> bool:
+    """A weight tensor, without computing a parametrized one (a DKM weight costs a clustering pass)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return True
+    return isinstance(getattr(module, "weight", None), Tensor)
 
 
 def find_target_modules(
@@ -45,7 +53,7 @@ def find_target_modules(
     candidates = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, TARGET_MODULE_TYPES) and isinstance(getattr(module, "weight", None), Tensor)
+        if isinstance(module, TARGET_MODULE_TYPES) and _has_weight(module)
     ]
     if not candidates:
         raise ValueError(

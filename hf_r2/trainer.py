@@ -11,6 +11,7 @@ The Trainer hooks overridden here, and why:
 | `prediction_step` | a plain timm model returns logits, not a loss: evaluate through `compute_loss` |
 | `log` | average and log `task_loss`, `r2_loss`, `r2_lambda` and the weight-range statistics |
 | `create_optimizer` | train R2's own margins / temperatures, without weight decay |
+| `get_decay_parameter_names` | no weight decay on the LSQ step sizes of a QAT-prepared model |
 | `_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler` | checkpoint and resume R2's own parameters |
 | `_save` | timm models in timm's own layout; `r2_config.json` and `r2_stats.json` next to the weights |
 | `create_model_card` | hf-r2's card ([`hf_r2.model_card.build_model_card`]), so `push_to_hub` uploads it |
@@ -31,6 +32,7 @@ import safetensors.torch
 import torch
 from accelerate.utils import broadcast
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import R2Config
@@ -243,9 +245,11 @@ class R2Trainer(Trainer):
                 "(`hf_r2.data.with_transforms`, `hf_r2.data.collate_fn`)."
             )
         labels = inputs["labels"]
-        task_loss, logits = classification_loss(model, inputs["pixel_values"], labels, num_items_in_batch)
         lam = self.regularizer.weight_at(self.state.global_step)
-        r2_term = lam * self.regularizer() if lam > 0 else task_loss.new_zeros(())
+        # a parametrized weight (DKM clustering) is computed once for the model and R2 alike
+        with parametrize.cached():
+            task_loss, logits = classification_loss(model, inputs["pixel_values"], labels, num_items_in_batch)
+            r2_term = lam * self.regularizer() if lam > 0 else task_loss.new_zeros(())
 
         if num_items_in_batch is None:
             task_mean = task_loss.detach()
@@ -317,6 +321,10 @@ class R2Trainer(Trainer):
         self._metrics[mode].clear()
 
     # ---- optimizer ----
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """The Trainer's choice, minus the step sizes of quantized layers (QAT's LSQ scales do not decay)."""
+        return [n for n in super().get_decay_parameter_names(model) if not n.endswith("_quantizer.scale")]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, plus a param group for R2's learnable parameters (same lr, no weight decay)."""
