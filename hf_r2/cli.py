@@ -1,4 +1,5 @@
-"""The `hf-r2` command line: `hf-r2 train`, `hf-r2 demo`, `hf-r2 env`, `hf-r2 push`, `hf-r2 download`.
+"""The `hf-r2` command line: `hf-r2 train`, `hf-r2 demo`, `hf-r2 env`, `hf-r2 push`, `hf-r2 download`, and the
+low-bit steps `hf-r2 ptq`, `hf-r2 qat`, `hf-r2 compress`, `hf-r2 evaluate` (in [`hf_r2.quant.commands`]).
 
 Each sub-command is a `<name>_command_parser(subparsers)` + `<name>_command(args)` pair, as in
 `accelerate.commands`. `hf-r2 train` builds its flags with [`~transformers.HfArgumentParser`] from
@@ -478,12 +479,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-r2", description="R2-Loss training for timm and Hugging Face vision models."
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="{train,demo,env,push,download}", title="commands")
+    from .quant import commands as quant_commands
+
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="{train,demo,ptq,qat,compress,evaluate,push,download,env}", title="commands"
+    )
     train_command_parser(subparsers)
     demo_command_parser(subparsers)
-    env_command_parser(subparsers)
+    quant_commands.ptq_command_parser(subparsers)
+    quant_commands.qat_command_parser(subparsers)
+    quant_commands.compress_command_parser(subparsers)
+    quant_commands.evaluate_command_parser(subparsers)
     push_command_parser(subparsers)
     download_command_parser(subparsers)
+    env_command_parser(subparsers)
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     if not hasattr(args, "func"):
         parser.print_help()

@@ -1,0 +1,510 @@
+"""`hf-r2 ptq`, `hf-r2 qat`, `hf-r2 compress`, `hf-r2 evaluate`: low-bit steps over a saved model folder.
+
+Each takes a model folder saved by `hf-r2 train` (or a Hub id), runs its step, exports the low-bit model
+([`~hf_r2.quant.export.save_low_bit`]) to `--output-dir` (default: beside the model, `<model>-<setting>`),
+evaluates it, prints the table and adds its rows to `low_bit_results.json` in the model folder (or in the
+export, for a Hub id). `hf-r2 evaluate` measures a float folder, a low-bit export, or a Hub id of either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+__all__ = [
+    "ptq_command_parser",
+    "ptq_command",
+    "qat_command_parser",
+    "qat_command",
+    "compress_command_parser",
+    "compress_command",
+    "evaluate_command_parser",
+    "evaluate_command",
+    "load_any",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null", "0", "fp", "float") else int(text)
+
+
+def _add_data_args(parser: argparse.ArgumentParser, train: bool = False) -> None:
+    parser.add_argument("model", help="A model folder saved by `hf-r2 train` (or a low-bit export), or a Hub id.")
+    parser.add_argument("--dataset", default="cifar10", help="Evaluation / calibration data (as `hf-r2 train`).")
+    parser.add_argument("--data-dir", "--data_dir", default=None, help="Folder of the local CIFAR-10 copies.")
+    parser.add_argument(
+        "--input-size",
+        "--input_size",
+        type=int,
+        default=None,
+        help="Input side in pixels (default: the model's saved one).",
+    )
+    parser.add_argument(
+        "--max-eval-samples",
+        "--max_eval_samples",
+        type=int,
+        default=None,
+        help="Evaluate on a seeded random subset of this many test images.",
+    )
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=128, help="Batch size.")
+    parser.add_argument(
+        "--calibration-samples",
+        "--calibration_samples",
+        type=int,
+        default=512,
+        help="Training images (no augmentation) for calibration / BN re-estimation.",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the subsets and of training.")
+    parser.add_argument(
+        "--output-dir",
+        "--output_dir",
+        default=None,
+        help="Where the low-bit export goes (default: beside the model, <model>-<setting>).",
+    )
+    if train:
+        parser.add_argument("--epochs", type=float, default=1.0, help="Fine-tuning epochs.")
+        parser.add_argument(
+            "--max-train-samples",
+            "--max_train_samples",
+            type=int,
+            default=None,
+            help="Fine-tune on a seeded random subset of this many training images.",
+        )
+        parser.add_argument("--learning-rate", "--learning_rate", type=float, default=1e-3, help="Peak LR (AdamW).")
+        parser.add_argument("--weight-decay", "--weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+        parser.add_argument(
+            "--r2-weight",
+            "--r2_weight",
+            type=float,
+            default=0.0,
+            help="Keep R2-Loss on during fine-tuning with this lambda (the model's own R2 loss).",
+        )
+
+
+def load_any(model: str, **download_kwargs: Any):
+    """`(model, folder, low_bit_config)` for a float folder, a low-bit export, or a Hub id of either."""
+    from ..hub import download, from_pretrained
+    from .export import is_low_bit_folder, load_low_bit
+
+    folder = model if os.path.isdir(model) else download(model, **download_kwargs)
+    if is_low_bit_folder(folder):
+        loaded, description = load_low_bit(folder)
+        return loaded, folder, description
+    return from_pretrained(folder).model, folder, None
+
+
+def _data(args: argparse.Namespace, model, train: bool = False):
+    """Eval dataset, calibration batches (train split, eval transform) and, if `train`, the training dataset."""
+    import torch
+
+    from ..cli import DataArguments, load_data
+    from ..data import collate_fn, with_transforms
+
+    data_args = DataArguments(
+        dataset_name=args.dataset,
+        data_dir=args.data_dir,
+        input_size=args.input_size,
+        max_eval_samples=args.max_eval_samples,
+        max_train_samples=getattr(args, "max_train_samples", None),
+    )
+    raw = load_data(data_args, seed=args.seed)
+    size = {"input_size": args.input_size} if args.input_size else {}
+    eval_ds = with_transforms(raw["test"], model, train=False, **size)
+    plain_train = with_transforms(raw["train"], model, train=False, **size)
+    count = min(args.calibration_samples, len(plain_train))
+    generator = torch.Generator().manual_seed(args.seed)
+    subset = torch.utils.data.Subset(
+        plain_train, torch.randperm(len(plain_train), generator=generator)[:count].tolist()
+    )
+    calibration = list(torch.utils.data.DataLoader(subset, batch_size=min(args.batch_size, 64), collate_fn=collate_fn))
+    train_ds = with_transforms(raw["train"], model, train=True, **size) if train else None
+    return eval_ds, calibration, train_ds
+
+
+def _output_dir(args: argparse.Namespace, folder: str, tag: str) -> str:
+    if args.output_dir:
+        return args.output_dir
+    base = os.path.normpath(args.model if os.path.isdir(args.model) else os.path.basename(args.model))
+    return f"{base}-{tag}"
+
+
+def _finish(args, rows: list[dict[str, Any]], folder: str, export_dir: str, title: str) -> int:
+    """Record `rows` (in the model folder, and the export), copy the R2 settings into the export, print."""
+    import shutil
+
+    from ..config import R2_CONFIG_NAME
+    from .report import format_table, update_results
+
+    if os.path.isfile(os.path.join(folder, R2_CONFIG_NAME)):
+        shutil.copy2(os.path.join(folder, R2_CONFIG_NAME), os.path.join(export_dir, R2_CONFIG_NAME))
+    for row in rows:
+        row.setdefault("dataset", args.dataset)
+
+    results_dir = folder if os.path.isdir(args.model) else export_dir
+    path = update_results(results_dir, rows)
+    if export_dir != results_dir:
+        update_results(export_dir, rows)
+    print(format_table(rows, title))
+    print(f"\nLow-bit export: {export_dir}\nResults: {path}")
+    return 0
+
+
+def _float_row(model, eval_ds, batch_size: int) -> dict[str, Any]:
+    from .report import evaluate
+
+    return {
+        "setting": "FP",
+        "method": "float",
+        "w_bits": None,
+        "a_bits": None,
+        "accuracy": evaluate(model, eval_ds, batch_size=batch_size),
+    }
+
+
+def _row(setting: str, method: str, accuracy: float, description: dict, export_dir: str, **more) -> dict[str, Any]:
+    size = description["size"]
+    return {
+        "setting": setting,
+        "method": method,
+        "accuracy": accuracy,
+        "bits_per_weight": size["bits_per_weight"],
+        "low_bit_bytes": size.get("low_bit_bytes"),
+        "export": os.path.abspath(export_dir),
+        "config": description.get("method_config"),
+        **more,
+    }
+
+
+def _finetune(model, train_ds, eval_ds, args, folder: str, tag: str) -> dict[str, float]:
+    """Fine-tune `model` in place with the accelerate loop (AdamW, cosine), R2 on with `--r2-weight`."""
+    import torch
+
+    from ..config import R2_CONFIG_NAME, R2Config
+    from ..data import collate_fn
+    from ..loop import LoopConfig, train_with_accelerate
+
+    r2 = R2Config.from_pretrained(folder) if os.path.isfile(os.path.join(folder, R2_CONFIG_NAME)) else R2Config()
+    r2 = R2Config.from_dict({**r2.to_dict(), "weight": args.r2_weight, "warmup_steps": 0})
+    # whole epochs, or a fraction of one as a step count
+    steps = -1 if args.epochs >= 1 else max(1, int(args.epochs * len(train_ds) / args.batch_size))
+    with tempfile.TemporaryDirectory(prefix=f"hf-r2-{tag}-") as run_dir:
+        config = LoopConfig(
+            output_dir=run_dir,
+            num_epochs=max(1, round(args.epochs)),
+            max_steps=steps,
+            seed=args.seed,
+            per_device_batch_size=args.batch_size,
+            optimizer="adamw",
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            save_model=False,
+            use_cpu=not torch.cuda.is_available(),
+            logging_steps=50,
+        )
+        return train_with_accelerate(model, train_ds, eval_ds, r2_config=r2, config=config, collate_fn=collate_fn)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ptq
+
+
+def ptq_command_parser(subparsers=None) -> argparse.ArgumentParser:
+    description = (
+        "Post-training quantization of a saved model: weights to --w-bits (per channel, MSE range by default), "
+        "inputs of quantized layers to --a-bits, round to nearest or AdaRound, BN re-estimated or folded; "
+        "evaluates FP and the quantized model, exports integer codes + scales."
+    )
+    parser = (
+        argparse.ArgumentParser("hf-r2 ptq", description=description)
+        if subparsers is None
+        else subparsers.add_parser("ptq", description=description, help="Post-training quantization.")
+    )
+    _add_data_args(parser)
+    parser.add_argument("--w-bits", "--w_bits", type=int, default=2, help="Weight bits, 1 to 8.")
+    parser.add_argument(
+        "--a-bits",
+        "--a_bits",
+        type=_optional_int,
+        default=8,
+        help="Activation bits, 2 to 8, or 'none' for weight-only.",
+    )
+    parser.add_argument("--per-tensor", "--per_tensor", action="store_true", help="One weight scale per tensor.")
+    parser.add_argument("--weight-range", "--weight_range", default="mse", choices=["maxabs", "mse"])
+    parser.add_argument("--act-observer", "--act_observer", default="mse", choices=["minmax", "percentile", "mse"])
+    parser.add_argument("--rounding", default="nearest", choices=["nearest", "adaround"])
+    parser.add_argument("--adaround-iters", "--adaround_iters", type=int, default=None, help="AdaRound iterations.")
+    parser.add_argument("--bn", default="reestimate", choices=["reestimate", "fold", "keep"])
+    parser.add_argument(
+        "--first-last-bits",
+        "--first_last_bits",
+        type=_optional_int,
+        default=8,
+        help="Bits of the first and last layer ('none': like the others).",
+    )
+    parser.set_defaults(func=ptq_command)
+    return parser
+
+
+def ptq_command(args: argparse.Namespace) -> int:
+    from .export import save_low_bit
+    from .ptq import PTQConfig, quantize_
+    from .report import evaluate
+
+    try:
+        config = PTQConfig(
+            w_bits=args.w_bits,
+            a_bits=args.a_bits,
+            per_channel=not args.per_tensor,
+            weight_range=args.weight_range,
+            act_observer=args.act_observer,
+            rounding=args.rounding,
+            bn=args.bn,
+            first_last_bits=args.first_last_bits,
+            adaround={"iters": args.adaround_iters} if args.adaround_iters else None,
+            calibration_batches=10**6,
+        )
+        model, folder, _ = load_any(args.model)
+        eval_ds, calibration, _ = _data(args, model)
+    except (ValueError, OSError) as err:
+        print(f"hf-r2 ptq: error: {err}", file=sys.stderr)
+        return 1
+    setting = f"W{config.w_bits}" + (f"A{config.a_bits}" if config.a_bits else "")
+    tag = f"{setting.lower()}-ptq" + ("-adaround" if config.rounding == "adaround" else "")
+    rows = [_float_row(model, eval_ds, args.batch_size)]
+    start = time.perf_counter()
+    quantize_(model, config, calibration)
+    seconds = time.perf_counter() - start
+    export_dir = _output_dir(args, folder, tag)
+    description = save_low_bit(model, export_dir, method="ptq", method_config=config.to_dict(), base_model=args.model)
+    accuracy = evaluate(model, eval_ds, batch_size=args.batch_size)
+    rows.append(
+        _row(
+            setting,
+            f"ptq-{config.rounding}",
+            accuracy,
+            description,
+            export_dir,
+            w_bits=config.w_bits,
+            a_bits=config.a_bits,
+            seconds=seconds,
+        )
+    )
+    return _finish(args, rows, folder, export_dir, f"PTQ of {args.model}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# qat
+
+
+def qat_command_parser(subparsers=None) -> argparse.ArgumentParser:
+    description = (
+        "Quantization-aware training (LSQ step sizes) of a saved model at --w-bits / --a-bits, fine-tuned with the "
+        "accelerate loop; evaluates FP and the QAT model, exports integer codes + scales."
+    )
+    parser = (
+        argparse.ArgumentParser("hf-r2 qat", description=description)
+        if subparsers is None
+        else subparsers.add_parser("qat", description=description, help="Quantization-aware training (LSQ).")
+    )
+    _add_data_args(parser, train=True)
+    parser.add_argument("--w-bits", "--w_bits", type=int, default=2, help="Weight bits, 1 to 8.")
+    parser.add_argument(
+        "--a-bits",
+        "--a_bits",
+        type=_optional_int,
+        default=2,
+        help="Activation bits, 2 to 8, or 'none' for weight-only.",
+    )
+    parser.add_argument("--per-tensor", "--per_tensor", action="store_true", help="One weight step per tensor.")
+    parser.add_argument(
+        "--first-last-bits",
+        "--first_last_bits",
+        type=_optional_int,
+        default=8,
+        help="Bits of the first and last layer ('none': like the others).",
+    )
+    parser.set_defaults(func=qat_command)
+    return parser
+
+
+def qat_command(args: argparse.Namespace) -> int:
+    from .export import save_low_bit
+    from .qat import QATConfig, prepare_qat
+    from .report import evaluate
+
+    try:
+        config = QATConfig(
+            w_bits=args.w_bits,
+            a_bits=args.a_bits,
+            per_channel=not args.per_tensor,
+            first_last_bits=args.first_last_bits,
+        )
+        model, folder, _ = load_any(args.model)
+        eval_ds, calibration, train_ds = _data(args, model, train=True)
+    except (ValueError, OSError) as err:
+        print(f"hf-r2 qat: error: {err}", file=sys.stderr)
+        return 1
+    setting = f"W{config.w_bits}" + (f"A{config.a_bits}" if config.a_bits else "")
+    tag = f"{setting.lower()}-qat"
+    rows = [_float_row(model, eval_ds, args.batch_size)]
+    prepare_qat(model, config, calibration)
+    start = time.perf_counter()
+    _finetune(model, train_ds, None, args, folder, tag)
+    seconds = time.perf_counter() - start
+    export_dir = _output_dir(args, folder, tag)
+    description = save_low_bit(model, export_dir, method="qat", method_config=config.to_dict(), base_model=args.model)
+    accuracy = evaluate(model, eval_ds, batch_size=args.batch_size)
+    rows.append(
+        _row(
+            setting,
+            "qat-lsq",
+            accuracy,
+            description,
+            export_dir,
+            w_bits=config.w_bits,
+            a_bits=config.a_bits,
+            epochs=args.epochs,
+            seconds=seconds,
+        )
+    )
+    return _finish(args, rows, folder, export_dir, f"QAT of {args.model}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compress
+
+
+def compress_command_parser(subparsers=None) -> argparse.ArgumentParser:
+    description = (
+        "Weight clustering (palettization) of a saved model to --bits (2^bits shared values per tensor or group): "
+        "k-means (no data) or DKM (differentiable k-means, fine-tuned with the accelerate loop); evaluates and "
+        "exports palette + indices."
+    )
+    parser = (
+        argparse.ArgumentParser("hf-r2 compress", description=description)
+        if subparsers is None
+        else subparsers.add_parser("compress", description=description, help="Weight clustering (k-means, DKM).")
+    )
+    _add_data_args(parser, train=True)
+    parser.add_argument("--method", default="kmeans", choices=["kmeans", "dkm"])
+    parser.add_argument("--bits", type=int, default=2, help="log2 of the palette size, 1 to 8.")
+    parser.add_argument(
+        "--group-size",
+        "--group_size",
+        type=int,
+        default=None,
+        help="One palette per this many output channels (default: one per tensor).",
+    )
+    parser.add_argument(
+        "--skip-first-last", "--skip_first_last", action="store_true", help="Leave the first and last layer in float."
+    )
+    parser.add_argument(
+        "--no-bn-reestimate",
+        "--no_bn_reestimate",
+        dest="bn_reestimate",
+        action="store_false",
+        help="Do not re-estimate BN statistics after clustering.",
+    )
+    parser.set_defaults(func=compress_command)
+    return parser
+
+
+def compress_command(args: argparse.Namespace) -> int:
+    from .bn import reestimate_bn_stats
+    from .dkm import finalize_dkm, prepare_dkm
+    from .export import save_low_bit
+    from .palettize import PalettizeConfig, palettize_
+    from .report import evaluate
+
+    try:
+        config = PalettizeConfig(
+            bits=args.bits, method=args.method, group_size=args.group_size, skip_first_last=args.skip_first_last
+        )
+        model, folder, _ = load_any(args.model)
+        eval_ds, calibration, train_ds = _data(args, model, train=args.method == "dkm")
+    except (ValueError, OSError) as err:
+        print(f"hf-r2 compress: error: {err}", file=sys.stderr)
+        return 1
+    setting = f"W{args.bits}"
+    tag = f"{setting.lower()}-{args.method}"
+    rows = [_float_row(model, eval_ds, args.batch_size)]
+    start = time.perf_counter()
+    if args.method == "dkm":
+        prepare_dkm(model, config)
+        _finetune(model, train_ds, None, args, folder, tag)
+        finalize_dkm(model)
+    else:
+        palettize_(model, config)
+    if args.bn_reestimate:
+        reestimate_bn_stats(model, calibration, num_batches=None)
+    seconds = time.perf_counter() - start
+    export_dir = _output_dir(args, folder, tag)
+    description = save_low_bit(
+        model, export_dir, method=args.method, method_config=config.to_dict(), base_model=args.model
+    )
+    accuracy = evaluate(model, eval_ds, batch_size=args.batch_size)
+    rows.append(
+        _row(setting, args.method, accuracy, description, export_dir, w_bits=args.bits, a_bits=None, seconds=seconds)
+    )
+    return _finish(args, rows, folder, export_dir, f"{args.method} clustering of {args.model}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate_command_parser(subparsers=None) -> argparse.ArgumentParser:
+    description = "Top-1 accuracy of a model folder, a low-bit export, or a Hub id of either, on a dataset."
+    parser = (
+        argparse.ArgumentParser("hf-r2 evaluate", description=description)
+        if subparsers is None
+        else subparsers.add_parser("evaluate", description=description, help=description)
+    )
+    _add_data_args(parser)
+    parser.set_defaults(func=evaluate_command)
+    return parser
+
+
+def _setting_of(description: dict[str, Any]) -> str:
+    """`W2A8` for a PTQ / QAT export, `W1` for a palettized one, from its `low_bit_config.json`."""
+    config = description.get("method_config") or {}
+    if "w_bits" in config:
+        return f"W{config['w_bits']}" + (f"A{config['a_bits']}" if config.get("a_bits") else "")
+    bits = max(info["bits"] for info in description["layers"].values())
+    return f"W{config.get('bits', bits)}"
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from .report import evaluate, format_table, update_results
+
+    try:
+        model, folder, description = load_any(args.model)
+        eval_ds, _, _ = _data(args, model)
+    except (ValueError, OSError) as err:
+        print(f"hf-r2 evaluate: error: {err}", file=sys.stderr)
+        return 1
+    accuracy = evaluate(model, eval_ds, batch_size=args.batch_size)
+    if description is None:
+        row = {"setting": "FP", "method": "float", "w_bits": None, "a_bits": None, "accuracy": accuracy}
+    else:
+        row = {
+            "setting": _setting_of(description),
+            "method": description.get("method"),
+            "accuracy": accuracy,
+            "bits_per_weight": description["size"]["bits_per_weight"],
+        }
+    row.update(dataset=args.dataset, num_samples=len(eval_ds))
+    out_dir = folder if os.path.isdir(args.model) else (args.output_dir or ".")
+    os.makedirs(out_dir, exist_ok=True)
+    path = update_results(out_dir, [row]) if os.path.isdir(args.model) or args.output_dir else None
+    print(format_table([row], f"{args.model} on {args.dataset}"))
+    if path:
+        print(f"\nResults: {path}")
+    return 0
