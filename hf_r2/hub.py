@@ -29,19 +29,24 @@ class HubPushError(RuntimeError):
 
 
 class R2Pretrained(NamedTuple):
-    """What [`from_pretrained`] returns; unpacks as `model, r2_config, stats = hf_r2.from_pretrained(...)`.
+    """What [`from_pretrained`] returns; unpacks as `model, r2_config, stats, low_bit = hf_r2.from_pretrained(...)`.
 
     model (`torch.nn.Module`):
-        The timm or transformers model, with its saved weights, in eval mode.
+        The timm or transformers model, with its saved weights, in eval mode. For a low-bit export, the weights are
+        decoded from their codes / palette (exactly the low-bit values) and quantized inputs are fake-quantized.
     r2_config ([`R2Config`] or `None`):
         The R2 settings it was trained with (`None` if the folder has no `r2_config.json`).
     stats (`dict` or `None`):
         The weight-range statistics of [`R2Regularizer.stats`] (`None` if the folder has no `r2_stats.json`).
+    low_bit (`dict` or `None`):
+        For a low-bit export ([`hf_r2.quant.save_low_bit`]), its `low_bit_config.json`: method, per-layer scheme
+        and bits, size report, base model. `None` for a full-precision folder.
     """
 
     model: nn.Module
     r2_config: R2Config | None
     stats: dict[str, Any] | None
+    low_bit: dict[str, Any] | None = None
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -235,10 +240,12 @@ def from_pretrained(repo_id_or_path: str, **download_kwargs: Any) -> R2Pretraine
             `revision`, `token`, `cache_dir`, `local_dir`, `local_files_only` for [`download`].
 
     Returns:
-        [`R2Pretrained`]: `(model, r2_config, stats)`, `r2_config` and `stats` being `None` when not saved.
+        [`R2Pretrained`]: `(model, r2_config, stats, low_bit)`, each of the last three `None` when not saved.
 
     ```python
-    >>> model, r2_config, stats = hf_r2.from_pretrained("me/resnet18-r2")
+    >>> model, r2_config, stats, _ = hf_r2.from_pretrained("me/resnet18-r2")
+    >>> model, _, _, low_bit = hf_r2.from_pretrained("me/resnet18-r2-w2a8")  # a low-bit export
+    >>> low_bit["size"]["bits_per_weight"]
     ```
     """
     from .models import create_model
@@ -250,7 +257,13 @@ def from_pretrained(repo_id_or_path: str, **download_kwargs: Any) -> R2Pretraine
         raise FileNotFoundError(f"`repo_id_or_path={path!r}` is neither a folder nor a Hub repo id.")
     else:
         folder = download(path, **download_kwargs)
-    model = create_model(folder, pretrained=True).eval()
+    from .quant.export import is_low_bit_folder, load_low_bit
+
+    low_bit = None
+    if is_low_bit_folder(folder):
+        model, low_bit = load_low_bit(folder)
+    else:
+        model = create_model(folder, pretrained=True).eval()
     config_path = os.path.join(folder, R2_CONFIG_NAME)
     r2_config = R2Config.from_pretrained(folder) if os.path.isfile(config_path) else None
     stats = None
@@ -258,4 +271,4 @@ def from_pretrained(repo_id_or_path: str, **download_kwargs: Any) -> R2Pretraine
     if os.path.isfile(stats_path):
         with open(stats_path, encoding="utf-8") as f:
             stats = json.load(f)
-    return R2Pretrained(model, r2_config, stats)
+    return R2Pretrained(model, r2_config, stats, low_bit)

@@ -110,7 +110,14 @@ def _stats_section(stats: dict[str, Any] | None) -> str:
     return "\n".join(out) + "\n"
 
 
-def _usage_section(library: str, repo_id: str) -> str:
+def _usage_section(library: str, repo_id: str, low_bit: bool = False) -> str:
+    if low_bit:
+        return (
+            "## How to load\n\n"
+            "The weights are stored as low-bit codes (`low_bit.safetensors`, described by `low_bit_config.json`); "
+            "hf-r2 decodes them into the timm / transformers architecture in `config.json`:\n\n"
+            f'```python\nimport hf_r2\nmodel, r2_config, stats, low_bit = hf_r2.from_pretrained("{repo_id}")\n```\n'
+        )
     if library == "timm":
         plain = f'import timm\nmodel = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()'
     else:
@@ -122,8 +129,30 @@ def _usage_section(library: str, repo_id: str) -> str:
         "## How to load\n\n"
         f"```python\n{plain}\n```\n\n"
         "With hf-r2, which also returns the R2 settings and the weight-range statistics:\n\n"
-        f'```python\nimport hf_r2\nmodel, r2_config, stats = hf_r2.from_pretrained("{repo_id}")\n```\n'
+        f'```python\nimport hf_r2\nmodel, r2_config, stats, _ = hf_r2.from_pretrained("{repo_id}")\n```\n'
     )
+
+
+def _is_hub_id(value: str | None) -> bool:
+    if not value or os.path.exists(value) or value.startswith((".", "/", "~")):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _low_bit_section(rows: list[dict[str, Any]]) -> str:
+    lines = ["## Low-bit results\n", "Measured by `hf-r2 ptq / qat / compress / evaluate` (`low_bit_results.json`):\n",
+             "| setting | method | top-1 accuracy | bits / weight |", "|---|---|---|---|"]
+    for row in rows:
+        bpw = row.get("bits_per_weight")
+        lines.append(f"| {row['setting']} | {row.get('method') or '-'} | {row['accuracy']:.4f} | "
+                     f"{'-' if bpw is None else f'{bpw:.2f}'} |")
+    return "\n".join(lines) + "\n"
 
 
 def build_model_card(
@@ -160,13 +189,23 @@ def build_model_card(
         training (`dict`, *optional*):
             Training hyperparameters to list (learning rate, batch size, ...).
     """
+    from .quant.export import LOW_BIT_CONFIG_NAME
+    from .quant.report import read_results
+
     library = folder_library(folder)
+    low_bit = _read_json(os.path.join(folder, LOW_BIT_CONFIG_NAME))
+    rows = [r for r in read_results(folder) if r.get("setting") != "FP" and isinstance(r.get("accuracy"), float)]
+    if low_bit is not None:
+        base_model = base_model or (low_bit.get("base_model") if _is_hub_id(low_bit.get("base_model")) else None)
     repo_id = repo_id or os.path.basename(os.path.abspath(folder))
     model_name = repo_id.split("/")[-1]
     r2_config = _read_json(os.path.join(folder, R2_CONFIG_NAME))
     stats = _read_json(os.path.join(folder, R2_STATS_NAME))
-    if accuracy is None:
+    if accuracy is None and low_bit is None:
         accuracy = read_measured_accuracy(folder)
+        fp_rows = [r for r in read_results(folder) if r.get("setting") == "FP"]
+        if accuracy is None and fp_rows:
+            accuracy = fp_rows[-1]["accuracy"]
     if isinstance(datasets, str):
         datasets = [datasets]
     all_tags = list(MODEL_CARD_TAGS) + [t for t in (tags or []) if t not in MODEL_CARD_TAGS]
@@ -183,35 +222,63 @@ def build_model_card(
                 metric_value=accuracy,
             )
         ]
+    if rows and datasets:
+        eval_results = (eval_results or []) + [
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image Classification",
+                dataset_type=datasets[0],
+                dataset_name=datasets[0],
+                metric_type="accuracy",
+                metric_name=f"Top-1 accuracy ({row['setting']}, {row.get('method')})",
+                metric_value=row["accuracy"],
+            )
+            for row in rows
+        ]
+    extra = {"base_model_relation": "quantized"} if low_bit is not None and base_model else {}
+    if low_bit is not None:
+        all_tags.append("low-bit")
     data = ModelCardData(
-        library_name=library,
+        library_name="hf-r2" if low_bit is not None else library,
         tags=all_tags,
         datasets=datasets or None,
         base_model=base_model,
         license=license,
         pipeline_tag="image-classification",
-        metrics=["accuracy"] if accuracy is not None else None,
+        metrics=["accuracy"] if accuracy is not None or rows else None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results,
+        **extra,
     )
     body = [f"# {model_name}\n",
             f"An image classifier ({library}) trained with hf-r2 and R2-Loss, the range "
             "restriction loss of Kundu et al. (2023, [arXiv 2303.08253](https://huggingface.co/papers/2303.08253)), "
             "which prepares the weights for low-bit quantization. This repo holds the full-precision weights.\n"]
-    if base_model:
+    if low_bit is not None:
+        size = low_bit.get("size") or {}
+        body[1] = (
+            f"A low-bit export ({low_bit.get('method')}, {_fmt(size.get('bits_per_weight'))} bits per weight of the "
+            f"{size.get('low_bit_layers')} quantized layers) of an image classifier ({library}) trained with hf-r2 "
+            "and R2-Loss (Kundu et al., 2023, [arXiv 2303.08253](https://huggingface.co/papers/2303.08253)).\n"
+        )
+    if base_model and low_bit is not None:
+        body.append(f"Quantized from [`{base_model}`](https://huggingface.co/{base_model}).\n")
+    elif base_model:
         body.append(f"Fine-tuned from [`{base_model}`](https://huggingface.co/{base_model}).\n")
     body.append("## Results\n")
     if accuracy is not None:
         on = f" on `{datasets[0]}`" if datasets else ""
         body.append(f"| metric | value |\n|---|---|\n| top-1 accuracy (full precision){on} | {accuracy:.4f} |\n")
-    else:
+    elif not rows:
         body.append("No evaluation results were saved with this model.\n")
+    if rows:
+        body.append(_low_bit_section(rows))
     body.append(_r2_section(r2_config))
     body.append(_stats_section(stats))
     if training:
         rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in training.items())
         body.append(f"## Training\n\n| hyperparameter | value |\n|---|---|\n{rows}\n")
-    body.append(_usage_section(library, repo_id))
+    body.append(_usage_section(library, repo_id, low_bit=low_bit is not None))
     body.append(f"## Citation\n\n```bibtex\n{R2_CITATION}\n```\n")
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
     return ModelCard(content)

@@ -15,6 +15,8 @@ import torch
 TIMM_REPO = "r2-tests/timm-resnet-r2"
 HF_REPO = "r2-tests/convnext-r2"
 TRAINER_REPO = "r2-tests/trainer-r2"
+LOW_BIT_REPO = "r2-tests/timm-resnet-r2-w2a8"
+LOW_BIT_ACCURACY = 0.3125  # the number the low-bit export's low_bit_results.json holds
 TRAINER_ACCURACY = 0.25
 ACCURACY = 0.4375  # the measured number the timm folder's eval_results.json holds
 DATASET = "uoft-cs/cifar10"
@@ -60,10 +62,22 @@ def push(work: str) -> dict:
     # transformers model: saved by push_to_hub itself, no eval results (so no metric on its card)
     urls["hf"] = hf_r2.hub.push_to_hub(hf_model, HF_REPO, hf_dir, r2_config=cfg,
                                        stats=R2Regularizer(hf_model, cfg).stats())
+    # a W2A8 export of the timm model, pushed as its own repo with the full-precision repo as base model
+    import copy
+
+    from hf_r2.quant import PTQConfig, quantize_, save_low_bit
+    from hf_r2.quant.report import update_results
+
+    quantized = quantize_(copy.deepcopy(timm_model), PTQConfig(w_bits=2, a_bits=8, bn="keep"), [{"pixel_values": x}])
+    low_dir = os.path.join(work, "low_bit_folder")
+    save_low_bit(quantized, low_dir, method="ptq", base_model=TIMM_REPO)
+    update_results(low_dir, [{"setting": "W2A8", "method": "ptq-nearest", "accuracy": LOW_BIT_ACCURACY}])
+    urls["low_bit"] = hf_r2.hub.push_to_hub(low_dir, LOW_BIT_REPO, datasets=DATASET)
     with torch.no_grad():
-        ref = {"x": x, "timm": timm_model(x), "hf": hf_model(pixel_values=x).logits}
+        ref = {"x": x, "timm": timm_model(x), "hf": hf_model(pixel_values=x).logits, "low_bit": quantized.eval()(x)}
     torch.save(ref, os.path.join(work, "ref.pt"))
-    out = {"urls": urls, "timm_files": sorted(os.listdir(timm_dir)), "hf_files": sorted(os.listdir(hf_dir))}
+    out = {"urls": urls, "timm_files": sorted(os.listdir(timm_dir)), "hf_files": sorted(os.listdir(hf_dir)),
+           "low_bit_files": sorted(os.listdir(low_dir))}
     try:
         hf_r2.hub.push_to_hub(timm_dir, TIMM_REPO, datasets=DATASET, exist_ok=False)
         out["exist_error"] = None
@@ -99,20 +113,28 @@ def load(work: str) -> dict:
         plain_hf = AutoModelForImageClassification.from_pretrained(HF_REPO).eval()
         out["hf_plain_max_diff"] = (plain_hf(pixel_values=x).logits - ref["hf"]).abs().max().item()
         out["hf_plain_id2label"] = {str(k): v for k, v in plain_hf.config.id2label.items()}
-        model, r2_config, stats = hf_r2.hub.from_pretrained(TIMM_REPO)
+        model, r2_config, stats, _ = hf_r2.hub.from_pretrained(TIMM_REPO)
         out["timm_r2_max_diff"] = (model(x) - ref["timm"]).abs().max().item()
         out["timm_r2_config"] = r2_config.to_dict() if r2_config else None
         out["timm_r2_stats_keys"] = sorted(stats) if stats else None
-        model, r2_config, stats = hf_r2.hub.from_pretrained(HF_REPO)
+        model, r2_config, stats, _ = hf_r2.hub.from_pretrained(HF_REPO)
         out["hf_r2_max_diff"] = (model(pixel_values=x).logits - ref["hf"]).abs().max().item()
         out["hf_r2_config"] = r2_config.to_dict() if r2_config else None
         out["hf_r2_stats_layers"] = sorted(stats["per_layer"]) if stats else None
+        model, _, _, low_bit = hf_r2.hub.from_pretrained(LOW_BIT_REPO)
+        out["low_bit_max_diff"] = (model(x) - ref["low_bit"]).abs().max().item()
+        out["low_bit_method"] = low_bit["method"] if low_bit else None
+        out["low_bit_weights_distinct"] = max(
+            torch.unique(m.weight[c]).numel() for n, m in model.named_modules()
+            if n in low_bit["layers"] and low_bit["layers"][n]["bits"] == 2 for c in range(m.weight.shape[0])
+        )
     from hf_r2.cli import main
 
     local = os.path.join(work, "downloaded")
     out["cli_download_rc"] = main(["download", HF_REPO, "--local-dir", local])
     out["cli_download_files"] = sorted(f for f in os.listdir(local) if not f.startswith("."))
-    for key, repo in (("timm_card", TIMM_REPO), ("hf_card", HF_REPO), ("trainer_card", TRAINER_REPO)):
+    for key, repo in (("timm_card", TIMM_REPO), ("hf_card", HF_REPO), ("trainer_card", TRAINER_REPO),
+                      ("low_bit_card", LOW_BIT_REPO)):
         card = ModelCard.load(repo)
         out[key] = {"data": card.data.to_dict(), "text": card.text}
     return out
@@ -123,7 +145,7 @@ def offline(work: str) -> dict:
     import hf_r2.hub
 
     ref = torch.load(os.path.join(work, "ref.pt"))
-    model, r2_config, stats = hf_r2.hub.from_pretrained(TIMM_REPO)
+    model, r2_config, stats, _ = hf_r2.hub.from_pretrained(TIMM_REPO)
     with torch.no_grad():
         diff = (model(ref["x"]) - ref["timm"]).abs().max().item()
     return {"max_diff": diff, "r2_loss": r2_config.loss if r2_config else None, "has_stats": stats is not None}

@@ -113,6 +113,24 @@ def _eval_metrics(card_data: dict) -> list[dict]:
     return [m for entry in card_data.get("model-index", []) for r in entry["results"] for m in r["metrics"]]
 
 
+def test_low_bit_export_round_trip(hub_runs):
+    """A W2A8 export pushed as its own repo (base model: the FP repo) loads with hf_r2.from_pretrained, identical."""
+    push, load = hub_runs["push"], hub_runs["load"]
+    assert {"README.md", "config.json", "low_bit.safetensors", "low_bit_config.json"} <= set(push["low_bit_files"])
+    assert "model.safetensors" not in push["low_bit_files"]
+    assert load["low_bit_max_diff"] == 0.0
+    assert load["low_bit_method"] == "ptq"
+    assert load["low_bit_weights_distinct"] <= 4
+    card = load["low_bit_card"]
+    assert card["data"]["base_model"] == W.TIMM_REPO
+    assert card["data"]["base_model_relation"] == "quantized"
+    assert card["data"]["library_name"] == "hf-r2" and "low-bit" in card["data"]["tags"]
+    results = card["data"]["model-index"][0]["results"]
+    assert [r["metrics"][0]["value"] for r in results] == [W.LOW_BIT_ACCURACY]
+    assert "| W2A8 | ptq-nearest | 0.3125 |" in card["text"]
+    assert "hf_r2.from_pretrained" in card["text"] and "timm.create_model" not in card["text"]
+
+
 def test_cards_metadata_hold_only_measured_numbers(hub_runs):
     load = hub_runs["load"]
     timm_card, hf_card, trainer_card = load["timm_card"], load["hf_card"], load["trainer_card"]
@@ -182,14 +200,15 @@ def test_push_folder_without_config(tmp_path):
 def test_from_pretrained_local_folder(timm_folder, tmp_path):
     model, folder = timm_folder
     x = torch.randn(2, 3, 32, 32)
-    loaded, r2_config, stats = from_pretrained(folder)
+    loaded, r2_config, stats, low_bit = from_pretrained(folder)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert r2_config == R2Config(loss="linf", weight=0.05)
     assert stats == json.loads((Path(folder) / "r2_stats.json").read_text())
+    assert low_bit is None
     os.remove(Path(folder) / "r2_config.json")
     os.remove(Path(folder) / "r2_stats.json")
-    assert from_pretrained(folder)[1:] == (None, None)
+    assert from_pretrained(folder)[1:] == (None, None, None)
     with pytest.raises(FileNotFoundError, match="neither a folder nor a Hub repo id"):
         from_pretrained(str(tmp_path / "missing"))
 
