@@ -204,7 +204,8 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
 
     Writes to `training_args.output_dir`: the model (`model.safetensors` + `config.json`, loadable with
     [`hf_r2.models.create_model`]`(output_dir, pretrained=True)`), `r2_config.json`, `train_results.json`,
-    `eval_results.json`, `all_results.json` and `trainer_state.json`.
+    `eval_results.json`, `all_results.json`, `trainer_state.json` and `r2_training.json` (the training arguments
+    that matter and the dataset, which the model card cites).
     """
     from transformers import set_seed
 
@@ -228,6 +229,12 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if trainer.args.should_save:
+        from .data import hub_dataset_id
+        from .saving import update_training_info
+
+        update_training_info(training_args.output_dir, dataset=data_args.dataset_name,
+                             dataset_id=hub_dataset_id(data_args.dataset_name))
     train_metrics = dict(train_result.metrics, train_samples=ds["train"].num_rows)
     trainer.log_metrics("train", train_metrics)
     trainer.save_metrics("train", train_metrics)

@@ -26,6 +26,7 @@ __all__ = [
     "LOCAL_DATASETS",
     "HUB_FALLBACKS",
     "find_local_data_dir",
+    "hub_dataset_id",
     "load_image_dataset",
     "label_names",
     "build_transform",
@@ -70,6 +71,18 @@ class AugmentType(str, enum.Enum):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
+
+
+def hub_dataset_id(name_or_path: str | None) -> str | None:
+    """The Hub id of a dataset name as [`load_image_dataset`] takes it: `uoft-cs/cifar10` for the CIFAR-10 short
+    names, the name itself for a Hub id, `None` for a local folder or file pattern (no Hub id to cite)."""
+    if not name_or_path:
+        return None
+    if name_or_path in HUB_FALLBACKS:
+        return HUB_FALLBACKS[name_or_path][0]
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or "*" in name_or_path:
+        return None
+    return name_or_path if name_or_path.count("/") == 1 else None
 
 
 def find_local_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:

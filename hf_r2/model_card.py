@@ -17,8 +17,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ._utils import write_text_atomic
 from .config import R2_CONFIG_NAME
+from .data import hub_dataset_id
 from .models import is_timm_config
-from .saving import R2_STATS_NAME
+from .saving import R2_STATS_NAME, read_training_info
 
 __all__ = ["MODEL_CARD_TAGS", "R2_CITATION", "build_model_card", "folder_library", "read_measured_accuracy",
            "write_model_card"]
@@ -175,8 +176,9 @@ def build_model_card(
             The Hub repo the card is for (used in the loading snippet and as the model name); defaults to the folder
             name.
         datasets (`str` or `list[str]`, *optional*):
-            Hub ids of the training / evaluation data (e.g. `"uoft-cs/cifar10"`). The measured accuracy goes into the
-            model-index only when the dataset is known (the model-index needs one).
+            Hub ids of the training / evaluation data (e.g. `"uoft-cs/cifar10"`); default: the dataset recorded in
+            the folder (`r2_training.json` from `hf-r2 train`, or the rows of `low_bit_results.json`). The measured
+            accuracy goes into the model-index only when the dataset is known (the model-index needs one).
         base_model (`str`, *optional*):
             The checkpoint this model was fine-tuned from, if any.
         license (`str`, *optional*):
@@ -187,7 +189,7 @@ def build_model_card(
             A measured top-1 accuracy; defaults to the one in the folder's `eval_results.json` / `all_results.json`.
             Never pass a number that was not measured on the model in `folder`.
         training (`dict`, *optional*):
-            Training hyperparameters to list (learning rate, batch size, ...).
+            Training hyperparameters to list (learning rate, batch size, ...); default: those in `r2_training.json`.
     """
     from .quant.export import LOW_BIT_CONFIG_NAME
     from .quant.report import read_results
@@ -206,6 +208,13 @@ def build_model_card(
         fp_rows = [r for r in read_results(folder) if r.get("setting") == "FP"]
         if accuracy is None and fp_rows:
             accuracy = fp_rows[-1]["accuracy"]
+    info = read_training_info(folder)
+    if training is None:
+        training = info.get("training_arguments")
+    if not datasets:
+        # the data recorded by `hf-r2 train` (r2_training.json), else by the low-bit commands (their results rows)
+        found = [info.get("dataset_id")] + [hub_dataset_id(r.get("dataset")) for r in read_results(folder)]
+        datasets = next(([d] for d in found if d), None)
     if isinstance(datasets, str):
         datasets = [datasets]
     all_tags = list(MODEL_CARD_TAGS) + [t for t in (tags or []) if t not in MODEL_CARD_TAGS]

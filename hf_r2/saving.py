@@ -17,9 +17,20 @@ from ._utils import write_json_atomic
 from .config import R2Config
 from .models import is_transformers_model
 
-__all__ = ["R2_STATS_NAME", "is_timm_model", "save_model_folder", "save_r2_files", "save_timm_folder"]
+__all__ = [
+    "R2_STATS_NAME",
+    "R2_TRAINING_NAME",
+    "is_timm_model",
+    "read_training_info",
+    "save_model_folder",
+    "save_r2_files",
+    "save_timm_folder",
+    "update_training_info",
+]
 
 R2_STATS_NAME = "r2_stats.json"
+#: The training arguments that matter and the data trained on, beside `r2_config.json` (read by the model card).
+R2_TRAINING_NAME = "r2_training.json"
 
 
 def is_timm_model(model: nn.Module) -> bool:
@@ -74,3 +85,22 @@ def save_model_folder(
         safetensors.torch.save_model(model, os.path.join(save_directory, "model.safetensors"))
     save_r2_files(save_directory, r2_config, stats)
     return save_directory
+
+
+def read_training_info(folder: str) -> dict[str, Any]:
+    """The contents of `folder/r2_training.json` (`{}` if there is none)."""
+    import json
+
+    path = os.path.join(folder, R2_TRAINING_NAME)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def update_training_info(folder: str, **entries: Any) -> str:
+    """Merge `entries` (`training_arguments={...}`, `dataset="cifar10"`, `dataset_id="uoft-cs/cifar10"`) into
+    `folder/r2_training.json`, atomically; entries given as `None` are left out."""
+    info = read_training_info(folder)
+    info.update({k: v for k, v in entries.items() if v is not None})
+    return write_json_atomic(os.path.join(folder, R2_TRAINING_NAME), info)

@@ -38,7 +38,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .config import R2Config
 from .models import classification_loss, forward_logits, unwrap_model
 from .regularizer import R2Regularizer
-from .saving import R2_STATS_NAME, is_timm_model, save_r2_files, save_timm_folder
+from .saving import R2_STATS_NAME, is_timm_model, save_r2_files, save_timm_folder, update_training_info
 
 __all__ = ["R2Trainer", "compute_accuracy", "R2_STATE_NAME", "R2_STATS_NAME"]
 
@@ -376,6 +376,15 @@ class R2Trainer(Trainer):
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         if self.args.should_save:
             save_r2_files(output_dir, self.regularizer.config, self.regularizer.stats())
+            update_training_info(output_dir, training_arguments=self.training_summary())
+
+    def training_summary(self) -> dict[str, Any]:
+        """The training arguments that matter for reproducing the run (saved in `r2_training.json`, on the card)."""
+        names = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                 "max_steps", "weight_decay", "optim", "lr_scheduler_type", "warmup_steps", "seed")
+        training = {name: getattr(self.args, name) for name in names if hasattr(self.args, name)}
+        training["world_size"] = self.args.world_size
+        return {k: getattr(v, "value", v) for k, v in training.items()}
 
     # ---- Hub ----
 
@@ -408,10 +417,7 @@ class R2Trainer(Trainer):
             logged = [e["eval_accuracy"] for e in self.state.log_history if "eval_accuracy" in e]
             accuracy = float(logged[-1]) if logged else None
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        names = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
-                 "max_steps", "weight_decay", "optim", "lr_scheduler_type", "warmup_steps", "seed")
-        training = {name: getattr(self.args, name) for name in names if hasattr(self.args, name)}
-        training = {k: getattr(v, "value", v) for k, v in training.items()}
+        training = self.training_summary()
         card = build_model_card(
             output_dir,
             self.args.hub_model_id or model_name,

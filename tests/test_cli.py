@@ -75,6 +75,9 @@ def test_train_end_to_end_saves_a_loadable_model(data_dir, tmp_path):
         assert (out / name).is_file(), name
     assert json.loads((out / "r2_config.json").read_text())["loss"] == "margin"
     assert trainer.state.global_step == 2
+    info = json.loads((out / "r2_training.json").read_text())
+    assert info["dataset"] == "cifar10-tiny" and info["dataset_id"] == "uoft-cs/cifar10"
+    assert info["training_arguments"]["max_steps"] == 2 and info["training_arguments"]["seed"] == trainer.args.seed
 
     loaded = create_model(str(out), pretrained=True).eval()
     assert loaded.pretrained_cfg["label_names"][:2] == ["airplane", "automobile"]

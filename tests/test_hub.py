@@ -233,6 +233,27 @@ def test_card_accuracy_sources(timm_folder):
         assert f"| `{name}` |" in card.text
 
 
+def test_card_reads_dataset_training_and_low_bit_rows_from_folder(timm_folder):
+    """Without flags the card cites the dataset and training arguments `hf-r2 train` recorded, and lists the
+    low-bit rows the quant commands measured (each in the model-index)."""
+    from hf_r2.quant.report import update_results
+    from hf_r2.saving import update_training_info
+
+    _, folder = timm_folder
+    write_json_atomic(os.path.join(folder, "eval_results.json"), {"eval_accuracy": 0.75})
+    update_training_info(folder, dataset="cifar10", dataset_id="uoft-cs/cifar10",
+                         training_arguments={"learning_rate": 0.003, "seed": 1})
+    update_results(folder, [{"setting": "W2A8", "method": "ptq-nearest", "accuracy": 0.5, "bits_per_weight": 2.2,
+                             "dataset": "cifar10"}])
+    card = build_model_card(folder, "me/m")
+    data = card.data.to_dict()
+    assert data["datasets"] == ["uoft-cs/cifar10"]
+    assert [m["value"] for m in _eval_metrics(data)] == [0.75, 0.5]
+    assert "| `learning_rate` | `0.003` |" in card.text
+    assert "| W2A8 | ptq-nearest | 0.5000 | 2.20 |" in card.text
+    assert "base_model_relation" not in data  # a full-precision folder
+
+
 def test_trainer_create_model_card(tmp_path):
     from huggingface_hub import ModelCard
 
