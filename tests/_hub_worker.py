@@ -65,10 +65,14 @@ def push(work: str) -> dict:
     # a W2A8 export of the timm model, pushed as its own repo with the full-precision repo as base model
     import copy
 
+    import timm
+
     from hf_r2.quant import PTQConfig, quantize_, save_low_bit
     from hf_r2.quant.report import update_results
 
-    quantized = quantize_(copy.deepcopy(timm_model), PTQConfig(w_bits=2, a_bits=8, bn="keep"), [{"pixel_values": x}])
+    # (ten classes, so that `hf-r2 evaluate` can run it on CIFAR-10 in `load`)
+    cifar_model = timm.create_model("test_resnet", num_classes=10).eval()
+    quantized = quantize_(copy.deepcopy(cifar_model), PTQConfig(w_bits=2, a_bits=8, bn="keep"), [{"pixel_values": x}])
     low_dir = os.path.join(work, "low_bit_folder")
     save_low_bit(quantized, low_dir, method="ptq", base_model=TIMM_REPO)
     update_results(low_dir, [{"setting": "W2A8", "method": "ptq-nearest", "accuracy": LOW_BIT_ACCURACY}])
@@ -130,6 +134,21 @@ def load(work: str) -> dict:
         )
     from hf_r2.cli import main
 
+    # `hf-r2 evaluate` on a Hub id of a low-bit export (tiny local CIFAR-10), and on a model with too few classes
+    data_dir = os.environ.get("HF_R2_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+    eval_dir = os.path.join(work, "evaluate_low_bit")
+    out["cli_evaluate_rc"] = main(["evaluate", LOW_BIT_REPO, "--dataset", "cifar10-tiny", "--data-dir", data_dir,
+                                   "--input-size", "32", "--max-eval-samples", "16", "--output-dir", eval_dir])
+    with open(os.path.join(eval_dir, "low_bit_results.json")) as f:
+        out["cli_evaluate_rows"] = json.load(f)["rows"]
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        out["cli_evaluate_classes_rc"] = main(["evaluate", TIMM_REPO, "--dataset", "cifar10-tiny", "--data-dir",
+                                               data_dir, "--input-size", "32", "--max-eval-samples", "16"])
+    out["cli_evaluate_classes_err"] = err.getvalue()
     local = os.path.join(work, "downloaded")
     out["cli_download_rc"] = main(["download", HF_REPO, "--local-dir", local])
     out["cli_download_files"] = sorted(f for f in os.listdir(local) if not f.startswith("."))

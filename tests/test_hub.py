@@ -129,6 +129,12 @@ def test_low_bit_export_round_trip(hub_runs):
     assert [r["metrics"][0]["value"] for r in results] == [W.LOW_BIT_ACCURACY]
     assert "| W2A8 | ptq-nearest | 0.3125 |" in card["text"]
     assert "hf_r2.from_pretrained" in card["text"] and "timm.create_model" not in card["text"]
+    # `hf-r2 evaluate REPO_ID` on the export
+    assert load["cli_evaluate_rc"] == 0
+    (row,) = load["cli_evaluate_rows"]
+    assert row["setting"] == "W2A8" and row["method"] == "ptq" and row["num_samples"] == 16
+    assert load["cli_evaluate_classes_rc"] == 1
+    assert "3 classes" in load["cli_evaluate_classes_err"] and "10 classes" in load["cli_evaluate_classes_err"]
 
 
 def test_cards_metadata_hold_only_measured_numbers(hub_runs):

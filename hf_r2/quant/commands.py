@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -115,6 +116,7 @@ def _data(args: argparse.Namespace, model, train: bool = False):
         max_train_samples=getattr(args, "max_train_samples", None),
     )
     raw = load_data(data_args, seed=args.seed)
+    _check_classes(model, raw, args.dataset)
     size = {"input_size": args.input_size} if args.input_size else {}
     eval_ds = with_transforms(raw["test"], model, train=False, **size)
     plain_train = with_transforms(raw["train"], model, train=False, **size)
@@ -126,6 +128,25 @@ def _data(args: argparse.Namespace, model, train: bool = False):
     calibration = list(torch.utils.data.DataLoader(subset, batch_size=min(args.batch_size, 64), collate_fn=collate_fn))
     train_ds = with_transforms(raw["train"], model, train=True, **size) if train else None
     return eval_ds, calibration, train_ds
+
+
+def _num_classes(model) -> int | None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_labels"):
+        return int(config.num_labels)
+    return getattr(model, "num_classes", None)
+
+
+def _check_classes(model, raw, dataset: str) -> None:
+    """A clear error when the data has labels the model's head cannot score."""
+    from ..data import label_names
+
+    classes, names = _num_classes(model), label_names(raw)
+    if classes is not None and len(names) > classes:
+        raise ValueError(
+            f"The model has {classes} classes but {dataset!r} has {len(names)} classes ({', '.join(names[:5])}, ...): "
+            "evaluate and calibrate on the data the model was trained on."
+        )
 
 
 def _output_dir(args: argparse.Namespace, folder: str, tag: str) -> str:
@@ -477,8 +498,18 @@ def _setting_of(description: dict[str, Any]) -> str:
     config = description.get("method_config") or {}
     if "w_bits" in config:
         return f"W{config['w_bits']}" + (f"A{config['a_bits']}" if config.get("a_bits") else "")
-    bits = max(info["bits"] for info in description["layers"].values())
-    return f"W{config.get('bits', bits)}"
+    if "bits" in config:
+        return f"W{config['bits']}"
+    # no method config: the bit widths that hold the most weights (first / last layers are often wider)
+    w_count: dict[int, int] = {}
+    a_count: dict[int, int] = {}
+    for info in description["layers"].values():
+        size = math.prod(info["shape"])
+        w_count[info["bits"]] = w_count.get(info["bits"], 0) + size
+        if info.get("input_bits"):
+            a_count[info["input_bits"]] = a_count.get(info["input_bits"], 0) + size
+    w_bits = max(w_count, key=w_count.get)
+    return f"W{w_bits}" + (f"A{max(a_count, key=a_count.get)}" if a_count else "")
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
