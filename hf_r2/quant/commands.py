@@ -232,6 +232,47 @@ def _finetune(model, train_ds, eval_ds, args, folder: str, tag: str) -> dict[str
         return train_with_accelerate(model, train_ds, eval_ds, r2_config=r2, config=config, collate_fn=collate_fn)
 
 
+def _error(command: str, err: Exception) -> int:
+    print(f"hf-r2 {command}: error: {err}", file=sys.stderr)
+    return 1
+
+
+def _run_step(
+    args: argparse.Namespace,
+    command: str,
+    config: Any,
+    step: Any,
+    *,
+    setting: str,
+    tag: str,
+    method: str,
+    train: bool = False,
+    **row_fields: Any,
+) -> int:
+    """What `ptq`, `qat` and `compress` share: load the model and data, measure FP, run `step(model, calibration,
+    train_ds, folder, tag)` (timed), export, measure the low-bit model, record and print both rows."""
+    from .export import save_low_bit
+    from .report import evaluate
+
+    try:
+        model, folder, _ = load_any(args.model)
+        eval_ds, calibration, train_ds = _data(args, model, train=train)
+    except (ValueError, OSError) as err:
+        return _error(command, err)
+    rows = [_float_row(model, eval_ds, args.batch_size)]
+    start = time.perf_counter()
+    step(model, calibration, train_ds, folder, tag)
+    seconds = time.perf_counter() - start
+    export_dir = _output_dir(args, folder, tag)
+    method_name = method.split("-")[0] if command != "compress" else method
+    description = save_low_bit(
+        model, export_dir, method=method_name, method_config=config.to_dict(), base_model=args.model
+    )
+    accuracy = evaluate(model, eval_ds, batch_size=args.batch_size)
+    rows.append(_row(setting, method, accuracy, description, export_dir, seconds=seconds, **row_fields))
+    return _finish(args, rows, folder, export_dir, f"{command} of {args.model}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # ptq
 
@@ -274,9 +315,7 @@ def ptq_command_parser(subparsers=None) -> argparse.ArgumentParser:
 
 
 def ptq_command(args: argparse.Namespace) -> int:
-    from .export import save_low_bit
     from .ptq import PTQConfig, quantize_
-    from .report import evaluate
 
     try:
         config = PTQConfig(
@@ -291,33 +330,25 @@ def ptq_command(args: argparse.Namespace) -> int:
             adaround={"iters": args.adaround_iters} if args.adaround_iters else None,
             calibration_batches=10**6,
         )
-        model, folder, _ = load_any(args.model)
-        eval_ds, calibration, _ = _data(args, model)
-    except (ValueError, OSError) as err:
-        print(f"hf-r2 ptq: error: {err}", file=sys.stderr)
-        return 1
+    except ValueError as err:
+        return _error("ptq", err)
     setting = f"W{config.w_bits}" + (f"A{config.a_bits}" if config.a_bits else "")
+
+    def step(model, calibration, train_ds, folder, tag):
+        quantize_(model, config, calibration)
+
     tag = f"{setting.lower()}-ptq" + ("-adaround" if config.rounding == "adaround" else "")
-    rows = [_float_row(model, eval_ds, args.batch_size)]
-    start = time.perf_counter()
-    quantize_(model, config, calibration)
-    seconds = time.perf_counter() - start
-    export_dir = _output_dir(args, folder, tag)
-    description = save_low_bit(model, export_dir, method="ptq", method_config=config.to_dict(), base_model=args.model)
-    accuracy = evaluate(model, eval_ds, batch_size=args.batch_size)
-    rows.append(
-        _row(
-            setting,
-            f"ptq-{config.rounding}",
-            accuracy,
-            description,
-            export_dir,
-            w_bits=config.w_bits,
-            a_bits=config.a_bits,
-            seconds=seconds,
-        )
+    return _run_step(
+        args,
+        "ptq",
+        config,
+        step,
+        setting=setting,
+        tag=tag,
+        method=f"ptq-{config.rounding}",
+        w_bits=config.w_bits,
+        a_bits=config.a_bits,
     )
-    return _finish(args, rows, folder, export_dir, f"PTQ of {args.model}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,9 +387,7 @@ def qat_command_parser(subparsers=None) -> argparse.ArgumentParser:
 
 
 def qat_command(args: argparse.Namespace) -> int:
-    from .export import save_low_bit
     from .qat import QATConfig, prepare_qat
-    from .report import evaluate
 
     try:
         config = QATConfig(
@@ -367,35 +396,27 @@ def qat_command(args: argparse.Namespace) -> int:
             per_channel=not args.per_tensor,
             first_last_bits=args.first_last_bits,
         )
-        model, folder, _ = load_any(args.model)
-        eval_ds, calibration, train_ds = _data(args, model, train=True)
-    except (ValueError, OSError) as err:
-        print(f"hf-r2 qat: error: {err}", file=sys.stderr)
-        return 1
+    except ValueError as err:
+        return _error("qat", err)
     setting = f"W{config.w_bits}" + (f"A{config.a_bits}" if config.a_bits else "")
-    tag = f"{setting.lower()}-qat"
-    rows = [_float_row(model, eval_ds, args.batch_size)]
-    prepare_qat(model, config, calibration)
-    start = time.perf_counter()
-    _finetune(model, train_ds, None, args, folder, tag)
-    seconds = time.perf_counter() - start
-    export_dir = _output_dir(args, folder, tag)
-    description = save_low_bit(model, export_dir, method="qat", method_config=config.to_dict(), base_model=args.model)
-    accuracy = evaluate(model, eval_ds, batch_size=args.batch_size)
-    rows.append(
-        _row(
-            setting,
-            "qat-lsq",
-            accuracy,
-            description,
-            export_dir,
-            w_bits=config.w_bits,
-            a_bits=config.a_bits,
-            epochs=args.epochs,
-            seconds=seconds,
-        )
+
+    def step(model, calibration, train_ds, folder, tag):
+        prepare_qat(model, config, calibration)
+        _finetune(model, train_ds, None, args, folder, tag)
+
+    return _run_step(
+        args,
+        "qat",
+        config,
+        step,
+        setting=setting,
+        tag=f"{setting.lower()}-qat",
+        method="qat-lsq",
+        train=True,
+        w_bits=config.w_bits,
+        a_bits=config.a_bits,
+        epochs=args.epochs,
     )
-    return _finish(args, rows, folder, export_dir, f"QAT of {args.model}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,41 +461,38 @@ def compress_command_parser(subparsers=None) -> argparse.ArgumentParser:
 def compress_command(args: argparse.Namespace) -> int:
     from .bn import reestimate_bn_stats
     from .dkm import finalize_dkm, prepare_dkm
-    from .export import save_low_bit
     from .palettize import PalettizeConfig, palettize_
-    from .report import evaluate
 
     try:
         config = PalettizeConfig(
             bits=args.bits, method=args.method, group_size=args.group_size, skip_first_last=args.skip_first_last
         )
-        model, folder, _ = load_any(args.model)
-        eval_ds, calibration, train_ds = _data(args, model, train=args.method == "dkm")
-    except (ValueError, OSError) as err:
-        print(f"hf-r2 compress: error: {err}", file=sys.stderr)
-        return 1
+    except ValueError as err:
+        return _error("compress", err)
+
+    def step(model, calibration, train_ds, folder, tag):
+        if args.method == "dkm":
+            prepare_dkm(model, config)
+            _finetune(model, train_ds, None, args, folder, tag)
+            finalize_dkm(model)
+        else:
+            palettize_(model, config)
+        if args.bn_reestimate:
+            reestimate_bn_stats(model, calibration, num_batches=None)
+
     setting = f"W{args.bits}"
-    tag = f"{setting.lower()}-{args.method}"
-    rows = [_float_row(model, eval_ds, args.batch_size)]
-    start = time.perf_counter()
-    if args.method == "dkm":
-        prepare_dkm(model, config)
-        _finetune(model, train_ds, None, args, folder, tag)
-        finalize_dkm(model)
-    else:
-        palettize_(model, config)
-    if args.bn_reestimate:
-        reestimate_bn_stats(model, calibration, num_batches=None)
-    seconds = time.perf_counter() - start
-    export_dir = _output_dir(args, folder, tag)
-    description = save_low_bit(
-        model, export_dir, method=args.method, method_config=config.to_dict(), base_model=args.model
+    return _run_step(
+        args,
+        "compress",
+        config,
+        step,
+        setting=setting,
+        tag=f"{setting.lower()}-{args.method}",
+        method=args.method,
+        train=args.method == "dkm",
+        w_bits=args.bits,
+        a_bits=None,
     )
-    accuracy = evaluate(model, eval_ds, batch_size=args.batch_size)
-    rows.append(
-        _row(setting, args.method, accuracy, description, export_dir, w_bits=args.bits, a_bits=None, seconds=seconds)
-    )
-    return _finish(args, rows, folder, export_dir, f"{args.method} clustering of {args.model}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -519,8 +537,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         model, folder, description = load_any(args.model)
         eval_ds, _, _ = _data(args, model)
     except (ValueError, OSError) as err:
-        print(f"hf-r2 evaluate: error: {err}", file=sys.stderr)
-        return 1
+        return _error("evaluate", err)
     accuracy = evaluate(model, eval_ds, batch_size=args.batch_size)
     if description is None:
         row = {"setting": "FP", "method": "float", "w_bits": None, "a_bits": None, "accuracy": accuracy}
