@@ -314,7 +314,8 @@ def train_one_epoch(
                 loss = task_loss
                 if step_ends:
                     lam = regularizer.weight_at(state.global_step)
-                    r2 = regularizer()
+                    # R is not computed at lambda = 0 (the baseline, a fine-tune without R2)
+                    r2 = regularizer() if lam > 0 else task_loss.new_zeros(())
                     # `backward` divides by `ga`; R is the same on every micro-batch, so it enters once, times `ga`
                     loss = loss + (lam * ga) * r2
             accelerator.backward(loss)
