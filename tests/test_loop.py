@@ -434,3 +434,17 @@ def test_example_script_runs(tmp_path, data_dir):
     assert R2Config.from_pretrained(tmp_path / "model").loss == "margin"
     with pytest.raises(SystemExit):  # a config's ValueError becomes a usage error
         example.main(["--model", "test_convnext", "--optimizer", "adam"])
+
+
+def test_r2_not_computed_at_lambda_zero(tmp_path, monkeypatch):
+    """With `weight=0` (a baseline, or a QAT / DKM fine-tune without R2) the loop never evaluates R, which on a
+    DKM-prepared model would be a second clustering pass per step; the range statistics are still logged."""
+    from hf_r2.config import R2Config
+    from hf_r2.regularizer import R2Regularizer
+
+    model, _, train_ds, _, config = build(str(tmp_path), 8, 1)
+    regularizer = R2Regularizer(model, R2Config(loss="margin", weight=0.0))
+    calls = []
+    monkeypatch.setattr(R2Regularizer, "forward", lambda self: calls.append(1) or torch.zeros(()))
+    metrics = train_with_accelerate(model, train_ds, regularizer=regularizer, config=replace(config, num_epochs=1))
+    assert calls == [] and metrics["train_r2_loss"] == 0.0 and metrics["r2_max_abs"] > 0
