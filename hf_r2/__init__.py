@@ -32,6 +32,8 @@ from .models import classification_loss as classification_loss
 from .models import create_model as create_model
 from .regularizer import R2Regularizer as R2Regularizer
 from .regularizer import find_target_modules as find_target_modules
+from .reproduce import ReproduceConfig as ReproduceConfig
+from .reproduce import run_reproduce as run_reproduce
 from .saving import R2_STATS_NAME as R2_STATS_NAME
 from .saving import save_model_folder as save_model_folder
 from .trainer import R2_STATE_NAME as R2_STATE_NAME

@@ -487,9 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="hf-r2", description="R2-Loss training for timm and Hugging Face vision models."
     )
     from .quant import commands as quant_commands
+    from .reproduce import reproduce_command_parser
 
     subparsers = parser.add_subparsers(
-        dest="command", metavar="{train,demo,ptq,qat,compress,evaluate,push,download,env}", title="commands"
+        dest="command", metavar="{train,demo,ptq,qat,compress,evaluate,reproduce,push,download,env}", title="commands"
     )
     train_command_parser(subparsers)
     demo_command_parser(subparsers)
@@ -497,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quant_commands.qat_command_parser(subparsers)
     quant_commands.compress_command_parser(subparsers)
     quant_commands.evaluate_command_parser(subparsers)
+    reproduce_command_parser(subparsers)
     push_command_parser(subparsers)
     download_command_parser(subparsers)
     env_command_parser(subparsers)

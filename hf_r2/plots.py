@@ -1,0 +1,249 @@
+"""Figures of a baseline vs R2 comparison, as PNG files: weight histograms, per-layer ranges, accuracy against bits.
+
+Each function takes plain numbers (arrays and dicts, no models) and writes one PNG. They draw on a matplotlib
+[`~matplotlib.figure.Figure`] with the Agg canvas directly, never through `pyplot`, so they work without a display
+and leave the process' matplotlib backend as it was. [`hf_r2.reproduce`] calls them on its results.
+
+```python
+>>> from hf_r2.plots import plot_accuracy_vs_bits
+>>> plot_accuracy_vs_bits({"baseline": {"PTQ": {4: 63.7, 2: 62.9}}, "linf": {"PTQ": {4: 64.9, 2: 64.0}}},
+...                       "acc_vs_bits.png", fp={"baseline": 66.2, "linf": 65.5})
+'acc_vs_bits.png'
+```
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["select_layers", "plot_weight_histograms", "plot_layer_ranges", "plot_accuracy_vs_bits"]
+
+# Bit widths on the x axis of `plot_accuracy_vs_bits`, left to right after the float point.
+_BITS = (8, 4, 2, 1)
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D")
+
+
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def _save(fig, path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100, format="png")
+    return path
+
+
+def _colors(count: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(count)]
+
+
+def select_layers(names: Sequence[str], count: int = 4, prefer: Sequence[str] = ()) -> list[str]:
+    """`count` layer names spread evenly over `names` (first and last included), in their order.
+
+    If none of the picks is in `prefer` (e.g. the depthwise convolutions), the inner pick nearest to a preferred
+    layer is swapped for it, so that one layer of that kind is shown too.
+
+    ```python
+    >>> select_layers([f"l{i}" for i in range(10)], 4)
+    ['l0', 'l3', 'l6', 'l9']
+    ```
+    """
+    names = list(names)
+    if count < 1:
+        raise ValueError(f"`count` must be >= 1, got {count}.")
+    if len(names) <= count:
+        return names
+    picks = [0] if count == 1 else sorted({round(i * (len(names) - 1) / (count - 1)) for i in range(count)})
+    preferred = [names.index(n) for n in prefer if n in names]
+    inner = picks[1:-1]
+    if preferred and inner and not set(picks) & set(preferred):
+        pick, index = min(((p, q) for p in inner for q in preferred), key=lambda pq: abs(pq[0] - pq[1]))
+        picks = sorted(set(picks) - {pick} | {index})
+    return [names[i] for i in picks]
+
+
+def plot_weight_histograms(
+    weights: Mapping[str, Mapping[str, np.ndarray]],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    bins: int = 80,
+) -> str:
+    """Overlaid histograms of a few layers' weights, one panel per layer, one outline per model.
+
+    Args:
+        weights (`Mapping[str, Mapping[str, np.ndarray]]`):
+            `weights[label][layer]`: the layer's weights (any shape, flattened here) in the model called `label`
+            (e.g. `"baseline"`, `"linf"`). Panels follow the layers of the first label.
+        path (`str` or `os.PathLike`):
+            The PNG to write.
+        title (`str`, *optional*):
+            Figure title.
+        bins (`int`, *optional*, defaults to `80`):
+            Bins per histogram, shared by all models within a panel (spanning the widest range) so that outlines
+            compare; the y axis is logarithmic, where outliers show.
+
+    Returns:
+        `str`: `path`.
+    """
+    labels = list(weights)
+    if not labels:
+        raise ValueError("`weights` is empty: give at least one model's layer weights.")
+    layers = list(weights[labels[0]])
+    if not layers:
+        raise ValueError(f"`weights[{labels[0]!r}]` holds no layer.")
+    ncols = min(len(layers), 4)
+    nrows = math.ceil(len(layers) / ncols)
+    fig, axes = _figure(4.0 * ncols, 3.2 * nrows, ncols, nrows)
+    colors = _colors(len(labels))
+    for ax, layer in zip(axes, layers):
+        arrays = {label: np.asarray(weights[label][layer], dtype=np.float64).ravel()
+                  for label in labels if layer in weights[label]}
+        lo = min(float(a.min()) for a in arrays.values())
+        hi = max(float(a.max()) for a in arrays.values())
+        edges = np.linspace(lo, hi if hi > lo else lo + 1e-8, bins + 1)
+        for color, (label, values) in zip(colors, arrays.items()):
+            max_abs = float(np.abs(values).max())
+            ax.hist(values, bins=edges, histtype="step", linewidth=1.4, color=color,
+                    label=f"{label} (max |w| {max_abs:.3g})")
+        ax.set_yscale("log")
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("weight")
+        ax.legend(fontsize=7)
+    for ax in axes[len(layers):]:
+        ax.set_visible(False)
+    axes[0].set_ylabel("count (log)")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_layer_ranges(
+    stats: Mapping[str, Mapping[str, Mapping[str, float]]],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+) -> str:
+    """Grouped bars, per layer, of `max |w|`, `std(w)` and `max |w| / std(w)`, one bar colour per model.
+
+    Args:
+        stats (`Mapping[str, Mapping[str, Mapping[str, float]]]`):
+            `stats[label][layer]` with the keys `min`, `max` and `std` (as in
+            [`~hf_r2.R2Regularizer.stats`]`()["per_layer"]`). Layers follow the first label's order; the x axis
+            numbers them.
+        path (`str` or `os.PathLike`):
+            The PNG to write.
+        title (`str`, *optional*):
+            Figure title.
+
+    Returns:
+        `str`: `path`.
+    """
+    labels = list(stats)
+    if not labels:
+        raise ValueError("`stats` is empty: give at least one model's per-layer statistics.")
+    layers = list(stats[labels[0]])
+    if not layers:
+        raise ValueError(f"`stats[{labels[0]!r}]` holds no layer.")
+    width = max(8.0, min(40.0, 0.12 * len(layers) * len(labels) + 3))
+    fig, axes = _figure(width, 8.5, 1, 3)
+    colors = _colors(len(labels))
+    x = np.arange(len(layers))
+    bar = 0.8 / len(labels)
+
+    def values(label: str, key: str) -> np.ndarray:
+        out = []
+        for layer in layers:
+            s = stats[label].get(layer)
+            if s is None:
+                out.append(np.nan)
+                continue
+            max_abs = max(abs(s["min"]), abs(s["max"]))
+            out.append({"max_abs": max_abs, "std": s["std"],
+                        "ratio": max_abs / s["std"] if s["std"] > 0 else np.nan}[key])
+        return np.asarray(out, dtype=np.float64)
+
+    for ax, (key, ylabel) in zip(axes, (("max_abs", "max |w|"), ("std", "std(w)"), ("ratio", "max |w| / std(w)"))):
+        for i, (label, color) in enumerate(zip(labels, colors)):
+            ax.bar(x - 0.4 + (i + 0.5) * bar, values(label, key), width=bar, color=color, label=label)
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(-0.6, len(layers) - 0.4)
+    axes[0].legend(fontsize=8, ncols=min(len(labels), 5))
+    step = max(1, len(layers) // 40)
+    axes[-1].set_xticks(x[::step])
+    axes[-1].set_xlabel(f"layer index (0 = {layers[0]}, {len(layers) - 1} = {layers[-1]})")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_bits(
+    curves: Mapping[str, Mapping[str, Mapping[int, float]]],
+    path: str | os.PathLike,
+    *,
+    fp: Mapping[str, float] | None = None,
+    title: str | None = None,
+    ylabel: str = "top-1 (%)",
+) -> str:
+    """Accuracy against weight bits: one colour per variant, one line style per family of methods.
+
+    The x axis is categorical: `FP` (if `fp` is given), then 8, 4, 2 and 1 bits; a missing point is skipped.
+
+    Args:
+        curves (`Mapping[str, Mapping[str, Mapping[int, float]]]`):
+            `curves[variant][family][bits]`: the accuracy of `variant` at `bits` weight bits with the methods of
+            `family` (e.g. `"PTQ"`, `"clustering"`).
+        path (`str` or `os.PathLike`):
+            The PNG to write.
+        fp (`Mapping[str, float]`, *optional*):
+            The float accuracy of each variant, drawn at `FP` and joined to each of its lines.
+        title (`str`, *optional*):
+            Figure title.
+        ylabel (`str`, *optional*, defaults to `"top-1 (%)"`):
+            The y axis label.
+
+    Returns:
+        `str`: `path`.
+    """
+    variants = list(curves)
+    if not variants:
+        raise ValueError("`curves` is empty: give at least one variant's accuracies.")
+    families = list(dict.fromkeys(f for v in variants for f in curves[v]))
+    fig, (ax,) = _figure(7.5, 4.8)
+    ticks = (["FP"] if fp else []) + [str(b) for b in _BITS]
+    position = {b: i + (1 if fp else 0) for i, b in enumerate(_BITS)}
+    for color, variant in zip(_colors(len(variants)), variants):
+        for j, family in enumerate(families):
+            points = sorted((position[int(b)], a) for b, a in curves[variant].get(family, {}).items()
+                            if int(b) in position and a is not None)
+            if fp and variant in fp and points:
+                points = [(0, fp[variant])] + points
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, linestyle=_LINESTYLES[j % len(_LINESTYLES)], marker=_MARKERS[j % len(_MARKERS)],
+                    color=color, label=f"{variant} ({family})")
+    ax.set_xticks(range(len(ticks)), ticks)
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncols=2)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)

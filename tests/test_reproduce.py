@@ -1,0 +1,307 @@
+"""Tests of `hf_r2.reproduce` (the `hf-r2 reproduce` pipeline) and `hf_r2.plots`.
+
+The end-to-end test runs configs/reproduce_tiny.yaml (timm test_resnet, 64 training / 32 test images, 2 steps per
+training, 2 variants x 2 seeds + a 3-lambda sweep, 7 low-bit rows incl. AdaRound, QAT, k-means and DKM) and checks
+structure, arithmetic and resumption; it asserts nothing about accuracy.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_r2.plots import plot_accuracy_vs_bits, plot_layer_ranges, plot_weight_histograms, select_layers
+from hf_r2.reproduce import (
+    DEFAULT_LOW_BIT,
+    REPORT_NAME,
+    RESULTS_NAME,
+    RUN_INFO_NAME,
+    ReproduceConfig,
+    reproduce_command,
+    reproduce_command_parser,
+    run_reproduce,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = REPO_ROOT / "configs" / "reproduce_tiny.yaml"
+FULL = REPO_ROOT / "configs" / "reproduce.yaml"
+
+
+def _tiny_config(out: Path, data_dir: Path, **changes) -> ReproduceConfig:
+    config = ReproduceConfig.from_file(TINY)
+    return ReproduceConfig.from_dict({**config.to_dict(), "output_dir": str(out), "data_dir": str(data_dir),
+                                      **changes})
+
+
+def _assert_png(path: str) -> None:
+    from PIL import Image
+
+    assert os.path.getsize(path) > 1000, path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.verify()
+    with Image.open(path) as image:  # verify() leaves the file unusable: reopen to decode the pixels
+        image.load()
+        assert image.size[0] > 100 and image.size[1] > 100
+
+
+def _expected_settings(config: ReproduceConfig, run: dict) -> set:
+    """The rows a run must hold, worked out from the config alone."""
+    names = {s["name"] for s in config.low_bit}
+    expected = {"FP"}
+    if "headline" in run["roles"]:
+        expected |= names if run["seed"] == config.seeds[0] else set(config.headline_settings)
+    if any(role.startswith("sweep:") for role in run["roles"]):
+        expected |= set(config.lambda_sweep["settings"])
+    return expected
+
+
+@torch.no_grad()
+def _fp_accuracy(run_dir: str, config: ReproduceConfig) -> float:
+    """The float top-1 of a saved run, measured here independently of hf_r2.quant.evaluate."""
+    from hf_r2.data import collate_fn, load_image_dataset, with_transforms
+    from hf_r2.models import create_model
+
+    model = create_model(run_dir, pretrained=True).eval()
+    raw = load_image_dataset(config.dataset, data_dir=config.data_dir, max_train_samples=config.max_train_samples,
+                             max_eval_samples=config.max_eval_samples, seed=config.data_seed)
+    rows = with_transforms(raw["test"], model, train=False, input_size=config.input_size)
+    batch = collate_fn([rows[i] for i in range(len(rows))])
+    predictions = model(batch["pixel_values"]).argmax(dim=-1)
+    return (predictions == batch["labels"]).double().mean().item()
+
+
+def test_reproduce_tiny_end_to_end_and_resume(tmp_path, data_dir):
+    out = tmp_path / "out"
+    config = _tiny_config(out, data_dir)
+    results = run_reproduce(config, progress=False, print_fn=None)
+
+    # results.json is what run_reproduce returned
+    with open(out / RESULTS_NAME) as f:
+        saved = json.load(f)
+    assert saved["summary"] == json.loads(json.dumps(results["summary"]))
+    assert ReproduceConfig.from_dict(saved["config"]).to_dict() == config.to_dict()
+
+    # the plan: 2 models x 2 seeds, + lambdas 0.1 and 1 (lambda 3 is the linf column's own seed-0 training)
+    runs = saved["runs"]
+    assert len(runs) == 6 and saved["timing"]["trained_now"] == 6
+    keys = {(r["variant"]["loss"], r["variant"]["weight"], r["seed"]) for r in runs}
+    assert keys == {("baseline", 0.0, 0), ("baseline", 0.0, 1), ("linf", 3.0, 0), ("linf", 3.0, 1),
+                    ("linf", 0.1, 0), ("linf", 1.0, 0)}
+    linf0 = next(r for r in runs if r["variant"]["name"] == "linf" and r["seed"] == 0)
+    assert sorted(linf0["roles"]) == ["headline", "sweep:3"]
+    assert len({r["run_dir"] for r in runs}) == 6
+
+    # every configured row of every run, each an accuracy over the 32 test images
+    n_eval = saved["data"]["test_images"]
+    assert n_eval == 32
+    for run in runs:
+        assert set(run["rows"]) == _expected_settings(config, run), run["run_dir"]
+        for name, row in run["rows"].items():
+            assert 0.0 <= row["accuracy"] <= 1.0
+            assert abs(row["accuracy"] * n_eval - round(row["accuracy"] * n_eval)) < 1e-9, (name, row["accuracy"])
+        for file in ("model.safetensors", "config.json", RUN_INFO_NAME, "low_bit_results.json"):
+            assert os.path.isfile(os.path.join(run["run_dir"], file)), (run["run_dir"], file)
+    # FP of one run, measured independently
+    assert linf0["rows"]["FP"]["accuracy"] == pytest.approx(_fp_accuracy(linf0["run_dir"], config), abs=1e-12)
+
+    # mean / std over seeds for headline rows, first seed only for the others, against numpy
+    summary = saved["summary"]["test_resnet"]
+    assert list(summary) == ["FP"] + [s["name"] for s in config.low_bit]
+    for setting, cells in summary.items():
+        headline = setting == "FP" or config.setting(setting)["headline"]
+        for variant in config.variants:
+            cell = cells[variant["name"]]
+            seeds = config.seeds if headline else config.seeds[:1]
+            values = [next(r for r in runs if r["seed"] == s and r["variant"]["name"] == variant["name"])
+                      ["rows"][setting]["accuracy"] for s in seeds]
+            assert cell["seeds"] == seeds and cell["values"] == values and cell["headline"] == headline
+            assert cell["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+            if headline:
+                assert cell["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+            else:
+                assert cell["std"] is None
+
+    # the lambda sweep: baseline (lambda 0) then the three lambdas, each row from its own run
+    sweep = saved["lambda_sweep"]["models"]["test_resnet"]
+    assert [row["lambda"] for row in sweep] == [0.0, 0.1, 1.0, 3.0]
+    for row in sweep:
+        run = next(r for r in runs if r["run_dir"] == row["run_dir"])
+        assert set(row["accuracy"]) == {"FP", *config.lambda_sweep["settings"]}
+        assert all(row["accuracy"][s] == run["rows"][s]["accuracy"] for s in row["accuracy"])
+
+    # results.md holds the tables with the same numbers
+    report = (out / REPORT_NAME).read_text()
+    assert "| setting | baseline (no R2) | linf (λ=3, per channel) |" in report
+    fp = summary["FP"]
+    cells = [f"{100 * fp[v]['mean']:.2f} ± {100 * fp[v]['std']:.2f}" for v in ("baseline", "linf")]
+    assert f"| FP | {cells[0]} | {cells[1]} |" in report
+    dkm = summary["W2 DKM"]
+    assert f"| W2 DKM † | {100 * dkm['baseline']['mean']:.2f} | {100 * dkm['linf']['mean']:.2f} |" in report
+    assert "## Lambda sweep: linf on test_resnet (seed 0)" in report
+    assert "| 0 (baseline) |" in report and "| 0.1 |" in report and "| 3 |" in report
+    assert "Seeds: [0, 1]" in report and "64 training / 32 test images" in report and "## Time" in report
+
+    # the plots exist, are PNGs, and results.md links them
+    plots = saved["plots"]["test_resnet"]
+    assert set(plots) == {"weight histograms", "per-layer ranges", "accuracy vs bits"}
+    for path in plots.values():
+        _assert_png(path)
+        assert os.path.relpath(path, out) in report
+
+    # second run, through the CLI: nothing retrained, nothing recomputed, the same numbers
+    marker_files = [os.path.join(r["run_dir"], f) for r in runs for f in ("model.safetensors", RUN_INFO_NAME)]
+    mtimes = {p: os.stat(p).st_mtime_ns for p in marker_files}
+    args = reproduce_command_parser().parse_args(
+        [str(TINY), "--output-dir", str(out), "--data-dir", str(data_dir), "--no-progress"]
+    )
+    assert reproduce_command(args) == 0
+    with open(out / RESULTS_NAME) as f:
+        again = json.load(f)
+    assert again["timing"]["trained_now"] == 0 and again["timing"]["reused_trainings"] == 6
+    assert again["timing"]["rows_computed"] == 0
+    assert all(row["cached"] for r in again["runs"] for row in r["rows"].values())
+    assert {p: os.stat(p).st_mtime_ns for p in marker_files} == mtimes
+    assert again["summary"] == saved["summary"]
+
+    # an interrupted training (no marker) is trained again; a missing cached row is recomputed; nothing else
+    lost = next(r for r in runs if r["variant"]["name"] == "baseline" and r["seed"] == 1)
+    os.remove(os.path.join(lost["run_dir"], RUN_INFO_NAME))
+    cache = os.path.join(linf0["run_dir"], "low_bit_results.json")
+    with open(cache) as f:
+        cached_rows = json.load(f)["rows"]
+    with open(cache, "w") as f:
+        json.dump({"rows": [row for row in cached_rows if row["setting"] != "W1 k-means"]}, f)
+    third = run_reproduce(config, progress=False, print_fn=None)
+    assert third["timing"]["trained_now"] == 1
+    assert [r["run_dir"] for r in third["runs"] if r["trained_now"]] == [lost["run_dir"]]
+    assert third["timing"]["rows_computed"] == len(lost["rows"]) + 1
+    relinf = next(r for r in third["runs"] if r["run_dir"] == linf0["run_dir"])
+    assert not relinf["rows"]["W1 k-means"]["cached"]
+    assert relinf["rows"]["W1 k-means"]["accuracy"] == linf0["rows"]["W1 k-means"]["accuracy"]  # deterministic
+
+    # a folder trained with another recipe is an error, not silently reused
+    with pytest.raises(ValueError, match="trained with other settings .*'lr'"):
+        run_reproduce(_tiny_config(out, data_dir, lr=0.01), progress=False, print_fn=None)
+
+
+# ---- config -------------------------------------------------------------------------------------------------------
+
+
+def test_config_files_load_and_round_trip(tmp_path):
+    tiny = ReproduceConfig.from_file(TINY)
+    full = ReproduceConfig.from_file(FULL)
+    default = ReproduceConfig()
+    for config in (tiny, full, default):
+        config.output_dir = str(tmp_path / "x")
+        config.save_pretrained(tmp_path)
+        assert ReproduceConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+        assert ReproduceConfig.from_file(tmp_path).to_dict() == config.to_dict()
+    # the tiny config: 7 rows, 4 of them headline; QAT, k-means and DKM all present
+    assert [s["method"] for s in tiny.low_bit] == ["ptq", "ptq", "ptq", "ptq", "qat", "kmeans", "dkm"]
+    assert tiny.headline_settings == ["W8A8 per-channel mse", "W4A8 per-tensor maxabs", "W2A8 per-channel mse",
+                                      "W1 k-means"]
+    # the full config: the five variants, >= 3 lambdas, every method
+    assert [v["loss"] for v in full.variants] == ["baseline", "linf", "margin", "soft_min_max", "kurtosis"]
+    assert len(full.lambda_sweep["lambdas"]) >= 3
+    assert {s["method"] for s in full.low_bit} == {"ptq", "qat", "kmeans", "dkm"}
+    assert len(default.low_bit) == len(DEFAULT_LOW_BIT)
+    # JSON works like YAML
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"models": ["test_resnet"], "variants": ["baseline", "linf"]}))
+    config = ReproduceConfig.from_file(path)
+    assert config.variants[1] == {"name": "linf", "loss": "linf", "weight": 3.0, "per_channel": True, "r2": {}}
+
+
+def test_setting_names_and_defaults():
+    config = ReproduceConfig(low_bit=[
+        {"method": "ptq", "w_bits": 4, "a_bits": 8, "per_channel": False, "weight_range": "maxabs"},
+        {"method": "ptq", "w_bits": 2, "rounding": "adaround"},
+        {"method": "qat"},
+        {"method": "kmeans", "w_bits": 1},
+        {"method": "dkm", "w_bits": 2, "headline": True, "name": "my dkm"},
+    ], lambda_sweep=None)
+    assert [s["name"] for s in config.low_bit] == ["W4A8 per-tensor maxabs", "W2A8 per-channel adaround",
+                                                   "W2A2 QAT", "W1 k-means", "my dkm"]
+    assert [s["headline"] for s in config.low_bit] == [True, False, False, True, True]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"variants": [{"loss": "linff"}]}, r"`variants\[0\].loss` must be one of"),
+        ({"variants": [{"loss": "soft-min-max", "weight": 1}]}, "Did you mean"),
+        ({"variants": [{"loss": "baseline", "weight": 0.1}]}, "baseline .* `weight` must be 0"),
+        ({"variants": [{"loss": "linf", "weight": 0}]}, r"needs a `weight` \(lambda\) > 0"),
+        ({"variants": [{"loss": "linf", "lamda": 1}]}, r"unknown key\(s\) \['lamda'\]"),
+        ({"variants": ["baseline", "baseline"]}, "holds 'baseline' twice"),
+        ({"variants": [{"loss": "linf", "r2": {"weight": 2}}]}, r"`variants\[0\].r2` has unknown key"),
+        ({"seeds": []}, "`seeds` must be a non-empty list"),
+        ({"seeds": [0, 0]}, "holds 0 twice"),
+        ({"models": []}, "`models` must be a non-empty list"),
+        ({"max_steps": 0}, "`max_steps` must be > 0"),
+        ({"low_bit": [{"method": "gptq"}]}, r"`low_bit\[0\].method` must be one of 'ptq', 'qat', 'kmeans', 'dkm'"),
+        ({"low_bit": [{"method": "kmeans", "a_bits": 8}]}, r"takes no \['a_bits'\]"),
+        ({"low_bit": [{"method": "ptq", "w_bits": 9}]}, "`w_bits` must be an integer from 1 to 8"),
+        ({"low_bit": [{"method": "ptq"}, {"method": "ptq"}]}, "holds 'W2A8 per-channel mse' twice"),
+        ({"lambda_sweep": {"variant": "linf", "lambdas": [1, 3]}}, "at least 3 positive numbers"),
+        ({"lambda_sweep": {"variant": "baseline", "lambdas": [1, 2, 3]}}, "must name one of the R2 variants"),
+        ({"lambda_sweep": {"variant": "linf", "lambdas": [1, 2, 3], "settings": ["W9"]}}, r"\['W9'\] are not"),
+        ({"lambda_sweep": {"variant": "linf", "lambdas": [1, 2, 3], "models": ["vit"]}}, "are not in `models`"),
+    ],
+)
+def test_config_errors(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ReproduceConfig(**changes)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ReproduceConfig.from_file(tmp_path / "missing.yaml")
+    (tmp_path / "c.txt").write_text("models: [a]")
+    with pytest.raises(ValueError, match="must be a .yaml, .yml or .json file"):
+        ReproduceConfig.from_file(tmp_path / "c.txt")
+    (tmp_path / "c.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        ReproduceConfig.from_file(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("epoch: 3\n")
+    with pytest.raises(ValueError, match=r"Unknown `ReproduceConfig` field\(s\) \['epoch'\]"):
+        ReproduceConfig.from_file(tmp_path / "d.yaml")
+    args = reproduce_command_parser().parse_args([str(tmp_path / "d.yaml"), "--no-progress"])
+    assert reproduce_command(args) == 1
+
+
+# ---- plots --------------------------------------------------------------------------------------------------------
+
+
+def test_select_layers():
+    names = [f"l{i}" for i in range(10)]
+    assert select_layers(names, 4) == ["l0", "l3", "l6", "l9"]
+    assert select_layers(names, 1) == ["l0"]
+    assert select_layers(names[:3], 4) == names[:3]
+    # a preferred (e.g. depthwise) layer replaces the nearest inner pick
+    assert select_layers(names, 4, prefer=["l5"]) == ["l0", "l3", "l5", "l9"]
+    assert select_layers(names, 4, prefer=["l3"]) == ["l0", "l3", "l6", "l9"]  # already shown
+    with pytest.raises(ValueError, match="`count` must be >= 1"):
+        select_layers(names, 0)
+
+
+def test_plots_write_valid_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = {"baseline": {"a": rng.normal(size=500), "b": rng.standard_t(2, size=(8, 8))},
+               "linf": {"a": rng.uniform(-1, 1, size=500), "b": rng.uniform(-1, 1, size=64)}}
+    _assert_png(plot_weight_histograms(weights, tmp_path / "h.png", title="t"))
+    stats = {label: {layer: {"min": float(w.min()), "max": float(w.max()), "std": float(w.std())}
+                     for layer, w in layers.items()} for label, layers in weights.items()}
+    _assert_png(plot_layer_ranges(stats, tmp_path / "sub" / "r.png"))
+    curves = {"baseline": {"PTQ": {8: 66.0, 4: 63.0, 2: 50.0}, "clustering": {2: 60.0, 1: 40.0}},
+              "linf": {"PTQ": {8: 65.5, 4: 64.9, 2: 62.0}, "clustering": {2: 64.0, 1: 60.0}}}
+    _assert_png(plot_accuracy_vs_bits(curves, tmp_path / "b.png", fp={"baseline": 66.2, "linf": 65.5}))
+    _assert_png(plot_accuracy_vs_bits(curves, tmp_path / "b2.png"))
+    with pytest.raises(ValueError, match="`weights` is empty"):
+        plot_weight_histograms({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="`curves` is empty"):
+        plot_accuracy_vs_bits({}, tmp_path / "x.png")
