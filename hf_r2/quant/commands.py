@@ -89,6 +89,16 @@ def _add_data_args(parser: argparse.ArgumentParser, train: bool = False) -> None
         )
 
 
+def _add_grid_args(parser: argparse.ArgumentParser, a_bits: int) -> None:
+    """The grid flags `ptq` and `qat` share."""
+    parser.add_argument("--w-bits", "--w_bits", type=int, default=2, help="Weight bits, 1 to 8.")
+    parser.add_argument("--a-bits", "--a_bits", type=_optional_int, default=a_bits,
+                        help="Activation bits, 2 to 8, or 'none' for weight-only.")
+    parser.add_argument("--per-tensor", "--per_tensor", action="store_true", help="One weight scale per tensor.")
+    parser.add_argument("--first-last-bits", "--first_last_bits", type=_optional_int, default=8,
+                        help="Bits of the first and last layer ('none': like the others).")
+
+
 def load_any(model: str, **download_kwargs: Any):
     """`(model, folder, low_bit_config)` for a float folder, a low-bit export, or a Hub id of either."""
     from ..hub import download, from_pretrained
@@ -289,27 +299,12 @@ def ptq_command_parser(subparsers=None) -> argparse.ArgumentParser:
         else subparsers.add_parser("ptq", description=description, help="Post-training quantization.")
     )
     _add_data_args(parser)
-    parser.add_argument("--w-bits", "--w_bits", type=int, default=2, help="Weight bits, 1 to 8.")
-    parser.add_argument(
-        "--a-bits",
-        "--a_bits",
-        type=_optional_int,
-        default=8,
-        help="Activation bits, 2 to 8, or 'none' for weight-only.",
-    )
-    parser.add_argument("--per-tensor", "--per_tensor", action="store_true", help="One weight scale per tensor.")
+    _add_grid_args(parser, a_bits=8)
     parser.add_argument("--weight-range", "--weight_range", default="mse", choices=["maxabs", "mse"])
     parser.add_argument("--act-observer", "--act_observer", default="mse", choices=["minmax", "percentile", "mse"])
     parser.add_argument("--rounding", default="nearest", choices=["nearest", "adaround"])
     parser.add_argument("--adaround-iters", "--adaround_iters", type=int, default=None, help="AdaRound iterations.")
     parser.add_argument("--bn", default="reestimate", choices=["reestimate", "fold", "keep"])
-    parser.add_argument(
-        "--first-last-bits",
-        "--first_last_bits",
-        type=_optional_int,
-        default=8,
-        help="Bits of the first and last layer ('none': like the others).",
-    )
     parser.set_defaults(func=ptq_command)
     return parser
 
@@ -366,22 +361,7 @@ def qat_command_parser(subparsers=None) -> argparse.ArgumentParser:
         else subparsers.add_parser("qat", description=description, help="Quantization-aware training (LSQ).")
     )
     _add_data_args(parser, train=True)
-    parser.add_argument("--w-bits", "--w_bits", type=int, default=2, help="Weight bits, 1 to 8.")
-    parser.add_argument(
-        "--a-bits",
-        "--a_bits",
-        type=_optional_int,
-        default=2,
-        help="Activation bits, 2 to 8, or 'none' for weight-only.",
-    )
-    parser.add_argument("--per-tensor", "--per_tensor", action="store_true", help="One weight step per tensor.")
-    parser.add_argument(
-        "--first-last-bits",
-        "--first_last_bits",
-        type=_optional_int,
-        default=8,
-        help="Bits of the first and last layer ('none': like the others).",
-    )
+    _add_grid_args(parser, a_bits=2)
     parser.set_defaults(func=qat_command)
     return parser
 
