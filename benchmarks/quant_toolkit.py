@@ -46,7 +46,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -166,32 +165,13 @@ def _first_last_patterns(model: nn.Module) -> list[str]:
 # ---- one setting --------------------------------------------------------------------------------------------------
 
 
-def _finetune(model: nn.Module, data: dict[str, Any], args: argparse.Namespace, last_layer: str) -> None:
+def _finetune(model: nn.Module, data: dict[str, Any], args: argparse.Namespace) -> None:
     """The short fine-tune of QAT and DKM: AdamW, cosine, no weight decay, R2 off, the same for both models."""
-    from hf_r2.config import R2Config
     from hf_r2.data import collate_fn
-    from hf_r2.loop import LoopConfig, train_with_accelerate
+    from hf_r2.loop import finetune
 
-    # R2 is off (weight 0, so the loop never computes it); the regularizer, which still logs the range statistics,
-    # looks at the last layer alone, so that logging does not add a DKM pass over every weight.
-    r2 = R2Config(weight=0.0, warmup_steps=0, include=[last_layer])
-    steps = args.ft_max_steps if args.ft_max_steps else -1
-    with tempfile.TemporaryDirectory(prefix="hf-r2-bench-ft-") as run_dir:
-        config = LoopConfig(
-            output_dir=run_dir,
-            num_epochs=args.ft_epochs,
-            max_steps=steps,
-            seed=args.seed,
-            per_device_batch_size=64,
-            optimizer="adamw",
-            learning_rate=args.ft_lr,
-            weight_decay=0.0,
-            lr_scheduler_type="cosine",
-            save_model=False,
-            use_cpu=not torch.cuda.is_available(),
-            logging_steps=50,
-        )
-        train_with_accelerate(model, data["train"], None, r2_config=r2, config=config, collate_fn=collate_fn)
+    finetune(model, data["train"], learning_rate=args.ft_lr, per_device_batch_size=64, num_epochs=args.ft_epochs,
+             max_steps=args.ft_max_steps or -1, seed=args.seed, collate_fn=collate_fn)
     model.eval()
 
 
@@ -226,7 +206,7 @@ def _apply(
     if label.startswith("W2A2 QAT"):
         config = QATConfig(w_bits=2, a_bits=2, per_channel=True)
         prepare_qat(model, config, calibration)
-        _finetune(model, data, args, first_last[-1])
+        _finetune(model, data, args)
         return model, "qat", config.to_dict()
     bits = int(label[1])
     if label.endswith("k-means"):
@@ -243,7 +223,7 @@ def _apply(
 
         config = PalettizeConfig(bits=bits, method="dkm", skip_first_last=True)
         prepare_dkm(model, config)
-        _finetune(model, data, args, first_last[-1])
+        _finetune(model, data, args)
         finalize_dkm(model)
         _palettize_first_last(model, first_last)
         reestimate_bn_stats(model, calibration, num_batches=None)

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -41,13 +42,14 @@ from torch.utils.data import DataLoader, Dataset
 from ._utils import JsonConfigMixin, check_choice, format_choices
 from .config import R2Config
 from .models import classification_loss, forward_logits
-from .regularizer import R2Regularizer
+from .regularizer import R2Regularizer, find_target_modules
 from .saving import save_model_folder
 
 __all__ = [
     "LOOP_CONFIG_NAME",
     "LRSchedulerType",
     "LoopConfig",
+    "finetune",
     "LoopState",
     "OptimizerType",
     "evaluate",
@@ -669,3 +671,47 @@ def train_with_accelerate(
         )
     accelerator.end_training()
     return metrics
+
+
+def finetune(
+    model: nn.Module,
+    train_dataset: Dataset,
+    *,
+    learning_rate: float,
+    per_device_batch_size: int,
+    num_epochs: int = 1,
+    max_steps: int = -1,
+    weight_decay: float = 0.0,
+    seed: int = 42,
+    r2_config: R2Config | None = None,
+    eval_dataset: Dataset | None = None,
+    collate_fn: Callable | None = None,
+) -> dict[str, float]:
+    """A short fine-tune of `model` in place, as QAT and DKM need: [`train_with_accelerate`] with AdamW and a cosine
+    schedule, on the GPU if there is one, nothing saved (checkpoints and logs go to a temporary folder).
+
+    `r2_config=None` trains without R2; the loop's regularizer then covers the last target layer only, since it
+    still logs range statistics, and reading every weight of a DKM-prepared model is a clustering pass each.
+    Returns the loop's metrics.
+    """
+    if r2_config is None:
+        last = find_target_modules(model)[-1][0]
+        r2_config = R2Config(weight=0.0, warmup_steps=0, include=[f"^{re.escape(last)}$"])
+    with tempfile.TemporaryDirectory(prefix="hf-r2-finetune-") as run_dir:
+        config = LoopConfig(
+            output_dir=run_dir,
+            num_epochs=num_epochs,
+            max_steps=max_steps,
+            seed=seed,
+            per_device_batch_size=per_device_batch_size,
+            optimizer="adamw",
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            lr_scheduler_type="cosine",
+            save_model=False,
+            use_cpu=not torch.cuda.is_available(),
+            logging_steps=50,
+        )
+        return train_with_accelerate(
+            model, train_dataset, eval_dataset, r2_config=r2_config, config=config, collate_fn=collate_fn
+        )

@@ -50,7 +50,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -694,33 +693,14 @@ def _first_last_patterns(model) -> list[str]:
     return [f"^{re.escape(targets[0][0])}$", f"^{re.escape(targets[-1][0])}$"]
 
 
-def _finetune(model, train_ds, config: ReproduceConfig, seed: int, last_layer: str) -> None:
+def _finetune(model, train_ds, config: ReproduceConfig, seed: int) -> None:
     """The QAT / DKM fine-tune: AdamW, cosine, no weight decay, R2 off, the same for every variant."""
-    import torch
-
-    from .config import R2Config
     from .data import collate_fn
-    from .loop import LoopConfig, train_with_accelerate
+    from .loop import finetune
 
-    # R2 is off (weight 0, never computed); the regularizer, which still logs range statistics, looks at the last
-    # layer alone so that its logging adds no DKM pass over every weight.
-    r2 = R2Config(weight=0.0, warmup_steps=0, include=[last_layer])
-    with tempfile.TemporaryDirectory(prefix="hf-r2-reproduce-ft-") as run_dir:
-        loop_config = LoopConfig(
-            output_dir=run_dir,
-            num_epochs=config.finetune_epochs,
-            max_steps=config.finetune_max_steps or -1,
-            seed=seed,
-            per_device_batch_size=config.batch_size,
-            optimizer="adamw",
-            learning_rate=config.finetune_lr,
-            weight_decay=0.0,
-            lr_scheduler_type="cosine",
-            save_model=False,
-            use_cpu=not torch.cuda.is_available(),
-            logging_steps=50,
-        )
-        train_with_accelerate(model, train_ds, None, r2_config=r2, config=loop_config, collate_fn=collate_fn)
+    finetune(model, train_ds, learning_rate=config.finetune_lr, per_device_batch_size=config.batch_size,
+             num_epochs=config.finetune_epochs, max_steps=config.finetune_max_steps or -1, seed=seed,
+             collate_fn=collate_fn)
     model.eval()
 
 
@@ -738,11 +718,11 @@ def _apply_setting(model, setting: dict[str, Any], data: dict[str, Any], config:
         return model
     if method == "qat":
         prepare_qat(model, quant_config, calibration)
-        _finetune(model, data["train"], config, seed, first_last[-1])
+        _finetune(model, data["train"], config, seed)
         return model
     if method == "dkm":
         prepare_dkm(model, quant_config)
-        _finetune(model, data["train"], config, seed, first_last[-1])
+        _finetune(model, data["train"], config, seed)
         finalize_dkm(model)
     else:
         palettize_(model, quant_config)

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -213,33 +212,19 @@ def _row(setting: str, method: str, accuracy: float, description: dict, export_d
     }
 
 
-def _finetune(model, train_ds, eval_ds, args, folder: str, tag: str) -> dict[str, float]:
-    """Fine-tune `model` in place with the accelerate loop (AdamW, cosine), R2 on with `--r2-weight`."""
-    import torch
-
+def _finetune(model, train_ds, args, folder: str) -> dict[str, float]:
+    """Fine-tune `model` in place ([`hf_r2.loop.finetune`]), R2 (the model's own loss) on with `--r2-weight`."""
     from ..config import R2_CONFIG_NAME, R2Config
     from ..data import collate_fn
-    from ..loop import LoopConfig, train_with_accelerate
+    from ..loop import finetune
 
     r2 = R2Config.from_pretrained(folder) if os.path.isfile(os.path.join(folder, R2_CONFIG_NAME)) else R2Config()
     r2 = R2Config.from_dict({**r2.to_dict(), "weight": args.r2_weight, "warmup_steps": 0})
     # whole epochs, or a fraction of one as a step count
     steps = -1 if args.epochs >= 1 else max(1, int(args.epochs * len(train_ds) / args.batch_size))
-    with tempfile.TemporaryDirectory(prefix=f"hf-r2-{tag}-") as run_dir:
-        config = LoopConfig(
-            output_dir=run_dir,
-            num_epochs=max(1, round(args.epochs)),
-            max_steps=steps,
-            seed=args.seed,
-            per_device_batch_size=args.batch_size,
-            optimizer="adamw",
-            learning_rate=args.learning_rate,
-            weight_decay=args.weight_decay,
-            save_model=False,
-            use_cpu=not torch.cuda.is_available(),
-            logging_steps=50,
-        )
-        return train_with_accelerate(model, train_ds, eval_ds, r2_config=r2, config=config, collate_fn=collate_fn)
+    return finetune(model, train_ds, learning_rate=args.learning_rate, per_device_batch_size=args.batch_size,
+                    num_epochs=max(1, round(args.epochs)), max_steps=steps, weight_decay=args.weight_decay,
+                    seed=args.seed, r2_config=r2, collate_fn=collate_fn)
 
 
 def _error(command: str, err: Exception) -> int:
@@ -260,7 +245,7 @@ def _run_step(
     **row_fields: Any,
 ) -> int:
     """What `ptq`, `qat` and `compress` share: load the model and data, measure FP, run `step(model, calibration,
-    train_ds, folder, tag)` (timed), export, measure the low-bit model, record and print both rows."""
+    train_ds, folder)` (timed), export, measure the low-bit model, record and print both rows."""
     from .export import save_low_bit
     from .report import evaluate
 
@@ -271,7 +256,7 @@ def _run_step(
         return _error(command, err)
     rows = [_float_row(model, eval_ds, args.batch_size)]
     start = time.perf_counter()
-    step(model, calibration, train_ds, folder, tag)
+    step(model, calibration, train_ds, folder)
     seconds = time.perf_counter() - start
     export_dir = _output_dir(args, folder, tag)
     method_name = method.split("-")[0] if command != "compress" else method
@@ -329,7 +314,7 @@ def ptq_command(args: argparse.Namespace) -> int:
         return _error("ptq", err)
     setting = f"W{config.w_bits}" + (f"A{config.a_bits}" if config.a_bits else "")
 
-    def step(model, calibration, train_ds, folder, tag):
+    def step(model, calibration, train_ds, folder):
         quantize_(model, config, calibration)
 
     tag = f"{setting.lower()}-ptq" + ("-adaround" if config.rounding == "adaround" else "")
@@ -380,9 +365,9 @@ def qat_command(args: argparse.Namespace) -> int:
         return _error("qat", err)
     setting = f"W{config.w_bits}" + (f"A{config.a_bits}" if config.a_bits else "")
 
-    def step(model, calibration, train_ds, folder, tag):
+    def step(model, calibration, train_ds, folder):
         prepare_qat(model, config, calibration)
-        _finetune(model, train_ds, None, args, folder, tag)
+        _finetune(model, train_ds, args, folder)
 
     return _run_step(
         args,
@@ -450,10 +435,10 @@ def compress_command(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _error("compress", err)
 
-    def step(model, calibration, train_ds, folder, tag):
+    def step(model, calibration, train_ds, folder):
         if args.method == "dkm":
             prepare_dkm(model, config)
-            _finetune(model, train_ds, None, args, folder, tag)
+            _finetune(model, train_ds, args, folder)
             finalize_dkm(model)
         else:
             palettize_(model, config)
