@@ -169,14 +169,16 @@ def _normalise_variant(item: Any, index: int) -> dict[str, Any]:
 
 
 def _setting_name(s: dict[str, Any]) -> str:
+    from .quant.report import format_setting
+
     if s["method"] == "ptq":
         grid = "per-channel" if s["per_channel"] else "per-tensor"
         how = "adaround" if s["rounding"] == "adaround" else s["weight_range"]
-        return f"W{s['w_bits']}" + (f"A{s['a_bits']}" if s["a_bits"] else "") + f" {grid} {how}"
+        return f"{format_setting(s['w_bits'], s['a_bits'])} {grid} {how}"
     if s["method"] == "qat":
         grid = "" if s["per_channel"] else " per-tensor"
-        return f"W{s['w_bits']}" + (f"A{s['a_bits']}" if s["a_bits"] else "") + f" QAT{grid}"
-    return f"W{s['w_bits']} " + ("k-means" if s["method"] == "kmeans" else "DKM")
+        return f"{format_setting(s['w_bits'], s['a_bits'])} QAT{grid}"
+    return f"{format_setting(s['w_bits'])} " + ("k-means" if s["method"] == "kmeans" else "DKM")
 
 
 def _normalise_setting(item: Any, index: int) -> dict[str, Any]:

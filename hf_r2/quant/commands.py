@@ -28,6 +28,8 @@ __all__ = [
     "load_any",
 ]
 
+from .report import format_setting
+
 logger = logging.getLogger(__name__)
 
 
@@ -312,7 +314,7 @@ def ptq_command(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         return _error("ptq", err)
-    setting = f"W{config.w_bits}" + (f"A{config.a_bits}" if config.a_bits else "")
+    setting = format_setting(config.w_bits, config.a_bits)
 
     def step(model, calibration, train_ds, folder):
         quantize_(model, config, calibration)
@@ -363,7 +365,7 @@ def qat_command(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         return _error("qat", err)
-    setting = f"W{config.w_bits}" + (f"A{config.a_bits}" if config.a_bits else "")
+    setting = format_setting(config.w_bits, config.a_bits)
 
     def step(model, calibration, train_ds, folder):
         prepare_qat(model, config, calibration)
@@ -445,7 +447,7 @@ def compress_command(args: argparse.Namespace) -> int:
         if args.bn_reestimate:
             reestimate_bn_stats(model, calibration, num_batches=None)
 
-    setting = f"W{args.bits}"
+    setting = format_setting(args.bits)
     return _run_step(
         args,
         "compress",
@@ -480,9 +482,9 @@ def _setting_of(description: dict[str, Any]) -> str:
     """`W2A8` for a PTQ / QAT export, `W1` for a palettized one, from its `low_bit_config.json`."""
     config = description.get("method_config") or {}
     if "w_bits" in config:
-        return f"W{config['w_bits']}" + (f"A{config['a_bits']}" if config.get("a_bits") else "")
+        return format_setting(config["w_bits"], config.get("a_bits"))
     if "bits" in config:
-        return f"W{config['bits']}"
+        return format_setting(config["bits"])
     # no method config: the bit widths that hold the most weights (first / last layers are often wider)
     w_count: dict[int, int] = {}
     a_count: dict[int, int] = {}
@@ -492,7 +494,7 @@ def _setting_of(description: dict[str, Any]) -> str:
         if info.get("input_bits"):
             a_count[info["input_bits"]] = a_count.get(info["input_bits"], 0) + size
     w_bits = max(w_count, key=w_count.get)
-    return f"W{w_bits}" + (f"A{max(a_count, key=a_count.get)}" if a_count else "")
+    return format_setting(w_bits, max(a_count, key=a_count.get) if a_count else None)
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ __all__ = [
     "LOW_BIT_RESULTS_NAME",
     "evaluate",
     "parse_setting",
+    "format_setting",
     "low_bit_table",
     "format_table",
     "read_results",
@@ -59,6 +60,13 @@ def parse_setting(setting: str) -> tuple[int | None, int | None]:
     if not match:
         raise ValueError(f"Unknown low-bit setting {setting!r}: use 'fp', 'w<bits>' or 'w<bits>a<bits>' ('w2a8').")
     return int(match.group(1)), (int(match.group(2)) if match.group(2) else None)
+
+
+def format_setting(w_bits: int | None, a_bits: int | None = None) -> str:
+    """The inverse of [`parse_setting`]: `(2, 8)` -> `"W2A8"`, `(4, None)` -> `"W4"`, `(None, None)` -> `"FP"`."""
+    if w_bits is None:
+        return "FP"
+    return f"W{w_bits}" + (f"A{a_bits}" if a_bits else "")
 
 
 def low_bit_table(
