@@ -131,24 +131,14 @@ class PTQConfig(JsonConfigMixin):
     version: int = field(default=1, metadata={"help": "Format version of this config."})
 
     def __post_init__(self) -> None:
-        _check_bits_field("w_bits", self.w_bits, allow_none=False)
-        _check_bits_field("a_bits", self.a_bits, allow_none=True, low=2)
-        _check_bits_field("first_last_bits", self.first_last_bits, allow_none=True)
-        if not isinstance(self.per_channel, bool):
-            raise ValueError(f"`per_channel` must be `True` or `False`, got {self.per_channel!r}.")
+        check_grid_fields(self)
         self.weight_range = check_choice("weight_range", self.weight_range, ScaleMethod)
-        self.act_observer = check_choice("act_observer", self.act_observer, ObserverType)
         self.rounding = check_choice("rounding", self.rounding, Rounding)
         self.bn = check_choice("bn", self.bn, BNHandling)
         if not 50 < self.act_percentile <= 100:
             raise ValueError(f"`act_percentile` must be in (50, 100], got {self.act_percentile!r}.")
-        bad = isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int)
-        if bad or self.calibration_batches < 1:
-            raise ValueError(f"`calibration_batches` must be a positive integer, got {self.calibration_batches!r}.")
         if self.adaround is not None:
             self.adaround_config()  # validates the fields now rather than mid-run
-        self.include = check_patterns("include", self.include)
-        self.exclude = check_patterns("exclude", self.exclude)
 
     def adaround_config(self):
         """The [`~hf_r2.quant.adaround.AdaRoundConfig`] that `adaround` describes."""
@@ -163,6 +153,22 @@ class PTQConfig(JsonConfigMixin):
     @property
     def needs_data(self) -> bool:
         return self.a_bits is not None or self.rounding == Rounding.ADAROUND.value or self.bn != BNHandling.KEEP.value
+
+
+def check_grid_fields(config: Any) -> None:
+    """The checks [`PTQConfig`] and [`~hf_r2.quant.qat.QATConfig`] share: bit widths, `per_channel`,
+    `act_observer`, `calibration_batches` and the `include` / `exclude` patterns (normalised in place)."""
+    _check_bits_field("w_bits", config.w_bits, allow_none=False)
+    _check_bits_field("a_bits", config.a_bits, allow_none=True, low=2)
+    _check_bits_field("first_last_bits", config.first_last_bits, allow_none=True)
+    if not isinstance(config.per_channel, bool):
+        raise ValueError(f"`per_channel` must be `True` or `False`, got {config.per_channel!r}.")
+    config.act_observer = check_choice("act_observer", config.act_observer, ObserverType)
+    bad = isinstance(config.calibration_batches, bool) or not isinstance(config.calibration_batches, int)
+    if bad or config.calibration_batches < 1:
+        raise ValueError(f"`calibration_batches` must be a positive integer, got {config.calibration_batches!r}.")
+    config.include = check_patterns("include", config.include)
+    config.exclude = check_patterns("exclude", config.exclude)
 
 
 def _layer_bits(config: Any, index: int, count: int, bits: int | None) -> int | None:

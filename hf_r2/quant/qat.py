@@ -22,11 +22,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from .._utils import JsonConfigMixin, check_choice, check_patterns
+from .._utils import JsonConfigMixin, check_choice
 from ..regularizer import find_target_modules
 from .layers import FakeQuantizer, quantize_layer_
-from .observers import ObserverType
-from .ptq import _check_bits_field, _layer_bits, calibrate_activations_
+from .ptq import _layer_bits, calibrate_activations_, check_grid_fields
 from .uniform import ScaleMethod
 
 __all__ = ["QATConfig", "QAT_CONFIG_NAME", "prepare_qat"]
@@ -77,19 +76,10 @@ class QATConfig(JsonConfigMixin):
     version: int = field(default=1, metadata={"help": "Format version of this config."})
 
     def __post_init__(self) -> None:
-        _check_bits_field("w_bits", self.w_bits, allow_none=False)
-        _check_bits_field("a_bits", self.a_bits, allow_none=True, low=2)
-        _check_bits_field("first_last_bits", self.first_last_bits, allow_none=True)
-        for name in ("per_channel", "learn_scales"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be `True` or `False`, got {getattr(self, name)!r}.")
+        check_grid_fields(self)
+        if not isinstance(self.learn_scales, bool):
+            raise ValueError(f"`learn_scales` must be `True` or `False`, got {self.learn_scales!r}.")
         self.weight_init = check_choice("weight_init", self.weight_init, ScaleMethod)
-        self.act_observer = check_choice("act_observer", self.act_observer, ObserverType)
-        bad = isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int)
-        if bad or self.calibration_batches < 1:
-            raise ValueError(f"`calibration_batches` must be a positive integer, got {self.calibration_batches!r}.")
-        self.include = check_patterns("include", self.include)
-        self.exclude = check_patterns("exclude", self.exclude)
 
 
 def prepare_qat(
