@@ -372,7 +372,7 @@ def prepare_dkm(model: nn.Module, config: PalettizeConfig | None = None, **kwarg
     Train the returned model as usual (same optimizer parameters: the latent weight is the layer's original
     `nn.Parameter`, now at `module.parametrizations.weight.original`), then call [`finalize_dkm`] (or
     [`~hf_r2.quant.palettize.palettize_`] with `method="dkm"`). Uses `bits`, `group_size`, `include` / `exclude` /
-    `skip_first_last`, `kmeans_iters`, `temperature` and `dkm_iters` of the config. While prepared, the state-dict
+    `skip_first_last`, `first_last_bits`, `kmeans_iters`, `temperature` and `dkm_iters` of the config. While prepared, the state-dict
     keys of the target weights change (`<layer>.parametrizations.weight.original`, plus the DKM buffers); after
     finalizing they are the original ones again.
 
@@ -398,11 +398,11 @@ def prepare_dkm(model: nn.Module, config: PalettizeConfig | None = None, **kwarg
         raise ValueError("`model` is already prepared for DKM; finalize it first with `finalize_dkm(model)`.")
     targets = find_target_modules(model, config.include, config.exclude, config.skip_first_last)
     groups = [_num_groups(name, module.weight, config.group_size) for name, module in targets]
-    for (_, module), num_groups in zip(targets, groups):
+    for index, ((_, module), num_groups) in enumerate(zip(targets, groups)):
         param = DKMParametrization(
             module.weight,
             num_groups,
-            config.bits,
+            config.layer_bits(index, len(targets)),
             config.temperature,
             config.dkm_iters,
             kmeans_iters=config.kmeans_iters,

@@ -96,7 +96,11 @@ class PalettizeConfig(JsonConfigMixin):
     exclude (`list[str]`, *optional*):
         Regular expressions over module names to leave in float, applied after `include`.
     skip_first_last (`bool`, *optional*, defaults to `False`):
-        Leave the first and the last target layer in float (the usual choice at 1 to 4 bits).
+        Leave the first and the last target layer in float.
+    first_last_bits (`int`, *optional*):
+        Bits of the first and the last target layer: they get `max(first_last_bits, bits)` (`8`: 256-entry
+        palettes, as [`~hf_r2.quant.PTQConfig`] keeps them at 8 bits by default, and the usual choice at 1 to 4
+        bits). `None` palettizes them like the others. Not together with `skip_first_last`.
 
     > Parameters of k-means
 
@@ -138,6 +142,9 @@ class PalettizeConfig(JsonConfigMixin):
     skip_first_last: bool = field(
         default=False, metadata={"help": "Leave the first and the last target layer in float."}
     )
+    first_last_bits: int | None = field(
+        default=None, metadata={"help": "Bits of the first and last target layer, max(first_last_bits, bits)."}
+    )
     # k-means
     kmeans_iters: int = field(default=50, metadata={"help": "Most Lloyd iterations of the 1-D k-means."})
     # DKM
@@ -162,6 +169,15 @@ class PalettizeConfig(JsonConfigMixin):
             )
         if not isinstance(self.skip_first_last, bool):
             raise ValueError(f"`skip_first_last` must be `True` or `False`, got {self.skip_first_last!r}.")
+        if self.first_last_bits is not None:
+            value = self.first_last_bits
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+                raise ValueError(f"`first_last_bits` must be an integer from 1 to 8 or `None`, got {value!r}.")
+            if self.skip_first_last:
+                raise ValueError(
+                    "`skip_first_last=True` leaves the first and last layer in float, so `first_last_bits` "
+                    f"({value}) would not apply; set one of them."
+                )
         for name in ("kmeans_iters", "dkm_iters"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -184,6 +200,12 @@ class PalettizeConfig(JsonConfigMixin):
     def num_centroids(self) -> int:
         """`2^bits`, the palette size."""
         return 2**self.bits
+
+    def layer_bits(self, index: int, count: int) -> int:
+        """The bits of target layer `index` of `count`: `bits`, or `max(first_last_bits, bits)` at either end."""
+        if self.first_last_bits is not None and index in (0, count - 1):
+            return max(self.first_last_bits, self.bits)
+        return self.bits
 
 
 # ---- 1-D k-means --------------------------------------------------------------------------------------------------
@@ -364,13 +386,11 @@ def _resolve_config(config: PalettizeConfig | None, kwargs: dict[str, Any]) -> P
     return dataclasses.replace(config, **kwargs) if kwargs else config
 
 
-def _palettize_module(name: str, module: nn.Module, config: PalettizeConfig) -> None:
+def _palettize_module(name: str, module: nn.Module, config: PalettizeConfig, bits: int) -> None:
     weight = module.weight
     num_groups = _num_groups(name, weight, config.group_size)
     with torch.no_grad():
-        palette, indices = kmeans_1d(
-            weight.detach().reshape(num_groups, -1), config.num_centroids, config.kmeans_iters
-        )
+        palette, indices = kmeans_1d(weight.detach().reshape(num_groups, -1), 2**bits, config.kmeans_iters)
         weight.copy_(palette.gather(1, indices).reshape(weight.shape))
     _set_palette(module, palette)
 
@@ -435,12 +455,12 @@ def palettize_(model: nn.Module, config: PalettizeConfig | None = None, **kwargs
     if prepared:
         finalize_dkm(model)
     done = {id(m) for _, m in prepared}
-    targets = find_target_modules(model, config.include, config.exclude, config.skip_first_last)
-    targets = [(n, m) for n, m in targets if id(m) not in done]
-    for name, module in targets:  # check every layer before changing any
+    all_targets = find_target_modules(model, config.include, config.exclude, config.skip_first_last)
+    targets = [(i, n, m) for i, (n, m) in enumerate(all_targets) if id(m) not in done]
+    for _, name, module in targets:  # check every layer before changing any
         _num_groups(name, module.weight, config.group_size)
-    for name, module in targets:
-        _palettize_module(name, module, config)
+    for index, name, module in targets:
+        _palettize_module(name, module, config, config.layer_bits(index, len(all_targets)))
     logger.info(
         "Palettized %d layers to %d centroids (%s)%s",
         len(targets) + len(prepared),

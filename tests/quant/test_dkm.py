@@ -230,6 +230,17 @@ def test_prepare_train_finalize():
         finalize_dkm(model)
 
 
+def test_dkm_first_last_bits():
+    """first_last_bits=8 trains 256-centroid palettes on the end layers and 2^bits on the others."""
+    model = prepare_dkm(_conv_net(), PalettizeConfig(bits=1, method="dkm", first_last_bits=8))
+    _train(model, steps=1)
+    finalize_dkm(model)
+    sizes = {name: model.get_submodule(name).weight_palette.shape[1] for name in ("0", "3", "4", "7")}
+    assert sizes == {"0": 256, "3": 2, "4": 2, "7": 256}
+    for name in ("3", "4"):
+        assert model.get_submodule(name).weight.unique().numel() <= 2
+
+
 def test_palettize_with_dkm_method_and_errors():
     model = prepare_dkm(_conv_net(), bits=1, skip_first_last=True)
     _train(model, steps=1)

@@ -349,6 +349,27 @@ def test_palettize_real_models(request, model_name):
     plain.load_state_dict(pmodel.state_dict(), strict=True)
 
 
+def test_first_last_bits_gives_the_end_layers_wider_palettes(timm_cnn):
+    """first_last_bits=8: the first and last target layer get max(8, bits)-bit palettes (k-means of their own), the
+    others `bits`; each layer's palette equals kmeans_1d of its own weights at its own palette size."""
+    model = timm_cnn.eval()
+    targets = [name for name, _ in find_target_modules(model)]
+    out = palettize(model, PalettizeConfig(bits=1, first_last_bits=8))
+    for index, name in enumerate(targets):
+        k = 256 if index in (0, len(targets) - 1) else 2
+        module = out.get_submodule(name)
+        assert module.weight_palette.shape == (1, k), name
+        palette, _ = kmeans_1d(model.get_submodule(name).weight.detach().reshape(1, -1), k, 50)
+        assert torch.allclose(module.weight_palette, palette.to(module.weight_palette.dtype)), name
+        assert module.weight.unique().numel() <= k
+    # first_last_bits below bits changes nothing: the end layers get max(first_last_bits, bits)
+    same = palettize(model, PalettizeConfig(bits=2, first_last_bits=1))
+    ref = palettize(model, PalettizeConfig(bits=2))
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), ref.state_dict().values()))
+    assert PalettizeConfig(bits=2, first_last_bits=8).layer_bits(0, 5) == 8
+    assert PalettizeConfig(bits=2, first_last_bits=8).layer_bits(2, 5) == 2
+
+
 # ---- PalettizeConfig ----------------------------------------------------------------------------------------------
 
 
@@ -358,6 +379,7 @@ def test_palettize_real_models(request, model_name):
         PalettizeConfig(),
         PalettizeConfig(bits=4, method="dkm", group_size=16, include=["layer"], exclude=["fc"], temperature=0.5),
         PalettizeConfig(bits=1, method=PalettizeMethod.KMEANS, skip_first_last=True, kmeans_iters=5, dkm_iters=1),
+        PalettizeConfig(bits=1, first_last_bits=8),
     ],
 )
 def test_config_json_round_trip(tmp_path, config):
@@ -386,6 +408,8 @@ def test_config_json_round_trip(tmp_path, config):
         ({"group_size": 0}, r"`group_size` must be a positive integer .* got 0"),
         ({"group_size": "4"}, r"`group_size` must be a positive integer .* got '4'"),
         ({"skip_first_last": 1}, "`skip_first_last` must be `True` or `False`, got 1"),
+        ({"first_last_bits": 0}, "`first_last_bits` must be an integer from 1 to 8 or `None`, got 0"),
+        ({"first_last_bits": 8, "skip_first_last": True}, "`skip_first_last=True` leaves the first and last layer"),
         ({"kmeans_iters": 0}, "`kmeans_iters` must be an integer >= 1, got 0"),
         ({"dkm_iters": 1.5}, "`dkm_iters` must be an integer >= 1, got 1.5"),
         ({"temperature": 0.0}, "`temperature` must be a finite number > 0 .* got 0.0"),
