@@ -372,9 +372,9 @@ def prepare_dkm(model: nn.Module, config: PalettizeConfig | None = None, **kwarg
     Train the returned model as usual (same optimizer parameters: the latent weight is the layer's original
     `nn.Parameter`, now at `module.parametrizations.weight.original`), then call [`finalize_dkm`] (or
     [`~hf_r2.quant.palettize.palettize_`] with `method="dkm"`). Uses `bits`, `group_size`, `include` / `exclude` /
-    `skip_first_last`, `first_last_bits`, `kmeans_iters`, `temperature` and `dkm_iters` of the config. While prepared, the state-dict
-    keys of the target weights change (`<layer>.parametrizations.weight.original`, plus the DKM buffers); after
-    finalizing they are the original ones again.
+    `skip_first_last`, `first_last_bits`, `kmeans_iters`, `temperature` and `dkm_iters` of the config. While
+    prepared, the state-dict keys of the target weights change (`<layer>.parametrizations.weight.original`, plus
+    the DKM buffers); after finalizing they are the original ones again.
 
     Args:
         model (`torch.nn.Module`):
