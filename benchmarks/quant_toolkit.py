@@ -14,11 +14,12 @@ with R2-Loss, L-inf per output channel, lambda 3: the demo's defaults), or takes
 | W2 / W1 k-means | `palettize_`: one 1-D k-means palette of 4 / 2 values per tensor, BN re-estimated |
 | W2 / W1 DKM | `prepare_dkm` + the same fine-tune as QAT + `finalize_dkm`, BN re-estimated |
 
-First and last layer: every low-bit row keeps the first conv and the classifier at 8 bits, as the paper's
-baselines do: PTQ and QAT through their `first_last_bits=8` (8-bit weights and inputs), k-means and DKM by a
-256-entry k-means palette on those two layers (`PalettizeConfig(bits=8)`), after DKM in the DKM rows (DKM itself
-trains the other layers, with the first and last in float meanwhile). The fine-tunes of QAT and DKM are the same
-for both models and run without R2 (`r2_weight=0`), so the R2 column measures the trained weights only.
+Each low-bit row is made by `hf_r2.reproduce.apply_setting`, as `hf-r2 reproduce` makes its rows. First and last
+layer: every low-bit row keeps the first conv and the classifier at 8 bits, as the paper's baselines do: PTQ and QAT
+through their `first_last_bits=8` (8-bit weights and inputs), k-means and DKM through
+`PalettizeConfig(first_last_bits=8)` (256-entry palettes on those two layers, which DKM trains too). The fine-tunes
+of QAT and DKM are the same for both models and run without R2 (`r2_weight=0`), so the R2 column measures the
+trained weights only.
 
 Calibration and BN re-estimation use `--calibration-samples` training images (evaluation transform, batches of
 64). Every low-bit model is exported with `save_low_bit` (packed codes + scales, or palette + indices), loaded back
@@ -47,7 +48,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -55,22 +56,30 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+if TYPE_CHECKING:
+    from hf_r2.reproduce import ReproduceConfig
+
 __all__ = ["SETTINGS", "main"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
+#: The low-bit rows, as `hf-r2 reproduce` settings (`hf_r2.reproduce.ReproduceConfig`'s `low_bit`).
+_LOW_BIT: dict[str, dict[str, Any]] = {
+    "W4A8 RTN": {"method": "ptq", "w_bits": 4, "a_bits": 8, "per_channel": True, "weight_range": "mse",
+                 "rounding": "nearest"},
+    "W2A8 RTN": {"method": "ptq", "w_bits": 2, "a_bits": 8, "per_channel": True, "weight_range": "mse",
+                 "rounding": "nearest"},
+    "W2A8 AdaRound": {"method": "ptq", "w_bits": 2, "a_bits": 8, "per_channel": True, "weight_range": "mse",
+                      "rounding": "adaround"},
+    "W2A2 QAT (LSQ)": {"method": "qat", "w_bits": 2, "a_bits": 2, "per_channel": True},
+    "W2 k-means": {"method": "kmeans", "w_bits": 2},
+    "W1 k-means": {"method": "kmeans", "w_bits": 1},
+    "W2 DKM": {"method": "dkm", "w_bits": 2},
+    "W1 DKM": {"method": "dkm", "w_bits": 1},
+}
+
 #: The rows of the accuracy table: (label, method).
-SETTINGS: list[tuple[str, str]] = [
-    ("FP", "float"),
-    ("W4A8 RTN", "ptq"),
-    ("W2A8 RTN", "ptq"),
-    ("W2A8 AdaRound", "ptq"),
-    ("W2A2 QAT (LSQ)", "qat"),
-    ("W2 k-means", "kmeans"),
-    ("W1 k-means", "kmeans"),
-    ("W2 DKM", "dkm"),
-    ("W1 DKM", "dkm"),
-]
+SETTINGS: list[tuple[str, str]] = [("FP", "float")] + [(label, s["method"]) for label, s in _LOW_BIT.items()]
 
 # Logits of an exported-and-reloaded model may differ from the in-memory one by float rounding only.
 _LOGIT_RTOL = 1e-4
@@ -124,7 +133,7 @@ def _train_models(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
     out = os.path.join(args.output_dir, "train")
     _log(f"Training baseline and R2 {args.model} on {args.dataset}, {args.epochs:g} epochs each (hf_r2.demo.run_demo)")
     start = time.perf_counter()
-    summary = run_demo(
+    results = run_demo(
         output_dir=out,
         model=args.model,
         dataset=args.dataset,
@@ -133,19 +142,19 @@ def _train_models(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
         max_train_samples=None,
         max_eval_samples=None,
         seed=args.seed,
-        disable_tqdm=True,
+        progress=False,
         print_fn=_log,
     )
     seconds = time.perf_counter() - start
-    runs = summary["runs"]
-    names = summary["names"]
+    runs = {run["variant"]["name"]: run for run in results["runs"]}
+    baseline, r2 = runs["baseline"], runs[results["config"]["variants"][1]["name"]]
     info = {
         "seconds": seconds,
-        "settings": summary["settings"],
-        "train_runtime": {k: runs[names[k]]["train_runtime"] for k in ("baseline", "r2")},
+        "settings": results["config"],
+        "train_runtime": {"baseline": baseline["train_seconds"], "r2": r2["train_seconds"]},
     }
     _log(f"Training both models took {seconds:.0f} s.")
-    return runs[names["baseline"]]["output_dir"], runs[names["r2"]]["output_dir"], info
+    return baseline["run_dir"], r2["run_dir"], info
 
 
 def _load_float(folder: str) -> nn.Module:
@@ -154,81 +163,41 @@ def _load_float(folder: str) -> nn.Module:
     return create_model(folder, pretrained=True).eval()
 
 
-def _first_last_patterns(model: nn.Module) -> list[str]:
-    """Anchored patterns of the first and the last Conv/Linear layer (those PTQ / QAT keep at 8 bits)."""
-    from hf_r2.regularizer import find_target_modules
-
-    targets = find_target_modules(model)
-    return [f"^{re.escape(targets[0][0])}$", f"^{re.escape(targets[-1][0])}$"]
-
-
 # ---- one setting --------------------------------------------------------------------------------------------------
 
 
-def _finetune(model: nn.Module, data: dict[str, Any], args: argparse.Namespace) -> None:
-    """The short fine-tune of QAT and DKM: AdamW, cosine, no weight decay, R2 off, the same for both models."""
-    from hf_r2.data import collate_fn
-    from hf_r2.loop import finetune
+def _reproduce_config(args: argparse.Namespace) -> ReproduceConfig:
+    """A `ReproduceConfig` holding the rows of `_LOW_BIT` (normalised: every setting has every key) and the AdaRound
+    and fine-tune settings of `args`, the fields `apply_setting` reads (the fine-tune's batch is 64)."""
+    from hf_r2.reproduce import ReproduceConfig
 
-    finetune(model, data["train"], learning_rate=args.ft_lr, per_device_batch_size=64, num_epochs=args.ft_epochs,
-             max_steps=args.ft_max_steps or -1, seed=args.seed, collate_fn=collate_fn)
-    model.eval()
-
-
-def _palettize_first_last(model: nn.Module, patterns: list[str]) -> None:
-    from hf_r2.quant.palettize import PalettizeConfig, palettize_
-
-    palettize_(model, PalettizeConfig(bits=8, method="kmeans", include=patterns))
+    return ReproduceConfig(
+        seeds=[args.seed],
+        data_seed=args.seed,
+        batch_size=64,
+        low_bit=[{"name": label, **setting} for label, setting in _LOW_BIT.items()],
+        lambda_sweep=None,
+        calibration_samples=args.calibration_samples,
+        adaround_iters=args.adaround_iters or None,
+        finetune_epochs=args.ft_epochs,
+        finetune_max_steps=args.ft_max_steps or None,
+        finetune_lr=args.ft_lr,
+    )
 
 
 def _apply(
     label: str, model: nn.Module, data: dict[str, Any], args: argparse.Namespace
 ) -> tuple[nn.Module, str, dict[str, Any]]:
-    """Apply setting `label` to `model` (a copy, changed in place): `(model, method, method_config)`."""
-    from hf_r2.quant import PTQConfig, QATConfig, prepare_qat, quantize_, reestimate_bn_stats
+    """Apply setting `label` to `model` (a copy, changed in place) with `hf_r2.reproduce.apply_setting`, as
+    `hf-r2 reproduce` makes its rows: `(model, method, method_config)`."""
+    from hf_r2.reproduce import apply_setting, quant_config
 
-    calibration = data["calibration"]
-    first_last = _first_last_patterns(model)
-    if label in ("W4A8 RTN", "W2A8 RTN", "W2A8 AdaRound"):
-        adaround = label.endswith("AdaRound")
-        config = PTQConfig(
-            w_bits=4 if label.startswith("W4") else 2,
-            a_bits=8,
-            per_channel=True,
-            weight_range="mse",
-            rounding="adaround" if adaround else "nearest",
-            adaround={"iters": args.adaround_iters} if adaround and args.adaround_iters else None,
-            bn="reestimate",
-            calibration_batches=len(calibration),
-        )
-        quantize_(model, config, calibration)
-        return model, "ptq", config.to_dict()
-    if label.startswith("W2A2 QAT"):
-        config = QATConfig(w_bits=2, a_bits=2, per_channel=True)
-        prepare_qat(model, config, calibration)
-        _finetune(model, data, args)
-        return model, "qat", config.to_dict()
-    bits = int(label[1])
-    if label.endswith("k-means"):
-        from hf_r2.quant.palettize import PalettizeConfig, palettize_
-
-        config = PalettizeConfig(bits=bits, method="kmeans", skip_first_last=True)
-        palettize_(model, config)
-        _palettize_first_last(model, first_last)
-        reestimate_bn_stats(model, calibration, num_batches=None)
-        return model, "kmeans", {**config.to_dict(), "first_last": "8-bit k-means palette"}
-    if label.endswith("DKM"):
-        from hf_r2.quant.dkm import finalize_dkm, prepare_dkm
-        from hf_r2.quant.palettize import PalettizeConfig
-
-        config = PalettizeConfig(bits=bits, method="dkm", skip_first_last=True)
-        prepare_dkm(model, config)
-        _finetune(model, data, args)
-        finalize_dkm(model)
-        _palettize_first_last(model, first_last)
-        reestimate_bn_stats(model, calibration, num_batches=None)
-        return model, "dkm", {**config.to_dict(), "first_last": "8-bit k-means palette"}
-    raise ValueError(f"Unknown setting {label!r}; the settings are {[s for s, _ in SETTINGS]}.")
+    if label not in _LOW_BIT:
+        raise ValueError(f"Unknown setting {label!r}; the low-bit settings are {list(_LOW_BIT)}.")
+    config = _reproduce_config(args)
+    setting = config.setting(label)
+    apply_setting(model, setting, data, config, args.seed)
+    return model, setting["method"], quant_config(setting, config).to_dict()
 
 
 @torch.no_grad()

@@ -242,6 +242,8 @@ def test_setting_names_and_defaults():
         ({"seeds": []}, "`seeds` must be a non-empty list"),
         ({"seeds": [0, 0]}, "holds 0 twice"),
         ({"models": []}, "`models` must be a non-empty list"),
+        ({"model_kwargs": {"vit": {}}}, "`model_kwargs` names 'vit', which is not in `models`"),
+        ({"models": ["resnet10t"], "model_kwargs": {"resnet10t": "relu6"}}, r"`model_kwargs\['resnet10t'\]` must"),
         ({"max_steps": 0}, "`max_steps` must be > 0"),
         ({"low_bit": [{"method": "gptq"}]}, r"`low_bit\[0\].method` must be one of 'ptq', 'qat', 'kmeans', 'dkm'"),
         ({"low_bit": [{"method": "kmeans", "a_bits": 8}]}, r"takes no \['a_bits'\]"),
@@ -256,6 +258,40 @@ def test_setting_names_and_defaults():
 def test_config_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         ReproduceConfig(**changes)
+
+
+def test_model_kwargs_and_one_process_per_model(tmp_path, data_dir, capsys):
+    """model_kwargs reach create_model and the saved folder; --models runs a subset into the same output_dir and a
+    last run without it reuses those trainings; a config with other kwargs does not reuse them."""
+    from hf_r2.models import create_model
+
+    config = _tiny_config(tmp_path / "out", data_dir, seeds=[0], lambda_sweep=None,
+                          models=["test_resnet", "resnet10t"], model_kwargs={"test_resnet": {"act_layer": "relu6"}},
+                          low_bit=[{"method": "ptq", "w_bits": 2, "a_bits": 8}])
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config.to_dict()))
+    only = config.select_models(["test_resnet"])
+    assert only.models == ["test_resnet"] and only.model_kwargs == {"test_resnet": {"act_layer": "relu6"}}
+    assert config.select_models(["resnet10t"]).model_kwargs == {}
+    with pytest.raises(ValueError, match="non-empty subset of `models`"):
+        config.select_models(["vit"])
+
+    args = reproduce_command_parser().parse_args([str(path), "--models", "test_resnet", "--no-progress"])
+    assert reproduce_command(args) == 0
+    results = json.loads((tmp_path / "out" / RESULTS_NAME).read_text())
+    assert list(results["summary"]) == ["test_resnet"] and len(results["runs"]) == 2
+    assert "## test_resnet (act_layer=relu6)" in (tmp_path / "out" / REPORT_NAME).read_text()
+    for run in results["runs"]:
+        model = create_model(run["run_dir"], pretrained=True)
+        assert any(isinstance(m, torch.nn.ReLU6) for m in model.modules())
+        assert not any(type(m) is torch.nn.ReLU for m in model.modules())
+        info = json.loads((Path(run["run_dir"]) / RUN_INFO_NAME).read_text())
+        assert info["spec"]["model_kwargs"] == {"act_layer": "relu6"}
+    # other kwargs for the same folder: an error that names the difference, not a silent reuse
+    changed = ReproduceConfig.from_dict({**only.to_dict(), "model_kwargs": {}})
+    with pytest.raises(ValueError, match=r"trained with other settings \(differing: \['model_kwargs'\]\)"):
+        run_reproduce(changed, progress=False, print_fn=None)
+    capsys.readouterr()
 
 
 def test_config_file_errors(tmp_path):

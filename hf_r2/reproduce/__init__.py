@@ -1,0 +1,76 @@
+"""`hf-r2 reproduce CONFIG.yaml`: the paper's claim side by side, baseline and R2 variants trained alike, then every
+low-bit result measured on each, in one resumable run.
+
+Paper: "R2 Loss: Range Restriction Loss for Model Compression and Quantization", Kundu et al., 2023
+(https://huggingface.co/papers/2303.08253). Its claim: a model trained with R2-Loss keeps more of its float accuracy
+once quantized or palettized to 1 to 4 bits than the same model trained with ordinary weight decay alone.
+
+What one [`ReproduceConfig`] runs:
+
+1. **Trainings.** Every model x variant x seed with [`~hf_r2.R2Trainer`]: the same data, recipe (AdamW, cosine,
+   `weight_decay`, augmentation) and seed for every variant; the `baseline` variant is `r2_weight=0` (ordinary
+   weight decay only). The lambda sweep trains its variant at each lambda on the first seed. Each training is
+   saved in `output_dir/runs/<model>/<variant>/seed<k>/` ([`~hf_r2.models.create_model`] loads it back).
+2. **Low-bit rows.** For each trained model: FP top-1 and every configured low-bit setting, each on a copy of the
+   float model: PTQ ([`~hf_r2.quant.quantize_`], BN re-estimated), QAT ([`~hf_r2.quant.prepare_qat`] + a fixed
+   fine-tune), k-means ([`~hf_r2.quant.palettize_`], BN re-estimated) and DKM ([`~hf_r2.quant.prepare_dkm`] + the
+   same fine-tune + [`~hf_r2.quant.finalize_dkm`], BN re-estimated). *Headline* settings run on every seed, the
+   others on the first seed only; the sweep's trainings run the sweep's settings.
+3. **Report.** `results.json` (every number per seed, mean and std over seeds for the headline rows),
+   `results.md` (one table per model: rows = settings, columns = variants; the lambda sweep; time, seeds, data)
+   and PNG plots ([`hf_r2.plots`]): weight histograms and per-layer ranges, baseline vs R2, and accuracy against
+   bits.
+
+First and last layer: every low-bit row keeps the first conv and the classifier at 8 bits, as the paper's
+baselines do: PTQ and QAT through `first_last_bits=8`, k-means and DKM by a 256-entry palette on those two layers.
+The QAT and DKM fine-tunes are the same for every variant and run without R2, so the columns differ by their
+trained weights only. Calibration and BN re-estimation use `calibration_samples` training images (evaluation
+transform); the data subsets are drawn with `data_seed`, so every seed and variant sees the same images.
+
+Resuming: a training is done when its folder holds `reproduce_run.json` (written last); a rerun skips it, and
+retrains a folder without it (an interrupted training). A folder trained with other settings is an error, not
+silently reused. Each low-bit row is cached in the run folder's `low_bit_results.json` with the settings that
+produced it and reused while they match, so an interrupted run continues where it stopped.
+
+The package: `config` ([`ReproduceConfig`], defaults, file names), `settings` ([`quant_config`] and
+[`apply_setting`]: one low-bit setting applied to a float model, shared with `benchmarks/quant_toolkit.py`),
+`pipeline` (the plan, trainings, measured rows, [`run_reproduce`]), `report` ([`format_report`], summaries, plots)
+and `cli` (the `hf-r2 reproduce` sub-command; `python -m hf_r2.reproduce CONFIG.yaml` runs it too).
+
+```bash
+hf-r2 reproduce configs/reproduce.yaml              # about an hour on 2 CPU cores
+hf-r2 reproduce configs/reproduce_tiny.yaml         # seconds: a smoke run of the whole pipeline
+```
+"""
+
+from .cli import reproduce_command as reproduce_command
+from .cli import reproduce_command_parser as reproduce_command_parser
+from .config import DEFAULT_LOW_BIT as DEFAULT_LOW_BIT
+from .config import DEFAULT_VARIANTS as DEFAULT_VARIANTS
+from .config import REPORT_NAME as REPORT_NAME
+from .config import REPRODUCE_CONFIG_NAME as REPRODUCE_CONFIG_NAME
+from .config import RESULTS_NAME as RESULTS_NAME
+from .config import RUN_INFO_NAME as RUN_INFO_NAME
+from .config import LowBitMethod as LowBitMethod
+from .config import ReproduceConfig as ReproduceConfig
+from .pipeline import run_reproduce as run_reproduce
+from .report import format_report as format_report
+from .settings import apply_setting as apply_setting
+from .settings import quant_config as quant_config
+
+__all__ = [
+    "ReproduceConfig",
+    "LowBitMethod",
+    "REPRODUCE_CONFIG_NAME",
+    "RUN_INFO_NAME",
+    "RESULTS_NAME",
+    "REPORT_NAME",
+    "DEFAULT_VARIANTS",
+    "DEFAULT_LOW_BIT",
+    "run_reproduce",
+    "format_report",
+    "quant_config",
+    "apply_setting",
+    "reproduce_command_parser",
+    "reproduce_command",
+]

@@ -1,0 +1,444 @@
+"""[`ReproduceConfig`], the file names and defaults of `hf-r2 reproduce`, and the normalisers that turn each variant
+and low-bit setting of a config into a full dict."""
+
+from __future__ import annotations
+
+import copy
+import enum
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .._utils import JsonConfigMixin, check_choice
+from ..config import R2LossType
+from .settings import quant_config
+
+__all__ = [
+    "ReproduceConfig",
+    "LowBitMethod",
+    "REPRODUCE_CONFIG_NAME",
+    "RUN_INFO_NAME",
+    "RESULTS_NAME",
+    "REPORT_NAME",
+    "BASELINE",
+    "DEFAULT_VARIANTS",
+    "DEFAULT_LOW_BIT",
+]
+
+REPRODUCE_CONFIG_NAME = "reproduce_config.json"
+RUN_INFO_NAME = "reproduce_run.json"
+RESULTS_NAME = "results.json"
+REPORT_NAME = "results.md"
+
+BASELINE = "baseline"
+_VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2")
+_SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "headline")
+_SWEEP_KEYS = ("variant", "lambdas", "models", "settings")
+# The R2Config fields a variant's `r2` may set (the loss, weight and per_channel are the variant's own keys).
+_R2_EXTRA_KEYS = ("warmup_steps", "include", "exclude", "skip_first_last", "margin_penalty", "soft_min_max_penalty",
+                  "kurtosis_target")
+
+
+class LowBitMethod(str, enum.Enum):
+    """How a low-bit row is made: post-training quantization, QAT, k-means or DKM palettization."""
+
+    PTQ = "ptq"
+    QAT = "qat"
+    KMEANS = "kmeans"
+    DKM = "dkm"
+
+
+#: The default variants: the baseline and the four regularisers, each with its lambda (AdamW scale).
+DEFAULT_VARIANTS: list[dict[str, Any]] = [
+    {"name": "baseline", "loss": "baseline", "weight": 0.0},
+    {"name": "linf", "loss": "linf", "weight": 3.0, "per_channel": True},
+    {"name": "margin", "loss": "margin", "weight": 0.03, "per_channel": True},
+    {"name": "soft_min_max", "loss": "soft_min_max", "weight": 3.0, "per_channel": True},
+    {"name": "kurtosis", "loss": "kurtosis", "weight": 1.0, "per_channel": False},
+]
+
+#: The default low-bit rows: W8A8; W4A8 and W2A8 per tensor and per channel with max-abs / MSE ranges (headline) and
+#: AdaRound; W2A2 QAT; 2- and 1-bit k-means (headline) and DKM.
+DEFAULT_LOW_BIT: list[dict[str, Any]] = (
+    [{"method": "ptq", "w_bits": 8, "a_bits": 8, "per_channel": True, "weight_range": "mse"}]
+    + [
+        {"method": "ptq", "w_bits": w, "a_bits": 8, "per_channel": pc, "weight_range": r, "rounding": rounding}
+        for w in (4, 2)
+        for pc in (False, True)
+        for r, rounding in (("maxabs", "nearest"), ("mse", "nearest"), ("mse", "adaround"))
+    ]
+    + [{"method": "qat", "w_bits": 2, "a_bits": 2}]
+    + [{"method": m, "w_bits": b} for m in ("kmeans", "dkm") for b in (2, 1)]
+)
+
+
+def _default_variants() -> list[dict[str, Any]]:
+    return copy.deepcopy(DEFAULT_VARIANTS)
+
+
+def _default_low_bit() -> list[dict[str, Any]]:
+    return copy.deepcopy(DEFAULT_LOW_BIT)
+
+
+def _check_keys(what: str, item: dict[str, Any], valid: tuple[str, ...]) -> None:
+    unknown = sorted(set(item) - set(valid))
+    if unknown:
+        raise ValueError(f"{what} has unknown key(s) {unknown}; valid keys are {list(valid)}.")
+
+
+def _normalise_variant(item: Any, index: int) -> dict[str, Any]:
+    """A variant as a full dict `{name, loss, weight, per_channel, r2}`; a plain string is a loss name."""
+    what = f"`variants[{index}]`"
+    if isinstance(item, str):
+        item = {"loss": item}
+    if not isinstance(item, dict):
+        raise ValueError(f"{what} must be a mapping such as {{'loss': 'linf', 'weight': 3.0}}, got {item!r}.")
+    _check_keys(what, item, _VARIANT_KEYS)
+    loss = item.get("loss", item.get("name"))
+    if loss != BASELINE:
+        try:
+            loss = check_choice(f"variants[{index}].loss", loss, R2LossType)
+        except ValueError as err:
+            raise ValueError(f"{err} Use 'baseline' for ordinary weight decay without R2.") from None
+    defaults = next((v for v in DEFAULT_VARIANTS if v["loss"] == loss), {})
+    weight = float(item.get("weight", defaults.get("weight", 0.0)))
+    if loss == BASELINE and weight != 0:
+        raise ValueError(f"{what} is the baseline (R2 off), so its `weight` must be 0, got {weight}.")
+    if loss != BASELINE and not weight > 0:
+        raise ValueError(f"{what} (loss {loss!r}) needs a `weight` (lambda) > 0, got {weight}; a run without R2 is "
+                         "`{'loss': 'baseline'}`.")
+    per_channel = bool(item.get("per_channel", defaults.get("per_channel", False))) if loss != BASELINE else False
+    r2 = dict(item.get("r2") or {})
+    _check_keys(f"`variants[{index}].r2`", r2, _R2_EXTRA_KEYS)
+    if loss == BASELINE and r2:
+        raise ValueError(f"{what} is the baseline: it takes no `r2` settings, got {r2}.")
+    return {"name": str(item.get("name", loss)), "loss": loss, "weight": weight, "per_channel": per_channel, "r2": r2}
+
+
+def _setting_name(s: dict[str, Any]) -> str:
+    from ..quant.report import format_setting
+
+    if s["method"] == "ptq":
+        grid = "per-channel" if s["per_channel"] else "per-tensor"
+        how = "adaround" if s["rounding"] == "adaround" else s["weight_range"]
+        return f"{format_setting(s['w_bits'], s['a_bits'])} {grid} {how}"
+    if s["method"] == "qat":
+        grid = "" if s["per_channel"] else " per-tensor"
+        return f"{format_setting(s['w_bits'], s['a_bits'])} QAT{grid}"
+    return f"{format_setting(s['w_bits'])} " + ("k-means" if s["method"] == "kmeans" else "DKM")
+
+
+def _normalise_setting(item: Any, index: int) -> dict[str, Any]:
+    """A low-bit setting as a full dict (see [`ReproduceConfig`]'s `low_bit`)."""
+    what = f"`low_bit[{index}]`"
+    if not isinstance(item, dict):
+        raise ValueError(f"{what} must be a mapping such as {{'method': 'ptq', 'w_bits': 2, 'a_bits': 8}}, "
+                         f"got {item!r}.")
+    _check_keys(what, item, _SETTING_KEYS)
+    method = check_choice(f"low_bit[{index}].method", item.get("method"), LowBitMethod)
+    s: dict[str, Any] = {"method": method, "w_bits": item.get("w_bits", 2)}
+    if method == "ptq":
+        s.update(a_bits=item.get("a_bits", 8), per_channel=bool(item.get("per_channel", True)),
+                 weight_range=item.get("weight_range", "mse"), rounding=item.get("rounding", "nearest"))
+    elif method == "qat":
+        s.update(a_bits=item.get("a_bits", 2), per_channel=bool(item.get("per_channel", True)),
+                 weight_range=None, rounding=None)
+    else:
+        extra = sorted(k for k in ("a_bits", "per_channel", "weight_range", "rounding") if item.get(k) is not None)
+        if extra:
+            raise ValueError(f"{what}: {method!r} clusters the weights only (one palette per tensor); it takes no "
+                             f"{extra}.")
+        s.update(a_bits=None, per_channel=None, weight_range=None, rounding=None)
+    cheap = (method == "ptq" and s["rounding"] == "nearest") or method == "kmeans"
+    s["headline"] = bool(item.get("headline", cheap))
+    s["name"] = str(item.get("name") or _setting_name(s))
+    return {k: s[k] for k in _SETTING_KEYS}
+
+
+@dataclass
+class ReproduceConfig(JsonConfigMixin):
+    """Configuration of [`run_reproduce`] (`hf-r2 reproduce CONFIG.yaml`); load a YAML or JSON file with
+    [`~ReproduceConfig.from_file`].
+
+    > Parameters of the output
+
+    output_dir (`str`, *optional*, defaults to `"outputs/reproduce"`):
+        Where the runs (`runs/`), `results.json`, `results.md` and the plots (`plots/`) go; a rerun with the same
+        folder continues the run.
+
+    > Parameters of the data
+
+    dataset (`str`, *optional*, defaults to `"cifar10"`):
+        Anything [`hf_r2.data.load_image_dataset`] takes (`cifar10`, `cifar10-small`, `cifar10-tiny`, ...).
+    data_dir (`str`, *optional*):
+        Folder of the local CIFAR-10 copies (default: `$HF_R2_DATA_DIR` or `../shared/data`).
+    input_size (`int`, *optional*, defaults to `32`):
+        Input side in pixels (32 trains CIFAR-10 at native size, padded-crop + flip).
+    max_train_samples (`int`, *optional*):
+        Train on this many training images (a subset drawn with `data_seed`); `None` uses all.
+    max_eval_samples (`int`, *optional*):
+        Evaluate on this many test images (drawn with `data_seed`); `None` uses all.
+    data_seed (`int`, *optional*, defaults to `0`):
+        Seed of the data subsets and of the calibration images, the same for every seed and variant.
+
+    > Parameters of the models and variants
+
+    models (`list[str]`, *optional*, defaults to `["mobilenetv3_small_100", "resnet10t"]`):
+        Models trained from scratch (timm names, or anything [`~hf_r2.models.create_model`] takes).
+    model_kwargs (`dict[str, dict]`, *optional*):
+        Keyword arguments of [`~hf_r2.models.create_model`] per model name, e.g.
+        `{"mobilenetv3_small_100": {"act_layer": "relu6"}}`; timm records them in the saved `config.json`, so the
+        trained folders load back as trained.
+    variants (`list[dict]`, *optional*, defaults to [`DEFAULT_VARIANTS`]):
+        One entry per column: `{"name": label, "loss": "baseline" | "linf" | "margin" | "soft_min_max" |
+        "kurtosis", "weight": lambda, "per_channel": bool, "r2": {more R2Config fields}}`; `baseline` is R2 off
+        (ordinary weight decay); a plain string is a loss name with its default lambda.
+
+    > Parameters of the training recipe (the same for every variant)
+
+    epochs (`float`, *optional*, defaults to `5.0`):
+        Training epochs of each run.
+    max_steps (`int`, *optional*, defaults to `-1`):
+        Optimizer steps of each run; overrides `epochs` when positive.
+    batch_size (`int`, *optional*, defaults to `64`):
+        Training batch size (also of the QAT / DKM fine-tunes).
+    lr (`float`, *optional*, defaults to `3e-3`):
+        Peak learning rate of AdamW (cosine decay after a `warmup_ratio` warm-up).
+    weight_decay (`float`, *optional*, defaults to `0.05`):
+        Decoupled weight decay, the same in every variant.
+    warmup_ratio (`float`, *optional*, defaults to `0.05`):
+        Fraction of the steps of linear learning-rate warm-up.
+    seeds (`list[int]`, *optional*, defaults to `[0, 1, 2]`):
+        Seeds of the initialisation and the data order. Headline rows use all of them, the other rows and the
+        lambda sweep the first.
+
+    > Parameters of the lambda sweep
+
+    lambda_sweep (`dict`, *optional*):
+        `{"variant": name of a configured R2 variant, "lambdas": [at least 3 values], "models": [...] (default:
+        the first model), "settings": [setting names] (default: the headline settings)}`: that variant trained
+        at each lambda on the first seed. `None` runs no sweep.
+
+    > Parameters of the low-bit rows
+
+    low_bit (`list[dict]`, *optional*, defaults to [`DEFAULT_LOW_BIT`]):
+        One entry per row: `{"method": "ptq" | "qat" | "kmeans" | "dkm", "w_bits": int, "a_bits": int or None
+        (ptq, qat), "per_channel": bool (ptq, qat), "weight_range": "maxabs" | "mse" (ptq), "rounding": "nearest"
+        | "adaround" (ptq), "headline": bool, "name": label}`. PTQ rows re-estimate BN; `headline` defaults to
+        true for round-to-nearest PTQ and k-means (cheap), false for AdaRound, QAT and DKM.
+    calibration_samples (`int`, *optional*, defaults to `512`):
+        Training images (evaluation transform) for activation calibration, AdaRound and BN re-estimation.
+    adaround_iters (`int`, *optional*):
+        AdaRound iterations per layer (`None`: [`~hf_r2.quant.AdaRoundConfig`]'s default).
+    finetune_epochs (`int`, *optional*, defaults to `1`):
+        Fine-tuning epochs of the QAT and DKM rows (AdamW, cosine, no weight decay, R2 off).
+    finetune_max_steps (`int`, *optional*):
+        Fine-tuning steps of the QAT and DKM rows; overrides `finetune_epochs` (a fixed budget).
+    finetune_lr (`float`, *optional*, defaults to `1e-3`):
+        Peak learning rate of the fine-tunes.
+
+    > Parameters of the report
+
+    plot_layers (`int`, *optional*, defaults to `4`):
+        Layers shown in the weight histograms.
+    """
+
+    config_name: ClassVar[str] = REPRODUCE_CONFIG_NAME
+
+    # output
+    output_dir: str = field(default=os.path.join("outputs", "reproduce"),
+                            metadata={"help": "Where runs, results and plots go; a rerun continues there."})
+    # data
+    dataset: str = field(default="cifar10", metadata={"help": "Dataset (cifar10, cifar10-small, ...)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder of the local CIFAR-10 copies."})
+    input_size: int = field(default=32, metadata={"help": "Input side in pixels."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Training images (seeded subset)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Test images (seeded subset)."})
+    data_seed: int = field(default=0, metadata={"help": "Seed of the data subsets and calibration images."})
+    # models and variants
+    models: list[str] = field(default_factory=lambda: ["mobilenetv3_small_100", "resnet10t"],
+                              metadata={"help": "Models trained from scratch."})
+    model_kwargs: dict[str, dict[str, Any]] = field(
+        default_factory=dict, metadata={"help": "create_model keyword arguments per model name."}
+    )
+    variants: list[Any] = field(default_factory=_default_variants,
+                                metadata={"help": "Variants (columns): baseline and R2 losses with their lambda."})
+    # recipe
+    epochs: float = field(default=5.0, metadata={"help": "Training epochs of each run."})
+    max_steps: int = field(default=-1, metadata={"help": "Training steps of each run; overrides epochs if > 0."})
+    batch_size: int = field(default=64, metadata={"help": "Training batch size."})
+    lr: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.05, metadata={"help": "Decoupled weight decay (every variant)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of learning-rate warm-up."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2],
+                             metadata={"help": "Seeds; headline rows use all, other rows the first."})
+    # lambda sweep
+    lambda_sweep: dict[str, Any] | None = field(
+        default_factory=lambda: {"variant": "linf", "lambdas": [1.0, 3.0, 10.0]},
+        metadata={"help": "{variant, lambdas (>= 3), models, settings}: a variant at several lambdas, first seed."},
+    )
+    # low-bit rows
+    low_bit: list[dict[str, Any]] = field(default_factory=_default_low_bit,
+                                          metadata={"help": "Low-bit rows (ptq / qat / kmeans / dkm settings)."})
+    calibration_samples: int = field(default=512, metadata={"help": "Calibration / BN re-estimation images."})
+    adaround_iters: int | None = field(default=None, metadata={"help": "AdaRound iterations per layer."})
+    finetune_epochs: int = field(default=1, metadata={"help": "Fine-tuning epochs of QAT and DKM."})
+    finetune_max_steps: int | None = field(default=None, metadata={"help": "Fine-tuning steps of QAT and DKM."})
+    finetune_lr: float = field(default=1e-3, metadata={"help": "Fine-tuning learning rate."})
+    # report
+    plot_layers: int = field(default=4, metadata={"help": "Layers in the weight histograms."})
+    version: int = field(default=1, metadata={"help": "Format version of this config."})
+
+    def __post_init__(self) -> None:
+        self.output_dir = os.fspath(self.output_dir)
+        if not self.output_dir:
+            raise ValueError("`output_dir` must be a non-empty path, got ''.")
+        if isinstance(self.models, str):
+            self.models = [self.models]
+        if not self.models or not all(isinstance(m, str) and m for m in self.models):
+            raise ValueError(f"`models` must be a non-empty list of model names, got {self.models!r}.")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"`models` lists a model twice: {self.models}.")
+        self.model_kwargs = dict(self.model_kwargs or {})
+        for model, kwargs in self.model_kwargs.items():
+            if model not in self.models:
+                raise ValueError(f"`model_kwargs` names {model!r}, which is not in `models` {self.models}.")
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"`model_kwargs[{model!r}]` must be a mapping of create_model keyword arguments, "
+                                 f"such as {{'act_layer': 'relu6'}}, got {kwargs!r}.")
+        if not isinstance(self.variants, (list, tuple)) or not self.variants:
+            raise ValueError(f"`variants` must be a non-empty list, got {self.variants!r}.")
+        self.variants = [_normalise_variant(v, i) for i, v in enumerate(self.variants)]
+        _check_unique("variants", [v["name"] for v in self.variants])
+        if isinstance(self.seeds, int):
+            self.seeds = [self.seeds]
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise ValueError(f"`seeds` must be a non-empty list of integers, got {self.seeds!r}.")
+        _check_unique("seeds", self.seeds)
+        for name in ("max_train_samples", "max_eval_samples", "adaround_iters", "finetune_max_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+        for name in ("input_size", "batch_size", "calibration_samples", "finetune_epochs", "plot_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"`max_steps` must be > 0, or -1 to use `epochs`, got {self.max_steps}.")
+        if self.max_steps < 0 and not self.epochs > 0:
+            raise ValueError(f"`epochs` must be > 0 (or set `max_steps`), got {self.epochs}.")
+        for name in ("lr", "finetune_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}.")
+        if not isinstance(self.low_bit, (list, tuple)):
+            raise ValueError(f"`low_bit` must be a list of settings, got {self.low_bit!r}.")
+        self.low_bit = [_normalise_setting(s, i) for i, s in enumerate(self.low_bit)]
+        names = [s["name"] for s in self.low_bit]
+        _check_unique("low_bit", names)
+        if "FP" in names:
+            raise ValueError("`low_bit` has a setting named 'FP': that name is the float row, measured always.")
+        for setting in self.low_bit:
+            quant_config(setting, self)  # the quant configs' own checks, now rather than an hour in
+        self.lambda_sweep = self._normalise_sweep(self.lambda_sweep)
+
+    def _normalise_sweep(self, sweep: Any) -> dict[str, Any] | None:
+        if sweep is None:
+            return None
+        if not isinstance(sweep, dict):
+            raise ValueError(f"`lambda_sweep` must be a mapping {{'variant': ..., 'lambdas': [...]}} or None, "
+                             f"got {sweep!r}.")
+        _check_keys("`lambda_sweep`", sweep, _SWEEP_KEYS)
+        r2_names = [v["name"] for v in self.variants if v["loss"] != BASELINE]
+        if sweep.get("variant") not in r2_names:
+            raise ValueError(f"`lambda_sweep.variant` must name one of the R2 variants {r2_names}, got "
+                             f"{sweep.get('variant')!r}.")
+        lambdas = sweep.get("lambdas")
+        if not isinstance(lambdas, (list, tuple)) or len(lambdas) < 3 or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in lambdas
+        ):
+            raise ValueError(f"`lambda_sweep.lambdas` must be a list of at least 3 positive numbers, got {lambdas!r}.")
+        lambdas = [float(x) for x in lambdas]
+        _check_unique("lambda_sweep.lambdas", lambdas)
+        models = sweep.get("models") or self.models[:1]
+        unknown = [m for m in models if m not in self.models]
+        if unknown:
+            raise ValueError(f"`lambda_sweep.models` {unknown} are not in `models` {self.models}.")
+        names = [s["name"] for s in self.low_bit]
+        settings = sweep.get("settings")
+        settings = [s["name"] for s in self.low_bit if s["headline"]] if settings is None else list(settings)
+        unknown = [s for s in settings if s not in names]
+        if unknown:
+            raise ValueError(f"`lambda_sweep.settings` {unknown} are not low-bit settings; they are {names}.")
+        return {"variant": sweep["variant"], "lambdas": lambdas, "models": list(models), "settings": settings}
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> ReproduceConfig:
+        """Load a config from a YAML (`.yaml`, `.yml`) or JSON (`.json`) file of the fields above; a folder loads
+        its `reproduce_config.json` (the copy every run writes into `output_dir`)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, cls.config_name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No config file at {path!r}.")
+        lower = path.lower()
+        if not lower.endswith((".json", ".yaml", ".yml")):
+            raise ValueError(f"A reproduce config must be a .yaml, .yml or .json file, got {path!r}.")
+        with open(path, encoding="utf-8") as f:
+            if lower.endswith(".json"):
+                data = json.load(f)
+            else:
+                import yaml
+
+                data = yaml.safe_load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"The config file {path!r} must hold a mapping of field names to values.")
+        return cls.from_dict(data)
+
+    # ---- derived views ----
+
+    def select_models(self, models: list[str]) -> ReproduceConfig:
+        """A copy restricted to `models` (a subset of `models`, in their order; the sweep keeps its models among
+        them, or is dropped), e.g. to run one process per model in parallel into the same `output_dir`."""
+        unknown = [m for m in models if m not in self.models]
+        if unknown or not models:
+            raise ValueError(f"Models to select must be a non-empty subset of `models` {self.models}, got {models}.")
+        data = self.to_dict()
+        data["models"] = [m for m in self.models if m in models]
+        data["model_kwargs"] = {m: kw for m, kw in self.model_kwargs.items() if m in models}
+        sweep = self.lambda_sweep
+        if sweep is not None:
+            kept = [m for m in sweep["models"] if m in models]
+            data["lambda_sweep"] = {**sweep, "models": kept} if kept else None
+        return type(self).from_dict(data)
+
+    def setting(self, name: str) -> dict[str, Any]:
+        """The low-bit setting called `name`."""
+        for s in self.low_bit:
+            if s["name"] == name:
+                return s
+        raise KeyError(name)
+
+    @property
+    def headline_settings(self) -> list[str]:
+        """Names of the settings measured on every seed."""
+        return [s["name"] for s in self.low_bit if s["headline"]]
+
+
+def _check_unique(name: str, values: list[Any]) -> None:
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"`{name}` holds {value!r} twice; every entry needs its own name or value.")
+        seen.add(value)
+
+
+def _slug(text: str) -> str:
+    """`text` as a file-safe name (run folders, plot files)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+

@@ -1,0 +1,397 @@
+"""The `hf-r2 reproduce` run: the plan (which trainings, which low-bit rows on each), the trainings, the measured
+rows with their caches, and [`run_reproduce`], which ties them to the report."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .._utils import write_json_atomic, write_text_atomic
+from .config import BASELINE, REPORT_NAME, RESULTS_NAME, RUN_INFO_NAME, ReproduceConfig, _slug
+from .report import _machine, _plots, _summarise, _summarise_stats, _sweep_table, format_report
+from .settings import apply_setting
+
+__all__ = ["run_reproduce"]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan: which trainings, which rows on each
+
+
+@dataclass
+class _Run:
+    model: str
+    variant: dict[str, Any]
+    seed: int
+    run_dir: str
+    settings: list[str]
+    roles: list[str]  # "headline" and / or "sweep:<lambda>"
+
+
+def _variant_dir(variant: dict[str, Any]) -> str:
+    if variant["loss"] == BASELINE:
+        return BASELINE
+    name = f"{variant['loss']}{'-pc' if variant['per_channel'] else ''}-w{variant['weight']:g}"
+    if variant["r2"]:
+        digest = hashlib.sha1(json.dumps(variant["r2"], sort_keys=True).encode()).hexdigest()[:8]
+        name += f"-{digest}"
+    return _slug(name)
+
+
+def _plan(config: ReproduceConfig) -> list[_Run]:
+    """Every training, once, with the union of the rows it needs, in a stable order."""
+    runs: dict[str, _Run] = {}
+    first = config.seeds[0]
+
+    def add(model: str, variant: dict[str, Any], seed: int, settings: list[str], role: str) -> None:
+        run_dir = os.path.join(config.output_dir, "runs", _slug(model), _variant_dir(variant), f"seed{seed}")
+        run = runs.setdefault(run_dir, _Run(model, variant, seed, run_dir, [], []))
+        run.settings = [s["name"] for s in config.low_bit if s["name"] in set(run.settings) | set(settings)]
+        run.roles.append(role)
+
+    for model in config.models:
+        for seed in config.seeds:
+            settings = [s["name"] for s in config.low_bit] if seed == first else config.headline_settings
+            for variant in config.variants:
+                add(model, variant, seed, settings, "headline")
+    sweep = config.lambda_sweep
+    if sweep:
+        base = next(v for v in config.variants if v["name"] == sweep["variant"])
+        for model in sweep["models"]:
+            for lam in sweep["lambdas"]:
+                variant = {**base, "name": f"{base['name']} lambda={lam:g}", "weight": lam}
+                add(model, variant, first, sweep["settings"], f"sweep:{lam:g}")
+    return list(runs.values())
+
+
+def _train_spec(run: _Run, config: ReproduceConfig) -> dict[str, Any]:
+    """What a training depends on: a folder trained with another spec is not reused."""
+    variant = {k: run.variant[k] for k in ("loss", "weight", "per_channel", "r2")}
+    return _jsonable({
+        "model": run.model, "variant": variant, "seed": run.seed, "dataset": config.dataset,
+        "max_train_samples": config.max_train_samples, "data_seed": config.data_seed,
+        "input_size": config.input_size, "epochs": config.epochs, "max_steps": config.max_steps,
+        "batch_size": config.batch_size, "lr": config.lr, "weight_decay": config.weight_decay,
+        "warmup_ratio": config.warmup_ratio,
+        **({"model_kwargs": config.model_kwargs[run.model]} if config.model_kwargs.get(run.model) else {}),
+    })
+
+
+def _row_spec(setting: dict[str, Any] | None, config: ReproduceConfig) -> dict[str, Any]:
+    """What a low-bit row depends on besides the trained model: a cached row with another spec is recomputed."""
+    spec: dict[str, Any] = {"dataset": config.dataset, "max_eval_samples": config.max_eval_samples,
+                            "data_seed": config.data_seed, "input_size": config.input_size}
+    if setting is None:
+        return _jsonable(spec)
+    spec["setting"] = {k: v for k, v in setting.items() if k not in ("name", "headline")}
+    spec["calibration_samples"] = config.calibration_samples
+    if setting["method"] == "ptq" and setting["rounding"] == "adaround":
+        spec["adaround_iters"] = config.adaround_iters
+    if setting["method"] in ("qat", "dkm"):
+        spec.update(finetune_epochs=config.finetune_epochs, finetune_max_steps=config.finetune_max_steps,
+                    finetune_lr=config.finetune_lr, batch_size=config.batch_size,
+                    max_train_samples=config.max_train_samples)
+    return _jsonable(spec)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _training_done(run: _Run, config: ReproduceConfig) -> bool:
+    """Whether `run` is trained already (and with the same settings); removes an interrupted training's folder."""
+    info = _read_json(os.path.join(run.run_dir, RUN_INFO_NAME))
+    if info is None:
+        if os.path.isdir(run.run_dir):
+            logger.warning("%s holds an unfinished training (no %s): training it again.", run.run_dir, RUN_INFO_NAME)
+            shutil.rmtree(run.run_dir)
+        return False
+    spec = _train_spec(run, config)
+    if info.get("spec") != spec:
+        old = info.get("spec") or {}
+        diff = sorted(k for k in set(spec) | set(old) if spec.get(k) != old.get(k))
+        raise ValueError(
+            f"{run.run_dir} was trained with other settings (differing: {diff}). Use another `output_dir`, or "
+            f"delete that folder to train it again."
+        )
+    return True
+
+
+def _train(run: _Run, data: dict[str, Any], config: ReproduceConfig, progress: bool) -> dict[str, Any]:
+    """Train `run` with R2Trainer, save it, then write `reproduce_run.json` (last: it marks the training done)."""
+    from transformers import set_seed
+
+    from ..cli import DataArguments, record_data_config
+    from ..data import collate_fn, hub_dataset_id, with_transforms
+    from ..models import create_model
+    from ..saving import update_training_info
+    from ..trainer import R2Trainer
+    from ..training_args import R2TrainingArguments
+
+    variant = run.variant
+    set_seed(run.seed)
+    model = create_model(run.model, label_names=data["label_names"], **config.model_kwargs.get(run.model, {}))
+    record_data_config(model, DataArguments(dataset_name=config.dataset, input_size=config.input_size))
+    baseline = variant["loss"] == BASELINE
+    args = R2TrainingArguments(
+        output_dir=run.run_dir,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,
+        logging_steps=50,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=run.seed,
+        dataloader_pin_memory=False,
+        disable_tqdm=None if progress else True,
+        r2_loss="linf" if baseline else variant["loss"],
+        r2_weight=0.0 if baseline else variant["weight"],
+        r2_per_channel=variant["per_channel"],
+        **{f"r2_{k}": v for k, v in variant["r2"].items()},
+    )
+    train_ds = with_transforms(data["raw"]["train"], model, train=True, input_size=config.input_size)
+    trainer = R2Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collate_fn)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.save_model(run.run_dir)
+    update_training_info(run.run_dir, dataset=config.dataset, dataset_id=hub_dataset_id(config.dataset))
+    info = {
+        "spec": _train_spec(run, config),
+        "train_seconds": seconds,
+        "global_step": trainer.state.global_step,
+        "train_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    write_json_atomic(os.path.join(run.run_dir, RUN_INFO_NAME), info)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Low-bit rows
+
+
+def _batches(dataset, batch_size: int) -> list[dict[str, Any]]:
+    import torch
+
+    from ..data import collate_fn
+
+    return list(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn))
+
+
+def _model_data(model, key: str, data: dict[str, Any], config: ReproduceConfig) -> dict[str, Any]:
+    """Eval batches, calibration batches and the fine-tuning set in `model`'s preprocessing, cached under `key`
+    (the model name: every training of one architecture preprocesses alike)."""
+    import torch
+
+    from ..data import with_transforms
+
+    cache = data["per_model"]
+    if key not in cache:
+        raw, size = data["raw"], {"input_size": config.input_size}
+        plain_train = with_transforms(raw["train"], model, train=False, **size)
+        count = min(config.calibration_samples, len(plain_train))
+        generator = torch.Generator().manual_seed(config.data_seed)
+        index = torch.randperm(len(plain_train), generator=generator)[:count].tolist()
+        cache[key] = {
+            "eval": _batches(with_transforms(raw["test"], model, train=False, **size), 256),
+            "calibration": _batches(torch.utils.data.Subset(plain_train, index), 64),
+            "train": with_transforms(raw["train"], model, train=True, **size),
+        }
+    return cache[key]
+
+
+def _load_float(run_dir: str):
+    from ..models import create_model
+
+    return create_model(run_dir, pretrained=True).eval()
+
+
+def _measure(run: _Run, data: dict[str, Any], config: ReproduceConfig, progress: bool) -> dict[str, Any]:
+    """FP and every low-bit row of `run`, from the cache where its spec matches; new rows are cached at once."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..config import R2Config
+    from ..quant.report import evaluate, read_results, update_results
+    from ..regularizer import R2Regularizer
+
+    cached = {(row["setting"], row.get("method")): row for row in read_results(run.run_dir)}
+    float_model = _load_float(run.run_dir)
+    stats = R2Regularizer(float_model, R2Config()).stats()
+    rows: dict[str, Any] = {}
+    todo = ["FP", *run.settings]
+    bar = tqdm(todo, desc=f"low-bit {run.model}/{run.variant['name']}/seed{run.seed}", leave=False,
+               disable=not progress)
+    for name in bar:
+        setting = None if name == "FP" else config.setting(name)
+        method = "float" if setting is None else setting["method"]
+        spec = _row_spec(setting, config)
+        row = cached.get((name, method))
+        if row is not None and row.get("spec") == spec:
+            rows[name] = {**row, "cached": True}
+            continue
+        bar.set_postfix_str(name)
+        model_data = _model_data(float_model, run.model, data, config)
+        start = time.perf_counter()
+        if setting is None:
+            model = float_model
+        else:
+            torch.manual_seed(run.seed)
+            model = apply_setting(copy.deepcopy(float_model), setting, model_data, config, run.seed)
+        accuracy = evaluate(model, model_data["eval"])
+        row = {
+            "setting": name,
+            "method": method,
+            "w_bits": None if setting is None else setting["w_bits"],
+            "a_bits": None if setting is None else setting["a_bits"],
+            "accuracy": accuracy,
+            "seconds": time.perf_counter() - start,
+            "spec": spec,
+        }
+        update_results(run.run_dir, [row])
+        rows[name] = {**row, "cached": False}
+        del model
+    return {"rows": rows, "stats": stats, "float_model": float_model}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def run_reproduce(
+    config: ReproduceConfig | str | os.PathLike,
+    *,
+    progress: bool = True,
+    print_fn: Callable[[str], Any] | None = print,
+) -> dict[str, Any]:
+    """Train, measure and report everything `config` describes (see the module docstring); resumable.
+
+    Args:
+        config ([`ReproduceConfig`], `str` or `os.PathLike`):
+            The config, or a YAML / JSON file of it.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show progress bars (over the trainings, the runs' low-bit rows, and the Trainer's and fine-tunes' own).
+        print_fn (`Callable[[str], Any]`, *optional*, defaults to `print`):
+            Where the report goes at the end; `None` prints nothing.
+
+    Returns:
+        `dict`: the contents of `output_dir/results.json`: `config`, `data`, `runs` (one per training: model,
+        variant, seed, `run_dir`, `trained_now`, `train_seconds`, `stats` and `rows` = `{setting: {accuracy,
+        seconds, cached, ...}}`), `summary` (`[model][setting][variant]` = `{seeds, values, mean, std,
+        headline}`), `weight_stats`, `lambda_sweep`, `timing`, `plots`.
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from ..data import label_names, load_image_dataset
+    from ..plots import select_layers
+    from ..regularizer import find_target_modules
+
+    if not isinstance(config, ReproduceConfig):
+        config = ReproduceConfig.from_file(config)
+    start = time.perf_counter()
+    os.makedirs(config.output_dir, exist_ok=True)
+    config.save_pretrained(config.output_dir)
+
+    raw = load_image_dataset(config.dataset, data_dir=config.data_dir, max_train_samples=config.max_train_samples,
+                             max_eval_samples=config.max_eval_samples, seed=config.data_seed)
+    data: dict[str, Any] = {"raw": raw, "label_names": label_names(raw), "per_model": {}}
+    plan = _plan(config)
+
+    # 1. trainings
+    infos: dict[str, dict[str, Any]] = {}
+    trained_now: set[str] = set()
+    for run in tqdm(plan, desc="trainings", disable=not progress):
+        if not _training_done(run, config):
+            _train(run, data, config, progress)
+            trained_now.add(run.run_dir)
+        infos[run.run_dir] = _read_json(os.path.join(run.run_dir, RUN_INFO_NAME))
+
+    # 2. low-bit rows (and what the plots need from the first seed's models)
+    first = config.seeds[0]
+    runs: list[dict[str, Any]] = []
+    weights: dict[str, dict[str, dict[str, Any]]] = {}
+    layer_stats: dict[str, dict[str, Any]] = {}
+    plot_layers: dict[str, list[str]] = {}
+    for run in tqdm(plan, desc="low-bit rows", disable=not progress):
+        measured = _measure(run, data, config, progress)
+        names = [v["name"] for v in config.variants if _variant_dir(v) == _variant_dir(run.variant)
+                 and "headline" in run.roles]
+        info = infos[run.run_dir]
+        runs.append({
+            "model": run.model, "variant": run.variant, "variant_names": names, "seed": run.seed,
+            "roles": run.roles, "run_dir": run.run_dir, "trained_now": run.run_dir in trained_now,
+            "train_seconds": info["train_seconds"], "global_step": info.get("global_step"),
+            "train_loss": info.get("train_metrics", {}).get("train_loss"),
+            "stats": {"overall": measured["stats"]["overall"]}, "rows": measured["rows"],
+        })
+        if run.seed == first and names:
+            model = measured["float_model"]
+            if run.model not in plot_layers:
+                targets = find_target_modules(model)
+                depthwise = [n for n, m in targets if getattr(m, "groups", 1) > 1]
+                plot_layers[run.model] = select_layers([n for n, _ in targets], config.plot_layers, depthwise)
+            for name in names:
+                weights.setdefault(run.model, {})[name] = {
+                    layer: model.get_submodule(layer).weight.detach().float().numpy().ravel().astype(np.float32)
+                    for layer in plot_layers[run.model]
+                }
+                layer_stats.setdefault(run.model, {})[name] = measured["stats"]["per_layer"]
+
+    # 3. results, report, plots
+    rows_all = [row for r in runs for row in r["rows"].values()]
+    results: dict[str, Any] = {
+        "config": config.to_dict(),
+        "output_dir": os.path.abspath(config.output_dir),
+        "data": {"dataset": config.dataset, "train_images": raw["train"].num_rows,
+                 "test_images": raw["test"].num_rows,
+                 "calibration_images": min(config.calibration_samples, raw["train"].num_rows)},
+        "runs": runs,
+        "summary": _summarise(config, runs),
+        "weight_stats": _summarise_stats(config, runs),
+        "lambda_sweep": _sweep_table(config, runs),
+    }
+    results["plots"] = _plots(config, results, weights, layer_stats)
+    results["timing"] = {
+        "seconds": time.perf_counter() - start,
+        "trainings": len(plan),
+        "trained_now": len(trained_now),
+        "reused_trainings": len(plan) - len(trained_now),
+        "rows_computed": sum(not row["cached"] for row in rows_all),
+        "rows_cached": sum(bool(row["cached"]) for row in rows_all),
+        "train_seconds_total": sum(r["train_seconds"] for r in runs),
+        "low_bit_seconds_total": sum(row.get("seconds", 0.0) for row in rows_all),
+        "machine": _machine(),
+    }
+    write_json_atomic(os.path.join(config.output_dir, RESULTS_NAME), results)
+    report = format_report(results)
+    write_text_atomic(os.path.join(config.output_dir, REPORT_NAME), report)
+    if print_fn:
+        print_fn(report)
+    return results

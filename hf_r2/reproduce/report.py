@@ -1,0 +1,233 @@
+"""The `hf-r2 reproduce` report: mean and std over seeds, the lambda-sweep table, `results.md` ([`format_report`])
+and the plots."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .config import BASELINE, ReproduceConfig, _slug
+
+__all__ = ["format_report"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summaries
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (`ddof=1`; `None` for a single value)."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
+
+
+def _summarise(config: ReproduceConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`summary[model][setting][variant] = {seeds, values, mean, std, headline}` over the headline runs."""
+    first = config.seeds[0]
+    summary: dict[str, Any] = {}
+    for model in config.models:
+        table: dict[str, Any] = {}
+        for setting in ["FP", *(s["name"] for s in config.low_bit)]:
+            headline = setting == "FP" or config.setting(setting)["headline"]
+            seeds = config.seeds if headline else [first]
+            table[setting] = {}
+            for variant in config.variants:
+                found = [
+                    (r["seed"], r["rows"][setting]["accuracy"])
+                    for r in runs
+                    if r["model"] == model and variant["name"] in r["variant_names"] and r["seed"] in seeds
+                    and setting in r["rows"]
+                ]
+                found.sort(key=lambda pair: config.seeds.index(pair[0]))
+                if not found:
+                    continue
+                mean, std = _mean_std([a for _, a in found])
+                table[setting][variant["name"]] = {"seeds": [s for s, _ in found], "values": [a for _, a in found],
+                                                   "mean": mean, "std": std, "headline": headline}
+        summary[model] = table
+    return summary
+
+
+def _summarise_stats(config: ReproduceConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Overall weight statistics per model and variant, averaged over the headline seeds."""
+    out: dict[str, Any] = {}
+    for model in config.models:
+        out[model] = {}
+        for variant in config.variants:
+            found = [r["stats"]["overall"] for r in runs
+                     if r["model"] == model and variant["name"] in r["variant_names"] and r["seed"] in config.seeds]
+            if found:
+                out[model][variant["name"]] = {k: _mean_std([f[k] for f in found])[0] for k in found[0]}
+    return out
+
+
+def _sweep_table(config: ReproduceConfig, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    sweep = config.lambda_sweep
+    if not sweep:
+        return None
+    first = config.seeds[0]
+    baseline = next((v["name"] for v in config.variants if v["loss"] == BASELINE), None)
+    out: dict[str, Any] = {"variant": sweep["variant"], "settings": sweep["settings"], "seed": first, "models": {}}
+    for model in sweep["models"]:
+        rows = []
+        base = next((r for r in runs if r["model"] == model and r["seed"] == first
+                     and baseline in r["variant_names"]), None)
+        if base is not None:
+            rows.append({"lambda": 0.0, "variant": baseline, "run_dir": base["run_dir"],
+                         "accuracy": {s: base["rows"][s]["accuracy"] for s in ["FP", *sweep["settings"]]
+                                      if s in base["rows"]}})
+        for lam in sweep["lambdas"]:
+            run = next(r for r in runs if r["model"] == model and f"sweep:{lam:g}" in r["roles"])
+            rows.append({"lambda": lam, "variant": run["variant"]["name"], "run_dir": run["run_dir"],
+                         "accuracy": {s: run["rows"][s]["accuracy"] for s in ["FP", *sweep["settings"]]}})
+        out["models"][model] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _variant_label(variant: dict[str, Any]) -> str:
+    if variant["loss"] == BASELINE:
+        return f"{variant['name']} (no R2)"
+    grid = ", per channel" if variant["per_channel"] else ""
+    return f"{variant['name']} (λ={variant['weight']:g}{grid})"
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "-"
+    if entry["std"] is None:
+        return f"{100 * entry['mean']:.2f}"
+    return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}"
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """The markdown of `results.md` from a [`run_reproduce`] result (or a loaded `results.json`)."""
+    config = ReproduceConfig.from_dict(results["config"])
+    data = results["data"]
+    seeds = config.seeds
+    recipe = (f"{config.max_steps} steps" if config.max_steps > 0 else f"{config.epochs:g} epoch(s)") + (
+        f", batch {config.batch_size}, AdamW lr {config.lr:g} (cosine, {config.warmup_ratio:g} warm-up), weight "
+        f"decay {config.weight_decay:g}"
+    )
+    finetune = (f"{config.finetune_max_steps} steps" if config.finetune_max_steps
+                else f"{config.finetune_epochs} epoch(s)")
+    lines = [
+        "# R2-Loss side by side: baseline vs R2 variants, float and low-bit top-1",
+        "",
+        f"Data: {config.dataset}, {data['train_images']} training / {data['test_images']} test images at "
+        f"{config.input_size}x{config.input_size} (subsets drawn with data seed {config.data_seed}); top-1 (%) on "
+        "the test images.",
+        f"Recipe, the same for every variant: {recipe}. Seeds: {seeds}; cells are mean ± std (sample std, ddof=1) "
+        f"over the seeds for the headline rows; rows marked † ran on the first seed ({seeds[0]}) only. FP is the "
+        "float model as trained; the low-bit rows re-estimate BN, which can put them above FP after a short training.",
+        f"Low-bit: first and last layer at 8 bits in every row; PTQ rows re-estimate BN on "
+        f"{data['calibration_images']} training images; QAT and DKM fine-tune {finetune} (AdamW lr "
+        f"{config.finetune_lr:g}, R2 off); AdaRound "
+        + (f"{config.adaround_iters} iterations per layer." if config.adaround_iters else "at its default length."),
+        "",
+    ]
+    variants = config.variants
+    for model, table in results["summary"].items():
+        kwargs = ", ".join(f"{k}={v}" for k, v in config.model_kwargs.get(model, {}).items())
+        lines += [f"## {model}" + (f" ({kwargs})" if kwargs else ""), "",
+                  "| setting | " + " | ".join(_variant_label(v) for v in variants) + " |",
+                  "|---|" + "---|" * len(variants)]
+        for setting, cells in table.items():
+            headline = setting == "FP" or config.setting(setting)["headline"]
+            label = setting if headline else f"{setting} †"
+            lines.append(f"| {label} | " + " | ".join(_cell(cells.get(v["name"])) for v in variants) + " |")
+        stats = results["weight_stats"].get(model, {})
+        if stats:
+            lines.append("| largest abs(w) | " + " | ".join(
+                f"{stats[v['name']]['max_abs']:.3f}" if v["name"] in stats else "-" for v in variants) + " |")
+            lines.append("| mean max abs(w)/std | " + " | ".join(
+                f"{stats[v['name']]['mean_max_over_std']:.2f}" if v["name"] in stats else "-" for v in variants)
+                + " |")
+        plots = results.get("plots", {}).get(model, {})
+        if plots:
+            lines += [""] + [f"![{kind}]({os.path.relpath(path, results['output_dir'])})"
+                             for kind, path in plots.items()]
+        lines.append("")
+    sweep = results.get("lambda_sweep")
+    if sweep:
+        for model, rows in sweep["models"].items():
+            columns = ["FP", *sweep["settings"]]
+            lines += [f"## Lambda sweep: {sweep['variant']} on {model} (seed {sweep['seed']})", "",
+                      "| λ | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+            for row in rows:
+                lam = "0 (baseline)" if row["lambda"] == 0 else f"{row['lambda']:g}"
+                lines.append(f"| {lam} | " + " | ".join(
+                    f"{100 * row['accuracy'][c]:.2f}" if c in row["accuracy"] else "-" for c in columns) + " |")
+            lines.append("")
+    timing = results["timing"]
+    lines += [
+        "## Time",
+        "",
+        f"This invocation: {timing['seconds']:.0f} s ({timing['trained_now']} trainings run, "
+        f"{timing['reused_trainings']} reused; {timing['rows_computed']} low-bit rows computed, "
+        f"{timing['rows_cached']} from the cache).",
+        f"All steps, including those of earlier invocations: training {timing['train_seconds_total']:.0f} s over "
+        f"{timing['trainings']} trainings, low-bit rows {timing['low_bit_seconds_total']:.0f} s.",
+        f"Machine: {timing['machine']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plots(config: ReproduceConfig, results: dict[str, Any], weights: dict[str, Any],
+           layer_stats: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Write the PNGs of each model; returns `{model: {kind: path}}`."""
+    from ..plots import plot_accuracy_vs_bits, plot_layer_ranges, plot_weight_histograms
+
+    out: dict[str, dict[str, str]] = {}
+    folder = os.path.join(config.output_dir, "plots")
+    families = {"ptq": "PTQ", "kmeans": "k-means / DKM", "dkm": "k-means / DKM"}
+    for model, table in results["summary"].items():
+        slug = _slug(model)
+        paths: dict[str, str] = {}
+        if weights.get(model):
+            count = len(next(iter(weights[model].values())))
+            paths["weight histograms"] = plot_weight_histograms(
+                weights[model], os.path.join(folder, f"{slug}_weight_hist.png"),
+                title=f"{model}: weights of {count} layers (seed {config.seeds[0]})")
+        if layer_stats.get(model):
+            paths["per-layer ranges"] = plot_layer_ranges(
+                layer_stats[model], os.path.join(folder, f"{slug}_layer_ranges.png"),
+                title=f"{model}: per-layer max |w|, std and their ratio (seed {config.seeds[0]})")
+        curves: dict[str, dict[str, dict[int, float]]] = {}
+        fp: dict[str, float] = {}
+        for variant in config.variants:
+            name = variant["name"]
+            if name in table.get("FP", {}):
+                fp[name] = 100 * table["FP"][name]["mean"]
+            for setting in config.low_bit:
+                entry = table.get(setting["name"], {}).get(name)
+                family = families.get(setting["method"])
+                if entry is None or family is None:
+                    continue
+                points = curves.setdefault(name, {}).setdefault(family, {})
+                points[setting["w_bits"]] = max(points.get(setting["w_bits"], -1.0), 100 * entry["mean"])
+        if curves:
+            paths["accuracy vs bits"] = plot_accuracy_vs_bits(
+                curves, os.path.join(folder, f"{slug}_accuracy_vs_bits.png"), fp=fp,
+                title=f"{model}: top-1 against weight bits (per family, the best configured row at each bit width)")
+        out[model] = paths
+    return out
+
+
+def _machine() -> str:
+    import platform
+
+    import torch
+
+    try:
+        load = "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover - not on every OS
+        load = "load average n/a"
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, {'CUDA' if torch.cuda.is_available() else 'no GPU'}, {load}")
