@@ -300,12 +300,13 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def demo_command_parser(subparsers=None) -> argparse.ArgumentParser:
-    """The `demo` sub-command: baseline vs R2 training on CIFAR-10, then their 2-bit results (see [`hf_r2.demo`])."""
+    """The `demo` sub-command: baseline vs R2 training on CIFAR-10, then FP and 2-bit results (see [`hf_r2.demo`])."""
     from .demo import DEMO_DEFAULTS
 
     description = (
-        "The main job: train a small timm CNN on CIFAR-10 twice, without and with R2-Loss, then print accuracy, "
-        "2-bit (per-channel round-to-nearest) accuracy and the per-layer weight ranges of both."
+        "The main job, the short version of `hf-r2 reproduce`: train a small timm CNN on CIFAR-10 twice, without "
+        "and with R2-Loss, then print FP and low-bit (W8A8, W4A8, W2A8 PTQ, 2-bit k-means) top-1 of both side by "
+        "side, and the paths of the plots."
     )
     if subparsers is None:
         parser = argparse.ArgumentParser("hf-r2 demo", description=description)
@@ -330,10 +331,11 @@ def demo_command_parser(subparsers=None) -> argparse.ArgumentParser:
     add("--r2-weight", "--r2_weight", type=float, default=d["r2_weight"], help="R2 coefficient lambda.")
     add("--r2-per-channel", "--r2_per_channel", action=argparse.BooleanOptionalAction, default=d["r2_per_channel"],
         help="Apply R2 per output channel instead of per layer.")
-    add("--bits", type=int, default=d["bits"], help="Weight bits of the low-bit evaluation.")
+    add("--bits", type=int, default=d["bits"], help="Weight bits of the low-bit rows (W<bits>A8, k-means).")
     add("--bn-samples", "--bn_samples", type=int, default=d["bn_samples"],
-        help="Training images used to re-estimate batch-norm statistics after quantization.")
+        help="Training images that calibrate activations and re-estimate batch norm after quantization.")
     add("--seed", type=int, default=d["seed"], help="Seed of both runs.")
+    add("--no-progress", "--no_progress", dest="progress", action="store_false", help="Hide the progress bars.")
     parser.set_defaults(func=demo_command)
     return parser
 
@@ -345,7 +347,11 @@ def demo_command(args: argparse.Namespace) -> int:
     for key in ("max_train_samples", "max_eval_samples"):
         if options[key] is not None and options[key] <= 0:
             options[key] = None
-    run_demo(**options)
+    try:
+        run_demo(**options)
+    except (ValueError, OSError) as err:
+        print(f"hf-r2 demo: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

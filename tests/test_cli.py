@@ -1,6 +1,7 @@
 """Tests of the `hf-r2` command line: help, env, train end to end (flags and config files), errors, and the demo."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -142,27 +143,43 @@ def test_bad_arguments(capsys, tmp_path):
 
 
 def test_demo_runs_on_tiny_settings(data_dir, tmp_path, monkeypatch, capsys):
+    """The demo is hf-r2 reproduce on demo_config: one model, baseline and R2, FP and low-bit rows side by side."""
+    from hf_r2.demo import demo_config
     from hf_r2.models import create_model
     from hf_r2.regularizer import R2Regularizer
 
     monkeypatch.setenv("HF_R2_DATA_DIR", str(data_dir))
     out = tmp_path / "demo"
-    code = main(["demo", "--output-dir", str(out), "--model", "test_resnet", "--dataset", "cifar10-tiny",
-                 "--epochs", "1", "--max-train-samples", "64", "--max-eval-samples", "32", "--batch-size", "32",
-                 "--bn-samples", "32", "--r2-loss", "linf", "--r2-weight", "0.5"])
-    assert code == 0
+    argv = ["demo", "--output-dir", str(out), "--model", "test_resnet", "--dataset", "cifar10-tiny", "--epochs", "1",
+            "--max-train-samples", "64", "--max-eval-samples", "32", "--batch-size", "32", "--bn-samples", "32",
+            "--r2-loss", "linf", "--r2-weight", "0.5", "--no-progress"]
+    assert main(argv) == 0
     text = capsys.readouterr().out
-    summary = json.loads((out / "demo_results.json").read_text())
-    runs = summary["runs"]
-    assert set(runs) == {"baseline", "r2_linf"}
-    for name, run in runs.items():
-        for key in ("fp_accuracy", "low_bit_accuracy", "low_bit_bn_accuracy"):
-            assert 0.0 <= run[key] <= 1.0
-        # the reported ranges are those of the saved model
-        saved = create_model(run["output_dir"], pretrained=True)
+    results = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in results["config"]["variants"]] == ["baseline", "linf"]
+    table = results["summary"]["test_resnet"]
+    assert list(table) == ["FP", "W8A8 per-channel mse", "W4A8 per-channel mse", "W2A8 per-tensor maxabs",
+                           "W2A8 per-tensor mse", "W2A8 per-channel maxabs", "W2A8 per-channel mse", "W2 k-means"]
+    for setting, cells in table.items():
+        assert set(cells) == {"baseline", "linf"}
+        assert all(0.0 <= cell["mean"] <= 1.0 for cell in cells.values())
+        assert f"| {setting} | {100 * cells['baseline']['mean']:.2f} | {100 * cells['linf']['mean']:.2f} |" in text
+    runs = {run["variant"]["name"]: run for run in results["runs"]}
+    assert runs["baseline"]["variant"]["weight"] == 0.0 and runs["linf"]["variant"]["weight"] == 0.5
+    for run in runs.values():  # the reported ranges are those of the saved model
+        saved = create_model(run["run_dir"], pretrained=True)
         assert R2Regularizer(saved).stats()["overall"]["max_abs"] == pytest.approx(run["stats"]["overall"]["max_abs"])
-    assert runs["baseline"]["r2_weight"] == 0.0 and runs["r2_linf"]["r2_weight"] == 0.5
-    assert "| baseline (no R2" in text and "| R2 linf per channel (lambda=0.5)" in text and "W2 + BN top-1" in text
-    layers = list(runs["baseline"]["stats"]["per_layer"])
-    assert layers and all(f"| {layer} |" in text for layer in layers)
-    assert str(out / "demo_results.json") in text
+    plots = [path for kind in results["plots"]["test_resnet"].values() for path in [kind]]
+    assert len(plots) == 3 and all(os.path.isfile(p) and p in text for p in plots)
+    assert str(out / "results.json") in text
+
+    # a rerun reuses both trainings and every row; a bad setting is an error, not a traceback
+    assert main(argv) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["timing"]["trained_now"] == 0 and again["timing"]["rows_computed"] == 0
+    assert again["summary"] == results["summary"]
+    capsys.readouterr()
+    assert main([*argv[:-1], "--bits", "9", "--no-progress"]) == 1
+    assert "hf-r2 demo: error:" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Unknown demo setting"):
+        demo_config(epoch=3)
