@@ -220,8 +220,10 @@ def _finetune(model, train_ds, args, folder: str) -> dict[str, float]:
     from ..data import collate_fn
     from ..loop import finetune
 
-    r2 = R2Config.from_pretrained(folder) if os.path.isfile(os.path.join(folder, R2_CONFIG_NAME)) else R2Config()
-    r2 = R2Config.from_dict({**r2.to_dict(), "weight": args.r2_weight, "warmup_steps": 0})
+    r2 = None  # R2 off: finetune then reads only the last layer's range for its logs (not a DKM pass per layer)
+    if args.r2_weight:
+        r2 = R2Config.from_pretrained(folder) if os.path.isfile(os.path.join(folder, R2_CONFIG_NAME)) else R2Config()
+        r2 = R2Config.from_dict({**r2.to_dict(), "weight": args.r2_weight, "warmup_steps": 0})
     # whole epochs, or a fraction of one as a step count
     steps = -1 if args.epochs >= 1 else max(1, int(args.epochs * len(train_ds) / args.batch_size))
     return finetune(model, train_ds, learning_rate=args.learning_rate, per_device_batch_size=args.batch_size,
