@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo test reproduce install install-test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,19 @@ demo: install
 
 test: install-test
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# The full comparison (configs/reproduce.yaml, about an hour on 2 cores): one single-threaded process per model in
+# parallel, each logging to outputs/reproduce/<model>.log, then one run that reuses both and writes the report.
+REPRODUCE_CONFIG ?= configs/reproduce.yaml
+REPRODUCE_MODELS ?= mobilenetv3_small_100 resnet10t
+REPRODUCE_OUT ?= outputs/reproduce
+reproduce: install
+	mkdir -p $(REPRODUCE_OUT)
+	for m in $(REPRODUCE_MODELS); do \
+	  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/hf-r2 reproduce $(REPRODUCE_CONFIG) \
+	    --output-dir $(REPRODUCE_OUT) --models $$m --no-progress > $(REPRODUCE_OUT)/$$m.log 2>&1 & \
+	done; wait
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 reproduce $(REPRODUCE_CONFIG) --output-dir $(REPRODUCE_OUT)
 
 bench: install
 	$(PY) benchmarks/r2_overhead.py

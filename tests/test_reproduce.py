@@ -125,6 +125,23 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, data_dir):
             else:
                 assert cell["std"] is None
 
+    # R2 minus baseline on the rows with a paper target (FP, W2A8, W2A2, W1), from the per-seed values
+    gains = saved["gains"]["test_resnet"]
+    assert set(gains) == {"FP", "W2A8 per-channel mse", "W2A8 per-channel adaround", "W2A2 QAT", "W1 k-means"}
+    targets = {"FP": -1.0, "W2A8 per-channel mse": 8.0, "W2A8 per-channel adaround": 8.0, "W2A2 QAT": 3.0,
+               "W1 k-means": 7.0}
+    for setting, cells in gains.items():
+        base, r2 = summary[setting]["baseline"], summary[setting]["linf"]
+        differences = [100 * (a - b) for a, b in zip(r2["values"], base["values"])]
+        cell = cells["linf"]
+        assert set(cells) == {"linf"} and cell["target"] == targets[setting]
+        assert cell["delta"] == pytest.approx(np.mean(differences), abs=1e-9)
+        assert cell["met"] == (cell["delta"] >= targets[setting])
+        if len(differences) > 1:
+            assert cell["std"] == pytest.approx(np.std(differences, ddof=1), abs=1e-9)
+        else:
+            assert cell["std"] is None
+
     # the lambda sweep: baseline (lambda 0) then the three lambdas, each row from its own run
     sweep = saved["lambda_sweep"]["models"]["test_resnet"]
     assert [row["lambda"] for row in sweep] == [0.0, 0.1, 1.0, 3.0]
@@ -143,6 +160,9 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, data_dir):
     assert f"| W2 DKM † | {100 * dkm['baseline']['mean']:.2f} | {100 * dkm['linf']['mean']:.2f} |" in report
     assert "## Lambda sweep: linf on test_resnet (seed 0)" in report
     assert "| 0 (baseline) |" in report and "| 0.1 |" in report and "| 3 |" in report
+    assert "## R2 minus baseline, against the paper's gains" in report
+    w1 = gains["W1 k-means"]["linf"]
+    assert f"| W1 k-means | +7 | {'**' if w1['met'] else ''}{w1['delta']:+.2f} ± {w1['std']:.2f}" in report
     assert "Seeds: [0, 1]" in report and "64 training / 32 test images" in report and "## Time" in report
 
     # the plots exist, are PNGs, and results.md links them

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .._utils import write_json_atomic, write_text_atomic
 from .config import BASELINE, REPORT_NAME, RESULTS_NAME, RUN_INFO_NAME, ReproduceConfig, _slug
-from .report import _machine, _plots, _summarise, _summarise_stats, _sweep_table, format_report
+from .report import _gains, _machine, _plots, _summarise, _summarise_stats, _sweep_table, format_report
 from .settings import apply_setting
 
 __all__ = ["run_reproduce"]
@@ -377,6 +377,7 @@ def run_reproduce(
         "weight_stats": _summarise_stats(config, runs),
         "lambda_sweep": _sweep_table(config, runs),
     }
+    results["gains"] = _gains(config, results["summary"])
     results["plots"] = _plots(config, results, weights, layer_stats)
     results["timing"] = {
         "seconds": time.perf_counter() - start,
