@@ -152,9 +152,9 @@ def _format_gains(config: ReproduceConfig, gains: dict[str, Any]) -> list[str]:
         return []
     variants = [v for v in config.variants if v["loss"] != BASELINE]
     lines = ["## R2 minus baseline, against the paper's gains", "",
-             "Top-1 points of each R2 variant over the baseline (mean over the seeds both ran; ± the sample std of the "
-             "per-seed differences); **bold**: the target is met. Targets from the paper's ImageNet gains: FP within "
-             "1 point (>= -1), W2A8 PTQ >= +8, W2A2 QAT >= +3, 1-bit clustering >= +7.", ""]
+             "Top-1 points of each R2 variant over the baseline (mean over the seeds both ran; ± the sample std of "
+             "the per-seed differences); **bold**: the target is met. Targets from the paper's ImageNet gains: FP "
+             "within 1 point (>= -1), W2A8 PTQ >= +8, W2A2 QAT >= +3, 1-bit clustering >= +7.", ""]
     for model, rows in gains.items():
         if not rows:
             continue
