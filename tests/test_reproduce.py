@@ -28,6 +28,7 @@ from hf_r2.reproduce import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = REPO_ROOT / "configs" / "reproduce_tiny.yaml"
 FULL = REPO_ROOT / "configs" / "reproduce.yaml"
+LONG = REPO_ROOT / "configs" / "reproduce_long.yaml"
 
 
 def _tiny_config(out: Path, data_dir: Path, **changes) -> ReproduceConfig:
@@ -214,8 +215,9 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, data_dir):
 def test_config_files_load_and_round_trip(tmp_path):
     tiny = ReproduceConfig.from_file(TINY)
     full = ReproduceConfig.from_file(FULL)
+    long = ReproduceConfig.from_file(LONG)
     default = ReproduceConfig()
-    for config in (tiny, full, default):
+    for config in (tiny, full, long, default):
         config.output_dir = str(tmp_path / "x")
         config.save_pretrained(tmp_path)
         assert ReproduceConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
@@ -228,6 +230,9 @@ def test_config_files_load_and_round_trip(tmp_path):
     assert [v["loss"] for v in full.variants] == ["baseline", "linf", "margin", "soft_min_max", "kurtosis"]
     assert len(full.lambda_sweep["lambdas"]) >= 3
     assert {s["method"] for s in full.low_bit} == {"ptq", "qat", "kmeans", "dkm"}
+    # the longer-training follow-up: the same data, models and recipe but the epochs
+    same = ("dataset", "max_train_samples", "max_eval_samples", "models", "model_kwargs", "lr", "weight_decay")
+    assert all(getattr(long, k) == getattr(full, k) for k in same) and long.epochs == 4 * full.epochs
     assert len(default.low_bit) == len(DEFAULT_LOW_BIT)
     # JSON works like YAML
     path = tmp_path / "c.json"
