@@ -17,7 +17,8 @@ What one [`ReproduceConfig`] runs:
    same fine-tune + [`~hf_r2.quant.finalize_dkm`], BN re-estimated). *Headline* settings run on every seed, the
    others on the first seed only; the sweep's trainings run the sweep's settings.
 3. **Report.** `results.json` (every number per seed, mean and std over seeds for the headline rows),
-   `results.md` (one table per model: rows = settings, columns = variants; the lambda sweep; time, seeds, data)
+   `results.md` (one table per model: rows = settings, columns = variants; R2 minus baseline against the paper's
+   gains, [`PAPER_TARGETS`]; the lambda sweep; time, seeds, data)
    and PNG plots ([`hf_r2.plots`]): weight histograms and per-layer ranges, baseline vs R2, and accuracy against
    bits.
 
@@ -38,7 +39,7 @@ The package: `config` ([`ReproduceConfig`], defaults, file names), `settings` ([
 and `cli` (the `hf-r2 reproduce` sub-command; `python -m hf_r2.reproduce CONFIG.yaml` runs it too).
 
 ```bash
-hf-r2 reproduce configs/reproduce.yaml              # about an hour on 2 CPU cores
+hf-r2 reproduce configs/reproduce.yaml              # about two hours in one process (make reproduce: one hour)
 hf-r2 reproduce configs/reproduce_tiny.yaml         # seconds: a smoke run of the whole pipeline
 ```
 """
@@ -54,6 +55,7 @@ from .config import RUN_INFO_NAME as RUN_INFO_NAME
 from .config import LowBitMethod as LowBitMethod
 from .config import ReproduceConfig as ReproduceConfig
 from .pipeline import run_reproduce as run_reproduce
+from .report import PAPER_TARGETS as PAPER_TARGETS
 from .report import format_report as format_report
 from .settings import apply_setting as apply_setting
 from .settings import quant_config as quant_config
@@ -69,6 +71,7 @@ __all__ = [
     "DEFAULT_LOW_BIT",
     "run_reproduce",
     "format_report",
+    "PAPER_TARGETS",
     "quant_config",
     "apply_setting",
     "reproduce_command_parser",

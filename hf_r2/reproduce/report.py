@@ -287,7 +287,7 @@ def _plots(config: ReproduceConfig, results: dict[str, Any], weights: dict[str, 
         if curves:
             paths["accuracy vs bits"] = plot_accuracy_vs_bits(
                 curves, os.path.join(folder, f"{slug}_accuracy_vs_bits.png"), fp=fp,
-                title=f"{model}: top-1 against weight bits (per family, the best configured row at each bit width)")
+                title=f"{model}: top-1 against weight bits\n(per family, the best configured row at each bit width)")
         out[model] = paths
     return out
 
