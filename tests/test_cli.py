@@ -172,6 +172,8 @@ def test_demo_runs_on_tiny_settings(data_dir, tmp_path, monkeypatch, capsys):
     plots = [path for kind in results["plots"]["test_resnet"].values() for path in [kind]]
     assert len(plots) == 3 and all(os.path.isfile(p) and p in text for p in plots)
     assert str(out / "results.json") in text
+    assert "Low-bit: first and last layer at 8 bits in every row; PTQ and clustering rows re-estimate BN on 32 " \
+        "training images." in text  # no QAT, DKM or AdaRound row in the demo: not mentioned
 
     # a rerun reuses both trainings and every row; a bad setting is an error, not a traceback
     assert main(argv) == 0

@@ -162,6 +162,9 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, data_dir):
     assert "## Lambda sweep: linf on test_resnet (seed 0)" in report
     assert "| 0 (baseline) |" in report and "| 0.1 |" in report and "| 3 |" in report
     assert "## R2 minus baseline, against the paper's gains" in report
+    assert ("Low-bit: first and last layer at 8 bits in every row; PTQ and clustering rows re-estimate BN on 32 "
+            "training images; QAT and DKM fine-tune 2 steps (AdamW lr 0.001, R2 off); AdaRound 4 iterations per "
+            "layer.") in report
     w1 = gains["W1 k-means"]["linf"]
     assert f"| W1 k-means | +7 | {'**' if w1['met'] else ''}{w1['delta']:+.2f} ± {w1['std']:.2f}" in report
     assert "Seeds: [0, 1]" in report and "64 training / 32 test images" in report and "## Time" in report

@@ -176,6 +176,20 @@ def _format_gains(config: ReproduceConfig, gains: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _low_bit_line(config: ReproduceConfig, calibration_images: int, finetune: str) -> str:
+    """How the low-bit rows were made, naming only the methods the config has."""
+    methods = {s["method"] for s in config.low_bit}
+    parts = ["first and last layer at 8 bits in every row",
+             f"PTQ and clustering rows re-estimate BN on {calibration_images} training images"]
+    tuned = " and ".join(name for name, method in (("QAT", "qat"), ("DKM", "dkm")) if method in methods)
+    if tuned:
+        parts.append(f"{tuned} fine-tune {finetune} (AdamW lr {config.finetune_lr:g}, R2 off)")
+    if any(s["rounding"] == "adaround" for s in config.low_bit):
+        parts.append("AdaRound " + (f"{config.adaround_iters} iterations per layer" if config.adaround_iters
+                                    else "at its default length"))
+    return "Low-bit: " + "; ".join(parts) + "."
+
+
 def format_report(results: dict[str, Any]) -> str:
     """The markdown of `results.md` from a [`run_reproduce`] result (or a loaded `results.json`)."""
     config = ReproduceConfig.from_dict(results["config"])
@@ -196,10 +210,7 @@ def format_report(results: dict[str, Any]) -> str:
         f"Recipe, the same for every variant: {recipe}. Seeds: {seeds}; cells are mean ± std (sample std, ddof=1) "
         f"over the seeds for the headline rows; rows marked † ran on the first seed ({seeds[0]}) only. FP is the "
         "float model as trained; the low-bit rows re-estimate BN, which can put them above FP after a short training.",
-        f"Low-bit: first and last layer at 8 bits in every row; PTQ rows re-estimate BN on "
-        f"{data['calibration_images']} training images; QAT and DKM fine-tune {finetune} (AdamW lr "
-        f"{config.finetune_lr:g}, R2 off); AdaRound "
-        + (f"{config.adaround_iters} iterations per layer." if config.adaround_iters else "at its default length."),
+        _low_bit_line(config, data["calibration_images"], finetune),
         "",
     ]
     variants = config.variants
