@@ -43,6 +43,38 @@ def make_timm(name: str = "test_resnet", num_classes: int = 10, **kwargs):
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 
+def conv_net(num_classes: int = 5) -> torch.nn.Module:
+    """Conv (8 out), BN, ReLU, depthwise conv (8), pointwise conv (6 out), pooled Linear head (`num_classes` out):
+    the smallest net with every layer kind the quantizers handle."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),  # depthwise
+        nn.Conv2d(8, 6, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, num_classes),
+    )
+
+
+class TinyImages(torch.utils.data.Dataset):
+    """`n` random 32x32 images with labels in `[0, 10)`, as `{"pixel_values", "labels"}` dicts."""
+
+    def __init__(self, n: int = 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        self.y = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
 @pytest.fixture
 def timm_cnn():
     """timm CNN with batch norm (`test_resnet`)."""

@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from conftest import make_timm
+from conftest import TinyImages, make_timm
 from transformers import EvalPrediction, TrainerCallback, TrainingArguments
 
 from hf_r2.config import R2Config
@@ -21,21 +21,6 @@ from hf_r2.trainer import R2_STATE_NAME, R2_STATS_NAME, R2Trainer, compute_accur
 from hf_r2.training_args import R2TrainingArguments
 
 R2_LOG_KEYS = {"task_loss", "r2_loss", "r2_lambda", "r2_max_abs", "r2_mean_max_over_std", "r2_max_max_over_std"}
-
-
-class TinyImages(torch.utils.data.Dataset):
-    """`n` random 32x32 images with labels in `[0, 10)`, as `{"pixel_values", "labels"}` dicts."""
-
-    def __init__(self, n: int = 16, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 3, 32, 32, generator=g)
-        self.y = torch.randint(0, 10, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
 def _args(tmp_path, **kwargs) -> R2TrainingArguments:

@@ -4,25 +4,11 @@ import json
 
 import pytest
 import torch
-from torch import nn
+from conftest import conv_net
 
 from hf_r2 import find_target_modules
 from hf_r2.quant import WeightQuantConfig, fake_quantize, quantize_weights, quantize_weights_
 from hf_r2.quant.uniform import ScaleMethod
-
-
-def _conv_net() -> nn.Module:
-    """Conv, depthwise conv, Conv1d-free 2d net with a Linear head (and BN, which must stay untouched)."""
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),  # depthwise
-        nn.Conv2d(8, 6, 1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(6, 5),
-    )
 
 
 def _distinct_per_channel(w: torch.Tensor) -> int:
@@ -34,7 +20,7 @@ def _distinct_per_channel(w: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_quantize_weights_copy(bits):
-    model = _conv_net()
+    model = conv_net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     qmodel = quantize_weights(model, WeightQuantConfig(bits=bits))
     assert qmodel is not model
@@ -52,7 +38,7 @@ def test_quantize_weights_copy(bits):
 
 
 def test_quantize_weights_in_place_and_kwargs():
-    model = _conv_net()
+    model = conv_net()
     ref = quantize_weights(model, WeightQuantConfig(bits=3, symmetric=False, scale_method="mse"))
     via_kwargs = quantize_weights(model, bits=3, symmetric=False, scale_method="mse")
     via_override = quantize_weights(model, WeightQuantConfig(bits=8), bits=3, symmetric=False, scale_method="mse")
@@ -68,7 +54,7 @@ def test_quantize_weights_in_place_and_kwargs():
 
 
 def test_layer_selection():
-    model = _conv_net()
+    model = conv_net()
     first_last = quantize_weights(model, skip_first_last=True)
     assert torch.equal(first_last[0].weight, model[0].weight)
     assert torch.equal(first_last[7].weight, model[7].weight)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_timm
+from conftest import conv_net, make_timm
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -133,19 +133,6 @@ def test_functions_keep_no_n_by_k_tensor():
 # ---- prepare / train / finalize -------------------------------------------------------------------------------------
 
 
-def _conv_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
-        nn.Conv2d(8, 6, 1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(6, 4),
-    )
-
-
 def _train(model, steps=3, lr=0.05, size=16):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, size, size, generator=g), torch.randint(0, 4, (8,), generator=g)
@@ -163,7 +150,7 @@ def _train(model, steps=3, lr=0.05, size=16):
 
 
 def test_prepare_train_finalize():
-    model = _conv_net()
+    model = conv_net(4)
     keys = list(model.state_dict())
     params = {name: p for name, p in model.named_parameters()}
     config = PalettizeConfig(bits=2, method="dkm", group_size=2, temperature=2.0, dkm_iters=2)
@@ -232,7 +219,7 @@ def test_prepare_train_finalize():
 
 def test_dkm_first_last_bits():
     """first_last_bits=8 trains 256-centroid palettes on the end layers and 2^bits on the others."""
-    model = prepare_dkm(_conv_net(), PalettizeConfig(bits=1, method="dkm", first_last_bits=8))
+    model = prepare_dkm(conv_net(4), PalettizeConfig(bits=1, method="dkm", first_last_bits=8))
     _train(model, steps=1)
     finalize_dkm(model)
     sizes = {name: model.get_submodule(name).weight_palette.shape[1] for name in ("0", "3", "4", "7")}
@@ -242,7 +229,7 @@ def test_dkm_first_last_bits():
 
 
 def test_palettize_with_dkm_method_and_errors():
-    model = prepare_dkm(_conv_net(), bits=1, skip_first_last=True)
+    model = prepare_dkm(conv_net(4), bits=1, skip_first_last=True)
     _train(model, steps=1)
     with pytest.raises(ValueError, match="already prepared for DKM"):
         prepare_dkm(model, PalettizeConfig(bits=1))
@@ -260,14 +247,14 @@ def test_palettize_with_dkm_method_and_errors():
         assert out.get_submodule(name).weight.unique().numel() == 2
         assert not hasattr(ref.get_submodule(name), "weight_palette")
     # on a model never prepared, "dkm" is k-means
-    plain = _conv_net()
+    plain = conv_net(4)
     a, b = palettize(plain, bits=2, method="dkm"), palettize(plain, bits=2)
     for (k1, v1), v2 in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v1, v2), k1
     with pytest.raises(ValueError, match="`group_size=4` does not divide the 6 output channels of layer '4'"):
-        prepare_dkm(_conv_net(), bits=2, group_size=4)
+        prepare_dkm(conv_net(4), bits=2, group_size=4)
     with pytest.raises(ValueError, match=r"Unknown `PalettizeConfig` field\(s\) \['tau'\]"):
-        prepare_dkm(_conv_net(), tau=1.0)
+        prepare_dkm(conv_net(4), tau=1.0)
 
 
 def test_autocast_is_off_inside_dkm():
@@ -282,10 +269,10 @@ def test_autocast_is_off_inside_dkm():
 
 
 def test_checkpoint_round_trip_of_prepared_model():
-    model = prepare_dkm(_conv_net(), bits=2)
+    model = prepare_dkm(conv_net(4), bits=2)
     _train(model, steps=2)
     state = model.state_dict()
-    other = prepare_dkm(_conv_net(), bits=2)
+    other = prepare_dkm(conv_net(4), bits=2)
     other.load_state_dict(state)  # resuming: same keys, the warm-start centroids and tau come back
     x = torch.randn(2, 3, 16, 16)
     model.eval(), other.eval()
@@ -311,7 +298,7 @@ def test_real_models_train_and_finalize(request, model_name):
 
 def test_r2_regularizer_on_prepared_model():
     """R2-Loss reaches the latent weights through DKM (its sparse gradients included)."""
-    model = _conv_net()
+    model = conv_net(4)
     reg = R2Regularizer(model, R2Config(loss="linf"))  # built before prepare_dkm: see the report to the lead
     prepare_dkm(model, bits=2)
     (model(torch.randn(2, 3, 8, 8)).sum() + reg()).backward()

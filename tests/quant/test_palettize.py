@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_timm
+from conftest import conv_net, make_timm
 from torch import nn
 
 from hf_r2 import find_target_modules
@@ -19,21 +19,6 @@ from hf_r2.quant.palettize import (
     palettize,
     palettize_,
 )
-
-
-def _conv_net() -> nn.Module:
-    """Conv (8 out), BN, depthwise conv (8), pointwise conv (6 out), Linear head (5 out)."""
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
-        nn.Conv2d(8, 6, 1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(6, 5),
-    )
-
 
 # ---- references ---------------------------------------------------------------------------------------------------
 
@@ -220,7 +205,7 @@ def _distinct_per_group(w: torch.Tensor, groups: int) -> int:
 
 @pytest.mark.parametrize("bits", [1, 2, 3])
 def test_palettize_copy_per_tensor(bits):
-    model = _conv_net()
+    model = conv_net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pmodel = palettize(model, PalettizeConfig(bits=bits))
     assert pmodel is not model
@@ -251,13 +236,13 @@ def test_palettize_copy_per_tensor(bits):
 
 
 def test_palettize_in_place_kwargs_and_idempotent():
-    model = _conv_net()
+    model = conv_net()
     ref = palettize(model, PalettizeConfig(bits=2, group_size=2, exclude=["^7$"]))
     same = palettize_(model, bits=2, group_size=2, exclude=["^7$"])
     assert same is model
     for (k, v), v2 in zip(model.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(v, v2), k
-    override = palettize(_conv_net(), PalettizeConfig(bits=8, exclude=["^7$"]), bits=2, group_size=2)
+    override = palettize(conv_net(), PalettizeConfig(bits=8, exclude=["^7$"]), bits=2, group_size=2)
     assert override[0].weight_palette.shape == (4, 4)
     # palettizing again changes nothing, palette included
     again = palettize(model, PalettizeConfig(bits=2, group_size=2, exclude=["^7$"]))
@@ -269,7 +254,7 @@ def test_palettize_in_place_kwargs_and_idempotent():
 
 @pytest.mark.parametrize("group_size, groups", [(1, [8, 8, 6, 5]), (2, [4, 4, 3, None])])
 def test_palettize_group_size(group_size, groups):
-    model = _conv_net()
+    model = conv_net()
     if None in groups:  # 2 does not divide the head's 5 outputs: a clear error, nothing changed
         before = copy.deepcopy(model.state_dict())
         with pytest.raises(ValueError, match=r"`group_size=2` does not divide the 5 output channels of layer '7'"):
@@ -311,7 +296,7 @@ def test_palettize_constant_zero_and_dtypes():
 
 
 def test_palette_indices():
-    model = palettize(_conv_net(), PalettizeConfig(bits=3, group_size=2, exclude=["7"]))
+    model = palettize(conv_net(), PalettizeConfig(bits=3, group_size=2, exclude=["7"]))
     conv = model[3]  # depthwise, (8, 1, 3, 3), 4 groups
     idx = palette_indices(conv)
     assert idx.dtype == torch.uint8 and idx.shape == conv.weight.shape
@@ -428,9 +413,9 @@ def test_config_misc_errors():
     with pytest.raises(ValueError, match=r"Unknown `PalettizeConfig` field\(s\) \['bit'\]"):
         PalettizeConfig.from_dict({"bit": 2})
     with pytest.raises(ValueError, match=r"Unknown `PalettizeConfig` field\(s\) \['n_bits'\]"):
-        palettize(_conv_net(), n_bits=2)
+        palettize(conv_net(), n_bits=2)
     with pytest.raises(TypeError, match="`config` must be a `PalettizeConfig` or `None`, got dict"):
-        palettize(_conv_net(), {"bits": 2})
+        palettize(conv_net(), {"bits": 2})
     with pytest.raises(ValueError, match="No target layer left"):
-        palettize(_conv_net(), include=["nothing_matches"])
+        palettize(conv_net(), include=["nothing_matches"])
     assert PalettizeConfig(temperature=2).temperature == 2.0

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TinyImages
 from torch import nn
 
 from hf_r2 import R2Trainer, R2TrainingArguments
@@ -15,21 +16,6 @@ from hf_r2.quant.layers import FakeQuantizer, quantized_layers
 from hf_r2.quant.ptq import PTQConfig, quantize_
 from hf_r2.quant.qat import QATConfig, prepare_qat
 from hf_r2.regularizer import find_target_modules
-
-
-class TinyImages(torch.utils.data.Dataset):
-    """`n` random 32x32 images with labels in `[0, 10)`, as `{"pixel_values", "labels"}` dicts."""
-
-    def __init__(self, n: int = 16, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 3, 32, 32, generator=g)
-        self.y = torch.randint(0, 10, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
 def batches(n: int, batch: int = 4, seed: int = 1) -> list[dict]:
