@@ -98,13 +98,29 @@ class JsonConfigMixin:
         return {**dataclasses.asdict(self), "hf_r2_version": __version__}
 
     @classmethod
-    def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
-        data = {k: v for k, v in data.items() if k != "hf_r2_version"}
+    def _check_fields(cls, data: dict[str, Any]) -> None:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"Unknown `{cls.__name__}` field(s) {unknown}; valid fields are {sorted(names)}.")
+
+    @classmethod
+    def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
+        data = {k: v for k, v in data.items() if k != "hf_r2_version"}
+        cls._check_fields(data)
         return cls(**data)
+
+    @classmethod
+    def resolve(cls: type[_C], config: _C | None, overrides: dict[str, Any]) -> _C:
+        """The config of a verb called as `verb(model, config=None, **overrides)`: `cls(**overrides)` without a
+        config, else `config` with `overrides` replacing its fields (unknown names are an error either way)."""
+        cls._check_fields(overrides)
+        if config is None:
+            return cls(**overrides)
+        if not isinstance(config, cls):
+            article = "an" if cls.__name__[0] in "AEIOU" else "a"
+            raise TypeError(f"`config` must be {article} `{cls.__name__}` or `None`, got {type(config).__name__}.")
+        return dataclasses.replace(config, **overrides) if overrides else config
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Write `<config_name>` into `save_directory` (atomically: a temp file, then a rename)."""

@@ -27,7 +27,6 @@ calibration batches, are cached, which bounds the memory whatever the image size
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -522,18 +521,6 @@ def _calibration_batches(
     return batches, first
 
 
-def _resolve_config(config: AdaRoundConfig | None, kwargs: dict[str, Any]) -> AdaRoundConfig:
-    names = {f.name for f in dataclasses.fields(AdaRoundConfig)}
-    unknown = sorted(set(kwargs) - names)
-    if unknown:
-        raise ValueError(f"Unknown `AdaRoundConfig` field(s) {unknown}; valid fields are {sorted(names)}.")
-    if config is None:
-        return AdaRoundConfig(**kwargs)
-    if not isinstance(config, AdaRoundConfig):
-        raise TypeError(f"`config` must be an `AdaRoundConfig` or `None`, got {type(config).__name__}.")
-    return dataclasses.replace(config, **kwargs) if kwargs else config
-
-
 def adaround_(
     model: nn.Module,
     calibration_data: Iterable[Any],
@@ -579,7 +566,7 @@ def adaround_(
     >>> adaround_(qmodel, calibration, AdaRoundConfig(iters=1000))
     ```
     """
-    config = _resolve_config(config, kwargs)
+    config = AdaRoundConfig.resolve(config, kwargs)
     names = _select_layers(model, layers)
     if not names:
         logger.warning(

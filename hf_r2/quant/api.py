@@ -9,7 +9,6 @@ fake-quantized value (quantized and dequantized, so the model still runs in floa
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -105,18 +104,6 @@ class WeightQuantConfig(JsonConfigMixin):
         self.exclude = check_patterns("exclude", self.exclude)
 
 
-def _resolve_config(config: WeightQuantConfig | None, kwargs: dict[str, Any]) -> WeightQuantConfig:
-    names = {f.name for f in dataclasses.fields(WeightQuantConfig)}
-    unknown = sorted(set(kwargs) - names)
-    if unknown:
-        raise ValueError(f"Unknown `WeightQuantConfig` field(s) {unknown}; valid fields are {sorted(names)}.")
-    if config is None:
-        return WeightQuantConfig(**kwargs)
-    if not isinstance(config, WeightQuantConfig):
-        raise TypeError(f"`config` must be a `WeightQuantConfig` or `None`, got {type(config).__name__}.")
-    return dataclasses.replace(config, **kwargs) if kwargs else config
-
-
 def quantize_weights_(model: nn.Module, config: WeightQuantConfig | None = None, **kwargs: Any) -> nn.Module:
     """Fake-quantize the weights of `model`'s target Conv/Linear layers in place, and return `model`.
 
@@ -133,7 +120,7 @@ def quantize_weights_(model: nn.Module, config: WeightQuantConfig | None = None,
     Returns:
         `torch.nn.Module`: `model` itself.
     """
-    config = _resolve_config(config, kwargs)
+    config = WeightQuantConfig.resolve(config, kwargs)
     targets = find_target_modules(model, config.include, config.exclude, config.skip_first_last)
     with torch.no_grad():
         for _, module in targets:
@@ -171,5 +158,5 @@ def quantize_weights(model: nn.Module, config: WeightQuantConfig | None = None, 
     >>> q4 = quantize_weights(model, bits=4)
     ```
     """
-    config = _resolve_config(config, kwargs)
+    config = WeightQuantConfig.resolve(config, kwargs)
     return quantize_weights_(copy.deepcopy(model), config)

@@ -56,7 +56,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
 from ..regularizer import find_target_modules
-from .palettize import PalettizeConfig, _num_groups, _resolve_config, _set_palette, kmeans_1d
+from .palettize import PalettizeConfig, _num_groups, _set_palette, kmeans_1d
 
 __all__ = ["DKMParametrization", "prepare_dkm", "finalize_dkm", "is_dkm_prepared"]
 
@@ -393,7 +393,7 @@ def prepare_dkm(model: nn.Module, config: PalettizeConfig | None = None, **kwarg
     >>> palettize_(model, config)  # nearest trained centroid, parametrizations removed
     ```
     """
-    config = _resolve_config(config, kwargs)
+    config = PalettizeConfig.resolve(config, kwargs)
     if is_dkm_prepared(model):
         raise ValueError("`model` is already prepared for DKM; finalize it first with `finalize_dkm(model)`.")
     targets = find_target_modules(model, config.include, config.exclude, config.skip_first_last)

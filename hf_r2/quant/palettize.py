@@ -24,7 +24,6 @@ timm / transformers; the export code stores the palette and the indices.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import enum
 import logging
 import math
@@ -374,18 +373,6 @@ def _set_palette(module: nn.Module, palette: Tensor) -> None:
     module.register_buffer("weight_palette", palette.detach().clone(), persistent=False)
 
 
-def _resolve_config(config: PalettizeConfig | None, kwargs: dict[str, Any]) -> PalettizeConfig:
-    names = {f.name for f in dataclasses.fields(PalettizeConfig)}
-    unknown = sorted(set(kwargs) - names)
-    if unknown:
-        raise ValueError(f"Unknown `PalettizeConfig` field(s) {unknown}; valid fields are {sorted(names)}.")
-    if config is None:
-        return PalettizeConfig(**kwargs)
-    if not isinstance(config, PalettizeConfig):
-        raise TypeError(f"`config` must be a `PalettizeConfig` or `None`, got {type(config).__name__}.")
-    return dataclasses.replace(config, **kwargs) if kwargs else config
-
-
 def _palettize_module(name: str, module: nn.Module, config: PalettizeConfig, bits: int) -> None:
     weight = module.weight
     num_groups = _num_groups(name, weight, config.group_size)
@@ -445,7 +432,7 @@ def palettize_(model: nn.Module, config: PalettizeConfig | None = None, **kwargs
     """
     from .dkm import _dkm_modules, finalize_dkm
 
-    config = _resolve_config(config, kwargs)
+    config = PalettizeConfig.resolve(config, kwargs)
     prepared = _dkm_modules(model)
     if prepared and config.method != PalettizeMethod.DKM.value:
         raise ValueError(
@@ -487,5 +474,5 @@ def palettize(model: nn.Module, config: PalettizeConfig | None = None, **kwargs:
     torch.uint8
     ```
     """
-    config = _resolve_config(config, kwargs)
+    config = PalettizeConfig.resolve(config, kwargs)
     return palettize_(copy.deepcopy(model), config)

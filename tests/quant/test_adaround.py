@@ -441,3 +441,16 @@ def test_errors():
     plain = nn.Sequential(nn.Linear(4, 2))
     w = plain[0].weight.detach().clone()
     assert adaround_(plain, data, iters=2) is plain and torch.equal(plain[0].weight, w)
+
+
+def test_config_resolve_follows_the_verbs_convention():
+    """`adaround_(model, data, config=None, **overrides)`: overrides build or replace fields; bad input is named."""
+    base = AdaRoundConfig(iters=7)
+    assert AdaRoundConfig.resolve(None, {"iters": 3}) == AdaRoundConfig(iters=3)
+    assert AdaRoundConfig.resolve(base, {}) is base
+    replaced = AdaRoundConfig.resolve(base, {"iters": 5})
+    assert replaced == AdaRoundConfig(iters=5) and base.iters == 7
+    with pytest.raises(ValueError, match=r"Unknown `AdaRoundConfig` field\(s\) \['iter'\]"):
+        AdaRoundConfig.resolve(base, {"iter": 5})
+    with pytest.raises(TypeError, match="`config` must be an `AdaRoundConfig` or `None`, got dict"):
+        AdaRoundConfig.resolve({"iters": 5}, {})
