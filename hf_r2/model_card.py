@@ -218,32 +218,16 @@ def build_model_card(
     if isinstance(datasets, str):
         datasets = [datasets]
     all_tags = list(MODEL_CARD_TAGS) + [t for t in (tags or []) if t not in MODEL_CARD_TAGS]
-    eval_results = None
-    if accuracy is not None and datasets:
-        eval_results = [
-            EvalResult(
-                task_type="image-classification",
-                task_name="Image Classification",
-                dataset_type=datasets[0],
-                dataset_name=datasets[0],
-                metric_type="accuracy",
-                metric_name="Top-1 accuracy (full precision)",
-                metric_value=accuracy,
-            )
-        ]
-    if rows and datasets:
-        eval_results = (eval_results or []) + [
-            EvalResult(
-                task_type="image-classification",
-                task_name="Image Classification",
-                dataset_type=datasets[0],
-                dataset_name=datasets[0],
-                metric_type="accuracy",
-                metric_name=f"Top-1 accuracy ({row['setting']}, {row.get('method')})",
-                metric_value=row["accuracy"],
-            )
-            for row in rows
-        ]
+    metrics: list[tuple[str, float]] = []  # (metric name, top-1) for the model-index
+    if datasets:
+        if accuracy is not None:
+            metrics.append(("Top-1 accuracy (full precision)", accuracy))
+        metrics += [(f"Top-1 accuracy ({row['setting']}, {row.get('method')})", row["accuracy"]) for row in rows or []]
+    eval_results = [
+        EvalResult(task_type="image-classification", task_name="Image Classification", dataset_type=datasets[0],
+                   dataset_name=datasets[0], metric_type="accuracy", metric_name=name, metric_value=value)
+        for name, value in metrics
+    ] or None
     extra = {"base_model_relation": "quantized"} if low_bit is not None and base_model else {}
     if low_bit is not None:
         all_tags.append("low-bit")
