@@ -17,6 +17,7 @@ __all__ = [
     "check_choice",
     "check_patterns",
     "format_choices",
+    "read_json",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -56,6 +57,14 @@ def check_patterns(name: str, value: Any) -> list[str] | None:
         except (re.error, TypeError) as err:
             raise ValueError(f"`{name}` holds an invalid regular expression {pattern!r}: {err}.") from None
     return list(value)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in `path`, or `None` if there is no such file (the counterpart of [`write_json_atomic`])."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> str:

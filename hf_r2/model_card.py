@@ -8,14 +8,13 @@ Only numbers measured and saved in the folder (`eval_results.json` / `all_result
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ._utils import write_text_atomic
+from ._utils import read_json, write_text_atomic
 from .config import R2_CONFIG_NAME
 from .data import hub_dataset_id
 from .models import is_timm_config
@@ -39,10 +38,7 @@ _RESULT_FILES = ("eval_results.json", "all_results.json")
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json(path)
     return data if isinstance(data, dict) else None
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import safetensors.torch
 from torch import Tensor, nn
 
-from ._utils import write_json_atomic
+from ._utils import read_json, write_json_atomic
 from .config import R2Config
 from .models import is_transformers_model
 
@@ -89,13 +89,7 @@ def save_model_folder(
 
 def read_training_info(folder: str) -> dict[str, Any]:
     """The contents of `folder/r2_training.json` (`{}` if there is none)."""
-    import json
-
-    path = os.path.join(folder, R2_TRAINING_NAME)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(os.path.join(folder, R2_TRAINING_NAME)) or {}
 
 
 def update_training_info(folder: str, **entries: Any) -> str:

@@ -5,7 +5,6 @@ the results file `low_bit_results.json` that every `hf-r2 ptq / qat / compress /
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils import write_json_atomic
+from .._utils import read_json, write_json_atomic
 from ..metrics import evaluate_accuracy
 
 __all__ = [
@@ -133,11 +132,8 @@ def format_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> st
 
 def read_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows in `folder/low_bit_results.json` (`[]` if there is none)."""
-    path = os.path.join(os.fspath(folder), LOW_BIT_RESULTS_NAME)
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return json.load(f).get("rows", [])
+    data = read_json(os.path.join(os.fspath(folder), LOW_BIT_RESULTS_NAME))
+    return [] if data is None else data.get("rows", [])
 
 
 def update_results(folder: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> str:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .._utils import write_json_atomic, write_text_atomic
+from .._utils import read_json, write_json_atomic, write_text_atomic
 from .config import BASELINE, REPORT_NAME, RESULTS_NAME, RUN_INFO_NAME, ReproduceConfig, _slug
 from .report import _gains, _machine, _plots, _summarise, _summarise_stats, _sweep_table, format_report
 from .settings import apply_setting
@@ -111,16 +111,9 @@ def _jsonable(value: Any) -> Any:
 # Training
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _training_done(run: _Run, config: ReproduceConfig) -> bool:
     """Whether `run` is trained already (and with the same settings); removes an interrupted training's folder."""
-    info = _read_json(os.path.join(run.run_dir, RUN_INFO_NAME))
+    info = read_json(os.path.join(run.run_dir, RUN_INFO_NAME))
     if info is None:
         if os.path.isdir(run.run_dir):
             logger.warning("%s holds an unfinished training (no %s): training it again.", run.run_dir, RUN_INFO_NAME)
@@ -331,7 +324,7 @@ def run_reproduce(
         if not _training_done(run, config):
             _train(run, data, config, progress)
             trained_now.add(run.run_dir)
-        infos[run.run_dir] = _read_json(os.path.join(run.run_dir, RUN_INFO_NAME))
+        infos[run.run_dir] = read_json(os.path.join(run.run_dir, RUN_INFO_NAME))
 
     # 2. low-bit rows (and what the plots need from the first seed's models)
     first = config.seeds[0]
