@@ -425,6 +425,11 @@ class ReproduceConfig(JsonConfigMixin):
         raise KeyError(name)
 
     @property
+    def baseline_variant(self) -> str | None:
+        """Name of the baseline variant (R2 off), `None` if the config has none."""
+        return next((v["name"] for v in self.variants if v["loss"] == BASELINE), None)
+
+    @property
     def headline_settings(self) -> list[str]:
         """Names of the settings measured on every seed."""
         return [s["name"] for s in self.low_bit if s["headline"]]

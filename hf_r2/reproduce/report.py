@@ -66,7 +66,7 @@ def _gains(config: ReproduceConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """`gains[model][setting][variant] = {delta, std, target, met}` for the settings with a paper target: `delta` is
     the R2 variant's mean top-1 minus the baseline's (points), `std` the sample std of the per-seed differences
     (seeds run by both; `None` for one seed), `met` whether `delta >= target`."""
-    baseline = next((v["name"] for v in config.variants if v["loss"] == BASELINE), None)
+    baseline = config.baseline_variant
     out: dict[str, Any] = {}
     if baseline is None:
         return out
@@ -109,7 +109,7 @@ def _sweep_table(config: ReproduceConfig, runs: list[dict[str, Any]]) -> dict[st
     if not sweep:
         return None
     first = config.seeds[0]
-    baseline = next((v["name"] for v in config.variants if v["loss"] == BASELINE), None)
+    baseline = config.baseline_variant
     out: dict[str, Any] = {"variant": sweep["variant"], "settings": sweep["settings"], "seed": first, "models": {}}
     for model in sweep["models"]:
         rows = []
