@@ -92,6 +92,8 @@ class DataArguments:
         Train on this many examples (a seeded random subset).
     max_eval_samples (`int`, *optional*):
         Evaluate on this many examples (a seeded random subset).
+    validation_size (`int`, *optional*):
+        Hold out this many training images (fixed seed) as the evaluation split instead of the test split.
     """
 
     dataset_name: str = field(
@@ -144,6 +146,11 @@ class DataArguments:
     )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on this many examples (a seeded random subset)."}
+    )
+    validation_size: int | None = field(
+        default=None,
+        metadata={"help": "Hold out this many training images (fixed seed) and evaluate on them instead of the test "
+                  "split: choose lambdas and epochs on it, keep the test set for the final table."},
     )
 
 
@@ -259,6 +266,7 @@ def load_data(data_args: DataArguments, seed: int = 0):
         eval_split=data_args.eval_split,
         max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples,
+        validation_size=data_args.validation_size,
         seed=seed,
     )
 

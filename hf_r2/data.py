@@ -245,6 +245,11 @@ def _class_names(splits: dict[str, Any], label_column: str) -> list[str] | None:
     )
 
 
+VALIDATION_SEED = 0
+"""Seed of the validation hold-out ([`load_image_dataset`]'s `validation_size`): fixed, so every run and training
+seed sees the same validation images."""
+
+
 def load_image_dataset(
     name_or_path: str,
     *,
@@ -255,6 +260,7 @@ def load_image_dataset(
     eval_split: str | None = None,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    validation_size: int | None = None,
     seed: int = 0,
 ):
     """Load an image-classification dataset as a `DatasetDict` with the splits `"train"` and `"test"`.
@@ -296,6 +302,11 @@ def load_image_dataset(
             Keep this many training rows, chosen by a shuffle with `seed` (so classes stay mixed).
         max_eval_samples (`int`, *optional*):
             Keep this many evaluation rows, chosen the same way.
+        validation_size (`int`, *optional*):
+            Hold out this many rows of the training split as the `"test"` split (a validation split, drawn with the
+            fixed seed [`VALIDATION_SEED`] so that it is the same for every run and training seed); the source's
+            test split is then not loaded. Choices (lambda, epochs) are made on it; the test set is kept for the
+            final tables.
         seed (`int`, *optional*, defaults to `0`):
             Seed of the subsampling shuffles and of a held-out split.
 
@@ -313,7 +324,11 @@ def load_image_dataset(
     """
     from datasets import DatasetDict
 
-    for arg, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+    if validation_size is not None and eval_split is not None:
+        raise ValueError(f"`validation_size={validation_size}` holds out part of the training split as the "
+                         f"evaluation split; it cannot be combined with `eval_split={eval_split!r}`. Drop one.")
+    for arg, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples),
+                       ("validation_size", validation_size)):
         if value is not None and value <= 0:
             raise ValueError(f"`{arg}` must be a positive number of rows or None, got {value!r}.")
     raw, source, (cap_train, cap_eval) = _load_raw(str(name_or_path), None if data_dir is None else str(data_dir),
@@ -330,7 +345,13 @@ def load_image_dataset(
     label_column = _pick_column(train, label_column, "label")
     if image_column == label_column:
         raise ValueError(f"`image_column` and `label_column` are both {image_column!r}; they must differ.")
-    if eval_split is None:
+    if validation_size is not None:
+        if validation_size >= train.num_rows:
+            raise ValueError(f"`validation_size={validation_size}` leaves no training rows: the {train_split!r} split "
+                             f"of {source} has {train.num_rows}.")
+        held_out = train.train_test_split(test_size=validation_size, seed=VALIDATION_SEED)
+        splits = {"train": held_out["train"], "test": held_out["test"]}
+    elif eval_split is None:
         logger.warning("%s has no evaluation split (splits: %s); holding out 10%% of %r (seed %d).",
                        source, list(raw), train_split, seed)
         held_out = train.train_test_split(test_size=0.1, seed=seed)

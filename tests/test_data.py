@@ -302,3 +302,24 @@ def test_with_transforms_needs_image_and_label(timm_cnn):
         with_transforms(bad, timm_cnn, train=False)
     with pytest.raises(ValueError, match="not a `datasets.ClassLabel`"):
         label_names(bad)
+
+
+def test_validation_size_holds_out_training_rows_the_same_for_every_seed(data_dir):
+    full = load_image_dataset("cifar10-tiny", data_dir=data_dir)
+    a = load_image_dataset("cifar10-tiny", data_dir=data_dir, validation_size=100, seed=0)
+    b = load_image_dataset("cifar10-tiny", data_dir=data_dir, validation_size=100, seed=7)
+    assert (a["train"].num_rows, a["test"].num_rows) == (900, 100)
+
+    def keys(split):  # images are unique (data README): their bytes identify them
+        return {np.asarray(im).tobytes() for im in split["image"]}
+
+    train, val, test = keys(a["train"]), keys(a["test"]), keys(full["test"])
+    assert not train & val and train | val == keys(full["train"])  # a partition of the training split
+    assert not val & test  # the test split is never touched
+    assert val == keys(b["test"])  # the same validation images whatever the training seed
+    with pytest.raises(ValueError, match="cannot be combined with `eval_split='test'`"):
+        load_image_dataset("cifar10-tiny", data_dir=data_dir, validation_size=10, eval_split="test")
+    with pytest.raises(ValueError, match="leaves no training rows"):
+        load_image_dataset("cifar10-tiny", data_dir=data_dir, validation_size=1000)
+    with pytest.raises(ValueError, match="`validation_size` must be a positive"):
+        load_image_dataset("cifar10-tiny", data_dir=data_dir, validation_size=0)
