@@ -5,6 +5,9 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/constraints.txt
+# Where hf_r2 finds the local CIFAR-10 copies (cifar10/, cifar10-small/, cifar10-tiny/): the checkout's ../shared/data
+# unless already set. Without a local copy the cifar10 names load uoft-cs/cifar10 from the Hub.
+export HF_R2_DATA_DIR ?= $(abspath ../shared/data)
 
 .PHONY: demo test reproduce install install-test bench clean
 

@@ -1,8 +1,8 @@
 """What the low-bit toolkit gives an R2-trained model over a baseline, and what it costs, on the CPU.
 
 On CIFAR-10 small (the local JPEG copy: 5,000 training / 1,000 test images at 32x32) it trains two timm
-`resnet10t` from scratch with [`hf_r2.demo.run_demo`] (the same data, seed, AdamW recipe and weight decay; one
-with R2-Loss, L-inf per output channel, lambda 3: the demo's defaults), or takes two folders saved by
+`resnet10t` from scratch with the demo preset ([`hf_r2.reproduce.config.demo_config`]: the same data, seed, AdamW
+recipe and weight decay; one with R2-Loss, L-inf per output channel, lambda 3), or takes two folders saved by
 `hf-r2 train` (`--baseline DIR --r2 DIR`), and prints the top-1 accuracy of both, and their difference, at
 
 | row | what is done to a copy of the float model |
@@ -109,16 +109,12 @@ def _batches(dataset, batch_size: int) -> list[dict[str, torch.Tensor]]:
 
 def _prepare_data(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     """Test batches, calibration batches (train split, evaluation transform) and the augmented training set."""
-    from hf_r2.data import load_image_dataset, with_transforms
+    from hf_r2.data import calibration_batches, load_image_dataset, with_transforms
 
     ds = load_image_dataset(args.dataset, seed=args.seed)
     size = {"input_size": args.input_size}
     eval_batches = _batches(with_transforms(ds["test"], model, train=False, **size), 250)
-    plain_train = with_transforms(ds["train"], model, train=False, **size)
-    generator = torch.Generator().manual_seed(args.seed)
-    count = min(args.calibration_samples, len(plain_train))
-    index = torch.randperm(len(plain_train), generator=generator)[:count].tolist()
-    calibration = _batches(torch.utils.data.Subset(plain_train, index), 64)
+    calibration = calibration_batches(ds["train"], model, args.calibration_samples, seed=args.seed, **size)
     train_ds = with_transforms(ds["train"], model, train=True, **size)
     return {"eval": eval_batches, "calibration": calibration, "train": train_ds,
             "num_train": ds["train"].num_rows, "num_eval": ds["test"].num_rows}
@@ -128,12 +124,13 @@ def _prepare_data(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train_models(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
-    from hf_r2.demo import run_demo
+    from hf_r2.reproduce import run_reproduce
+    from hf_r2.reproduce.config import demo_config
 
     out = os.path.join(args.output_dir, "train")
-    _log(f"Training baseline and R2 {args.model} on {args.dataset}, {args.epochs:g} epochs each (hf_r2.demo.run_demo)")
+    _log(f"Training baseline and R2 {args.model} on {args.dataset}, {args.epochs:g} epochs each (the demo preset)")
     start = time.perf_counter()
-    results = run_demo(
+    config = demo_config(
         output_dir=out,
         model=args.model,
         dataset=args.dataset,
@@ -142,9 +139,8 @@ def _train_models(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
         max_train_samples=None,
         max_eval_samples=None,
         seed=args.seed,
-        progress=False,
-        print_fn=_log,
     )
+    results = run_reproduce(config, progress=False, print_fn=_log)
     seconds = time.perf_counter() - start
     runs = {run["variant"]["name"]: run for run in results["runs"]}
     baseline, r2 = runs["baseline"], runs[results["config"]["variants"][1]["name"]]
@@ -196,8 +192,8 @@ def _apply(
         raise ValueError(f"Unknown setting {label!r}; the low-bit settings are {list(_LOW_BIT)}.")
     config = _reproduce_config(args)
     setting = config.setting(label)
-    apply_setting(model, setting, data, config, args.seed)
-    return model, setting["method"], quant_config(setting, config).to_dict()
+    apply_setting(model, setting, config, args.seed, calibration=data["calibration"], train_dataset=data["train"])
+    return model, setting["method"], quant_config(setting, config.adaround_iters).to_dict()
 
 
 @torch.no_grad()
@@ -211,8 +207,9 @@ def _export_check(
     accuracy: float,
 ) -> dict[str, Any]:
     """Save with `save_low_bit`, load with `load_low_bit`, compare logits and accuracy with `model`."""
+    from hf_r2.metrics import evaluate_accuracy
     from hf_r2.models import forward_logits
-    from hf_r2.quant import evaluate, load_low_bit, save_low_bit
+    from hf_r2.quant import load_low_bit, save_low_bit
 
     description = save_low_bit(model, folder, method=method, method_config=method_config, base_model=base_model)
     loaded, _ = load_low_bit(folder)
@@ -222,7 +219,7 @@ def _export_check(
     got = forward_logits(loaded, pixels).float()
     max_diff = (ref - got).abs().max().item()
     tolerance = _LOGIT_RTOL * max(1.0, ref.abs().max().item())
-    loaded_accuracy = evaluate(loaded, data["eval"])
+    loaded_accuracy = evaluate_accuracy(loaded, data["eval"])["accuracy"]
     ok = max_diff <= tolerance and loaded_accuracy == accuracy
     size = description["size"]
     return {
@@ -237,7 +234,7 @@ def _export_check(
 
 
 def _run_model(name: str, folder: str, args: argparse.Namespace, data_cache: dict[str, Any]) -> dict[str, Any]:
-    from hf_r2.quant import evaluate
+    from hf_r2.metrics import evaluate_accuracy
 
     float_model = _load_float(folder)
     if "data" not in data_cache:
@@ -249,14 +246,14 @@ def _run_model(name: str, folder: str, args: argparse.Namespace, data_cache: dic
             continue
         start = time.perf_counter()
         if label == "FP":
-            accuracy = evaluate(float_model, data["eval"])
+            accuracy = evaluate_accuracy(float_model, data["eval"])["accuracy"]
             rows[label] = {"accuracy": accuracy, "seconds": time.perf_counter() - start}
             _log(f"  [{name}] {label:<16} {100 * accuracy:6.2f} %")
             continue
         torch.manual_seed(args.seed)
         model, method, method_config = _apply(label, copy.deepcopy(float_model), data, args)
         seconds = time.perf_counter() - start
-        accuracy = evaluate(model, data["eval"])
+        accuracy = evaluate_accuracy(model, data["eval"])["accuracy"]
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
         check = _export_check(
             model, os.path.join(args.output_dir, "exports", name, slug), method, method_config, folder, data, accuracy
@@ -282,8 +279,7 @@ def _ptq_timing(args: argparse.Namespace) -> list[dict[str, Any]]:
     import timm
 
     from hf_r2.data import load_image_dataset, with_transforms
-    from hf_r2.quant import PTQConfig, quantize_
-    from hf_r2.quant.adaround import AdaRoundConfig
+    from hf_r2.quant import AdaRoundConfig, PTQConfig, quantize_
 
     torch.manual_seed(args.seed)
     base = timm.create_model("resnet18", num_classes=10, pretrained=False).eval()
@@ -510,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"\nDKM peak memory ({_load_text()})")
         results["dkm_memory"] = _dkm_memory(args)
 
-    from hf_r2.quant.adaround import AdaRoundConfig
+    from hf_r2.quant import AdaRoundConfig
 
     results["seconds"] = time.perf_counter() - start
     results["load_end"] = _load_text()
@@ -524,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model} on {args.dataset} ({data['num_train']} train / {data['num_eval']} test images, "
         f"{args.input_size}x{args.input_size}), top-1 on the test split; trained "
         + (
-            f"{args.epochs:g} epochs each by hf_r2.demo.run_demo (AdamW, R2 L-inf per channel, lambda 3)"
+            f"{args.epochs:g} epochs each by the demo preset (AdamW, R2 L-inf per channel, lambda 3)"
             if "training" in results
             else f"elsewhere (baseline {folders['baseline']}, R2 {folders['r2']})"
         )

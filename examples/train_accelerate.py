@@ -27,10 +27,18 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from transformers import HfArgumentParser
 
-from hf_r2.cli import DataArguments, ModelArguments, load_data, record_data_config
 from hf_r2.config import R2Config
-from hf_r2.data import collate_fn, label_names, with_transforms
-from hf_r2.loop import LoopConfig, train_with_accelerate
+from hf_r2.data import (
+    DataArguments,
+    ModelArguments,
+    collate_fn,
+    label_names,
+    load_data,
+    record_data_config,
+    with_transforms,
+)
+from hf_r2.loop import train_with_accelerate
+from hf_r2.loop_config import LoopConfig
 from hf_r2.models import create_model
 
 

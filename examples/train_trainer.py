@@ -6,8 +6,9 @@ Every `R2TrainingArguments` field is a flag too: `python examples/train_trainer.
 from transformers import HfArgumentParser
 
 from hf_r2.data import collate_fn, label_names, load_image_dataset, with_transforms
+from hf_r2.metrics import compute_accuracy
 from hf_r2.models import create_model
-from hf_r2.trainer import R2Trainer, compute_accuracy
+from hf_r2.trainer import R2Trainer
 from hf_r2.training_args import R2TrainingArguments
 
 parser = HfArgumentParser(R2TrainingArguments)

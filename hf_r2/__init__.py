@@ -2,10 +2,14 @@
 
 Paper: "R2 Loss: Range Restriction Loss for Model Compression and Quantization", Kundu et al., 2023
 (https://huggingface.co/papers/2303.08253).
+
+The top level holds the R2 core (losses, [`R2Config`], [`R2Regularizer`]), training ([`R2Trainer`] with
+[`R2TrainingArguments`], [`train_with_accelerate`]), data, models and the Hub. The low-bit toolkit is `hf_r2.quant`
+(`from hf_r2.quant import quantize_, PTQConfig, ...`) and the paper's comparison `hf_r2.reproduce`; neither is
+imported by `import hf_r2`.
 """
 
-__version__ = "0.1.0"
-
+from ._targets import find_target_modules as find_target_modules
 from .config import R2_CONFIG_NAME as R2_CONFIG_NAME
 from .config import R2Config as R2Config
 from .config import R2LossType as R2LossType
@@ -19,24 +23,58 @@ from .hub import R2Pretrained as R2Pretrained
 from .hub import download as download
 from .hub import from_pretrained as from_pretrained
 from .hub import push_to_hub as push_to_hub
-from .loop import LoopConfig as LoopConfig
 from .loop import train_with_accelerate as train_with_accelerate
+from .loop_config import LoopConfig as LoopConfig
 from .losses import kurtosis_r2 as kurtosis_r2
 from .losses import linf_r2 as linf_r2
 from .losses import margin_r2 as margin_r2
 from .losses import soft_min_max_init_alpha as soft_min_max_init_alpha
 from .losses import soft_min_max_r2 as soft_min_max_r2
+from .metrics import compute_accuracy as compute_accuracy
 from .metrics import evaluate_accuracy as evaluate_accuracy
 from .model_card import build_model_card as build_model_card
 from .models import classification_loss as classification_loss
 from .models import create_model as create_model
 from .regularizer import R2Regularizer as R2Regularizer
-from .regularizer import find_target_modules as find_target_modules
-from .reproduce import ReproduceConfig as ReproduceConfig
-from .reproduce import run_reproduce as run_reproduce
 from .saving import R2_STATS_NAME as R2_STATS_NAME
 from .saving import save_model_folder as save_model_folder
 from .trainer import R2_STATE_NAME as R2_STATE_NAME
 from .trainer import R2Trainer as R2Trainer
-from .trainer import compute_accuracy as compute_accuracy
 from .training_args import R2TrainingArguments as R2TrainingArguments
+from .version import __version__ as __version__
+
+__all__ = [
+    "__version__",
+    "find_target_modules",
+    "R2_CONFIG_NAME",
+    "R2Config",
+    "R2LossType",
+    "build_transform",
+    "collate_fn",
+    "label_names",
+    "load_image_dataset",
+    "with_transforms",
+    "HubPushError",
+    "R2Pretrained",
+    "download",
+    "from_pretrained",
+    "push_to_hub",
+    "LoopConfig",
+    "train_with_accelerate",
+    "kurtosis_r2",
+    "linf_r2",
+    "margin_r2",
+    "soft_min_max_init_alpha",
+    "soft_min_max_r2",
+    "compute_accuracy",
+    "evaluate_accuracy",
+    "build_model_card",
+    "classification_loss",
+    "create_model",
+    "R2Regularizer",
+    "R2_STATS_NAME",
+    "save_model_folder",
+    "R2_STATE_NAME",
+    "R2Trainer",
+    "R2TrainingArguments",
+]

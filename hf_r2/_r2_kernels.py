@@ -22,153 +22,29 @@ of distinct row lengths, not of layers:
 
 Why sparse gradients: added to the task loss's dense gradient, autograd absorbs a sparse one in place, where a
 dense one costs a weight-sized buffer per layer and step; on the CPU such fresh buffers page-fault on first touch,
-which measured costlier than the arithmetic. [`_densify_grad`] (a post-accumulate-grad hook that
-[`R2Regularizer`] puts on every target weight) makes sure no optimizer ever sees a sparse `.grad`.
+which measured costlier than the arithmetic. [`hf_r2._r2_plan.ensure_dense_grads`] (a post-accumulate-grad hook that
+[`R2Regularizer`] puts on every target weight) makes sure no optimizer ever sees a sparse `.grad`. The grouping
+itself ([`GroupPlan`]) is in `hf_r2._r2_plan`.
 """
 
 from __future__ import annotations
 
-import itertools
-from typing import Any
-
 import torch
 from torch import Tensor
+
+from ._r2_plan import GroupPlan, row_extremes, segment, to_f32
+
+__all__ = ["LinfR2Function", "MarginR2Function", "SoftMinMaxR2Function"]
 
 # Soft-Min-Max: elements farther than (ln n + _SMM_TAIL) / alpha from the extreme carry total softmax mass
 # below n * exp(-(ln n + _SMM_TAIL)) = exp(-_SMM_TAIL) ~ 4e-11, far below float32 resolution.
 _SMM_TAIL = 24.0
-_SMM_BLOCK = 8
 _SMM_BLOCK_MIN_K = 1 << 14
 _EXP_FLOOR = 60.0
 _ALPHA_MAX = 1e30
 
 
-def _rows(w: Tensor) -> Tensor:
-    """`(C, K)` view of a weight (a copy only for non-contiguous layouts such as channels_last)."""
-    return w.reshape(w.shape[0], -1)
-
-
-# Layers with at least this many weights are reduced in place; smaller layers with the same row length are
-# concatenated into one `(sum C, K)` matrix, so that a model costs a few kernels per row length, not per layer.
-_GROUP_MAX_NUMEL = 1 << 18
-
-
-class _Plan:
-    """The static layout of the batched computation, built once per set of weight shapes.
-
-    Layers are put in "group order": layers with the same row length `K = numel / C` (and dtype and device)
-    form a group, whose rows are stacked into one `(R, K)` matrix (a view for a single big layer). All rows of
-    the model, in group order, make the small "row vectors" on which the bookkeeping runs in a fixed number of
-    kernels. `order[j]` is the layer at group position `j`; `inv` maps back.
-    """
-
-    def __init__(self, weights: list[Tensor]) -> None:
-        device = weights[0].device
-        channels = [w.shape[0] for w in weights]
-        buckets: dict[Any, list[int]] = {}
-        for i, w in enumerate(weights):
-            key = ("alone", i) if w.numel() >= _GROUP_MAX_NUMEL else (w.numel() // max(w.shape[0], 1), w.dtype)
-            buckets.setdefault(key, []).append(i)
-        self.groups = list(buckets.values())
-        self.order = [i for g in self.groups for i in g]
-        self.group_channels = [[channels[i] for i in g] for g in self.groups]
-        self.group_rows = [sum(c) for c in self.group_channels]
-        self.group_k = [weights[g[0]].numel() // max(weights[g[0]].shape[0], 1) for g in self.groups]
-        # block size for the Soft-Min-Max truncation: the largest divisor of K up to _SMM_BLOCK
-        self.group_block = [max(d for d in range(1, min(k, _SMM_BLOCK) + 1) if k % d == 0) for k in self.group_k]
-        self.group_offsets = [0]
-        for r in self.group_rows:
-            self.group_offsets.append(self.group_offsets[-1] + r)
-        n_layers = len(weights)
-        self.order_t = torch.tensor(self.order, device=device)
-        self.inv = torch.empty_like(self.order_t)
-        self.inv[self.order_t] = torch.arange(n_layers, device=device)
-        self.channels = torch.tensor([channels[i] for i in self.order], device=device)  # per layer, group order
-        self.group_rows_t = torch.tensor(self.group_rows, device=device)
-        self.row_layer = torch.repeat_interleave(torch.arange(n_layers, device=device), self.channels)
-        starts = [0]
-        for c in channels[:-1]:
-            starts.append(starts[-1] + c)
-        self.row_perm = torch.cat([torch.arange(starts[i], starts[i] + channels[i]) for i in self.order]).to(device)
-        self.row_inv = torch.empty_like(self.row_perm)
-        self.row_inv[self.row_perm] = torch.arange(len(self.row_perm), device=device)
-        row_len = torch.tensor([w.numel() // max(w.shape[0], 1) for w in weights], dtype=torch.float32)
-        layer_len = torch.tensor([w.numel() for w in weights], dtype=torch.float32)
-        self.log_k = row_len.log()[self.order_t.cpu()].to(device)  # ln n per channel, per layer (group order)
-        self.log_numel = layer_len.log()[self.order_t.cpu()].to(device)  # ln n per tensor
-
-    def matrices(self, weights: tuple[Tensor, ...]) -> list[Tensor]:
-        """One `(R, K)` matrix per group (a view of a contiguous single layer, else a concatenation)."""
-        return [
-            _rows(weights[g[0]]) if len(g) == 1 else torch.cat([_rows(weights[i]) for i in g]) for g in self.groups
-        ]
-
-    def split(self, weights: tuple[Tensor, ...], grads: list[Tensor | None]) -> list[Tensor | None]:
-        """Per-layer gradients (layer order) from per-group `(R, K)` gradients (`None`: no gradient)."""
-        out: list[Tensor | None] = [None] * len(weights)
-        for g, sizes, grad in zip(self.groups, self.group_channels, grads):
-            if grad is None:
-                continue
-            parts = (grad,) if len(g) == 1 else grad.split(sizes)
-            for i, part in zip(g, parts):
-                out[i] = part.view(weights[i].shape)
-        return out
-
-    def split_sparse(
-        self, weights: tuple[Tensor, ...], items: list[tuple[Tensor, Tensor] | None]
-    ) -> list[Tensor | None]:
-        """Per-layer gradients (layer order) as sparse COO tensors with dense rows (`sparse_dim=1`), from per-group
-        `(rows, values)`: sorted row indices into the group's `(R, K)` matrix and their `(n, K)` gradient rows.
-        A layer with no row gets no gradient (`None`)."""
-        out: list[Tensor | None] = [None] * len(weights)
-        for g, sizes, item in zip(self.groups, self.group_channels, items):
-            if item is None:
-                continue
-            rows, vals = item
-            if len(g) == 1:
-                parts = [(rows, vals)]
-            else:  # rows are sorted: cut them at the layer boundaries
-                starts = [0, *itertools.accumulate(sizes)][:-1]
-                cuts = torch.searchsorted(rows, rows.new_tensor(starts[1:])).tolist()
-                counts = [b - a for a, b in zip([0, *cuts], [*cuts, len(rows)])]
-                parts = [(r - start, v) for r, v, start in zip(rows.split(counts), vals.split(counts), starts)]
-            for i, (r, v) in zip(g, parts):
-                if r.numel():
-                    w = weights[i]
-                    out[i] = torch.sparse_coo_tensor(
-                        r[None],
-                        v.to(w.dtype).view(-1, *w.shape[1:]),
-                        w.shape,
-                        is_coalesced=True,
-                        check_invariants=False,
-                    )
-        return out
-
-    def chunks(self, rows: Tensor) -> list[Tensor]:
-        """A row vector (group order) split into one chunk per group."""
-        return list(rows.split(self.group_rows))
-
-
-def _f32(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float32 else x.float()
-
-
-def _row_extremes(mats: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Max and min of every row of every group matrix, concatenated: two float32 row vectors (group order).
-
-    Reducing the transposed `(K, R)` view over dim 0 vectorises across rows, which measured faster on the CPU
-    than reducing each row along its contiguous dim.
-    """
-    rmax = torch.cat([_f32(x.t().amax(0)) for x in mats])
-    rmin = torch.cat([_f32(x.t().amin(0)) for x in mats])
-    return rmax, rmin
-
-
-def _segment(values: Tensor, lengths: Tensor, reduce: str) -> Tensor:
-    return torch.segment_reduce(values, reduce, lengths=lengths, unsafe=True)
-
-
-class _LinfR2(torch.autograd.Function):
+class LinfR2Function(torch.autograd.Function):
     """Per-layer L-inf R2 values `(L,)`; see [`hf_r2.losses.linf_r2`].
 
     The gradient goes to the elements equal to each row's (per channel) or layer's extreme, shared among ties
@@ -176,20 +52,20 @@ class _LinfR2(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan: _Plan, per_channel: bool, *weights: Tensor) -> Tensor:
+    def forward(ctx, plan: GroupPlan, per_channel: bool, *weights: Tensor) -> Tensor:
         mats = plan.matrices(weights)
-        rmax, rmin = _row_extremes(mats)
+        rmax, rmin = row_extremes(mats)
         if per_channel:
             target = torch.where(rmax >= -rmin, rmax, rmin)  # per row
-            values = _segment(target.abs(), plan.channels, "mean")
+            values = segment(target.abs(), plan.channels, "mean")
         else:
-            lmax, lmin = _segment(rmax, plan.channels, "max"), _segment(rmin, plan.channels, "min")
+            lmax, lmin = segment(rmax, plan.channels, "max"), segment(rmin, plan.channels, "min")
             target = torch.where(lmax >= -lmin, lmax, lmin)  # per layer
             values = target.abs()
             # the rows that hold their layer's target: the only rows with a gradient
             t_row = target[plan.row_layer]
             hit = (rmax == t_row) | (rmin == t_row)
-            n_hit = _segment(hit.float(), plan.group_rows_t, "sum").long().tolist()
+            n_hit = segment(hit.float(), plan.group_rows_t, "sum").long().tolist()
             ctx.hits = hit.nonzero().flatten().split(n_hit)
         ctx.plan, ctx.per_channel, ctx.mats, ctx.shapes = plan, per_channel, mats, weights
         ctx.save_for_backward(target)
@@ -226,18 +102,18 @@ class _LinfR2(torch.autograd.Function):
         return None, None, *plan.split(ctx.shapes, grads)
 
 
-class _MarginR2(torch.autograd.Function):
+class MarginR2Function(torch.autograd.Function):
     """Per-layer Margin R2 values `(L,)`; see [`hf_r2.losses.margin_r2`]. Differentiates only rows with excess."""
 
     @staticmethod
-    def forward(ctx, plan: _Plan, per_channel: bool, penalty: float, margin: Tensor, *weights: Tensor) -> Tensor:
+    def forward(ctx, plan: GroupPlan, per_channel: bool, penalty: float, margin: Tensor, *weights: Tensor) -> Tensor:
         mats = plan.matrices(weights)
-        rmax, rmin = _row_extremes(mats)
+        rmax, rmin = row_extremes(mats)
         m = margin.detach().float()
         m_g = m[plan.row_perm] if per_channel else m[plan.order_t]
         bound = m_g.abs() if per_channel else m_g.abs()[plan.row_layer]
         exceed = torch.maximum(rmax, -rmin) > bound
-        n_rows = _segment(exceed.float(), plan.group_rows_t, "sum").tolist()
+        n_rows = segment(exceed.float(), plan.group_rows_t, "sum").tolist()
         excess_sq = torch.zeros_like(bound)
         excess_abs = torch.zeros_like(bound)  # sum over the row of |d|, for the margin's gradient
         saved: list[tuple[Tensor | None, Tensor] | None] = []
@@ -246,10 +122,10 @@ class _MarginR2(torch.autograd.Function):
                 saved.append(None)
                 continue
             if count == rows:
-                idx, y, b = None, _f32(x), bound[start : start + rows, None]
+                idx, y, b = None, to_f32(x), bound[start : start + rows, None]
             else:
                 idx = exceed[start : start + rows].nonzero().flatten()
-                y, b = _f32(x.index_select(0, idx)), bound[start + idx, None]
+                y, b = to_f32(x.index_select(0, idx)), bound[start + idx, None]
             d = torch.maximum(y, -b)
             torch.minimum(d, b, out=d)
             torch.sub(y, d, out=d)  # = sign(w) * relu(|w| - |m|)
@@ -261,9 +137,9 @@ class _MarginR2(torch.autograd.Function):
                 excess_sq[start + idx], excess_abs[start + idx] = sq, ab
             saved.append((idx, y, b, d))
         if per_channel:
-            values = _segment(excess_sq + penalty * m_g.pow(2), plan.channels, "sum")
+            values = segment(excess_sq + penalty * m_g.pow(2), plan.channels, "sum")
         else:
-            values = _segment(excess_sq, plan.channels, "sum") + penalty * m_g.pow(2)
+            values = segment(excess_sq, plan.channels, "sum") + penalty * m_g.pow(2)
         ctx.plan, ctx.per_channel, ctx.penalty, ctx.mats, ctx.shapes, ctx.parts = (
             plan,
             per_channel,
@@ -287,7 +163,7 @@ class _MarginR2(torch.autograd.Function):
         if ctx.per_channel:
             grad_margin = (g_row * (2 * ctx.penalty * m_g - 2 * torch.sign(m_g) * excess_abs))[plan.row_inv]
         else:
-            s1 = _segment(excess_abs, plan.channels, "sum")
+            s1 = segment(excess_abs, plan.channels, "sum")
             grad_margin = (g * (2 * ctx.penalty * m_g - 2 * torch.sign(m_g) * s1))[plan.inv]
         # groups where every row has an excess get a dense gradient; the others a sparse one (its entries)
         dense: list[Tensor | None] = []
@@ -335,7 +211,7 @@ def _dense_softmax_sums(y: Tensor, ref: Tensor, a: Tensor, scratch: Tensor) -> t
     return e, s0, s1, d.mul_(d).div_(e).sum(1)
 
 
-class _SoftMinMaxR2(torch.autograd.Function):
+class SoftMinMaxR2Function(torch.autograd.Function):
     """Per-layer Soft-Min-Max R2 values `(L,)`; see [`hf_r2.losses.soft_min_max_r2`].
 
     Gradients, with `p = softmax(alpha w)`, `q = softmax(-alpha w)`:
@@ -349,7 +225,9 @@ class _SoftMinMaxR2(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan: _Plan, per_channel: bool, penalty: float, log_alpha: Tensor, *weights: Tensor) -> Tensor:
+    def forward(
+        ctx, plan: GroupPlan, per_channel: bool, penalty: float, log_alpha: Tensor, *weights: Tensor
+    ) -> Tensor:
         mats = plan.matrices(weights)
         # per tensor, only a few blocks of a few rows come near the layer's extremes; per channel, a row of
         # K >= _SMM_BLOCK_MIN_K may be sparse enough, but rows of a few thousand weights were measured a third
@@ -358,8 +236,8 @@ class _SoftMinMaxR2(torch.autograd.Function):
         blocks = [x.view(x.shape[0], g, -1) if ub else None for x, g, ub in zip(mats, plan.group_block, use_blocks)]
         bmax = [None if b is None else b.amax(1) for b in blocks]
         bmin = [None if b is None else b.amin(1) for b in blocks]
-        rmax = torch.cat([_f32(x.t().amax(0) if b is None else b.amax(1)) for x, b in zip(mats, bmax)])
-        rmin = torch.cat([_f32(x.t().amin(0) if b is None else b.amin(1)) for x, b in zip(mats, bmin)])
+        rmax = torch.cat([to_f32(x.t().amax(0) if b is None else b.amax(1)) for x, b in zip(mats, bmax)])
+        rmin = torch.cat([to_f32(x.t().amin(0) if b is None else b.amin(1)) for x, b in zip(mats, bmin)])
         # finite even where the initial alpha overflowed (a single-element or constant layer: 0 * inf would be NaN)
         alpha = log_alpha.detach().float().exp().clamp_max(_ALPHA_MAX)
         if per_channel:
@@ -370,7 +248,7 @@ class _SoftMinMaxR2(torch.autograd.Function):
             log_n_row = log_n
         else:
             a_s = alpha[plan.order_t]
-            hi_s, lo_s = _segment(rmax, plan.channels, "max"), _segment(rmin, plan.channels, "min")
+            hi_s, lo_s = segment(rmax, plan.channels, "max"), segment(rmin, plan.channels, "min")
             a_row, hi, lo = a_s[plan.row_layer], hi_s[plan.row_layer], lo_s[plan.row_layer]
             log_n = plan.log_numel
             log_n_row = log_n[plan.row_layer]
@@ -381,29 +259,29 @@ class _SoftMinMaxR2(torch.autograd.Function):
         for x, b, bx, bn, start, rows in zip(mats, blocks, bmax, bmin, plan.group_offsets, plan.group_rows):
             sl = slice(start, start + rows)
             if b is None:  # dense rows: three weight-sized buffers (scratch, e, f), e becomes the gradient
-                y = _f32(x)
+                y = to_f32(x)
                 scratch = torch.empty_like(y)
                 e, *sp = _dense_softmax_sums(y, hi[sl], a_row[sl], scratch)
                 f, *sq = _dense_softmax_sums(y, lo[sl], -a_row[sl], scratch)
                 sums[:3, sl], sums[3:, sl] = torch.stack(sp), torch.stack(sq)
                 parts.append((None, None, e, scratch, None, None, f, None))
                 continue
-            rp, jp = (_f32(bx) >= thr_hi[sl, None]).nonzero().unbind(1)  # >=: the extreme is in, however large alpha
-            rq, jq = (_f32(bn) <= thr_lo[sl, None]).nonzero().unbind(1)
-            e, ed, *sp = _softmax_sum(_f32(b[rp, :, jp]), hi[start + rp], a_row[start + rp])
-            f, fd, *sq = _softmax_sum(_f32(b[rq, :, jq]), lo[start + rq], -a_row[start + rq])
+            rp, jp = (to_f32(bx) >= thr_hi[sl, None]).nonzero().unbind(1)  # >=: the extreme is in, however large alpha
+            rq, jq = (to_f32(bn) <= thr_lo[sl, None]).nonzero().unbind(1)
+            e, ed, *sp = _softmax_sum(to_f32(b[rp, :, jp]), hi[start + rp], a_row[start + rp])
+            f, fd, *sq = _softmax_sum(to_f32(b[rq, :, jq]), lo[start + rq], -a_row[start + rq])
             sums[:3].index_add_(1, start + rp, torch.stack(sp))
             sums[3:].index_add_(1, start + rq, torch.stack(sq))
             parts.append((rp, jp, e, ed, rq, jq, f, fd))
         if not per_channel:  # one softmax per layer: add up its rows' partial sums
-            sums = _segment(sums.t().contiguous(), plan.channels, "sum").t()
+            sums = segment(sums.t().contiguous(), plan.channels, "sum").t()
         ze, s1e, s2e, zf, s1f, s2f = sums.unbind()
         me, mf = s1e / ze, s1f / zf  # smax - hi, smin - lo
         var = (s2e / ze - me * me) + (s2f / zf - mf * mf)
         bound = 2 * log_n / a_s  # log_n = 0 (a single element) gives 0
         values = (hi_s + me) - (lo_s + mf) + penalty * bound
         if per_channel:
-            values = _segment(values, plan.channels, "mean")
+            values = segment(values, plan.channels, "mean")
         ctx.plan, ctx.per_channel, ctx.penalty, ctx.parts = plan, per_channel, penalty, parts
         ctx.shapes, ctx.dtypes = weights, [x.dtype for x in mats]
         ctx.inputs = (mats, hi, lo, a_row)  # for the dense groups' backward
@@ -435,7 +313,7 @@ class _SoftMinMaxR2(torch.autograd.Function):
             if rp is None:  # dense rows: grad = e (c_e0 + c_e1 (w - hi)) + f (c_f0 + c_f1 (w - lo)), in e
                 sl, scratch = slice(start, start + rows), ed
                 mats, hi, lo, a_row = ctx.inputs
-                y = _f32(mats[len(grads)])
+                y = to_f32(mats[len(grads)])
                 if not fresh:  # a second backward (retain_graph): e was handed out, rebuild e and f
                     e = _dense_softmax_sums(y, hi[sl], a_row[sl], scratch)[0]
                     f = _dense_softmax_sums(y, lo[sl], -a_row[sl], scratch)[0]
@@ -452,18 +330,3 @@ class _SoftMinMaxR2(torch.autograd.Function):
             grads.append(grad.view(rows, -1).to(dtype))
         grads = plan.split(ctx.shapes, grads)
         return None, None, None, grad_log_alpha.to(log_alpha.dtype), *grads
-
-
-def _densify_grad(param: Tensor) -> None:
-    if param.grad is not None and param.grad.is_sparse:
-        param.grad = param.grad.to_dense()
-
-
-def _ensure_dense_grads(weights: list[Tensor]) -> None:
-    """Put [`_densify_grad`] on each weight once (several regularizers on one model share it; a deep copy of the
-    model, which drops hooks, gets its own)."""
-    for w in weights:
-        hooks = getattr(w, "_post_accumulate_grad_hooks", None) or {}
-        # a non-leaf weight (a parametrization's output, e.g. DKM) passes its gradient on; only leaves accumulate
-        if w.requires_grad and w.is_leaf and not any(h is _densify_grad for h in hooks.values()):
-            w.register_post_accumulate_grad_hook(_densify_grad)

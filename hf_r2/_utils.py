@@ -1,5 +1,6 @@
-"""Shared helpers for hf-r2's plain-data configs: choice validation, atomic JSON writes, and the JSON round trip
-(`to_dict` / `from_dict` / `save_pretrained` / `from_pretrained`) that every config has, as peft's configs do."""
+"""Shared helpers for hf-r2's plain-data configs: choice validation, atomic JSON writes, reading a YAML / JSON config
+file, the machine facts runs record, and the JSON round trip (`to_dict` / `from_dict` / `save_pretrained` /
+`from_pretrained`) that every config has, as peft's configs do."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from collections.abc import Iterable
 from typing import Any, ClassVar, TypeVar
 
 __all__ = [
+    "CONFIG_FILE_SUFFIXES",
     "JsonConfigMixin",
     "check_choice",
     "check_patterns",
     "format_choices",
+    "machine_info",
+    "read_config_file",
     "read_json",
     "write_json_atomic",
     "write_text_atomic",
@@ -67,6 +71,73 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+#: The file names [`read_config_file`] reads: JSON, or YAML.
+CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of field names to values in a YAML (`.yaml`, `.yml`) or JSON (`.json`) config file.
+
+    Raises `FileNotFoundError` when there is no such file and `ValueError` for another suffix or a file that does not
+    hold a mapping.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No config file at {path!r}.")
+    lower = path.lower()
+    if not lower.endswith(CONFIG_FILE_SUFFIXES):
+        raise ValueError(f"A config file must be a .yaml, .yml or .json file, got {path!r}.")
+    with open(path, encoding="utf-8") as f:
+        if lower.endswith(".json"):
+            data = json.load(f)
+        else:
+            import yaml
+
+            data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"The config file {path!r} must hold a mapping of field names to values.")
+    return data
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict[str, str]:
+    """The machine and library facts a run records and `hf-r2 env` prints: versions of hf-r2, Python and the
+    libraries, the platform, the accelerator, torch's thread count, the CPU count and the load average."""
+    import platform
+
+    from .version import __version__
+
+    info = {"hf-r2 version": __version__, "Platform": platform.platform(),
+            "Python version": platform.python_version()}
+    for package in ("torch", "torchvision", "timm", "transformers", "accelerate", "datasets", "huggingface_hub",
+                    "safetensors", "numpy"):
+        info[f"{package} version"] = _version(package)
+    try:
+        import torch
+
+        info["PyTorch accelerator"] = (
+            f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "none (CPU)"
+        )
+        info["torch threads"] = str(torch.get_num_threads())
+    except Exception as err:  # pragma: no cover - only for a broken install
+        info["PyTorch accelerator"] = f"unknown ({err})"
+    info["Machine"] = platform.machine()
+    info["CPU count"] = str(os.cpu_count())
+    try:
+        info["Load average"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover - not on every OS
+        info["Load average"] = "n/a"
+    return info
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     """Write `text` to `path` atomically (a temp file in the same folder, then `os.replace`), so that a crash
     mid-write never leaves a truncated file where a good one was."""
@@ -102,7 +173,7 @@ class JsonConfigMixin:
     config_name: ClassVar[str]
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
+        from .version import __version__
 
         return {**dataclasses.asdict(self), "hf_r2_version": __version__}
 

@@ -109,7 +109,7 @@ def push_folder(
     """
     from huggingface_hub import HfApi, get_token
 
-    from . import __version__
+    from .version import __version__
 
     _check_repo_id(repo_id)
     folder = os.fspath(folder)
@@ -257,7 +257,7 @@ def from_pretrained(repo_id_or_path: str, **download_kwargs: Any) -> R2Pretraine
         raise FileNotFoundError(f"`repo_id_or_path={path!r}` is neither a folder nor a Hub repo id.")
     else:
         folder = download(path, **download_kwargs)
-    from .quant.export import is_low_bit_folder, load_low_bit
+    from .quant import is_low_bit_folder, load_low_bit
 
     low_bit = None
     if is_low_bit_folder(folder):

@@ -187,8 +187,7 @@ def build_model_card(
         training (`dict`, *optional*):
             Training hyperparameters to list (learning rate, batch size, ...); default: those in `r2_training.json`.
     """
-    from .quant.export import LOW_BIT_CONFIG_NAME
-    from .quant.report import read_results
+    from .quant import LOW_BIT_CONFIG_NAME, read_results
 
     library = folder_library(folder)
     low_bit = _read_json(os.path.join(folder, LOW_BIT_CONFIG_NAME))

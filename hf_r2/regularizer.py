@@ -12,74 +12,18 @@ KURE (`loss="kurtosis"`) needs every weight's moments and is computed with plain
 
 from __future__ import annotations
 
-import logging
-import re
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from ._r2_kernels import _ensure_dense_grads, _LinfR2, _MarginR2, _Plan, _rows, _SoftMinMaxR2
+from ._r2_kernels import LinfR2Function, MarginR2Function, SoftMinMaxR2Function
+from ._r2_plan import GroupPlan, as_rows, ensure_dense_grads
+from ._targets import find_target_modules
 from .config import R2Config, R2LossType
 from .losses import kurtosis_r2, soft_min_max_init_alpha
 
-__all__ = ["R2Regularizer", "find_target_modules", "TARGET_MODULE_TYPES"]
-
-logger = logging.getLogger(__name__)
-
-TARGET_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def _has_weight(module: nn.Module) -> bool:
-    """A weight tensor, without computing a parametrized one (a DKM weight costs a clustering pass)."""
-    if parametrize.is_parametrized(module, "weight"):
-        return True
-    return isinstance(getattr(module, "weight", None), Tensor)
-
-
-def find_target_modules(
-    model: nn.Module,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    skip_first_last: bool = False,
-) -> list[tuple[str, nn.Module]]:
-    """The `(name, module)` pairs of `model` that R2 applies to, in registration order.
-
-    A module is a target if it is a Conv1d/2d/3d or Linear (subclasses included) with a `weight`, its name
-    matches one of `include` (if given, `re.search`) and none of `exclude`. Raises `ValueError` if nothing is
-    left, naming the patterns that matched no module.
-    """
-    candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, TARGET_MODULE_TYPES) and _has_weight(module)
-    ]
-    if not candidates:
-        raise ValueError(
-            f"{type(model).__name__} has no Conv1d/Conv2d/Conv3d/Linear layer with a weight, so R2-Loss has "
-            "nothing to act on."
-        )
-    unmatched = []
-    selected = candidates
-    if include:
-        unmatched += [f"include={p!r}" for p in include if not any(re.search(p, n) for n, _ in candidates)]
-        selected = [(n, m) for n, m in selected if any(re.search(p, n) for p in include)]
-    if exclude:
-        unmatched += [f"exclude={p!r}" for p in exclude if not any(re.search(p, n) for n, _ in candidates)]
-        selected = [(n, m) for n, m in selected if not any(re.search(p, n) for p in exclude)]
-    if skip_first_last:
-        selected = selected[1:-1]
-    if not selected:
-        names = ", ".join(n for n, _ in candidates[:8]) + (", ..." if len(candidates) > 8 else "")
-        why = f" Patterns that matched no layer: {', '.join(unmatched)}." if unmatched else ""
-        raise ValueError(
-            f"No target layer left in {type(model).__name__} after include={include!r}, exclude={exclude!r}, "
-            f"skip_first_last={skip_first_last}.{why} Conv/Linear layers found: {names}."
-        )
-    for pattern in unmatched:
-        logger.warning("R2 target pattern %s matched no layer", pattern)
-    return selected
+__all__ = ["R2Regularizer"]
 
 
 class R2Regularizer(nn.Module):
@@ -126,7 +70,7 @@ class R2Regularizer(nn.Module):
         # at no cost, where a dense one would cost a weight-sized buffer per layer and step. A weight that only R2
         # reaches (R2 backpropagated alone, or a layer unused in the forward) would keep a sparse `.grad`, which
         # optimizers reject: this hook densifies it after accumulation.
-        _ensure_dense_grads([m.weight for m in self._targets])
+        ensure_dense_grads([m.weight for m in self._targets])
         weights = self.weights()
         device = weights[0].device
         per_channel = config.per_channel
@@ -137,7 +81,7 @@ class R2Regularizer(nn.Module):
         with torch.no_grad():
             if loss is R2LossType.MARGIN:
                 init = [
-                    _rows(w).abs().amax(1).float() if per_channel else w.abs().amax().float()[None] for w in weights
+                    as_rows(w).abs().amax(1).float() if per_channel else w.abs().amax().float()[None] for w in weights
                 ]
                 self.margin = nn.Parameter(torch.cat(init))
             elif loss is R2LossType.SOFT_MIN_MAX:
@@ -169,17 +113,17 @@ class R2Regularizer(nn.Module):
                 return torch.stack([kurtosis_r2(w, c.kurtosis_target, c.per_channel) for w in weights])
             plan = self._plan(weights)
             if loss is R2LossType.LINF:
-                return _LinfR2.apply(plan, c.per_channel, *weights)
+                return LinfR2Function.apply(plan, c.per_channel, *weights)
             if loss is R2LossType.MARGIN:
-                return _MarginR2.apply(plan, c.per_channel, c.margin_penalty, self.margin, *weights)
-            return _SoftMinMaxR2.apply(plan, c.per_channel, c.soft_min_max_penalty, self.log_alpha, *weights)
+                return MarginR2Function.apply(plan, c.per_channel, c.margin_penalty, self.margin, *weights)
+            return SoftMinMaxR2Function.apply(plan, c.per_channel, c.soft_min_max_penalty, self.log_alpha, *weights)
 
-    def _plan(self, weights: list[Tensor]) -> _Plan:
+    def _plan(self, weights: list[Tensor]) -> GroupPlan:
         """The batched layout for these weights, rebuilt only when a shape, dtype or device changes."""
         key = tuple((w.shape, w.dtype, w.device) for w in weights)
         cached = self.__dict__.get("_plan_cache")
         if cached is None or cached[0] != key:
-            cached = (key, _Plan(weights))
+            cached = (key, GroupPlan(weights))
             self.__dict__["_plan_cache"] = cached
         return cached[1]
 

@@ -26,6 +26,7 @@ __all__ = [
     "save_r2_files",
     "save_timm_folder",
     "update_training_info",
+    "write_timm_config",
 ]
 
 R2_STATS_NAME = "r2_stats.json"
@@ -38,26 +39,35 @@ def is_timm_model(model: nn.Module) -> bool:
     return isinstance(getattr(model, "pretrained_cfg", None), dict) and not is_transformers_model(model)
 
 
+def _timm_model_config(model: nn.Module) -> dict[str, Any] | None:
+    """The `model_config` entries hf-r2 adds to timm's `config.json`: the label names, if the model has them."""
+    label_names = model.pretrained_cfg.get("label_names")
+    return {"label_names": list(label_names)} if label_names else None
+
+
+def write_timm_config(model: nn.Module, save_directory: str) -> None:
+    """timm's `config.json` for `model` (`architecture`, `num_classes`, `pretrained_cfg` with the label names),
+    without weights: what `timm.create_model("local-dir:...")` needs to rebuild the architecture."""
+    from timm.models._hub import save_config_for_hf
+
+    save_config_for_hf(model, os.path.join(save_directory, "config.json"), model_config=_timm_model_config(model))
+
+
 def save_timm_folder(model: nn.Module, save_directory: str, state_dict: dict[str, Tensor] | None = None) -> None:
-    """timm's own layout: `config.json` (`architecture`, `num_classes`, `pretrained_cfg` with the label names)
-    and `model.safetensors`, as [`timm.models.save_for_hf`] writes it. `state_dict` overrides the weights (e.g.
-    gathered by FSDP / DeepSpeed)."""
+    """timm's own layout: `config.json` ([`write_timm_config`]) and `model.safetensors`, as
+    [`timm.models.save_for_hf`] writes it. `state_dict` overrides the weights (e.g. gathered by FSDP / DeepSpeed)."""
     import timm.models
 
     os.makedirs(save_directory, exist_ok=True)
-    label_names = model.pretrained_cfg.get("label_names")
-    model_config = {"label_names": list(label_names)} if label_names else None
     if state_dict is None:
-        timm.models.save_for_hf(model, save_directory, model_config=model_config, safe_serialization=True)
+        timm.models.save_for_hf(model, save_directory, model_config=_timm_model_config(model), safe_serialization=True)
         return
-    from timm.models._hub import save_config_for_hf
-
     safetensors.torch.save_file(
         {k: v.contiguous() for k, v in state_dict.items()},
         os.path.join(save_directory, "model.safetensors"),
         metadata={"format": "pt"},
     )
-    save_config_for_hf(model, os.path.join(save_directory, "config.json"), model_config=model_config)
+    write_timm_config(model, save_directory)
 
 
 def save_r2_files(save_directory: str, r2_config: R2Config | None, stats: dict[str, Any] | None = None) -> None:

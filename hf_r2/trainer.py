@@ -27,7 +27,6 @@ import os
 from collections import defaultdict
 from typing import Any
 
-import numpy as np
 import safetensors.torch
 import torch
 from accelerate.utils import broadcast
@@ -40,7 +39,7 @@ from .models import classification_loss, forward_logits, unwrap_model
 from .regularizer import R2Regularizer
 from .saving import R2_STATS_NAME, is_timm_model, save_r2_files, save_timm_folder, update_training_info
 
-__all__ = ["R2Trainer", "compute_accuracy", "R2_STATE_NAME", "R2_STATS_NAME"]
+__all__ = ["R2Trainer", "R2_STATE_NAME", "R2_STATS_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,32 +47,6 @@ R2_STATE_NAME = "r2_regularizer.safetensors"
 
 # regularizer.stats()["overall"] entries logged as `r2_<name>` at each logging step
 _LOGGED_STATS = ("max_abs", "mean_max_over_std", "max_max_over_std", "mean_kurtosis")
-
-
-def compute_accuracy(eval_pred: Any) -> dict[str, float]:
-    """Top-1 accuracy for the Trainer's `compute_metrics`: `{"accuracy": #(argmax logits == label) / N}`.
-
-    Args:
-        eval_pred ([`~transformers.EvalPrediction`] or `tuple`):
-            `(predictions, label_ids)`, with predictions the logits `(N, num_classes)` (or a tuple whose first
-            entry they are) and label_ids `(N,)`, as numpy arrays.
-
-    ```python
-    >>> trainer = R2Trainer(model, args, train_dataset=train, eval_dataset=val, compute_metrics=compute_accuracy)
-    >>> trainer.evaluate()["eval_accuracy"]
-    ```
-    """
-    logits, labels = eval_pred[0], eval_pred[1]
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    predictions = np.asarray(logits).argmax(axis=-1)
-    labels = np.asarray(labels)
-    if predictions.shape != labels.shape:
-        raise ValueError(
-            f"`compute_accuracy` needs logits of shape (N, num_classes) and labels of shape (N,), got logits "
-            f"{np.shape(logits)} and labels {labels.shape}."
-        )
-    return {"accuracy": float((predictions == labels).mean()) if labels.size else float("nan")}
 
 
 class _R2Callback(TrainerCallback):
@@ -141,7 +114,8 @@ class R2Trainer(Trainer):
             `R2TrainingArguments(output_dir="tmp_trainer")`.
         data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers, \
         optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
-            As for [`~transformers.Trainer`]. Pass [`compute_accuracy`] as `compute_metrics` for top-1 accuracy.
+            As for [`~transformers.Trainer`]. Pass [`~hf_r2.metrics.compute_accuracy`] as `compute_metrics` for
+            top-1 accuracy.
         r2_config ([`R2Config`], *optional*):
             R2 settings that take precedence over those of `args` (required, in effect, with plain
             `TrainingArguments`, which have none: [`R2Config`]'s defaults are used then).

@@ -67,8 +67,7 @@ def push(work: str) -> dict:
 
     import timm
 
-    from hf_r2.quant import PTQConfig, quantize_, save_low_bit
-    from hf_r2.quant.report import update_results
+    from hf_r2.quant import PTQConfig, quantize_, save_low_bit, update_results
 
     # (ten classes, so that `hf-r2 evaluate` can run it on CIFAR-10 in `load`)
     cifar_model = timm.create_model("test_resnet", num_classes=10).eval()

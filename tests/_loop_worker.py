@@ -56,7 +56,7 @@ class SyntheticImages(torch.utils.data.Dataset):
 def build(output_dir: str, per_device_batch_size: int, gradient_accumulation_steps: int):
     """Model, R2 regularizer, datasets and configs of the 2-process vs 1-process comparison."""
     from hf_r2.config import R2Config
-    from hf_r2.loop import LoopConfig
+    from hf_r2.loop_config import LoopConfig
     from hf_r2.regularizer import R2Regularizer
 
     torch.manual_seed(0)

@@ -16,6 +16,8 @@ import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("HF_R2_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+# hf_r2 finds the local CIFAR-10 copies through $HF_R2_DATA_DIR only (the package guesses no repository layout)
+os.environ.setdefault("HF_R2_DATA_DIR", str(DATA_DIR))
 
 
 @pytest.fixture(autouse=True)
@@ -103,3 +105,26 @@ def hf_convnext():
 
     cfg = ConvNextConfig(num_labels=10, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2)
     return ConvNextForImageClassification(cfg)
+
+
+def assert_png(path: str) -> None:
+    """`path` is a real PNG file of more than 100 x 100 pixels that decodes."""
+    from PIL import Image
+
+    assert os.path.getsize(path) > 1000, path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.verify()
+    with Image.open(path) as image:  # verify() leaves the file unusable: reopen to decode the pixels
+        image.load()
+        assert image.size[0] > 100 and image.size[1] > 100
+
+
+def tiny_train_argv(data_dir, output_dir, *extra) -> list[str]:
+    """`hf-r2 train` flags for two steps of test_resnet on 64 images of cifar10-tiny, then `extra`."""
+    return [
+        "--model", "test_resnet", "--dataset", "cifar10-tiny", "--data-dir", str(data_dir), "--input-size", "32",
+        "--max-train-samples", "64", "--max_eval_samples", "32", "--output-dir", str(output_dir), "--max_steps", "2",
+        "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--save_strategy", "no",
+        "--disable_tqdm", "true", "--dataloader_pin_memory", "false", *extra,
+    ]

@@ -242,7 +242,7 @@ def test_card_accuracy_sources(timm_folder):
 def test_card_reads_dataset_training_and_low_bit_rows_from_folder(timm_folder):
     """Without flags the card cites the dataset and training arguments `hf-r2 train` recorded, and lists the
     low-bit rows the quant commands measured (each in the model-index)."""
-    from hf_r2.quant.report import update_results
+    from hf_r2.quant import update_results
     from hf_r2.saving import update_training_info
 
     _, folder = timm_folder

@@ -1,4 +1,4 @@
-"""Tests of `hf_r2.loop`: the plain Accelerate loop with R2-Loss.
+"""Tests of `hf_r2.loop` and `hf_r2.loop_config`: the plain Accelerate loop with R2-Loss (or without a regularizer).
 
 The numbers are checked against a loop written out by hand (plain torch, the functional `margin_r2`, the learning
 rate and R2 weight formulas), against an uninterrupted run (resume), and against one process (two CPU processes
@@ -21,7 +21,8 @@ from _loop_worker import SyntheticImages, TinyConvNet, build
 from safetensors.torch import load_file
 
 from hf_r2.config import R2Config
-from hf_r2.loop import LoopConfig, _resolve_checkpoint, evaluate, train_with_accelerate
+from hf_r2.loop import evaluate, train_with_accelerate
+from hf_r2.loop_config import LoopConfig, resolve_checkpoint
 from hf_r2.losses import margin_r2
 
 WORKER = Path(__file__).with_name("_loop_worker.py")
@@ -95,24 +96,64 @@ def test_loop_config_round_trip(tmp_path):
 def test_resolve_latest_checkpoint(tmp_path):
     config = LoopConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
     with pytest.raises(FileNotFoundError, match="no step_<n> folder"):
-        _resolve_checkpoint(config)
+        resolve_checkpoint(config)
     for name in ("step_2", "step_10", "step_9", "other"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
-    assert _resolve_checkpoint(config) == str(tmp_path / "checkpoints" / "step_10")  # numeric, not lexicographic
+    assert resolve_checkpoint(config) == str(tmp_path / "checkpoints" / "step_10")  # numeric, not lexicographic
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        _resolve_checkpoint(replace(config, resume_from_checkpoint=str(tmp_path / "missing")))
+        resolve_checkpoint(replace(config, resume_from_checkpoint=str(tmp_path / "missing")))
 
 
 def test_train_argument_errors(tmp_path):
     from accelerate import Accelerator
 
     model, _, train_ds, _, config = build(str(tmp_path), 8, 1)
-    with pytest.raises(ValueError, match=r"Pass `r2_config=R2Config\(...\)`"):
-        train_with_accelerate(model, train_ds, config=config)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     match = r"`gradient_accumulation_steps=2` but `config.gradient_accumulation_steps=1`"
     with pytest.raises(ValueError, match=match):
         train_with_accelerate(model, train_ds, r2_config=R2Config(), config=config, accelerator=accelerator)
+
+
+def test_trains_without_a_regularizer(tmp_path, monkeypatch):
+    """`r2_config=None`: no R2Regularizer, no R2 parameters in the optimizer, no R2 entries in the metrics or the
+    saved folder, and the same weights as R2 off (L-inf, which has no parameters, at `weight=0`)."""
+    import hf_r2.loop as loop
+    from hf_r2.regularizer import R2Regularizer
+
+    model, _, train_ds, eval_ds, config = build(str(tmp_path / "none"), 8, 1)
+    reference = TinyConvNet()
+    reference.load_state_dict(model.state_dict())
+    optimizers = []
+    create_optimizer = loop.create_optimizer
+    monkeypatch.setattr(loop, "create_optimizer", lambda *a: optimizers.append(create_optimizer(*a)) or optimizers[-1])
+    monkeypatch.setattr(R2Regularizer, "__init__", lambda *a, **k: pytest.fail("built an R2Regularizer"))
+    config = replace(config, num_epochs=1, save_model=True)
+    metrics = train_with_accelerate(model, train_ds, eval_ds, config=config)
+    params = [p for group in optimizers[0].param_groups for p in group["params"]]
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()} and len(params) == len(set(map(id, params)))
+    assert not [k for k in metrics if "r2" in k]
+    assert metrics["train_loss"] == metrics["train_task_loss"] and metrics["global_step"] == 4
+    assert 0 <= metrics["eval_accuracy"] <= 1
+    assert (tmp_path / "none" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "none" / "model" / "r2_config.json").exists()
+
+    monkeypatch.undo()
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    off = replace(config, output_dir=str(tmp_path / "off"), save_model=False)
+    train_with_accelerate(reference, train_ds, eval_ds, r2_config=R2Config(loss="linf", weight=0.0), config=off)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_finetune_runs_without_r2(tmp_path):
+    from hf_r2.loop import finetune
+
+    model, _, train_ds, _, _ = build(str(tmp_path), 8, 1)
+    metrics = finetune(model, train_ds, learning_rate=0.01, per_device_batch_size=8, max_steps=2, seed=0)
+    assert metrics["global_step"] == 2 and not [k for k in metrics if "r2" in k]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""Tests of hf_r2.metrics.evaluate_accuracy against a float64 reference over the whole set at once."""
+"""Tests of hf_r2.metrics: evaluate_accuracy against a float64 reference over the whole set at once, count_correct
+against a plain loop, and the Trainer's compute_accuracy."""
 
+import numpy as np
 import pytest
 import torch
+from transformers import EvalPrediction
 
-from hf_r2.metrics import evaluate_accuracy
+from hf_r2.metrics import compute_accuracy, count_correct, evaluate_accuracy
 
 
 def _batches(x, y, sizes):
@@ -48,3 +51,36 @@ def test_eval_mode_uses_running_stats(timm_cnn):
 def test_empty_loader_raises(timm_cnn):
     with pytest.raises(ValueError, match="yielded no examples"):
         evaluate_accuracy(timm_cnn, [])
+
+
+def test_evaluate_accuracy_batches_a_dataset_of_rows(timm_cnn):
+    """A map-style dataset of rows is batched with collate_fn: same result as the hand-made batches."""
+    x = torch.randn(7, 3, 32, 32)
+    y = torch.randint(0, 10, (7,))
+    rows = [{"pixel_values": x[i], "labels": int(y[i])} for i in range(7)]
+    by_rows = evaluate_accuracy(timm_cnn, rows, batch_size=3)
+    by_batches = evaluate_accuracy(timm_cnn, _batches(x, y, [3, 3, 1]))
+    assert by_rows["num_samples"] == 7
+    assert by_rows["accuracy"] == by_batches["accuracy"]
+    assert by_rows["loss"] == pytest.approx(by_batches["loss"], rel=1e-6)
+
+
+def test_count_correct_against_a_loop():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 7)
+    labels = torch.randint(0, 7, (50,))
+    expected = 0
+    for row, label in zip(logits.tolist(), labels.tolist()):
+        expected += int(max(range(7), key=lambda k: row[k]) == label)
+    assert count_correct(logits, labels) == expected
+    assert isinstance(count_correct(logits, labels), int)
+    assert count_correct(logits[:0], labels[:0]) == 0
+
+
+def test_compute_accuracy():
+    logits = np.array([[0.1, 0.9, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 3.0], [0.0, 5.0, 1.0]])
+    labels = np.array([1, 0, 1, 2])
+    assert compute_accuracy(EvalPrediction(predictions=logits, label_ids=labels)) == {"accuracy": 0.5}
+    assert compute_accuracy(((logits, np.zeros(4)), labels)) == {"accuracy": 0.5}
+    with pytest.raises(ValueError, match="logits of shape"):
+        compute_accuracy((logits, labels[:3]))

@@ -11,10 +11,14 @@ from hf_r2.losses import kurtosis_r2, linf_r2, margin_r2, soft_min_max_r2
 LOSSES = ["linf", "margin", "soft_min_max", "kurtosis"]
 
 
-def _reference_total(reg: R2Regularizer) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
-    """Sum of the functional losses over layers on float64-free copies; returns (total, weight copies, param copy)."""
+def _reference_total(
+    reg: R2Regularizer, weights: list[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """Sum of the functional losses over layers, on detached copies of the weights unless `weights` are given;
+    returns (total, the weights used, param copy)."""
     c = reg.config
-    weights = [w.detach().clone().requires_grad_() for w in reg.weights()]
+    if weights is None:
+        weights = [w.detach().clone().requires_grad_() for w in reg.weights()]
     param = None
     if c.loss == "margin":
         param = reg.margin.detach().clone().requires_grad_()
@@ -66,6 +70,39 @@ def test_matches_functional_losses(loss, per_channel, model_name):
         torch.testing.assert_close(got, ref.grad, **tol)
     if ref_param is not None:
         torch.testing.assert_close(next(reg.parameters()).grad, ref_param.grad, **tol)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
+def test_parametrized_weights_match_functional_losses(loss, per_channel, wrap):
+    """A weight computed by a parametrization (not a leaf) gets R2's gradient through it: equal to autograd through
+    the functional losses (per-tensor L-inf used to crash here: its sparse gradient reached weight_norm's backward)."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(),
+                          nn.Linear(6 * 4 * 4, 5))
+    for i in (0, 2, 4):
+        getattr(parametrizations, wrap)(model[i])
+    model.eval()  # spectral_norm's power iteration would change the weight between the two evaluations
+    reg = R2Regularizer(model, R2Config(loss=loss, per_channel=per_channel, margin_penalty=0.5))
+    _perturb(reg)
+    originals = [p for n, p in model.named_parameters() if "original" in n]
+    expected, _, ref_param = _reference_total(reg, [model[i].weight for i in (0, 2, 4)])
+    ref_grads = torch.autograd.grad(expected, originals + ([ref_param] if ref_param is not None else []))
+    x = torch.randn(2, 3, 8, 8)
+    task = model(x).sum()
+    task_grads = torch.autograd.grad(task, originals, retain_graph=True)
+    value = reg()
+    (task + value).backward()  # with a task loss, as in training
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    tol = dict(rtol=1e-3, atol=1e-5) if loss in ("soft_min_max", "kurtosis") else dict(rtol=1e-5, atol=1e-6)
+    for p, ref, t in zip(originals, ref_grads, task_grads):
+        assert p.grad is not None and not p.grad.is_sparse
+        torch.testing.assert_close(p.grad, ref + t, **tol)
+    if ref_param is not None:
+        torch.testing.assert_close(next(reg.parameters()).grad, ref_grads[-1], **tol)
 
 
 def test_layer_values_are_per_layer():

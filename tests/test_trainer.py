@@ -1,23 +1,23 @@
-"""Tests for `hf_r2.trainer` (`R2Trainer`, `compute_accuracy`) and `hf_r2.training_args` (`R2TrainingArguments`)."""
+"""Tests for `hf_r2.trainer` (`R2Trainer`) and `hf_r2.training_args` (`R2TrainingArguments`)."""
 
 import copy
 import json
 import logging
 import math
 
-import numpy as np
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 from conftest import TinyImages, make_timm
-from transformers import EvalPrediction, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
+from hf_r2._targets import find_target_modules
 from hf_r2.config import R2Config
 from hf_r2.losses import linf_r2, margin_r2
+from hf_r2.metrics import compute_accuracy
 from hf_r2.models import create_model, forward_logits
-from hf_r2.regularizer import find_target_modules
-from hf_r2.trainer import R2_STATE_NAME, R2_STATS_NAME, R2Trainer, compute_accuracy
+from hf_r2.trainer import R2_STATE_NAME, R2_STATS_NAME, R2Trainer
 from hf_r2.training_args import R2TrainingArguments
 
 R2_LOG_KEYS = {"task_loss", "r2_loss", "r2_lambda", "r2_max_abs", "r2_mean_max_over_std", "r2_max_max_over_std"}
@@ -56,19 +56,6 @@ def _hf_convnext():
 
     cfg = ConvNextConfig(num_labels=10, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2)
     return ConvNextForImageClassification(cfg)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# compute_accuracy
-
-
-def test_compute_accuracy():
-    logits = np.array([[0.1, 0.9, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 3.0], [0.0, 5.0, 1.0]])
-    labels = np.array([1, 0, 1, 2])
-    assert compute_accuracy(EvalPrediction(predictions=logits, label_ids=labels)) == {"accuracy": 0.5}
-    assert compute_accuracy(((logits, np.zeros(4)), labels)) == {"accuracy": 0.5}
-    with pytest.raises(ValueError, match="logits of shape"):
-        compute_accuracy((logits, labels[:3]))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,17 +29,18 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._targets import TARGET_LAYER_TYPES
 from .._utils import JsonConfigMixin
 from ..models import forward_logits
-from .bn import _device, _pixel_values
+from ._adaround_rows import UnsupportedLayer, apply_weight, cache_rows, grouped_weight
+from ._batches import image_batches, model_device
 
 __all__ = ["ADAROUND_CONFIG_NAME", "AdaRoundConfig", "adaround", "adaround_"]
 
@@ -49,8 +50,6 @@ ADAROUND_CONFIG_NAME = "adaround_config.json"
 
 # Stretch of the rectified sigmoid (the paper's zeta and gamma).
 _ZETA, _GAMMA = 1.1, -0.1
-
-_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @dataclass
@@ -150,7 +149,7 @@ class AdaRoundConfig(JsonConfigMixin):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# building blocks: the rounding function, the rows of a layer, the cache of rows
+# the rounding function and the weight grid
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -205,175 +204,9 @@ def _qparams(module: nn.Module) -> tuple[Tensor, Tensor, int, int]:
     return shaped(scale), shaped(zero_point), quant_min, quant_max
 
 
-def _groups(module: nn.Module) -> int:
-    return 1 if isinstance(module, nn.Linear) else module.groups
-
-
-def _grouped_weight(module: nn.Module, weight: Tensor) -> Tensor:
-    """`(G, out_channels / G, in_channels / G * prod(kernel_size))`, matching the rows of [`_row_source`]."""
-    g = _groups(module)
-    return weight.reshape(g, weight.shape[0] // g, -1)
-
-
-def _row_source(module: nn.Module, x: Tensor) -> tuple[int, Any]:
-    """The number of rows of the layer input `x` and a function `gather(idx) -> (len(idx), G, K)` of them.
-
-    A Linear row is one token (`x[..., :]`); a convolution row is the input patch of one output position of one
-    image, padded as the layer pads, in the channel-major order of `weight.reshape(out_channels, -1)`.
-    """
-    if isinstance(module, nn.Linear):
-        rows = x.reshape(-1, x.shape[-1])
-        return rows.shape[0], lambda idx: rows[idx].unsqueeze(1)
-    nd = x.dim() - 2
-    same = _timm_conv2d_same()
-    if same is not None and isinstance(module, same[0]):  # TensorFlow "SAME" padding, computed from the input size
-        x = same[1](x, module.kernel_size, module.stride, module.dilation)
-    pad = list(module._reversed_padding_repeated_twice)
-    if any(pad):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pad, mode=mode)
-    for i, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
-        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends the window dim: (N, C, *out, *window)
-    if any(d > 1 for d in module.dilation):
-        x = x[(..., *(slice(None, None, d) for d in module.dilation))]
-    positions = (x.shape[0], *x.shape[2 : 2 + nd])
-    g = module.groups
-
-    def gather(idx: Tensor) -> Tensor:
-        coords = torch.unravel_index(idx, positions)
-        patches = x[(coords[0], slice(None), *coords[1:])]  # (m, C, *kernel_size)
-        return patches.reshape(idx.shape[0], g, -1)
-
-    return math.prod(positions), gather
-
-
-def _timm_conv2d_same() -> tuple[type[nn.Module], Any] | None:
-    try:
-        from timm.layers import Conv2dSame
-        from timm.layers.padding import pad_same
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return None
-    return Conv2dSame, pad_same
-
-
-class _UnsupportedLayer(Exception):
-    """The layer's output is not `W x` on the rows AdaRound builds (a custom forward): it is left as it is."""
-
-
-def _check_rows(float_module: nn.Module, x: Tensor, num_rows: int, gather: Any, float_weight: Tensor) -> None:
-    """Check, on a few rows, that `W x` on AdaRound's rows is the layer's own output (bias aside): a layer with a
-    custom forward (weight standardisation, its own padding) would otherwise be rounded against the wrong target."""
-    out = float_module(x)
-    out = out.reshape(-1, out.shape[-1]) if isinstance(float_module, nn.Linear) else out.movedim(1, -1)
-    out = out.reshape(-1, out.shape[-1])
-    if float_module.bias is not None:
-        out = out - float_module.bias
-    idx = torch.linspace(0, num_rows - 1, min(num_rows, 64), device=x.device).long()
-    if out.shape[0] != num_rows:
-        raise _UnsupportedLayer(f"its output has {out.shape[0]} positions, {num_rows} expected")
-    got = _apply(gather(idx).to(float_weight.dtype), float_weight).reshape(len(idx), -1)
-    expected = out[idx].to(got.dtype)
-    tol = 1e-3 * expected.abs().max().clamp_min(1e-12)
-    if not torch.allclose(got, expected, rtol=1e-3, atol=float(tol)):
-        raise _UnsupportedLayer("its output is not the convolution / matrix product of its weight and input")
-
-
-def _apply(rows: Tensor, grouped_weight: Tensor) -> Tensor:
-    """`W x` for rows `(m, G, K)` and a grouped weight `(G, O, K)`: `(m, G, O)`."""
-    return torch.einsum("mgk,gok->mgo", rows, grouped_weight)
-
-
-class _RowCache:
-    """Up to `capacity` rows drawn uniformly without replacement from everything added (each row gets a uniform
-    random key; the rows of the `capacity` smallest keys are kept)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.keys: Tensor | None = None
-        self.inputs: Tensor | None = None
-        self.targets: Tensor | None = None
-        self._pending: Tensor | None = None  # the keys of the rows `candidates` chose, for `add`
-
-    def candidates(self, num_rows: int, generator: torch.Generator) -> Tensor:
-        """Indices of the new rows that may enter the cache (the others are not gathered at all)."""
-        keys = torch.rand(num_rows, generator=generator, dtype=torch.float64)
-        new_keys, idx = torch.topk(keys, min(num_rows, self.capacity), largest=False)
-        if self.keys is not None and self.keys.shape[0] >= self.capacity:
-            keep = new_keys < self.keys.max()
-            new_keys, idx = new_keys[keep], idx[keep]
-        self._pending = new_keys
-        return idx
-
-    def add(self, inputs: Tensor, targets: Tensor) -> None:
-        keys = self._pending.to(inputs.device)
-        if self.keys is not None:
-            keys = torch.cat([self.keys, keys])
-            inputs = torch.cat([self.inputs, inputs])
-            targets = torch.cat([self.targets, targets])
-        if keys.shape[0] > self.capacity:
-            keys, keep = torch.topk(keys, self.capacity, largest=False)
-            inputs, targets = inputs[keep], targets[keep]
-        self.keys, self.inputs, self.targets = keys, inputs, targets
-
-
-class _StopForward(Exception):
-    """Raised by a capture hook to end a forward pass once the layer's input is known."""
-
-
-def _layer_input(model: nn.Module, module: nn.Module, pixel_values: Tensor) -> Tensor:
-    """The first input of `module` in a forward of `model` on `pixel_values` (the forward stops there)."""
-    box: list[Tensor] = []
-
-    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        box.append(args[0] if args else next(iter(kwargs.values())))
-        raise _StopForward
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        forward_logits(model, pixel_values)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not box:
-        raise RuntimeError(f"{type(module).__name__} did not run in the forward pass: cannot capture its input.")
-    return box[0]
-
-
 # --------------------------------------------------------------------------------------------------------------
 # one layer
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _cache_rows(
-    model: nn.Module,
-    float_model: nn.Module,
-    name: str,
-    batches: Iterable[Tensor],
-    config: AdaRoundConfig,
-    generator: torch.Generator,
-) -> _RowCache:
-    """Rows of the layer's (quantized) inputs and of its float outputs `W x_f`, over the calibration batches."""
-    module, float_module = model.get_submodule(name), float_model.get_submodule(name)
-    input_quantizer = getattr(module, "input_quantizer", None)
-    float_weight = _grouped_weight(float_module, float_module.weight.detach())
-    cache = _RowCache(config.num_samples)
-    with torch.no_grad():
-        for pixel_values in batches:
-            x_q = _layer_input(model, module, pixel_values)
-            if input_quantizer is not None:
-                x_q = input_quantizer(x_q)
-            x_f = _layer_input(float_model, float_module, pixel_values)
-            num_rows, gather_q = _row_source(module, x_q)
-            _, gather_f = _row_source(float_module, x_f)
-            if cache.inputs is None:
-                _check_rows(float_module, x_f, num_rows, gather_f, float_weight)
-            idx = cache.candidates(num_rows, generator).to(x_q.device)
-            rows_f = gather_f(idx).to(float_weight.dtype)
-            cache.add(gather_q(idx).to(float_weight.dtype), _apply(rows_f, float_weight))
-    if cache.inputs is None:
-        raise ValueError("`calibration_data` gave no batch: AdaRound needs calibration inputs.")
-    return cache
 
 
 def _optimize_rounding(
@@ -395,7 +228,7 @@ def _optimize_rounding(
             idx = torch.randint(num_rows, (config.batch_size,), generator=generator).to(inputs.device)
             h = _rectified_sigmoid(v)
             soft = scale * (torch.clamp(floor + h, quant_min, quant_max) - zero_point)
-            out = _apply(inputs[idx], _grouped_weight(module, soft))
+            out = apply_weight(inputs[idx], grouped_weight(module, soft))
             loss = (out - targets[idx]).square().sum((1, 2)).mean()
             beta = _beta(config, step)
             if beta is not None and config.reg_weight > 0:
@@ -410,7 +243,7 @@ def _optimize_rounding(
 
 def _reconstruction_error(module: nn.Module, weight: Tensor, inputs: Tensor, targets: Tensor) -> float:
     """`mean_rows || W x_q - W_f x_f ||^2` of a weight on the cached rows."""
-    err = _apply(inputs, _grouped_weight(module, weight.to(inputs.dtype))) - targets
+    err = apply_weight(inputs, grouped_weight(module, weight.to(inputs.dtype))) - targets
     return err.double().square().sum((1, 2)).mean().item()
 
 
@@ -425,7 +258,7 @@ def _round_layer(
     """AdaRound one layer of `model` in place; returns its reconstruction errors (AdaRound's, round-to-nearest's),
     the share of weights rounded the other way than to nearest, and the number of cached rows."""
     module = model.get_submodule(name)
-    cache = _cache_rows(model, float_model, name, batches, config, generator)
+    cache = cache_rows(model, float_model, name, batches, config.num_samples, generator)
     codes, _ = _optimize_rounding(module, cache.inputs, cache.targets, config, generator)
     scale, zero_point, quant_min, quant_max = _qparams(module)
     with torch.no_grad():
@@ -457,7 +290,7 @@ def _has_quantizer(module: nn.Module) -> bool:
 
 def _select_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     if layers is None:
-        return [n for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES) and _has_quantizer(m)]
+        return [n for n, m in model.named_modules() if isinstance(m, TARGET_LAYER_TYPES) and _has_quantizer(m)]
     if isinstance(layers, str):
         layers = [layers]
     names = list(layers)
@@ -466,7 +299,7 @@ def _select_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"`layers` names {name!r}, which is not a submodule of the model.") from None
-        if not isinstance(module, _LAYER_TYPES) or not _has_quantizer(module):
+        if not isinstance(module, TARGET_LAYER_TYPES) or not _has_quantizer(module):
             raise ValueError(
                 f"`layers` names {name!r}, a {type(module).__name__} without an enabled `weight_quantizer`: AdaRound "
                 "rounds Conv1d/2d/3d and Linear layers that carry one (quantize the model first)."
@@ -496,29 +329,6 @@ def _forward_order(model: nn.Module, names: list[str], pixel_values: Tensor) -> 
     if missing:
         logger.warning("AdaRound skips %d layers that do not run in a forward pass: %s", len(missing), missing)
     return order
-
-
-def _calibration_batches(
-    calibration_data: Iterable[Any], num_batches: int | None, device: torch.device
-) -> tuple[Iterable[Tensor], Tensor]:
-    """A re-iterable of image tensors on `device` (an iterator is read once into a list) and the first one."""
-    if isinstance(calibration_data, (Tensor, dict)):
-        calibration_data = [calibration_data]
-
-    class _Batches:
-        def __iter__(self) -> Iterator[Tensor]:
-            for i, batch in enumerate(calibration_data):
-                if num_batches is not None and i >= num_batches:
-                    break
-                yield _pixel_values(batch).to(device)
-
-    batches: Iterable[Tensor] = _Batches()
-    if isinstance(calibration_data, Iterator):  # a generator or iterator: it can be read only once
-        batches = list(batches)
-    first = next(iter(batches), None)
-    if first is None:
-        raise ValueError("`calibration_data` gave no batch: AdaRound needs calibration inputs.")
-    return batches, first
 
 
 def adaround_(
@@ -573,8 +383,8 @@ def adaround_(
             "AdaRound found no layer with a `weight_quantizer` in %s: nothing to round", type(model).__name__
         )
         return model
-    device = _device(model)
-    batches, first = _calibration_batches(calibration_data, config.num_batches, device)
+    device = model_device(model)
+    batches, first = image_batches(calibration_data, config.num_batches, device)
     modes = [(m, m.training) for m in model.modules()]
     generator = torch.Generator().manual_seed(config.seed)
     try:
@@ -594,7 +404,7 @@ def adaround_(
         for name in progress:
             try:
                 stats = _round_layer(model, float_model, name, batches, config, generator)
-            except _UnsupportedLayer as err:
+            except UnsupportedLayer as err:
                 logger.warning("AdaRound skips %s (%s): %s", name, type(model.get_submodule(name)).__name__, err)
                 continue
             logger.info(

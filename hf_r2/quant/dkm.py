@@ -18,7 +18,7 @@ centroids `c_1..c_K` and temperature `tau` (the paper's Section 3, with the squa
     soft assignment:     y_i = sum_j A_ij c_j                                             (the weight used, w~)
 
 The forward pass starts from the centroids of the previous pass (a buffer, first set by
-[`~hf_r2.quant.palettize.kmeans_1d`]), applies `dkm_iters` centroid updates and then the soft assignment; the
+[`~hf_r2.quant.kmeans_1d`]), applies `dkm_iters` centroid updates and then the soft assignment; the
 gradient flows through all of them, as in the paper.
 
 Memory. Under plain autograd every iteration of every layer keeps several `n x K` tensors (the distances, the
@@ -55,8 +55,16 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
-from ..regularizer import find_target_modules
-from .palettize import PalettizeConfig, _num_groups, _set_palette, kmeans_1d
+from .._targets import find_target_modules
+from ._palette import (
+    LearnedPalette,
+    count_groups,
+    finalize_learned_palettes_,
+    kmeans_1d,
+    learned_palette_modules,
+    set_palette,
+)
+from .palettize import PalettizeConfig
 
 __all__ = ["DKMParametrization", "prepare_dkm", "finalize_dkm", "is_dkm_prepared"]
 
@@ -237,14 +245,14 @@ def _dkm_forward(x: Tensor, c: Tensor, tau: Tensor, iters: int) -> tuple[Tensor,
 # ---- the parametrization ------------------------------------------------------------------------------------------
 
 
-class DKMParametrization(nn.Module):
+class DKMParametrization(LearnedPalette):
     """The DKM parametrization of one weight: `weight -> w~`, the soft-clustered weight (see the module docstring).
 
     Buffers (persistent, so a training checkpoint resumes with them; they live under
     `module.parametrizations.weight.0.` in the state dict until [`finalize_dkm`]):
 
     - `centroids` `(G, K)` float32 (float64 for float64 weights): the centroids the next forward pass starts
-      from; set by [`~hf_r2.quant.palettize.kmeans_1d`] at preparation and to the last pass' `c_T` after every
+      from; set by [`~hf_r2.quant.kmeans_1d`] at preparation and to the last pass' `c_T` after every
       forward pass in training mode (the paper's warm start).
     - `tau` `(G, 1)`: the temperature of each group, `temperature * D0`, with `D0` the mean squared distance of the
       group's weights to their nearest initial centroid (its k-means distortion). Scaling by `D0` makes one
@@ -326,6 +334,19 @@ class DKMParametrization(nn.Module):
         _, c = _dkm_forward(weight, self.centroids.to(cdt, copy=True), self.tau.to(cdt), self.iters)
         return torch.sort(c, dim=1).values
 
+    def finalize_(self, module: nn.Module) -> None:
+        """Snap `module`'s latent weight to the nearest of its final centroids ([`final_centroids`]), put it back
+        as the plain `weight` parameter (this parametrization removed) and set the `weight_palette` buffer."""
+        with torch.no_grad():
+            latent = module.parametrizations.weight.original
+            palette = self.final_centroids(latent)
+            rows = latent.detach().reshape(self.num_groups, -1).to(palette.dtype).contiguous()
+            indices = torch.searchsorted(((palette[:, 1:] + palette[:, :-1]) / 2).contiguous(), rows)
+            palette = palette.to(latent.dtype)
+            _unparametrize(module, self._param_order)
+            module.weight.copy_(palette.gather(1, indices).reshape(module.weight.shape))
+        set_palette(module, palette)
+
 
 def _unparametrize(module: nn.Module, param_order: list[str]) -> None:
     """Put the latent weight (the original `nn.Parameter`) back as `module.weight`, in its original place among
@@ -347,23 +368,12 @@ def _unparametrize(module: nn.Module, param_order: list[str]) -> None:
         params[key] = params.pop(key)
 
 
-def _dkm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The `(name, module)` pairs whose `weight` carries a [`DKMParametrization`]."""
-    found = []
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight") and any(
-            isinstance(p, DKMParametrization) for p in module.parametrizations.weight
-        ):
-            found.append((name, module))
-    return found
-
-
 # ---- public entry points ------------------------------------------------------------------------------------------
 
 
 def is_dkm_prepared(model: nn.Module) -> bool:
     """Whether any layer of `model` carries a [`DKMParametrization`] (prepared by [`prepare_dkm`], not finalized)."""
-    return bool(_dkm_modules(model))
+    return bool(learned_palette_modules(model))
 
 
 def prepare_dkm(model: nn.Module, config: PalettizeConfig | None = None, **kwargs: Any) -> nn.Module:
@@ -397,7 +407,7 @@ def prepare_dkm(model: nn.Module, config: PalettizeConfig | None = None, **kwarg
     if is_dkm_prepared(model):
         raise ValueError("`model` is already prepared for DKM; finalize it first with `finalize_dkm(model)`.")
     targets = find_target_modules(model, config.include, config.exclude, config.skip_first_last)
-    groups = [_num_groups(name, module.weight, config.group_size) for name, module in targets]
+    groups = [count_groups(name, module.weight, config.group_size) for name, module in targets]
     for index, ((_, module), num_groups) in enumerate(zip(targets, groups)):
         param = DKMParametrization(
             module.weight,
@@ -430,25 +440,7 @@ def finalize_dkm(model: nn.Module) -> nn.Module:
     and the non-persistent buffer `weight_palette` `(G, K)` is set, as [`~hf_r2.quant.palettize.palettize_`]
     leaves it. Returns `model`; raises `ValueError` if no layer is prepared.
     """
-    prepared = _dkm_modules(model)
+    prepared = finalize_learned_palettes_(model)
     if not prepared:
         raise ValueError("`model` has no DKM-prepared layer; call `prepare_dkm(model, config)` before training.")
-    for name, module in prepared:
-        plist = module.parametrizations.weight
-        if len(plist) != 1:
-            raise ValueError(
-                f"Layer {name!r} has {len(plist)} parametrizations on its weight; DKM can only be finalized when it "
-                "is the only one."
-            )
-        param = plist[0]
-        with torch.no_grad():
-            latent = plist.original
-            palette = param.final_centroids(latent)
-            rows = latent.detach().reshape(param.num_groups, -1).to(palette.dtype).contiguous()
-            indices = torch.searchsorted(((palette[:, 1:] + palette[:, :-1]) / 2).contiguous(), rows)
-            palette = palette.to(latent.dtype)
-            _unparametrize(module, param._param_order)
-            module.weight.copy_(palette.gather(1, indices).reshape(module.weight.shape))
-        _set_palette(module, palette)
-    logger.info("Finalized DKM on %d layers", len(prepared))
     return model

@@ -1,7 +1,7 @@
 """Low-bit export: integer codes + scales (uniform PTQ / QAT) or palette + indices (k-means / DKM), saved as
 safetensors with a small JSON of the scheme, and a loader that rebuilds the model.
 
-[`convert`] reads the low-bit form out of a prepared model:
+[`low_bit_layers`] reads the low-bit form out of a prepared model:
 
 - a quantized layer ([`~hf_r2.quant.layers`]): `codes = clamp(round(W / s + z), 0, 2^b - 1)` (uint8), the step
   sizes `s` and zero points `z` (per output channel or per tensor), and the input grid if the layer quantizes its
@@ -38,16 +38,17 @@ from torch import Tensor, nn
 
 from .._utils import write_json_atomic
 from ..models import create_model, is_transformers_model
-from ..saving import is_timm_model
-from .bn_fold import folded_pairs, refold_structure_
+from ..saving import is_timm_model, write_timm_config
+from .bn import folded_pairs, refold_structure_
 from .layers import FakeQuantizer, QuantLayerMixin, quantize_layer_
-from .uniform import dequantize, quantize
+from .palettize import palette_indices
+from .uniform import dequantize_tensor, quantize_tensor
 
 __all__ = [
     "LOW_BIT_CONFIG_NAME",
     "LOW_BIT_WEIGHTS_NAME",
     "LowBitLayer",
-    "convert",
+    "low_bit_layers",
     "pack_bits",
     "unpack_bits",
     "size_report",
@@ -84,7 +85,8 @@ class LowBitLayer:
         """The float32 weight."""
         if self.scheme == "uniform":
             shape = [-1] + [1] * (self.codes.dim() - 1)
-            return dequantize(self.codes, self.scale.float().reshape(shape), self.zero_point.float().reshape(shape))
+            scale, zero_point = self.scale.float().reshape(shape), self.zero_point.float().reshape(shape)
+            return dequantize_tensor(self.codes, scale, zero_point)
         groups = self.palette.shape[0]
         rows = self.codes.reshape(groups, -1).long()
         return torch.gather(self.palette.float(), 1, rows).reshape(self.codes.shape)
@@ -96,7 +98,7 @@ class LowBitLayer:
 
 
 @torch.no_grad()
-def convert(model: nn.Module) -> dict[str, LowBitLayer]:
+def low_bit_layers(model: nn.Module) -> dict[str, LowBitLayer]:
     """The integer codes + scales (quantized layers) and palette indices (palettized layers) of `model`.
 
     Raises a `ValueError` if `model` has neither (nothing was quantized or palettized).
@@ -109,11 +111,9 @@ def convert(model: nn.Module) -> dict[str, LowBitLayer]:
             view = [-1] + [1] * (module.weight.dim() - 1) if wq.per_channel else [1] * module.weight.dim()
             scale = wq.scale.detach().abs().float()
             zero_point = wq.zero_point.detach().float()
-            codes = quantize(module.weight.detach(), scale.reshape(view), zero_point.reshape(view), wq.bits)
+            codes = quantize_tensor(module.weight.detach(), scale.reshape(view), zero_point.reshape(view), wq.bits)
             layer = LowBitLayer("uniform", wq.bits, codes, scale.clone(), zero_point.clone())
         elif isinstance(palette, Tensor):
-            from .palettize import palette_indices
-
             bits = max(1, math.ceil(math.log2(palette.shape[1])))
             layer = LowBitLayer("palette", bits, palette_indices(module).to(torch.uint8), palette=palette.float())
         else:
@@ -204,11 +204,7 @@ def _save_architecture(model: nn.Module, folder: str) -> None:
         model.config.save_pretrained(folder)
         return
     if is_timm_model(model):
-        from timm.models._hub import save_config_for_hf
-
-        label_names = model.pretrained_cfg.get("label_names")
-        model_config = {"label_names": list(label_names)} if label_names else None
-        save_config_for_hf(model, os.path.join(folder, "config.json"), model_config=model_config)
+        write_timm_config(model, folder)
         return
     raise ValueError(
         f"Cannot export {type(model).__name__}: `save_low_bit` needs a timm or transformers model, whose config "
@@ -247,7 +243,7 @@ def save_low_bit(
     Returns:
         `dict`: the contents of `low_bit_config.json`.
     """
-    layers = convert(model)
+    layers = low_bit_layers(model)
     save_directory = os.fspath(save_directory)
     tensors = dict(_float_state(model, layers))
     layer_info: dict[str, Any] = {}

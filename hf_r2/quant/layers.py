@@ -32,9 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._targets import TARGET_LAYER_TYPES
 from .._utils import check_choice
+from ._grid import check_grid
 from .observers import ObserverType, RangeObserver
-from .uniform import _check_bits, compute_qparams, fake_quantize_affine
+from .uniform import compute_qparams, fake_quantize_affine
 
 __all__ = [
     "FakeQuantizer",
@@ -102,7 +104,7 @@ class FakeQuantizer(nn.Module):
         percentile: float = 99.99,
     ) -> None:
         super().__init__()
-        _check_bits(bits, symmetric)
+        check_grid(bits, symmetric)
         self.bits = bits
         self.symmetric = symmetric
         self.per_channel = per_channel
@@ -253,7 +255,7 @@ def quantize_layer_(
     if isinstance(module, QuantLayerMixin):
         float_class = module._hf_r2_float_class
     else:
-        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if not isinstance(module, TARGET_LAYER_TYPES):
             raise TypeError(f"Only Conv1d/2d/3d and Linear layers can be quantized, got {type(module).__name__}.")
         float_class = type(module)
         module.__class__ = _quant_class(float_class)

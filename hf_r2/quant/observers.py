@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .._utils import check_choice
-from .uniform import _grid, _mse_ratio
+from ._affine import grid_qparams, mse_clip_ratio
 
 __all__ = ["ObserverType", "RangeObserver"]
 
@@ -111,7 +111,7 @@ class RangeObserver:
             plo, phi = torch.quantile(self._sample.double(), q).float()
             lo, hi = torch.maximum(lo, plo.clamp_max(0)), torch.minimum(hi, phi.clamp_min(0))
         elif self.method == ObserverType.MSE.value:
-            ratio = _mse_ratio(self._sample[None], lo[None], hi[None], bits, False, 100, 0.2)
+            ratio = mse_clip_ratio(self._sample[None], lo[None], hi[None], bits, False, 100, 0.2)
             lo, hi = lo * ratio[0], hi * ratio[0]
-        scale, zero_point = _grid(lo, hi, bits, symmetric=False)
+        scale, zero_point = grid_qparams(lo, hi, bits, symmetric=False)
         return scale.float(), zero_point.float()

@@ -1,9 +1,10 @@
-"""Post-training quantization: `quantize_(model, PTQConfig(...), calibration_data)`, one verb as in torchao.
+"""Post-training quantization: `PTQConfig` and its verb `post_training_quantize_(model, config, calibration_data)`
+(what [`hf_r2.quant.quantize_`] runs for a `PTQConfig`).
 
 The steps, in this order (each optional, chosen by [`PTQConfig`]):
 
 1. batch-norm folding (`bn="fold"`): every conv followed by a BN is folded into it first, so the weights that get
-   quantized are the ones a deployment runs ([`~hf_r2.quant.bn_fold.fold_bn_`]);
+   quantized are the ones a deployment runs ([`~hf_r2.quant.bn.fold_bn_`]);
 2. weights: every target Conv/Linear gets a frozen [`~hf_r2.quant.layers.FakeQuantizer`] with a `w_bits` grid per
    output channel or per tensor, range by max-abs or MSE search ([`~hf_r2.quant.uniform.compute_qparams`]);
 3. rounding (`rounding="adaround"`): AdaRound learns, layer by layer on the calibration set, whether each weight
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,15 +31,24 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._utils import JsonConfigMixin, check_choice, check_patterns
+from .._targets import find_target_modules
+from .._utils import JsonConfigMixin, check_choice
 from ..models import forward_logits
-from ..regularizer import find_target_modules
-from .bn import _device, _pixel_values, reestimate_bn_stats
+from ._batches import first_batches, model_device, pixel_values
+from ._grid import check_grid_fields, layer_bits
+from .adaround import AdaRoundConfig, adaround_
+from .bn import fold_bn_, reestimate_bn_stats
 from .layers import FakeQuantizer, quantize_layer_, quantized_layers
-from .observers import ObserverType
 from .uniform import ScaleMethod
 
-__all__ = ["PTQConfig", "PTQ_CONFIG_NAME", "BNHandling", "Rounding", "quantize_", "calibrate_activations_"]
+__all__ = [
+    "PTQConfig",
+    "PTQ_CONFIG_NAME",
+    "BNHandling",
+    "Rounding",
+    "post_training_quantize_",
+    "calibrate_activations_",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +71,10 @@ class Rounding(str, enum.Enum):
     ADAROUND = "adaround"
 
 
-def _check_bits_field(name: str, value: Any, allow_none: bool, low: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 8:
-        none = " or `None`" if allow_none else ""
-        raise ValueError(f"`{name}` must be an integer from {low} to 8{none}, got {value!r}.")
-
-
 @dataclass
 class PTQConfig(JsonConfigMixin):
-    """Post-training quantization settings (see [`quantize_`]); `W2A8` is `PTQConfig(w_bits=2, a_bits=8)`.
+    """Post-training quantization settings (see [`post_training_quantize_`]); `W2A8` is
+    `PTQConfig(w_bits=2, a_bits=8)`, and `PTQConfig(a_bits=None, bn="keep")` is data-free weight-only PTQ.
 
     > The grids
 
@@ -140,10 +142,8 @@ class PTQConfig(JsonConfigMixin):
         if self.adaround is not None:
             self.adaround_config()  # validates the fields now rather than mid-run
 
-    def adaround_config(self):
+    def adaround_config(self) -> AdaRoundConfig:
         """The [`~hf_r2.quant.adaround.AdaRoundConfig`] that `adaround` describes."""
-        from .adaround import AdaRoundConfig
-
         if isinstance(self.adaround, AdaRoundConfig):
             self.adaround = {f.name: getattr(self.adaround, f.name) for f in dataclasses.fields(AdaRoundConfig)}
         if self.adaround is not None and not isinstance(self.adaround, dict):
@@ -153,31 +153,6 @@ class PTQConfig(JsonConfigMixin):
     @property
     def needs_data(self) -> bool:
         return self.a_bits is not None or self.rounding == Rounding.ADAROUND.value or self.bn != BNHandling.KEEP.value
-
-
-def check_grid_fields(config: Any) -> None:
-    """The checks [`PTQConfig`] and [`~hf_r2.quant.qat.QATConfig`] share: bit widths, `per_channel`,
-    `act_observer`, `calibration_batches` and the `include` / `exclude` patterns (normalised in place)."""
-    _check_bits_field("w_bits", config.w_bits, allow_none=False)
-    _check_bits_field("a_bits", config.a_bits, allow_none=True, low=2)
-    _check_bits_field("first_last_bits", config.first_last_bits, allow_none=True)
-    if not isinstance(config.per_channel, bool):
-        raise ValueError(f"`per_channel` must be `True` or `False`, got {config.per_channel!r}.")
-    config.act_observer = check_choice("act_observer", config.act_observer, ObserverType)
-    bad = isinstance(config.calibration_batches, bool) or not isinstance(config.calibration_batches, int)
-    if bad or config.calibration_batches < 1:
-        raise ValueError(f"`calibration_batches` must be a positive integer, got {config.calibration_batches!r}.")
-    config.include = check_patterns("include", config.include)
-    config.exclude = check_patterns("exclude", config.exclude)
-
-
-def _layer_bits(config: Any, index: int, count: int, bits: int | None) -> int | None:
-    """`bits`, or `first_last_bits` for the first and the last layer."""
-    if bits is None:
-        return None
-    if config.first_last_bits is not None and index in (0, count - 1):
-        return max(config.first_last_bits, bits)
-    return bits
 
 
 @torch.no_grad()
@@ -190,10 +165,10 @@ def calibrate_activations_(model: nn.Module, batches: Iterable[Any], observer_sa
         module.input_quantizer.observe(observer_sample_size)
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     try:
         for batch in batches:
-            forward_logits(model, _pixel_values(batch).to(device))
+            forward_logits(model, pixel_values(batch).to(device))
     finally:
         model.train(was_training)
         done = [name for name, module in layers if module.input_quantizer.calibrate()]
@@ -206,28 +181,17 @@ def calibrate_activations_(model: nn.Module, batches: Iterable[Any], observer_sa
     return done
 
 
-def _calibration_batches(calibration_data: Iterable[Any] | None, count: int, why: str) -> list[Any]:
-    if calibration_data is None:
-        raise ValueError(
-            f"{why} needs `calibration_data` (an iterable of batches, e.g. a DataLoader of training images); "
-            "for data-free weight quantization use `PTQConfig(a_bits=None, rounding='nearest', bn='keep')`."
-        )
-    batches = list(itertools.islice(iter(calibration_data), count))
-    if not batches:
-        raise ValueError("`calibration_data` gave no batch.")
-    return batches
-
-
-def quantize_(
+def post_training_quantize_(
     model: nn.Module, config: PTQConfig | None = None, calibration_data: Iterable[Any] | None = None
 ) -> nn.Module:
     """Post-training quantization of `model`, in place: its target Conv/Linear layers become fake-quantized
     layers ([`~hf_r2.quant.layers.QuantConv2d`], ...) with the grids [`PTQConfig`] describes.
 
     ```python
-    >>> from hf_r2.quant import PTQConfig, quantize_
-    >>> quantize_(model, PTQConfig(w_bits=2, a_bits=8, rounding="adaround"), calibration_data=train_loader)
-    >>> evaluate(model, eval_loader)
+    >>> from hf_r2.metrics import evaluate_accuracy
+    >>> from hf_r2.quant import PTQConfig, post_training_quantize_
+    >>> post_training_quantize_(model, PTQConfig(w_bits=2, a_bits=8, rounding="adaround"), train_loader)
+    >>> evaluate_accuracy(model, eval_loader)["accuracy"]
     ```
 
     Args:
@@ -255,21 +219,19 @@ def quantize_(
             if config.rounding == Rounding.ADAROUND.value
             else f"`bn={config.bn!r}`"
         )
-        batches = _calibration_batches(calibration_data, config.calibration_batches, f"PTQ with {why}")
+        batches = first_batches(calibration_data, config.calibration_batches, f"PTQ with {why}")
     if config.bn == BNHandling.FOLD.value:
-        from .bn_fold import fold_bn_
-
-        folded = fold_bn_(model, _pixel_values(batches[0])[:2].to(_device(model)))
+        folded = fold_bn_(model, pixel_values(batches[0])[:2].to(model_device(model)))
         logger.info("Folded %d batch norms into their convs", len(folded))
 
     targets = find_target_modules(model, config.include, config.exclude)
     for i, (_, module) in enumerate(targets):
-        w_bits = _layer_bits(config, i, len(targets), config.w_bits)
+        w_bits = layer_bits(config.w_bits, config.first_last_bits, i, len(targets))
         weight_q = FakeQuantizer(
             w_bits, symmetric=True, per_channel=config.per_channel, channels=module.weight.shape[0]
         ).init_from(module.weight, config.weight_range)
         input_q = None
-        a_bits = _layer_bits(config, i, len(targets), config.a_bits)
+        a_bits = layer_bits(config.a_bits, config.first_last_bits, i, len(targets))
         if a_bits is not None:
             input_q = FakeQuantizer(
                 a_bits,
@@ -282,8 +244,6 @@ def quantize_(
         quantize_layer_(module, weight_q, input_q)
 
     if config.rounding == Rounding.ADAROUND.value:
-        from .adaround import adaround_
-
         adaround_(model, batches, config.adaround_config())
     if config.bn == BNHandling.REESTIMATE.value:
         reestimate_bn_stats(model, batches, num_batches=None)

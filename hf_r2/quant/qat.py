@@ -1,4 +1,4 @@
-"""Quantization-aware training with LSQ: `prepare_qat(model, QATConfig(w_bits=2, a_bits=2))`, train, `convert`.
+"""Quantization-aware training with LSQ: `QATConfig` and `prepare_qat(model, config)`, then train, then export.
 
 `prepare_qat` makes every target Conv (depthwise included) and Linear a fake-quantized layer
 ([`~hf_r2.quant.layers`]) whose weight and input step sizes are learnt with LSQ (Esser et al., 2020,
@@ -6,15 +6,14 @@ https://huggingface.co/papers/1902.08153). Step sizes start from the data: weigh
 max-abs) range, activations from an observer over a few calibration batches (or, without calibration data, from
 the first training batch). The layers keep their class hierarchy and parameters, so the prepared model trains
 with [`~hf_r2.R2Trainer`] or [`~hf_r2.train_with_accelerate`] as it is, R2-Loss included; the step sizes are
-ordinary parameters the optimizer sees. [`convert`] (in [`hf_r2.quant.export`]) gives the integer codes and
-scales afterwards.
+ordinary parameters the optimizer sees. [`~hf_r2.quant.export.low_bit_layers`] gives the integer codes and
+scales afterwards, and [`~hf_r2.quant.export.save_low_bit`] saves them.
 
 The first and the last layer stay at 8 bits by default (`first_last_bits`), as in the paper's W2A2 baselines.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,10 +21,12 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from .._targets import find_target_modules
 from .._utils import JsonConfigMixin, check_choice
-from ..regularizer import find_target_modules
+from ._batches import first_batches
+from ._grid import check_grid_fields, layer_bits
 from .layers import FakeQuantizer, quantize_layer_
-from .ptq import _layer_bits, calibrate_activations_, check_grid_fields
+from .ptq import calibrate_activations_
 from .uniform import ScaleMethod
 
 __all__ = ["QATConfig", "QAT_CONFIG_NAME", "prepare_qat"]
@@ -114,7 +115,7 @@ def prepare_qat(
         raise TypeError(f"`config` must be a `QATConfig`, got {type(config).__name__}.")
     targets = find_target_modules(model, config.include, config.exclude)
     for i, (_, module) in enumerate(targets):
-        w_bits = _layer_bits(config, i, len(targets), config.w_bits)
+        w_bits = layer_bits(config.w_bits, config.first_last_bits, i, len(targets))
         weight_q = FakeQuantizer(
             w_bits,
             symmetric=True,
@@ -122,7 +123,7 @@ def prepare_qat(
             channels=module.weight.shape[0],
             learnable=config.learn_scales,
         ).init_from(module.weight, config.weight_init)
-        a_bits = _layer_bits(config, i, len(targets), config.a_bits)
+        a_bits = layer_bits(config.a_bits, config.first_last_bits, i, len(targets))
         input_q = None
         if a_bits is not None:
             input_q = FakeQuantizer(
@@ -130,10 +131,7 @@ def prepare_qat(
             )
         quantize_layer_(module, weight_q, input_q)
     if config.a_bits is not None and calibration_data is not None:
-        batches = list(itertools.islice(iter(calibration_data), config.calibration_batches))
-        if not batches:
-            raise ValueError("`calibration_data` gave no batch.")
-        calibrate_activations_(model, batches)
+        calibrate_activations_(model, first_batches(calibration_data, config.calibration_batches, "QAT"))
     logger.info(
         "Prepared %d layers for QAT: W%d%s, %s, LSQ step sizes %s",
         len(targets),

@@ -1,4 +1,4 @@
-"""Uniform (affine) weight quantization primitives: qparams, quantize / dequantize, fake-quant with STE rounding.
+"""Uniform (affine) weight quantization primitives: qparams, tensor <-> integer codes, fake-quant with STE rounding.
 
 Every grid here is the affine grid of `2^b` levels
 
@@ -63,18 +63,17 @@ import torch
 from torch import Tensor
 
 from .._utils import check_choice
+from ._affine import grid_qparams, mse_clip_ratio
+from ._grid import check_bits, check_grid
 
 __all__ = [
     "ScaleMethod",
     "compute_qparams",
-    "quantize",
-    "dequantize",
+    "quantize_tensor",
+    "dequantize_tensor",
     "fake_quantize_affine",
     "fake_quantize",
 ]
-
-# Squared errors of all clip ratios are computed at once in chunks of at most this many elements.
-_MSE_CHUNK_ELEMENTS = 1 << 23
 
 
 class ScaleMethod(str, enum.Enum):
@@ -96,16 +95,6 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
-def _check_bits(bits: int, symmetric: bool) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"`bits` must be an integer from 1 to 8, got {bits!r}.")
-    if bits == 1 and not symmetric:
-        raise ValueError(
-            "`bits=1` is binary quantization `sign(w) * mean|w|`, which is symmetric only; got `symmetric=False`. "
-            "Use `bits=1, symmetric=True`."
-        )
-
-
 def _check_scale_method(scale_method: str | ScaleMethod) -> str:
     return check_choice("scale_method", scale_method, ScaleMethod)
 
@@ -121,17 +110,6 @@ def _rows(w: Tensor, per_channel: bool) -> Tensor:
     return w.reshape(1, w.numel())
 
 
-def _grid(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
-    """Scale and zero point of the grid spanning `[lo, hi]` (`lo = -hi` when symmetric); 0 scale for an empty range."""
-    steps = 2**bits - 1
-    scale = (hi - lo) / steps
-    if symmetric:
-        return scale, torch.full_like(scale, steps / 2)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero_point = torch.where(scale > 0, torch.round(-lo / safe), torch.zeros_like(scale)).clamp(0, steps)
-    return scale, zero_point
-
-
 def _fake(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     """`(clamp(round(x / s + z), 0, 2^b - 1) - z) * s`, differentiable through `_RoundSTE`; 0 where `s == 0`."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -141,32 +119,6 @@ def _fake(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     inside = (r >= 0) & (r <= 2**bits - 1)
     q = torch.where(inside, r, r.detach().clamp(0, 2**bits - 1))
     return (q - zero_point) * scale
-
-
-def _mse_ratio(
-    x: Tensor, lo: Tensor, hi: Tensor, bits: int, symmetric: bool, num_ratios: int, min_ratio: float
-) -> Tensor:
-    """Per row of `x` `(C, K)`, the clip ratio of least squared error (ties go to the larger ratio)."""
-    ratios = torch.linspace(1.0, min_ratio, num_ratios, dtype=x.dtype, device=x.device)
-    best_err = torch.full((x.shape[0],), float("inf"), dtype=torch.float64, device=x.device)
-    best_ratio = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
-    chunk = min(num_ratios, max(1, _MSE_CHUNK_ELEMENTS // max(1, x.numel())))
-    # one buffer for all chunks: a fresh large tensor per ratio costs more (page faults) than the arithmetic
-    buf = torch.empty((chunk, *x.shape), dtype=x.dtype, device=x.device)
-    for start in range(0, num_ratios, chunk):
-        r = ratios[start : start + chunk, None]  # (R, 1)
-        scale, zero_point = _grid(lo * r, hi * r, bits, symmetric)  # (R, C)
-        s, z = scale[..., None], zero_point[..., None]
-        d = buf[: r.shape[0]]
-        # the values `_fake` gives (same operations, in place), minus x
-        torch.div(x, torch.where(s > 0, s, torch.ones_like(s)), out=d)
-        d.add_(z).round_().clamp_(0, 2**bits - 1).sub_(z).mul_(s).sub_(x)
-        err = torch.linalg.vector_norm(d, dim=-1).double().square()
-        err_min, idx = err.min(0)  # the first minimum: the largest ratio among ties
-        better = err_min < best_err
-        best_err = torch.where(better, err_min, best_err)
-        best_ratio = torch.where(better, r[idx, 0], best_ratio)
-    return best_ratio
 
 
 @torch.no_grad()
@@ -204,7 +156,7 @@ def compute_qparams(
         dims as `w`: size `C` on dim 0 per channel, 1 everywhere else, so they broadcast against `w`. A scale of 0
         (an all-zero channel) dequantizes to exactly 0.
     """
-    _check_bits(bits, symmetric)
+    check_grid(bits, symmetric)
     method = _check_scale_method(scale_method)
     if method == ScaleMethod.MSE.value:
         if isinstance(mse_ratios, bool) or not isinstance(mse_ratios, int) or mse_ratios < 1:
@@ -225,33 +177,32 @@ def compute_qparams(
     else:
         hi, lo = x.amax(1).clamp_min(0), x.amin(1).clamp_max(0)
     if method == ScaleMethod.MSE.value and bits > 1 and x.shape[1] > 0:
-        ratio = _mse_ratio(x, lo, hi, bits, symmetric, mse_ratios, mse_min_ratio)
+        ratio = mse_clip_ratio(x, lo, hi, bits, symmetric, mse_ratios, mse_min_ratio)
         lo, hi = lo * ratio, hi * ratio
-    scale, zero_point = _grid(lo, hi, bits, symmetric)
+    scale, zero_point = grid_qparams(lo, hi, bits, symmetric)
     shape = [-1] + [1] * (w.dim() - 1) if (per_channel and w.dim() >= 1) else [1] * w.dim()
     return scale.reshape(shape), zero_point.reshape(shape)
 
 
-def quantize(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+def quantize_tensor(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     """Integer codes `q = clamp(round(w / s + z), 0, 2^b - 1)` as `torch.uint8` (`bits` <= 8).
 
     `scale` and `zero_point` broadcast against `w` (as [`compute_qparams`] returns them); where the scale is 0 the
     codes are `round(z)` and dequantize to 0.
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"`bits` must be an integer from 1 to 8, got {bits!r}.")
+    check_bits("bits", bits)
     x = w.detach().to(scale.dtype)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.clamp(torch.round(x / safe + zero_point), 0, 2**bits - 1).to(torch.uint8)
 
 
-def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+def dequantize_tensor(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     """Weights `(q - z) * s` from integer codes, in the dtype of `scale`."""
     return (codes.to(scale.dtype) - zero_point) * scale
 
 
 def fake_quantize_affine(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
-    """`dequantize(quantize(w))` for given qparams, differentiable: straight-through rounding.
+    """`dequantize_tensor(quantize_tensor(w))` for given qparams, differentiable: straight-through rounding.
 
     The gradient in `w` is 1 where `round(w / s + z)` lies in `[0, 2^b - 1]` and 0 where it is clipped; a `scale` that
     requires grad receives LSQ's gradient (https://huggingface.co/papers/1902.08153). Computed in the dtype of

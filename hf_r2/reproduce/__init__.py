@@ -33,10 +33,12 @@ retrains a folder without it (an interrupted training). A folder trained with ot
 silently reused. Each low-bit row is cached in the run folder's `low_bit_results.json` with the settings that
 produced it and reused while they match, so an interrupted run continues where it stopped.
 
-The package: `config` ([`ReproduceConfig`], defaults, file names), `settings` ([`quant_config`] and
-[`apply_setting`]: one low-bit setting applied to a float model, shared with `benchmarks/quant_toolkit.py`),
-`pipeline` (the plan, trainings, measured rows, [`run_reproduce`]), `report` ([`format_report`], summaries, plots)
-and `cli` (the `hf-r2 reproduce` sub-command; `python -m hf_r2.reproduce CONFIG.yaml` runs it too).
+The package: `variants` (the variants and low-bit settings: defaults, normalisers, names, [`quant_config`]),
+`config` ([`ReproduceConfig`], file names, presets), `apply` ([`apply_low_bit_`]: one low-bit config applied to a
+float model, with the fine-tune QAT / DKM need; shared with `hf-r2 ptq / qat / compress` and
+`benchmarks/quant_toolkit.py`), `pipeline` (the plan, trainings, measured rows, [`run_reproduce`]) and `report`
+([`assemble_results`], [`format_report`], summaries, plots). The `hf-r2 reproduce` command is in
+`hf_r2.commands.reproduce`.
 
 ```bash
 hf-r2 reproduce configs/reproduce.yaml              # about two hours in one process (make reproduce: one hour)
@@ -44,21 +46,21 @@ hf-r2 reproduce configs/reproduce_tiny.yaml         # seconds: a smoke run of th
 ```
 """
 
-from .cli import reproduce_command as reproduce_command
-from .cli import reproduce_command_parser as reproduce_command_parser
-from .config import DEFAULT_LOW_BIT as DEFAULT_LOW_BIT
-from .config import DEFAULT_VARIANTS as DEFAULT_VARIANTS
+from .apply import apply_low_bit_ as apply_low_bit_
+from .apply import apply_setting as apply_setting
 from .config import REPORT_NAME as REPORT_NAME
 from .config import REPRODUCE_CONFIG_NAME as REPRODUCE_CONFIG_NAME
 from .config import RESULTS_NAME as RESULTS_NAME
 from .config import RUN_INFO_NAME as RUN_INFO_NAME
-from .config import LowBitMethod as LowBitMethod
 from .config import ReproduceConfig as ReproduceConfig
 from .pipeline import run_reproduce as run_reproduce
 from .report import PAPER_TARGETS as PAPER_TARGETS
+from .report import assemble_results as assemble_results
 from .report import format_report as format_report
-from .settings import apply_setting as apply_setting
-from .settings import quant_config as quant_config
+from .variants import DEFAULT_LOW_BIT as DEFAULT_LOW_BIT
+from .variants import DEFAULT_VARIANTS as DEFAULT_VARIANTS
+from .variants import LowBitMethod as LowBitMethod
+from .variants import quant_config as quant_config
 
 __all__ = [
     "ReproduceConfig",
@@ -70,10 +72,10 @@ __all__ = [
     "DEFAULT_VARIANTS",
     "DEFAULT_LOW_BIT",
     "run_reproduce",
+    "assemble_results",
     "format_report",
     "PAPER_TARGETS",
     "quant_config",
+    "apply_low_bit_",
     "apply_setting",
-    "reproduce_command_parser",
-    "reproduce_command",
 ]

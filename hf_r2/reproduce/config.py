@@ -1,160 +1,39 @@
-"""[`ReproduceConfig`], the file names and defaults of `hf-r2 reproduce`, and the normalisers that turn each variant
-and low-bit setting of a config into a full dict."""
+"""[`ReproduceConfig`] (what one `hf-r2 reproduce` run trains and measures), its file names and presets; the
+variants and low-bit settings it holds are defined in [`hf_r2.reproduce.variants`]."""
 
 from __future__ import annotations
 
-import copy
-import enum
-import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .._utils import JsonConfigMixin, check_choice
-from ..config import R2LossType
-from .settings import quant_config
+from .._utils import JsonConfigMixin
+from .variants import (
+    BASELINE,
+    SWEEP_KEYS,
+    check_keys,
+    check_unique,
+    default_low_bit,
+    default_variants,
+    normalise_setting,
+    normalise_variant,
+    quant_config,
+)
 
 __all__ = [
     "ReproduceConfig",
-    "LowBitMethod",
     "REPRODUCE_CONFIG_NAME",
     "RUN_INFO_NAME",
     "RESULTS_NAME",
     "REPORT_NAME",
-    "BASELINE",
-    "DEFAULT_VARIANTS",
-    "DEFAULT_LOW_BIT",
+    "DEMO_DEFAULTS",
+    "demo_config",
 ]
 
 REPRODUCE_CONFIG_NAME = "reproduce_config.json"
 RUN_INFO_NAME = "reproduce_run.json"
 RESULTS_NAME = "results.json"
 REPORT_NAME = "results.md"
-
-BASELINE = "baseline"
-_VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2")
-_SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "headline")
-_SWEEP_KEYS = ("variant", "lambdas", "models", "settings")
-# The R2Config fields a variant's `r2` may set (the loss, weight and per_channel are the variant's own keys).
-_R2_EXTRA_KEYS = ("warmup_steps", "include", "exclude", "skip_first_last", "margin_penalty", "soft_min_max_penalty",
-                  "kurtosis_target")
-
-
-class LowBitMethod(str, enum.Enum):
-    """How a low-bit row is made: post-training quantization, QAT, k-means or DKM palettization."""
-
-    PTQ = "ptq"
-    QAT = "qat"
-    KMEANS = "kmeans"
-    DKM = "dkm"
-
-
-#: The default variants: the baseline and the four regularisers, each with its lambda (AdamW scale).
-DEFAULT_VARIANTS: list[dict[str, Any]] = [
-    {"name": "baseline", "loss": "baseline", "weight": 0.0},
-    {"name": "linf", "loss": "linf", "weight": 3.0, "per_channel": True},
-    {"name": "margin", "loss": "margin", "weight": 0.03, "per_channel": True},
-    {"name": "soft_min_max", "loss": "soft_min_max", "weight": 3.0, "per_channel": True},
-    {"name": "kurtosis", "loss": "kurtosis", "weight": 1.0, "per_channel": False},
-]
-
-#: The default low-bit rows: W8A8; W4A8 and W2A8 per tensor and per channel with max-abs / MSE ranges (headline) and
-#: AdaRound; W2A2 QAT; 2- and 1-bit k-means (headline) and DKM.
-DEFAULT_LOW_BIT: list[dict[str, Any]] = (
-    [{"method": "ptq", "w_bits": 8, "a_bits": 8, "per_channel": True, "weight_range": "mse"}]
-    + [
-        {"method": "ptq", "w_bits": w, "a_bits": 8, "per_channel": pc, "weight_range": r, "rounding": rounding}
-        for w in (4, 2)
-        for pc in (False, True)
-        for r, rounding in (("maxabs", "nearest"), ("mse", "nearest"), ("mse", "adaround"))
-    ]
-    + [{"method": "qat", "w_bits": 2, "a_bits": 2}]
-    + [{"method": m, "w_bits": b} for m in ("kmeans", "dkm") for b in (2, 1)]
-)
-
-
-def _default_variants() -> list[dict[str, Any]]:
-    return copy.deepcopy(DEFAULT_VARIANTS)
-
-
-def _default_low_bit() -> list[dict[str, Any]]:
-    return copy.deepcopy(DEFAULT_LOW_BIT)
-
-
-def _check_keys(what: str, item: dict[str, Any], valid: tuple[str, ...]) -> None:
-    unknown = sorted(set(item) - set(valid))
-    if unknown:
-        raise ValueError(f"{what} has unknown key(s) {unknown}; valid keys are {list(valid)}.")
-
-
-def _normalise_variant(item: Any, index: int) -> dict[str, Any]:
-    """A variant as a full dict `{name, loss, weight, per_channel, r2}`; a plain string is a loss name."""
-    what = f"`variants[{index}]`"
-    if isinstance(item, str):
-        item = {"loss": item}
-    if not isinstance(item, dict):
-        raise ValueError(f"{what} must be a mapping such as {{'loss': 'linf', 'weight': 3.0}}, got {item!r}.")
-    _check_keys(what, item, _VARIANT_KEYS)
-    loss = item.get("loss", item.get("name"))
-    if loss != BASELINE:
-        try:
-            loss = check_choice(f"variants[{index}].loss", loss, R2LossType)
-        except ValueError as err:
-            raise ValueError(f"{err} Use 'baseline' for ordinary weight decay without R2.") from None
-    defaults = next((v for v in DEFAULT_VARIANTS if v["loss"] == loss), {})
-    weight = float(item.get("weight", defaults.get("weight", 0.0)))
-    if loss == BASELINE and weight != 0:
-        raise ValueError(f"{what} is the baseline (R2 off), so its `weight` must be 0, got {weight}.")
-    if loss != BASELINE and not weight > 0:
-        raise ValueError(f"{what} (loss {loss!r}) needs a `weight` (lambda) > 0, got {weight}; a run without R2 is "
-                         "`{'loss': 'baseline'}`.")
-    per_channel = bool(item.get("per_channel", defaults.get("per_channel", False))) if loss != BASELINE else False
-    r2 = dict(item.get("r2") or {})
-    _check_keys(f"`variants[{index}].r2`", r2, _R2_EXTRA_KEYS)
-    if loss == BASELINE and r2:
-        raise ValueError(f"{what} is the baseline: it takes no `r2` settings, got {r2}.")
-    return {"name": str(item.get("name", loss)), "loss": loss, "weight": weight, "per_channel": per_channel, "r2": r2}
-
-
-def _setting_name(s: dict[str, Any]) -> str:
-    from ..quant.report import format_setting
-
-    if s["method"] == "ptq":
-        grid = "per-channel" if s["per_channel"] else "per-tensor"
-        how = "adaround" if s["rounding"] == "adaround" else s["weight_range"]
-        return f"{format_setting(s['w_bits'], s['a_bits'])} {grid} {how}"
-    if s["method"] == "qat":
-        grid = "" if s["per_channel"] else " per-tensor"
-        return f"{format_setting(s['w_bits'], s['a_bits'])} QAT{grid}"
-    return f"{format_setting(s['w_bits'])} " + ("k-means" if s["method"] == "kmeans" else "DKM")
-
-
-def _normalise_setting(item: Any, index: int) -> dict[str, Any]:
-    """A low-bit setting as a full dict (see [`ReproduceConfig`]'s `low_bit`)."""
-    what = f"`low_bit[{index}]`"
-    if not isinstance(item, dict):
-        raise ValueError(f"{what} must be a mapping such as {{'method': 'ptq', 'w_bits': 2, 'a_bits': 8}}, "
-                         f"got {item!r}.")
-    _check_keys(what, item, _SETTING_KEYS)
-    method = check_choice(f"low_bit[{index}].method", item.get("method"), LowBitMethod)
-    s: dict[str, Any] = {"method": method, "w_bits": item.get("w_bits", 2)}
-    if method == "ptq":
-        s.update(a_bits=item.get("a_bits", 8), per_channel=bool(item.get("per_channel", True)),
-                 weight_range=item.get("weight_range", "mse"), rounding=item.get("rounding", "nearest"))
-    elif method == "qat":
-        s.update(a_bits=item.get("a_bits", 2), per_channel=bool(item.get("per_channel", True)),
-                 weight_range=None, rounding=None)
-    else:
-        extra = sorted(k for k in ("a_bits", "per_channel", "weight_range", "rounding") if item.get(k) is not None)
-        if extra:
-            raise ValueError(f"{what}: {method!r} clusters the weights only (one palette per tensor); it takes no "
-                             f"{extra}.")
-        s.update(a_bits=None, per_channel=None, weight_range=None, rounding=None)
-    cheap = (method == "ptq" and s["rounding"] == "nearest") or method == "kmeans"
-    s["headline"] = bool(item.get("headline", cheap))
-    s["name"] = str(item.get("name") or _setting_name(s))
-    return {k: s[k] for k in _SETTING_KEYS}
 
 
 @dataclass
@@ -263,7 +142,7 @@ class ReproduceConfig(JsonConfigMixin):
     model_kwargs: dict[str, dict[str, Any]] = field(
         default_factory=dict, metadata={"help": "create_model keyword arguments per model name."}
     )
-    variants: list[Any] = field(default_factory=_default_variants,
+    variants: list[Any] = field(default_factory=default_variants,
                                 metadata={"help": "Variants (columns): baseline and R2 losses with their lambda."})
     # recipe
     epochs: float = field(default=5.0, metadata={"help": "Training epochs of each run."})
@@ -280,7 +159,7 @@ class ReproduceConfig(JsonConfigMixin):
         metadata={"help": "{variant, lambdas (>= 3), models, settings}: a variant at several lambdas, first seed."},
     )
     # low-bit rows
-    low_bit: list[dict[str, Any]] = field(default_factory=_default_low_bit,
+    low_bit: list[dict[str, Any]] = field(default_factory=default_low_bit,
                                           metadata={"help": "Low-bit rows (ptq / qat / kmeans / dkm settings)."})
     calibration_samples: int = field(default=512, metadata={"help": "Calibration / BN re-estimation images."})
     adaround_iters: int | None = field(default=None, metadata={"help": "AdaRound iterations per layer."})
@@ -310,13 +189,13 @@ class ReproduceConfig(JsonConfigMixin):
                                  f"such as {{'act_layer': 'relu6'}}, got {kwargs!r}.")
         if not isinstance(self.variants, (list, tuple)) or not self.variants:
             raise ValueError(f"`variants` must be a non-empty list, got {self.variants!r}.")
-        self.variants = [_normalise_variant(v, i) for i, v in enumerate(self.variants)]
-        _check_unique("variants", [v["name"] for v in self.variants])
+        self.variants = [normalise_variant(v, i) for i, v in enumerate(self.variants)]
+        check_unique("variants", [v["name"] for v in self.variants])
         if isinstance(self.seeds, int):
             self.seeds = [self.seeds]
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise ValueError(f"`seeds` must be a non-empty list of integers, got {self.seeds!r}.")
-        _check_unique("seeds", self.seeds)
+        check_unique("seeds", self.seeds)
         for name in ("max_train_samples", "max_eval_samples", "adaround_iters", "finetune_max_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -338,13 +217,13 @@ class ReproduceConfig(JsonConfigMixin):
             raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}.")
         if not isinstance(self.low_bit, (list, tuple)):
             raise ValueError(f"`low_bit` must be a list of settings, got {self.low_bit!r}.")
-        self.low_bit = [_normalise_setting(s, i) for i, s in enumerate(self.low_bit)]
+        self.low_bit = [normalise_setting(s, i) for i, s in enumerate(self.low_bit)]
         names = [s["name"] for s in self.low_bit]
-        _check_unique("low_bit", names)
+        check_unique("low_bit", names)
         if "FP" in names:
             raise ValueError("`low_bit` has a setting named 'FP': that name is the float row, measured always.")
         for setting in self.low_bit:
-            quant_config(setting, self)  # the quant configs' own checks, now rather than an hour in
+            quant_config(setting, self.adaround_iters)  # the quant configs' own checks, now rather than an hour in
         self.lambda_sweep = self._normalise_sweep(self.lambda_sweep)
 
     def _normalise_sweep(self, sweep: Any) -> dict[str, Any] | None:
@@ -353,7 +232,7 @@ class ReproduceConfig(JsonConfigMixin):
         if not isinstance(sweep, dict):
             raise ValueError(f"`lambda_sweep` must be a mapping {{'variant': ..., 'lambdas': [...]}} or None, "
                              f"got {sweep!r}.")
-        _check_keys("`lambda_sweep`", sweep, _SWEEP_KEYS)
+        check_keys("`lambda_sweep`", sweep, SWEEP_KEYS)
         r2_names = [v["name"] for v in self.variants if v["loss"] != BASELINE]
         if sweep.get("variant") not in r2_names:
             raise ValueError(f"`lambda_sweep.variant` must name one of the R2 variants {r2_names}, got "
@@ -364,7 +243,7 @@ class ReproduceConfig(JsonConfigMixin):
         ):
             raise ValueError(f"`lambda_sweep.lambdas` must be a list of at least 3 positive numbers, got {lambdas!r}.")
         lambdas = [float(x) for x in lambdas]
-        _check_unique("lambda_sweep.lambdas", lambdas)
+        check_unique("lambda_sweep.lambdas", lambdas)
         models = sweep.get("models") or self.models[:1]
         unknown = [m for m in models if m not in self.models]
         if unknown:
@@ -381,24 +260,12 @@ class ReproduceConfig(JsonConfigMixin):
     def from_file(cls, path: str | os.PathLike) -> ReproduceConfig:
         """Load a config from a YAML (`.yaml`, `.yml`) or JSON (`.json`) file of the fields above; a folder loads
         its `reproduce_config.json` (the copy every run writes into `output_dir`)."""
+        from .._utils import read_config_file
+
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, cls.config_name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No config file at {path!r}.")
-        lower = path.lower()
-        if not lower.endswith((".json", ".yaml", ".yml")):
-            raise ValueError(f"A reproduce config must be a .yaml, .yml or .json file, got {path!r}.")
-        with open(path, encoding="utf-8") as f:
-            if lower.endswith(".json"):
-                data = json.load(f)
-            else:
-                import yaml
-
-                data = yaml.safe_load(f)
-        if not isinstance(data, dict):
-            raise ValueError(f"The config file {path!r} must hold a mapping of field names to values.")
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_file(path))
 
     # ---- derived views ----
 
@@ -435,15 +302,71 @@ class ReproduceConfig(JsonConfigMixin):
         return [s["name"] for s in self.low_bit if s["headline"]]
 
 
-def _check_unique(name: str, values: list[Any]) -> None:
-    seen = set()
-    for value in values:
-        if value in seen:
-            raise ValueError(f"`{name}` holds {value!r} twice; every entry needs its own name or value.")
-        seen.add(value)
+# ----------------------------------------------------------------------------------------------------------------
+# Presets
+
+#: Settings of the demo preset ([`demo_config`], `hf-r2 demo`'s flag defaults): sized to finish in under 5 minutes on
+#: 2 CPU cores.
+DEMO_DEFAULTS: dict[str, Any] = {
+    "output_dir": os.path.join("outputs", "demo"),
+    "model": "resnet10t",
+    "dataset": "cifar10",
+    "input_size": 32,
+    "epochs": 5.0,
+    "max_train_samples": 10000,
+    "max_eval_samples": 2000,
+    "batch_size": 64,
+    "learning_rate": 3e-3,
+    "weight_decay": 0.05,
+    "r2_loss": "linf",
+    "r2_weight": 3.0,
+    "r2_per_channel": True,
+    "bits": 2,
+    "bn_samples": 512,
+    "seed": 0,
+}
 
 
-def _slug(text: str) -> str:
-    """`text` as a file-safe name (run folders, plot files)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+def demo_config(**overrides: Any) -> ReproduceConfig:
+    """The [`ReproduceConfig`] of the demo (`hf-r2 demo`): [`DEMO_DEFAULTS`] updated with `overrides`.
 
+    One model, two variants (`baseline`, and `r2_loss` at `r2_weight`), one seed, no lambda sweep; the low-bit rows
+    are FP, W8A8 and W4A8 (per channel, MSE), then at `bits` bits: per tensor and per channel with max-abs and MSE
+    ranges, and k-means. `bn_samples` training images calibrate the activations and re-estimate batch norm.
+    """
+    unknown = sorted(set(overrides) - set(DEMO_DEFAULTS))
+    if unknown:
+        raise ValueError(f"Unknown demo setting(s) {unknown}; the settings are {sorted(DEMO_DEFAULTS)}.")
+    s = {**DEMO_DEFAULTS, **overrides}
+    bits = s["bits"]
+    low_bit: list[dict[str, Any]] = [
+        {"method": "ptq", "w_bits": w, "a_bits": 8, "per_channel": True, "weight_range": "mse"} for w in (8, 4)
+        if w > bits
+    ]
+    low_bit += [
+        {"method": "ptq", "w_bits": bits, "a_bits": 8, "per_channel": per_channel, "weight_range": weight_range}
+        for per_channel in (False, True)
+        for weight_range in ("maxabs", "mse")
+    ]
+    low_bit.append({"method": "kmeans", "w_bits": bits})
+    return ReproduceConfig(
+        output_dir=s["output_dir"],
+        dataset=s["dataset"],
+        input_size=s["input_size"],
+        max_train_samples=s["max_train_samples"],
+        max_eval_samples=s["max_eval_samples"],
+        data_seed=s["seed"],
+        models=[s["model"]],
+        variants=[
+            {"name": "baseline", "loss": "baseline"},
+            {"name": s["r2_loss"], "loss": s["r2_loss"], "weight": s["r2_weight"], "per_channel": s["r2_per_channel"]},
+        ],
+        epochs=s["epochs"],
+        batch_size=s["batch_size"],
+        lr=s["learning_rate"],
+        weight_decay=s["weight_decay"],
+        seeds=[s["seed"]],
+        lambda_sweep=None,
+        low_bit=low_bit,
+        calibration_samples=s["bn_samples"],
+    )

@@ -10,13 +10,14 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .._utils import read_json, write_json_atomic, write_text_atomic
-from .config import BASELINE, REPORT_NAME, RESULTS_NAME, RUN_INFO_NAME, ReproduceConfig, _slug
-from .report import _gains, _machine, _plots, _summarise, _summarise_stats, _sweep_table, format_report
-from .settings import apply_setting
+from .apply import apply_setting
+from .config import REPORT_NAME, RESULTS_NAME, RUN_INFO_NAME, ReproduceConfig
+from .report import assemble_results, format_report
+from .variants import BASELINE, slug
 
 __all__ = ["run_reproduce"]
 
@@ -37,6 +38,25 @@ class _Run:
     roles: list[str]  # "headline" and / or "sweep:<lambda>"
 
 
+@dataclass
+class _Data:
+    """The dataset of a run (`raw`: `"train"` / `"test"` splits), its class names, and each architecture's
+    preprocessed views ([`_ModelData`]), built once per model name."""
+
+    raw: Any
+    label_names: list[str]
+    per_model: dict[str, _ModelData] = field(default_factory=dict)
+
+
+@dataclass
+class _ModelData:
+    """One architecture's views of the data: test batches, calibration batches and the augmented training set."""
+
+    eval: list[dict[str, Any]]
+    calibration: list[dict[str, Any]]
+    train: Any
+
+
 def _variant_dir(variant: dict[str, Any]) -> str:
     if variant["loss"] == BASELINE:
         return BASELINE
@@ -44,7 +64,7 @@ def _variant_dir(variant: dict[str, Any]) -> str:
     if variant["r2"]:
         digest = hashlib.sha1(json.dumps(variant["r2"], sort_keys=True).encode()).hexdigest()[:8]
         name += f"-{digest}"
-    return _slug(name)
+    return slug(name)
 
 
 def _plan(config: ReproduceConfig) -> list[_Run]:
@@ -53,7 +73,7 @@ def _plan(config: ReproduceConfig) -> list[_Run]:
     first = config.seeds[0]
 
     def add(model: str, variant: dict[str, Any], seed: int, settings: list[str], role: str) -> None:
-        run_dir = os.path.join(config.output_dir, "runs", _slug(model), _variant_dir(variant), f"seed{seed}")
+        run_dir = os.path.join(config.output_dir, "runs", slug(model), _variant_dir(variant), f"seed{seed}")
         run = runs.setdefault(run_dir, _Run(model, variant, seed, run_dir, [], []))
         run.settings = [s["name"] for s in config.low_bit if s["name"] in set(run.settings) | set(settings)]
         run.roles.append(role)
@@ -130,20 +150,18 @@ def _training_done(run: _Run, config: ReproduceConfig) -> bool:
     return True
 
 
-def _train(run: _Run, data: dict[str, Any], config: ReproduceConfig, progress: bool) -> dict[str, Any]:
+def _train(run: _Run, data: _Data, config: ReproduceConfig, progress: bool) -> dict[str, Any]:
     """Train `run` with R2Trainer, save it, then write `reproduce_run.json` (last: it marks the training done)."""
     from transformers import set_seed
 
-    from ..cli import DataArguments, record_data_config
-    from ..data import collate_fn, hub_dataset_id, with_transforms
+    from ..data import DataArguments, record_data_config, with_transforms
     from ..models import create_model
-    from ..saving import update_training_info
-    from ..trainer import R2Trainer
+    from ..train import train_model
     from ..training_args import R2TrainingArguments
 
     variant = run.variant
     set_seed(run.seed)
-    model = create_model(run.model, label_names=data["label_names"], **config.model_kwargs.get(run.model, {}))
+    model = create_model(run.model, label_names=data.label_names, **config.model_kwargs.get(run.model, {}))
     record_data_config(model, DataArguments(dataset_name=config.dataset, input_size=config.input_size))
     baseline = variant["loss"] == BASELINE
     args = R2TrainingArguments(
@@ -167,13 +185,10 @@ def _train(run: _Run, data: dict[str, Any], config: ReproduceConfig, progress: b
         r2_per_channel=variant["per_channel"],
         **{f"r2_{k}": v for k, v in variant["r2"].items()},
     )
-    train_ds = with_transforms(data["raw"]["train"], model, train=True, input_size=config.input_size)
-    trainer = R2Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collate_fn)
+    train_ds = with_transforms(data.raw["train"], model, train=True, input_size=config.input_size)
     start = time.perf_counter()
-    result = trainer.train()
+    trainer, result = train_model(model, args, train_ds, dataset=config.dataset)
     seconds = time.perf_counter() - start
-    trainer.save_model(run.run_dir)
-    update_training_info(run.run_dir, dataset=config.dataset, dataset_id=hub_dataset_id(config.dataset))
     info = {
         "spec": _train_spec(run, config),
         "train_seconds": seconds,
@@ -197,25 +212,20 @@ def _batches(dataset, batch_size: int) -> list[dict[str, Any]]:
     return list(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn))
 
 
-def _model_data(model, key: str, data: dict[str, Any], config: ReproduceConfig) -> dict[str, Any]:
+def _model_data(model, key: str, data: _Data, config: ReproduceConfig) -> _ModelData:
     """Eval batches, calibration batches and the fine-tuning set in `model`'s preprocessing, cached under `key`
     (the model name: every training of one architecture preprocesses alike)."""
-    import torch
+    from ..data import calibration_batches, with_transforms
 
-    from ..data import with_transforms
-
-    cache = data["per_model"]
+    cache = data.per_model
     if key not in cache:
-        raw, size = data["raw"], {"input_size": config.input_size}
-        plain_train = with_transforms(raw["train"], model, train=False, **size)
-        count = min(config.calibration_samples, len(plain_train))
-        generator = torch.Generator().manual_seed(config.data_seed)
-        index = torch.randperm(len(plain_train), generator=generator)[:count].tolist()
-        cache[key] = {
-            "eval": _batches(with_transforms(raw["test"], model, train=False, **size), 256),
-            "calibration": _batches(torch.utils.data.Subset(plain_train, index), 64),
-            "train": with_transforms(raw["train"], model, train=True, **size),
-        }
+        raw, size = data.raw, {"input_size": config.input_size}
+        cache[key] = _ModelData(
+            eval=_batches(with_transforms(raw["test"], model, train=False, **size), 256),
+            calibration=calibration_batches(raw["train"], model, config.calibration_samples, seed=config.data_seed,
+                                            batch_size=64, **size),
+            train=with_transforms(raw["train"], model, train=True, **size),
+        )
     return cache[key]
 
 
@@ -225,13 +235,14 @@ def _load_float(run_dir: str):
     return create_model(run_dir, pretrained=True).eval()
 
 
-def _measure(run: _Run, data: dict[str, Any], config: ReproduceConfig, progress: bool) -> dict[str, Any]:
+def _measure(run: _Run, data: _Data, config: ReproduceConfig, progress: bool) -> dict[str, Any]:
     """FP and every low-bit row of `run`, from the cache where its spec matches; new rows are cached at once."""
     import torch
     from tqdm.auto import tqdm
 
     from ..config import R2Config
-    from ..quant.report import evaluate, read_results, update_results
+    from ..metrics import evaluate_accuracy
+    from ..quant import float_row, read_results, update_results
     from ..regularizer import R2Regularizer
 
     cached = {(row["setting"], row.get("method")): row for row in read_results(run.run_dir)}
@@ -256,17 +267,21 @@ def _measure(run: _Run, data: dict[str, Any], config: ReproduceConfig, progress:
             model = float_model
         else:
             torch.manual_seed(run.seed)
-            model = apply_setting(copy.deepcopy(float_model), setting, model_data, config, run.seed)
-        accuracy = evaluate(model, model_data["eval"])
-        row = {
-            "setting": name,
-            "method": method,
-            "w_bits": None if setting is None else setting["w_bits"],
-            "a_bits": None if setting is None else setting["a_bits"],
-            "accuracy": accuracy,
-            "seconds": time.perf_counter() - start,
-            "spec": spec,
-        }
+            model = apply_setting(copy.deepcopy(float_model), setting, config, run.seed,
+                                  calibration=model_data.calibration, train_dataset=model_data.train)
+        accuracy = evaluate_accuracy(model, model_data.eval)["accuracy"]
+        measured = {"seconds": time.perf_counter() - start, "spec": spec}
+        if setting is None:
+            row = float_row(accuracy, **measured)
+        else:
+            row = {
+                "setting": name,
+                "method": method,
+                "w_bits": setting["w_bits"],
+                "a_bits": setting["a_bits"],
+                "accuracy": accuracy,
+                **measured,
+            }
         update_results(run.run_dir, [row])
         rows[name] = {**row, "cached": False}
         del model
@@ -302,9 +317,9 @@ def run_reproduce(
     import numpy as np
     from tqdm.auto import tqdm
 
+    from .._targets import find_target_modules
     from ..data import label_names, load_image_dataset
     from ..plots import select_layers
-    from ..regularizer import find_target_modules
 
     if not isinstance(config, ReproduceConfig):
         config = ReproduceConfig.from_file(config)
@@ -314,7 +329,7 @@ def run_reproduce(
 
     raw = load_image_dataset(config.dataset, data_dir=config.data_dir, max_train_samples=config.max_train_samples,
                              max_eval_samples=config.max_eval_samples, seed=config.data_seed)
-    data: dict[str, Any] = {"raw": raw, "label_names": label_names(raw), "per_model": {}}
+    data = _Data(raw, label_names(raw))
     plan = _plan(config)
 
     # 1. trainings
@@ -358,31 +373,11 @@ def run_reproduce(
                 layer_stats.setdefault(run.model, {})[name] = measured["stats"]["per_layer"]
 
     # 3. results, report, plots
-    rows_all = [row for r in runs for row in r["rows"].values()]
-    results: dict[str, Any] = {
-        "config": config.to_dict(),
-        "output_dir": os.path.abspath(config.output_dir),
-        "data": {"dataset": config.dataset, "train_images": raw["train"].num_rows,
+    data_info = {"dataset": config.dataset, "train_images": raw["train"].num_rows,
                  "test_images": raw["test"].num_rows,
-                 "calibration_images": min(config.calibration_samples, raw["train"].num_rows)},
-        "runs": runs,
-        "summary": _summarise(config, runs),
-        "weight_stats": _summarise_stats(config, runs),
-        "lambda_sweep": _sweep_table(config, runs),
-    }
-    results["gains"] = _gains(config, results["summary"])
-    results["plots"] = _plots(config, results, weights, layer_stats)
-    results["timing"] = {
-        "seconds": time.perf_counter() - start,
-        "trainings": len(plan),
-        "trained_now": len(trained_now),
-        "reused_trainings": len(plan) - len(trained_now),
-        "rows_computed": sum(not row["cached"] for row in rows_all),
-        "rows_cached": sum(bool(row["cached"]) for row in rows_all),
-        "train_seconds_total": sum(r["train_seconds"] for r in runs),
-        "low_bit_seconds_total": sum(row.get("seconds", 0.0) for row in rows_all),
-        "machine": _machine(),
-    }
+                 "calibration_images": min(config.calibration_samples, raw["train"].num_rows)}
+    timing = {"seconds": time.perf_counter() - start, "trainings": len(plan), "trained_now": len(trained_now)}
+    results = assemble_results(config, runs, data_info, timing, weights, layer_stats)
     write_json_atomic(os.path.join(config.output_dir, RESULTS_NAME), results)
     report = format_report(results)
     write_text_atomic(os.path.join(config.output_dir, REPORT_NAME), report)

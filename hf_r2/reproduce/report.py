@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .config import BASELINE, ReproduceConfig, _slug
+from .config import ReproduceConfig
+from .variants import BASELINE, slug
 
-__all__ = ["format_report", "PAPER_TARGETS"]
+__all__ = ["assemble_results", "format_report", "PAPER_TARGETS"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,16 +272,16 @@ def _plots(config: ReproduceConfig, results: dict[str, Any], weights: dict[str, 
     folder = os.path.join(config.output_dir, "plots")
     families = {"ptq": "PTQ", "kmeans": "k-means / DKM", "dkm": "k-means / DKM"}
     for model, table in results["summary"].items():
-        slug = _slug(model)
+        stem = slug(model)
         paths: dict[str, str] = {}
         if weights.get(model):
             count = len(next(iter(weights[model].values())))
             paths["weight histograms"] = plot_weight_histograms(
-                weights[model], os.path.join(folder, f"{slug}_weight_hist.png"),
+                weights[model], os.path.join(folder, f"{stem}_weight_hist.png"),
                 title=f"{model}: weights of {count} layers (seed {config.seeds[0]})")
         if layer_stats.get(model):
             paths["per-layer ranges"] = plot_layer_ranges(
-                layer_stats[model], os.path.join(folder, f"{slug}_layer_ranges.png"),
+                layer_stats[model], os.path.join(folder, f"{stem}_layer_ranges.png"),
                 title=f"{model}: per-layer max |w|, std and their ratio (seed {config.seeds[0]})")
         curves: dict[str, dict[str, dict[int, float]]] = {}
         fp: dict[str, float] = {}
@@ -297,20 +298,52 @@ def _plots(config: ReproduceConfig, results: dict[str, Any], weights: dict[str, 
                 points[setting["w_bits"]] = max(points.get(setting["w_bits"], -1.0), 100 * entry["mean"])
         if curves:
             paths["accuracy vs bits"] = plot_accuracy_vs_bits(
-                curves, os.path.join(folder, f"{slug}_accuracy_vs_bits.png"), fp=fp,
+                curves, os.path.join(folder, f"{stem}_accuracy_vs_bits.png"), fp=fp,
                 title=f"{model}: top-1 against weight bits\n(per family, the best configured row at each bit width)")
         out[model] = paths
     return out
 
 
+def assemble_results(
+    config: ReproduceConfig,
+    runs: list[dict[str, Any]],
+    data_info: dict[str, Any],
+    timing: dict[str, Any],
+    weights: dict[str, Any],
+    layer_stats: dict[str, Any],
+) -> dict[str, Any]:
+    """The contents of `results.json` from the measured `runs` (see [`run_reproduce`]): the config, the data, the
+    runs, the summaries over seeds, the range statistics, the lambda sweep, the gains against [`PAPER_TARGETS`],
+    the plots (written here, from `weights` / `layer_stats` of the first seed's models) and the timing (`timing`
+    holds `seconds`, `trainings` and `trained_now`; the row counts and summed times are added here)."""
+    rows_all = [row for r in runs for row in r["rows"].values()]
+    results: dict[str, Any] = {
+        "config": config.to_dict(),
+        "output_dir": os.path.abspath(config.output_dir),
+        "data": data_info,
+        "runs": runs,
+        "summary": _summarise(config, runs),
+        "weight_stats": _summarise_stats(config, runs),
+        "lambda_sweep": _sweep_table(config, runs),
+    }
+    results["gains"] = _gains(config, results["summary"])
+    results["plots"] = _plots(config, results, weights, layer_stats)
+    results["timing"] = {
+        **timing,
+        "reused_trainings": timing["trainings"] - timing["trained_now"],
+        "rows_computed": sum(not row["cached"] for row in rows_all),
+        "rows_cached": sum(bool(row["cached"]) for row in rows_all),
+        "train_seconds_total": sum(r["train_seconds"] for r in runs),
+        "low_bit_seconds_total": sum(row.get("seconds", 0.0) for row in rows_all),
+        "machine": _machine(),
+    }
+    return results
+
+
 def _machine() -> str:
-    import platform
+    from .._utils import machine_info
 
-    import torch
-
-    try:
-        load = "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:  # pragma: no cover - not on every OS
-        load = "load average n/a"
-    return (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, {'CUDA' if torch.cuda.is_available() else 'no GPU'}, {load}")
+    info = machine_info()
+    gpu = "CUDA" if info.get("PyTorch accelerator", "").startswith("cuda") else "no GPU"
+    return (f"{info['Machine']}, {info['CPU count']} CPUs, torch {info['torch version']} with "
+            f"{info.get('torch threads', '?')} threads, {gpu}, load average {info['Load average']}")

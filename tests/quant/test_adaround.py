@@ -17,17 +17,13 @@ from timm.layers import Conv2dSame, StdConv2d
 from torch import nn
 
 from hf_r2.models import forward_logits
+from hf_r2.quant._adaround_rows import RowCache, apply_weight, cache_rows, grouped_weight, row_source
 from hf_r2.quant.adaround import (
     AdaRoundConfig,
-    _apply,
     _beta,
-    _cache_rows,
-    _grouped_weight,
     _inverse_rectified_sigmoid,
     _optimize_rounding,
     _rectified_sigmoid,
-    _row_source,
-    _RowCache,
     adaround,
     adaround_,
 )
@@ -157,15 +153,15 @@ def test_rows_reproduce_the_layer(make, shape):
         if isinstance(layer, nn.Linear)
         else out.movedim(1, -1).reshape(-1, out.shape[1])
     )
-    num_rows, gather = _row_source(layer, x)
+    num_rows, gather = row_source(layer, x)
     assert num_rows == expected.shape[0]
     rows = gather(torch.arange(num_rows))
-    got = _apply(rows, _grouped_weight(layer, layer.weight)).reshape(num_rows, -1)
+    got = apply_weight(rows, grouped_weight(layer, layer.weight)).reshape(num_rows, -1)
     torch.testing.assert_close(got, expected)
     # a subset of rows, in any order
     idx = torch.randperm(num_rows)[: num_rows // 2]
     torch.testing.assert_close(
-        _apply(gather(idx), _grouped_weight(layer, layer.weight)).reshape(len(idx), -1), expected[idx]
+        apply_weight(gather(idx), grouped_weight(layer, layer.weight)).reshape(len(idx), -1), expected[idx]
     )
 
 
@@ -188,7 +184,7 @@ def test_beta_schedule():
 
 
 def test_row_cache_is_a_uniform_sample():
-    cache = _RowCache(100)
+    cache = RowCache(100)
     g = torch.Generator().manual_seed(0)
     for b in range(10):
         idx = cache.candidates(100, g)
@@ -276,7 +272,7 @@ def test_single_layer_beats_round_to_nearest(make, shape, bits, ratio):
 def test_regulariser_drives_h_to_binary():
     layer = _quantize(nn.Sequential(nn.Linear(16, 8)), 2)[0]
     x = torch.randn(256, 16).relu().unsqueeze(1)
-    t = _apply(x, _grouped_weight(layer, layer.weight.detach()))
+    t = apply_weight(x, grouped_weight(layer, layer.weight.detach()))
     binary = {}
     for reg_weight in (0.0, 1.0):
         cfg = AdaRoundConfig(iters=100, reg_weight=reg_weight, lr=0.1, warmup=0.0, batch_size=64)
@@ -300,7 +296,7 @@ def test_cached_rows_use_quantized_inputs_and_float_targets():
             m.weight_quantizer = m.input_quantizer = None
     adaround_(model, data, AdaRoundConfig(iters=20), layers=["0"])
     cfg = AdaRoundConfig(num_samples=1000)
-    cache = _cache_rows(model, float_model, "2", data, cfg, torch.Generator().manual_seed(0))
+    cache = cache_rows(model, float_model, "2", data, cfg.num_samples, torch.Generator().manual_seed(0))
     with torch.no_grad():
         xq = torch.cat([model[2].input_quantizer(model[1](model[0](x))) for x in data])  # model[0] is rounded
         xf = torch.cat([float_model[1](float_model[0](x)) for x in data])

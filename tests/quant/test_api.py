@@ -1,140 +1,131 @@
-"""`quantize_weights` / `WeightQuantConfig` (hf_r2.quant.api) and `reestimate_bn_stats` (hf_r2.quant.bn)."""
+"""`hf_r2.quant.api.quantize_`: the dispatcher against each per-method verb run on a copy of the same model (same
+state dict, same layer classes), its `TypeError`, and data-free weight-only PTQ (`PTQConfig(a_bits=None,
+bn="keep")`) against `fake_quantize` of every weight, through `save_low_bit` / `load_low_bit`."""
 
-import json
+import copy
 
 import pytest
 import torch
-from conftest import conv_net
+from conftest import make_timm
 
 from hf_r2 import find_target_modules
-from hf_r2.quant import WeightQuantConfig, fake_quantize, quantize_weights, quantize_weights_
-from hf_r2.quant.uniform import ScaleMethod
+from hf_r2.models import forward_logits
+from hf_r2.quant import (
+    AdaRoundConfig,
+    PalettizeConfig,
+    PTQConfig,
+    QATConfig,
+    fake_quantize,
+    finalize_dkm,
+    is_dkm_prepared,
+    load_low_bit,
+    palettize_,
+    post_training_quantize_,
+    prepare_dkm,
+    prepare_qat,
+    quantize_,
+    quantized_layers,
+    save_low_bit,
+)
+
+
+def images(n_batches: int, batch: int = 4, seed: int = 1, size: int = 32) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"pixel_values": torch.randn(batch, 3, size, size, generator=g)} for _ in range(n_batches)]
+
+
+def _assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    assert [type(m).__name__ for m in a.modules()] == [type(m).__name__ for m in b.modules()]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+# ---- dispatch -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, verb, with_data",
+    [
+        (PTQConfig(w_bits=2, a_bits=8, calibration_batches=2), post_training_quantize_, True),
+        (PTQConfig(w_bits=4, a_bits=None, bn="keep"), post_training_quantize_, False),
+        (PTQConfig(w_bits=2, a_bits=8, bn="fold", calibration_batches=2), post_training_quantize_, True),
+        (QATConfig(w_bits=2, a_bits=2), prepare_qat, True),
+        (QATConfig(w_bits=3, a_bits=None), prepare_qat, False),
+        (PalettizeConfig(bits=2), palettize_, False),
+        (PalettizeConfig(bits=1, group_size=1, first_last_bits=8), palettize_, False),
+    ],
+    ids=["ptq-w2a8", "ptq-weight-only", "ptq-fold", "qat-w2a2", "qat-w3", "kmeans-2", "kmeans-1-per-channel"],
+)
+def test_quantize_dispatches_to_the_per_method_verb(config, verb, with_data):
+    model = make_timm("test_resnet").eval()
+    data = images(2) if with_data else None
+    torch.manual_seed(0)
+    via_dispatch = quantize_(copy.deepcopy(model), config, data)
+    torch.manual_seed(0)
+    via_verb = verb(copy.deepcopy(model), config, data) if data is not None else verb(copy.deepcopy(model), config)
+    _assert_same_model(via_dispatch, via_verb)
+    x = images(1, seed=5)[0]["pixel_values"]
+    with torch.no_grad():
+        assert torch.equal(forward_logits(via_dispatch.eval(), x), forward_logits(via_verb.eval(), x))
+
+
+def test_quantize_dkm_prepares_and_finalize_dkm_ends_it():
+    model = make_timm("test_resnet").eval()
+    config = PalettizeConfig(bits=2, method="dkm")
+    via_dispatch = quantize_(copy.deepcopy(model), config)
+    via_verb = prepare_dkm(copy.deepcopy(model), config)
+    assert is_dkm_prepared(via_dispatch) and is_dkm_prepared(via_verb)
+    _assert_same_model(via_dispatch, via_verb)
+    finalize_dkm(via_dispatch)
+    finalize_dkm(via_verb)
+    assert not is_dkm_prepared(via_dispatch)
+    _assert_same_model(via_dispatch, via_verb)
+    for (_, a), (_, b) in zip(find_target_modules(via_dispatch), find_target_modules(via_verb)):
+        assert torch.equal(a.weight_palette, b.weight_palette)
+
+
+@pytest.mark.parametrize("config", [AdaRoundConfig(), {"w_bits": 2}, None])
+def test_quantize_rejects_other_configs(config):
+    model = make_timm("test_resnet")
+    with pytest.raises(TypeError, match=r"takes a `PTQConfig`, `QATConfig` or `PalettizeConfig`.*got "):
+        quantize_(model, config)
+
+
+# ---- data-free weight-only PTQ ------------------------------------------------------------------------------------
 
 
 def _distinct_per_channel(w: torch.Tensor) -> int:
     return max(row.unique().numel() for row in w.reshape(w.shape[0], -1))
 
 
-# ---- quantize_weights --------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("bits", [1, 2, 4])
-def test_quantize_weights_copy(bits):
-    model = conv_net()
+def test_weight_only_ptq_is_data_free_and_exports(bits, tmp_path):
+    model = make_timm("test_resnet").eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    qmodel = quantize_weights(model, WeightQuantConfig(bits=bits))
-    assert qmodel is not model
-    for k, v in model.state_dict().items():  # the original is untouched
-        assert torch.equal(v, before[k]), k
-    targets = {f"{name}.weight" for name, _ in find_target_modules(model)}
-    assert targets == {"0.weight", "3.weight", "4.weight", "7.weight"}
-    for k, v in qmodel.state_dict().items():
-        if k in targets:
-            assert _distinct_per_channel(v) <= 2**bits, k
-            torch.testing.assert_close(v, fake_quantize(before[k], bits), rtol=0, atol=0)
-        else:  # biases, BN affine and running stats stay in float
-            assert torch.equal(v, before[k]), k
-    assert torch.isfinite(qmodel(torch.randn(2, 3, 8, 8))).all()
+    targets = [name for name, _ in find_target_modules(model)]
+    config = PTQConfig(w_bits=bits, a_bits=None, bn="keep", weight_range="maxabs", first_last_bits=None)
+    assert not config.needs_data
+    assert quantize_(model, config) is model  # no calibration data
+    layers = dict(quantized_layers(model))
+    assert list(layers) == targets
+    for name, module in layers.items():
+        assert module.input_quantizer is None
+        with torch.no_grad():
+            got = module.quantized_weight()
+        w = before[f"{name}.weight"]
+        torch.testing.assert_close(got, fake_quantize(w, bits), rtol=0, atol=0)
+        assert _distinct_per_channel(got) <= 2**bits, name
+    for key, value in model.state_dict().items():  # the float weights, biases and BN statistics are untouched
+        if key in before:
+            assert torch.equal(value, before[key]), key
 
-
-def test_quantize_weights_in_place_and_kwargs():
-    model = conv_net()
-    ref = quantize_weights(model, WeightQuantConfig(bits=3, symmetric=False, scale_method="mse"))
-    via_kwargs = quantize_weights(model, bits=3, symmetric=False, scale_method="mse")
-    via_override = quantize_weights(model, WeightQuantConfig(bits=8), bits=3, symmetric=False, scale_method="mse")
-    same = quantize_weights_(model, bits=3, symmetric=False, scale_method="mse")
-    assert same is model
-    for other in (via_kwargs, via_override, model):
-        for (k, a), b in zip(ref.state_dict().items(), other.state_dict().values()):
-            assert torch.equal(a, b), k
-    with pytest.raises(ValueError, match=r"Unknown `WeightQuantConfig` field\(s\) \['bitz'\]"):
-        quantize_weights(model, bitz=2)
-    with pytest.raises(TypeError, match="`config` must be a `WeightQuantConfig`"):
-        quantize_weights(model, {"bits": 2})
-
-
-def test_layer_selection():
-    model = conv_net()
-    first_last = quantize_weights(model, skip_first_last=True)
-    assert torch.equal(first_last[0].weight, model[0].weight)
-    assert torch.equal(first_last[7].weight, model[7].weight)
-    assert not torch.equal(first_last[3].weight, model[3].weight)
-    assert _distinct_per_channel(first_last[4].weight) <= 4
-    only_dw = quantize_weights(model, include=[r"^3$"])
-    changed = [i for i in (0, 3, 4, 7) if not torch.equal(only_dw[i].weight, model[i].weight)]
-    assert changed == [3]
-    no_head = quantize_weights(model, exclude=["7"])
-    assert torch.equal(no_head[7].weight, model[7].weight)
-    assert not torch.equal(no_head[0].weight, model[0].weight)
-    with pytest.raises(ValueError, match="No target layer left"):
-        quantize_weights(model, include=["nothing_matches"])
-
-
-def test_timm_and_transformers_models(timm_cnn, hf_convnext):
-    for model in (timm_cnn, hf_convnext):
-        qmodel = quantize_weights(model, bits=2, per_channel=False)
-        n = 0
-        for name, module in find_target_modules(qmodel):
-            assert module.weight.unique().numel() <= 4, name
-            n += 1
-        assert n >= 4
-        for (k, a), b in zip(model.named_parameters(), qmodel.parameters()):
-            if k.endswith("bias") or "norm" in k or ".bn" in k:
-                assert torch.equal(a, b), k
-
-
-# ---- WeightQuantConfig -------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "config",
-    [
-        WeightQuantConfig(),
-        WeightQuantConfig(bits=1, per_channel=False, skip_first_last=True),
-        WeightQuantConfig(bits=4, symmetric=False, scale_method=ScaleMethod.MSE, include=["layer"], exclude="fc"),
-    ],
-)
-def test_config_round_trip(config, tmp_path):
-    data = config.to_dict()
-    assert json.loads(json.dumps(data)) == data
-    assert "hf_r2_version" in data and data["version"] == 1
-    assert WeightQuantConfig.from_dict(data) == config
-    path = config.save_pretrained(tmp_path)
-    assert path.endswith("quantization_config.json")
-    loaded = WeightQuantConfig.from_pretrained(tmp_path)
-    assert loaded == config and loaded.to_dict() == data
-    assert WeightQuantConfig.from_pretrained(path) == config
-
-
-def test_config_normalises():
-    config = WeightQuantConfig(scale_method=ScaleMethod.MSE, include="conv", exclude=("head",))
-    assert config.scale_method == "mse" and config.include == ["conv"] and config.exclude == ["head"]
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        ({"bits": 0}, r"`bits` must be an integer from 1 to 8, got 0"),
-        ({"bits": 9}, r"`bits` must be an integer from 1 to 8, got 9"),
-        ({"bits": 2.0}, r"`bits` must be an integer from 1 to 8, got 2.0"),
-        ({"bits": True}, r"`bits` must be an integer from 1 to 8, got True"),
-        ({"bits": 1, "symmetric": False}, r"`bits=1` is binary.*WeightQuantConfig\(bits=1, symmetric=True\)"),
-        ({"symmetric": "yes"}, r"`symmetric` must be `True` or `False`, got 'yes'"),
-        ({"per_channel": 1}, r"`per_channel` must be `True` or `False`"),
-        ({"scale_method": "percentile"}, r"`scale_method` must be one of 'maxabs', 'mse', got 'percentile'\.$"),
-        ({"scale_method": "max_abs"}, r"Did you mean `scale_method='maxabs'`\?"),
-        ({"scale_method": "MSE"}, r"Did you mean `scale_method='mse'`\?"),
-        ({"include": ["conv("]}, r"`include` holds an invalid regular expression 'conv\('"),
-        ({"exclude": 3}, r"`exclude` must be a list of regular expressions or `None`, got 3"),
-    ],
-)
-def test_config_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        WeightQuantConfig(**kwargs)
-
-
-def test_config_from_dict_unknown_key(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown `WeightQuantConfig` field\(s\) \['bit'\]"):
-        WeightQuantConfig.from_dict({"bit": 2})
-    with pytest.raises(FileNotFoundError, match="No quantization_config.json"):
-        WeightQuantConfig.from_pretrained(tmp_path)
+    save_low_bit(model, tmp_path / "w-only", method="ptq", method_config=config.to_dict())
+    loaded, description = load_low_bit(tmp_path / "w-only")
+    assert description["method_config"] == config.to_dict()
+    assert {info["bits"] for info in description["layers"].values()} == {bits}
+    assert all("input_bits" not in info for info in description["layers"].values())
+    x = images(1, seed=3)[0]["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(forward_logits(loaded, x), forward_logits(model, x), rtol=1e-5, atol=1e-5)

@@ -12,8 +12,8 @@ from torch.nn.utils import parametrize
 
 import hf_r2.quant.dkm as dkm
 from hf_r2 import R2Config, R2Regularizer, find_target_modules
+from hf_r2.quant import PalettizeConfig, kmeans_1d, palette_indices, palettize, palettize_
 from hf_r2.quant.dkm import DKMParametrization, finalize_dkm, is_dkm_prepared, prepare_dkm
-from hf_r2.quant.palettize import PalettizeConfig, kmeans_1d, palette_indices, palettize, palettize_
 
 
 def _reference(x: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, iters: int):

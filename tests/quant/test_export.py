@@ -16,16 +16,16 @@ from hf_r2.models import classification_loss, forward_logits
 from hf_r2.quant.export import (
     LOW_BIT_CONFIG_NAME,
     LOW_BIT_WEIGHTS_NAME,
-    convert,
     is_low_bit_folder,
     load_low_bit,
+    low_bit_layers,
     pack_bits,
     save_low_bit,
     size_report,
     unpack_bits,
 )
 from hf_r2.quant.layers import QuantLayerMixin, quantized_layers
-from hf_r2.quant.ptq import PTQConfig, quantize_
+from hf_r2.quant.ptq import PTQConfig, post_training_quantize_
 from hf_r2.quant.qat import QATConfig, prepare_qat
 
 # ---- bit packing ----------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def _train(model: nn.Module, steps: int = 2) -> None:
 def build(request, fixture: str, method: str, config):
     model = request.getfixturevalue(fixture)
     if method == "ptq":
-        quantize_(model, config, images(2))
+        post_training_quantize_(model, config, images(2))
     else:
         prepare_qat(model, config, images(1))
         _train(model)
@@ -188,7 +188,7 @@ def test_size_report_matches_a_hand_count(request, tmp_path):
     model = build(request, "timm_cnn", "ptq", PTQConfig(w_bits=2, a_bits=8, calibration_batches=2))
     float_model = make_timm("test_resnet")
     float_bytes = sum(t.numel() * t.element_size() for t in float_model.state_dict().values())
-    layers = convert(model)
+    layers = low_bit_layers(model)
     report = size_report(layers)
     numel = bits = side = 0
     for name, m in quantized_layers(model):
@@ -229,7 +229,7 @@ def test_save_over_an_existing_folder_keeps_other_files(request, tmp_path):
     (folder / "README.md").write_text("card")
     (folder / "results").mkdir()
     (folder / "results" / "eval.json").write_text("{}")
-    quantize_(model, PTQConfig(w_bits=4, a_bits=None, bn="keep"))  # re-quantize at 4 bits, save again
+    post_training_quantize_(model, PTQConfig(w_bits=4, a_bits=None, bn="keep"))  # re-quantize at 4 bits, save again
     save_low_bit(model, folder, method="ptq4")
     assert (folder / "README.md").read_text() == "card"
     assert (folder / "results" / "eval.json").read_text() == "{}"
@@ -253,7 +253,7 @@ def test_a_failed_save_leaves_the_old_export_intact(request, tmp_path, monkeypat
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    quantize_(model, PTQConfig(w_bits=4, a_bits=None, bn="keep"))
+    post_training_quantize_(model, PTQConfig(w_bits=4, a_bits=None, bn="keep"))
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         save_low_bit(model, folder)
@@ -295,10 +295,10 @@ def test_load_errors(request, tmp_path):
 
 def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="no quantized or palettized layer"):
-        convert(make_timm("test_resnet"))
+        low_bit_layers(make_timm("test_resnet"))
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
-    quantize_(plain, PTQConfig(w_bits=2, a_bits=None, bn="keep"))
-    assert set(convert(plain)) == {"0", "2"}
+    post_training_quantize_(plain, PTQConfig(w_bits=2, a_bits=None, bn="keep"))
+    assert set(low_bit_layers(plain)) == {"0", "2"}
     with pytest.raises(ValueError, match="needs a timm or transformers model"):
         save_low_bit(plain, tmp_path / "unused")
     assert os.listdir(tmp_path) == []  # the temporary folder is removed too
@@ -308,8 +308,8 @@ def test_convert_codes_of_an_all_zero_channel(tmp_path):
     model = make_timm("test_resnet").eval()
     with torch.no_grad():
         model.fc.weight[3] = 0
-    quantize_(model, PTQConfig(w_bits=2, a_bits=None, bn="keep", first_last_bits=None))
-    layer = convert(model)["fc"]
+    post_training_quantize_(model, PTQConfig(w_bits=2, a_bits=None, bn="keep", first_last_bits=None))
+    layer = low_bit_layers(model)["fc"]
     assert layer.scale[3] == 0
     assert torch.equal(layer.dequantize()[3], torch.zeros_like(model.fc.weight[3]))
     save_low_bit(model, tmp_path / "z")

@@ -1,6 +1,6 @@
-"""`hf_r2.quant.ptq`: `quantize_` against `fake_quantize` of each weight (data-free), the grids its activations
-take, the accuracy ordering W8A8 < W4A8 < W2A8, config validation and JSON, and timm / transformers models end to
-end. (AdaRound and BN folding are tested with their own modules.)"""
+"""`hf_r2.quant.ptq`: `post_training_quantize_` against `fake_quantize` of each weight (data-free), the grids its
+activations take, the accuracy ordering W8A8 < W4A8 < W2A8, config validation and JSON, and timm / transformers models
+end to end. (AdaRound and BN folding are tested with their own modules.)"""
 
 import copy
 import json
@@ -15,7 +15,7 @@ from hf_r2.models import forward_logits
 from hf_r2.quant import ScaleMethod, fake_quantize
 from hf_r2.quant.layers import QuantLayerMixin, quantized_layers
 from hf_r2.quant.observers import ObserverType
-from hf_r2.quant.ptq import PTQ_CONFIG_NAME, PTQConfig, calibrate_activations_, quantize_
+from hf_r2.quant.ptq import PTQ_CONFIG_NAME, PTQConfig, calibrate_activations_, post_training_quantize_
 from hf_r2.quant.qat import QATConfig
 from hf_r2.regularizer import find_target_modules
 
@@ -64,7 +64,7 @@ def test_data_free_weights_equal_fake_quantize(timm_cnn, weight_range, per_chann
         first_last_bits=first_last_bits,
     )
     assert not config.needs_data
-    assert quantize_(model, config) is model  # no calibration data needed
+    assert post_training_quantize_(model, config) is model  # no calibration data needed
     assert [n for n, _ in quantized_layers(model)] == [n for n, _ in targets]
     expected_weights = []
     for i, ((name, m), w) in enumerate(zip(targets, originals)):
@@ -88,7 +88,7 @@ def test_data_free_weights_equal_fake_quantize(timm_cnn, weight_range, per_chann
 
 def test_include_exclude_and_first_last_follow_the_targets(timm_cnn):
     model = timm_cnn
-    quantize_(model, PTQConfig(w_bits=2, a_bits=None, bn="keep", exclude=["^fc$"]))
+    post_training_quantize_(model, PTQConfig(w_bits=2, a_bits=None, bn="keep", exclude=["^fc$"]))
     assert type(model.fc) is nn.Linear  # left in float
     layers = quantized_layers(model)
     assert "fc" not in dict(layers)
@@ -106,7 +106,7 @@ def test_activation_inputs_are_on_an_a_bits_grid(timm_cnn, a_bits, act_observer)
     model = timm_cnn
     cal = images(3)
     config = PTQConfig(w_bits=4, a_bits=a_bits, act_observer=act_observer, bn="reestimate", calibration_batches=2)
-    quantize_(model, config, cal)
+    post_training_quantize_(model, config, cal)
     layers = quantized_layers(model)
     seen, hooks = capture_quantized_inputs(model)
     model.eval()
@@ -136,7 +136,7 @@ def test_activation_inputs_are_on_an_a_bits_grid(timm_cnn, a_bits, act_observer)
 
 def test_relu_inputs_get_unsigned_grids(timm_cnn):
     model = timm_cnn
-    quantize_(model, PTQConfig(w_bits=4, a_bits=4, act_observer="minmax", bn="keep"), images(2))
+    post_training_quantize_(model, PTQConfig(w_bits=4, a_bits=4, act_observer="minmax", bn="keep"), images(2))
     seen, hooks = capture_quantized_inputs(model)
     with torch.no_grad():
         model.eval()(images(1, seed=3)[0]["pixel_values"])
@@ -159,7 +159,7 @@ def test_quantization_error_shrinks_with_bits(timm_cnn):
     errors = {}
     for w_bits in (8, 4, 2):
         model = copy.deepcopy(base)
-        quantize_(model, PTQConfig(w_bits=w_bits, a_bits=8, bn="keep"), cal)
+        post_training_quantize_(model, PTQConfig(w_bits=w_bits, a_bits=8, bn="keep"), cal)
         with torch.no_grad():
             errors[w_bits] = ((model.eval()(x) - y).norm() / y.norm()).item()
     assert errors[8] < 0.03, errors  # W8A8 is close to float
@@ -179,10 +179,10 @@ def test_unused_layer_cannot_be_calibrated():
             return self.head(self.conv(x).mean((2, 3)))
 
     with pytest.raises(ValueError, match=r"No calibration value reached the inputs of \['spare'\]"):
-        quantize_(WithSpare(), PTQConfig(a_bits=8, bn="keep"), images(1))
+        post_training_quantize_(WithSpare(), PTQConfig(a_bits=8, bn="keep"), images(1))
     # excluding it works, and a plain tensor works as a batch
     model = WithSpare()
-    quantize_(model, PTQConfig(a_bits=8, bn="keep", exclude=["spare"]), [torch.randn(2, 3, 8, 8)])
+    post_training_quantize_(model, PTQConfig(a_bits=8, bn="keep", exclude=["spare"]), [torch.randn(2, 3, 8, 8)])
     assert type(model.spare) is nn.Linear
     assert calibrate_activations_(model, [torch.randn(2, 3, 8, 8)]) == ["conv", "head"]
 
@@ -190,7 +190,7 @@ def test_unused_layer_cannot_be_calibrated():
 def test_bn_reestimate_uses_the_quantized_weights(timm_cnn):
     model = timm_cnn
     cal = images(2)
-    quantize_(model, PTQConfig(w_bits=2, a_bits=None, bn="reestimate", calibration_batches=2), cal)
+    post_training_quantize_(model, PTQConfig(w_bits=2, a_bits=None, bn="reestimate", calibration_batches=2), cal)
     bn = model.bn1
     assert bn.num_batches_tracked.item() == 2
     # the stem's output statistics, computed here from the quantized stem (inputs in float: a_bits=None)
@@ -205,13 +205,13 @@ def test_bn_reestimate_uses_the_quantized_weights(timm_cnn):
 
 def test_missing_or_empty_calibration_data(timm_cnn):
     with pytest.raises(ValueError, match=r"PTQ with `a_bits=8` needs `calibration_data`"):
-        quantize_(timm_cnn, PTQConfig(w_bits=2, a_bits=8))
+        post_training_quantize_(timm_cnn, PTQConfig(w_bits=2, a_bits=8))
     with pytest.raises(ValueError, match=r"PTQ with `bn='reestimate'` needs `calibration_data`"):
-        quantize_(timm_cnn, PTQConfig(w_bits=2, a_bits=None))
+        post_training_quantize_(timm_cnn, PTQConfig(w_bits=2, a_bits=None))
     with pytest.raises(ValueError, match="gave no batch"):
-        quantize_(timm_cnn, PTQConfig(w_bits=2, a_bits=8), calibration_data=[])
+        post_training_quantize_(timm_cnn, PTQConfig(w_bits=2, a_bits=8), calibration_data=[])
     with pytest.raises(TypeError, match="`config` must be a `PTQConfig`, got QATConfig"):
-        quantize_(timm_cnn, QATConfig())
+        post_training_quantize_(timm_cnn, QATConfig())
     assert quantized_layers(timm_cnn) == []  # nothing happened
 
 
@@ -243,7 +243,7 @@ def test_bad_config_values(kwargs, match):
 
 def test_no_target_left_raises(timm_cnn):
     with pytest.raises(ValueError, match="No target layer left"):
-        quantize_(timm_cnn, PTQConfig(a_bits=None, bn="keep", include=["nothing_matches"]))
+        post_training_quantize_(timm_cnn, PTQConfig(a_bits=None, bn="keep", include=["nothing_matches"]))
 
 
 @pytest.mark.parametrize(
@@ -313,7 +313,8 @@ def test_models_end_to_end(request, fixture):
     targets = [n for n, _ in find_target_modules(model)]
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     cal = images(2)
-    quantize_(model, PTQConfig(w_bits=2, a_bits=8, calibration_batches=2), cal)  # default: MSE ranges, BN re-estimated
+    # default: MSE ranges, BN re-estimated
+    post_training_quantize_(model, PTQConfig(w_bits=2, a_bits=8, calibration_batches=2), cal)
     layers = quantized_layers(model)
     assert [n for n, _ in layers] == targets
     if fixture == "mobilenet":
@@ -345,7 +346,7 @@ def test_fold_and_adaround_end_to_end(timm_cnn):
         weight_range="maxabs",
         calibration_batches=2,
     )
-    quantize_(model, config, images(2))
+    post_training_quantize_(model, config, images(2))
     assert not any(isinstance(m, _BatchNorm) for m in model.modules())
     layers = quantized_layers(model)
     assert len(layers) == len(find_target_modules(model))

@@ -13,7 +13,7 @@ from hf_r2 import R2Trainer, R2TrainingArguments
 from hf_r2.models import classification_loss
 from hf_r2.quant import compute_qparams
 from hf_r2.quant.layers import FakeQuantizer, quantized_layers
-from hf_r2.quant.ptq import PTQConfig, quantize_
+from hf_r2.quant.ptq import PTQConfig, post_training_quantize_
 from hf_r2.quant.qat import QATConfig, prepare_qat
 from hf_r2.regularizer import find_target_modules
 
@@ -166,7 +166,7 @@ def test_qat_at_2_bits_beats_ptq_at_2_bits(a_bits):
     float_loss, float_acc = _loss_acc(float_model, x, y)
     assert float_acc > 0.97
 
-    ptq = quantize_(
+    ptq = post_training_quantize_(
         copy.deepcopy(float_model), PTQConfig(w_bits=2, a_bits=a_bits, bn="keep", first_last_bits=None), [x]
     )
     ptq_loss, ptq_acc = _loss_acc(ptq, x, y)

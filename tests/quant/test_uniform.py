@@ -4,7 +4,7 @@ nearest level for every weight."""
 import pytest
 import torch
 
-from hf_r2.quant import compute_qparams, dequantize, fake_quantize, fake_quantize_affine, quantize
+from hf_r2.quant import compute_qparams, dequantize_tensor, fake_quantize, fake_quantize_affine, quantize_tensor
 from hf_r2.quant.uniform import _RoundSTE
 
 CASES = [(b, sym) for b in (1, 2, 3, 4, 8) for sym in (True, False) if not (b == 1 and not sym)]
@@ -193,14 +193,15 @@ def test_qparams_codes_and_dequantize(bits, symmetric):
     w = weights()
     scale, zero_point = compute_qparams(w, bits, symmetric=symmetric)
     assert scale.shape == (w.shape[0], 1, 1, 1) == zero_point.shape
-    codes = quantize(w, scale, zero_point, bits)
+    codes = quantize_tensor(w, scale, zero_point, bits)
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
-    torch.testing.assert_close(dequantize(codes, scale, zero_point), fake_quantize(w, bits, symmetric=symmetric))
+    expected = fake_quantize(w, bits, symmetric=symmetric)
+    torch.testing.assert_close(dequantize_tensor(codes, scale, zero_point), expected)
     if symmetric:
         assert torch.all(zero_point == (2**bits - 1) / 2)
     else:
         assert torch.equal(zero_point, zero_point.round())
-        assert torch.all(dequantize(zero_point.to(torch.uint8), scale, zero_point) == 0)  # 0 is a level
+        assert torch.all(dequantize_tensor(zero_point.to(torch.uint8), scale, zero_point) == 0)  # 0 is a level
     s_t, z_t = compute_qparams(w, bits, symmetric=symmetric, per_channel=False)
     assert s_t.shape == (1, 1, 1, 1) == z_t.shape
 
@@ -271,4 +272,4 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="floating-point"):
         fake_quantize(torch.ones(3, 3, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="`bits` must be an integer"):
-        quantize(w, torch.ones(3, 1), torch.zeros(3, 1), 9)
+        quantize_tensor(w, torch.ones(3, 1), torch.zeros(3, 1), 9)

@@ -16,6 +16,9 @@ import sys
 import time
 from typing import Any
 
+from ..metrics import evaluate_accuracy
+from ..quant.results import float_row, format_setting
+
 __all__ = [
     "ptq_command_parser",
     "ptq_command",
@@ -28,8 +31,6 @@ __all__ = [
     "load_any",
 ]
 
-from .report import format_setting
-
 logger = logging.getLogger(__name__)
 
 
@@ -38,56 +39,28 @@ def _optional_int(text: str) -> int | None:
 
 
 def _add_data_args(parser: argparse.ArgumentParser, train: bool = False) -> None:
-    parser.add_argument("model", help="A model folder saved by `hf-r2 train` (or a low-bit export), or a Hub id.")
-    parser.add_argument("--dataset", default="cifar10", help="Evaluation / calibration data (as `hf-r2 train`).")
-    parser.add_argument("--data-dir", "--data_dir", default=None, help="Folder of the local CIFAR-10 copies.")
-    parser.add_argument(
-        "--input-size",
-        "--input_size",
-        type=int,
-        default=None,
-        help="Input side in pixels (default: the model's saved one).",
-    )
-    parser.add_argument(
-        "--max-eval-samples",
-        "--max_eval_samples",
-        type=int,
-        default=None,
-        help="Evaluate on a seeded random subset of this many test images.",
-    )
-    parser.add_argument("--batch-size", "--batch_size", type=int, default=128, help="Batch size.")
-    parser.add_argument(
-        "--calibration-samples",
-        "--calibration_samples",
-        type=int,
-        default=512,
-        help="Training images (no augmentation) for calibration / BN re-estimation.",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the subsets and of training.")
-    parser.add_argument(
-        "--output-dir",
-        "--output_dir",
-        default=None,
-        help="Where the low-bit export goes (default: beside the model, <model>-<setting>).",
-    )
+    add = parser.add_argument
+    add("model", help="A model folder saved by `hf-r2 train` (or a low-bit export), or a Hub id.")
+    add("--dataset", default="cifar10", help="Evaluation / calibration data (as `hf-r2 train`).")
+    add("--data-dir", "--data_dir", default=None, help="Folder of the local CIFAR-10 copies.")
+    add("--input-size", "--input_size", type=int, default=None,
+        help="Input side in pixels (default: the model's saved one).")
+    add("--max-eval-samples", "--max_eval_samples", type=int, default=None,
+        help="Evaluate on a seeded random subset of this many test images.")
+    add("--batch-size", "--batch_size", type=int, default=128, help="Batch size.")
+    add("--calibration-samples", "--calibration_samples", type=int, default=512,
+        help="Training images (no augmentation) for calibration / BN re-estimation.")
+    add("--seed", type=int, default=0, help="Seed of the subsets and of training.")
+    add("--output-dir", "--output_dir", default=None,
+        help="Where the low-bit export goes (default: beside the model, <model>-<setting>).")
     if train:
-        parser.add_argument("--epochs", type=float, default=1.0, help="Fine-tuning epochs.")
-        parser.add_argument(
-            "--max-train-samples",
-            "--max_train_samples",
-            type=int,
-            default=None,
-            help="Fine-tune on a seeded random subset of this many training images.",
-        )
-        parser.add_argument("--learning-rate", "--learning_rate", type=float, default=1e-3, help="Peak LR (AdamW).")
-        parser.add_argument("--weight-decay", "--weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-        parser.add_argument(
-            "--r2-weight",
-            "--r2_weight",
-            type=float,
-            default=0.0,
-            help="Keep R2-Loss on during fine-tuning with this lambda (the model's own R2 loss).",
-        )
+        add("--epochs", type=float, default=1.0, help="Fine-tuning epochs.")
+        add("--max-train-samples", "--max_train_samples", type=int, default=None,
+            help="Fine-tune on a seeded random subset of this many training images.")
+        add("--learning-rate", "--learning_rate", type=float, default=1e-3, help="Peak LR (AdamW).")
+        add("--weight-decay", "--weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+        add("--r2-weight", "--r2_weight", type=float, default=0.0,
+            help="Keep R2-Loss on during fine-tuning with this lambda (the model's own R2 loss).")
 
 
 def _add_grid_args(parser: argparse.ArgumentParser, a_bits: int) -> None:
@@ -103,7 +76,7 @@ def _add_grid_args(parser: argparse.ArgumentParser, a_bits: int) -> None:
 def load_any(model: str, **download_kwargs: Any):
     """`(model, folder, low_bit_config)` for a float folder, a low-bit export, or a Hub id of either."""
     from ..hub import download, from_pretrained
-    from .export import is_low_bit_folder, load_low_bit
+    from ..quant.export import is_low_bit_folder, load_low_bit
 
     folder = model if os.path.isdir(model) else download(model, **download_kwargs)
     if is_low_bit_folder(folder):
@@ -114,10 +87,7 @@ def load_any(model: str, **download_kwargs: Any):
 
 def _data(args: argparse.Namespace, model, train: bool = False):
     """Eval dataset, calibration batches (train split, eval transform) and, if `train`, the training dataset."""
-    import torch
-
-    from ..cli import DataArguments, load_data
-    from ..data import collate_fn, with_transforms
+    from ..data import DataArguments, calibration_batches, load_data, with_transforms
 
     data_args = DataArguments(
         dataset_name=args.dataset,
@@ -130,13 +100,8 @@ def _data(args: argparse.Namespace, model, train: bool = False):
     _check_classes(model, raw, args.dataset)
     size = {"input_size": args.input_size} if args.input_size else {}
     eval_ds = with_transforms(raw["test"], model, train=False, **size)
-    plain_train = with_transforms(raw["train"], model, train=False, **size)
-    count = min(args.calibration_samples, len(plain_train))
-    generator = torch.Generator().manual_seed(args.seed)
-    subset = torch.utils.data.Subset(
-        plain_train, torch.randperm(len(plain_train), generator=generator)[:count].tolist()
-    )
-    calibration = list(torch.utils.data.DataLoader(subset, batch_size=min(args.batch_size, 64), collate_fn=collate_fn))
+    calibration = calibration_batches(raw["train"], model, args.calibration_samples, seed=args.seed,
+                                      batch_size=min(args.batch_size, 64), **size)
     train_ds = with_transforms(raw["train"], model, train=True, **size) if train else None
     return eval_ds, calibration, train_ds
 
@@ -172,7 +137,7 @@ def _finish(args, rows: list[dict[str, Any]], folder: str, export_dir: str, titl
     import shutil
 
     from ..config import R2_CONFIG_NAME
-    from .report import format_table, update_results
+    from ..quant.results import format_table, update_results
 
     if os.path.isfile(os.path.join(folder, R2_CONFIG_NAME)):
         shutil.copy2(os.path.join(folder, R2_CONFIG_NAME), os.path.join(export_dir, R2_CONFIG_NAME))
@@ -186,18 +151,6 @@ def _finish(args, rows: list[dict[str, Any]], folder: str, export_dir: str, titl
     print(format_table(rows, title))
     print(f"\nLow-bit export: {export_dir}\nResults: {path}")
     return 0
-
-
-def _float_row(model, eval_ds, batch_size: int) -> dict[str, Any]:
-    from .report import evaluate
-
-    return {
-        "setting": "FP",
-        "method": "float",
-        "w_bits": None,
-        "a_bits": None,
-        "accuracy": evaluate(model, eval_ds, batch_size=batch_size),
-    }
 
 
 def _row(setting: str, method: str, accuracy: float, description: dict, export_dir: str, **more) -> dict[str, Any]:
@@ -214,21 +167,20 @@ def _row(setting: str, method: str, accuracy: float, description: dict, export_d
     }
 
 
-def _finetune(model, train_ds, args, folder: str) -> dict[str, float]:
-    """Fine-tune `model` in place ([`hf_r2.loop.finetune`]), R2 (the model's own loss) on with `--r2-weight`."""
+def _finetune_kwargs(train_ds, args, folder: str) -> dict[str, Any]:
+    """The keyword arguments of the QAT / DKM fine-tune ([`hf_r2.loop.finetune`]): AdamW at `--learning-rate`, R2
+    (the model's own loss) on with `--r2-weight`, off (no regularizer) without."""
     from ..config import R2_CONFIG_NAME, R2Config
-    from ..data import collate_fn
-    from ..loop import finetune
 
-    r2 = None  # R2 off: finetune then reads only the last layer's range for its logs (not a DKM pass per layer)
+    r2 = None
     if args.r2_weight:
         r2 = R2Config.from_pretrained(folder) if os.path.isfile(os.path.join(folder, R2_CONFIG_NAME)) else R2Config()
         r2 = R2Config.from_dict({**r2.to_dict(), "weight": args.r2_weight, "warmup_steps": 0})
     # whole epochs, or a fraction of one as a step count
     steps = -1 if args.epochs >= 1 else max(1, int(args.epochs * len(train_ds) / args.batch_size))
-    return finetune(model, train_ds, learning_rate=args.learning_rate, per_device_batch_size=args.batch_size,
-                    num_epochs=max(1, round(args.epochs)), max_steps=steps, weight_decay=args.weight_decay,
-                    seed=args.seed, r2_config=r2, collate_fn=collate_fn)
+    return {"learning_rate": args.learning_rate, "per_device_batch_size": args.batch_size,
+            "num_epochs": max(1, round(args.epochs)), "max_steps": steps, "weight_decay": args.weight_decay,
+            "seed": args.seed, "r2_config": r2}
 
 
 def _error(command: str, err: Exception) -> int:
@@ -240,7 +192,6 @@ def _run_step(
     args: argparse.Namespace,
     command: str,
     config: Any,
-    step: Any,
     *,
     setting: str,
     tag: str,
@@ -248,26 +199,29 @@ def _run_step(
     train: bool = False,
     **row_fields: Any,
 ) -> int:
-    """What `ptq`, `qat` and `compress` share: load the model and data, measure FP, run `step(model, calibration,
-    train_ds, folder)` (timed), export, measure the low-bit model, record and print both rows."""
-    from .export import save_low_bit
-    from .report import evaluate
+    """What `ptq`, `qat` and `compress` share: load the model and data, measure FP, apply `config`
+    ([`~hf_r2.reproduce.apply.apply_low_bit_`], with the fine-tune if `train`; timed), export, measure the low-bit
+    model, record and print both rows."""
+    from ..quant.export import save_low_bit
+    from ..reproduce.apply import apply_low_bit_
 
     try:
         model, folder, _ = load_any(args.model)
         eval_ds, calibration, train_ds = _data(args, model, train=train)
     except (ValueError, OSError) as err:
         return _error(command, err)
-    rows = [_float_row(model, eval_ds, args.batch_size)]
+    rows = [float_row(evaluate_accuracy(model, eval_ds, batch_size=args.batch_size)["accuracy"])]
     start = time.perf_counter()
-    step(model, calibration, train_ds, folder)
+    finetune = _finetune_kwargs(train_ds, args, folder) if train else None
+    apply_low_bit_(model, config, calibration, train_dataset=train_ds, finetune=finetune,
+                   bn_reestimate=getattr(args, "bn_reestimate", True))
     seconds = time.perf_counter() - start
     export_dir = _output_dir(args, folder, tag)
     method_name = method.split("-")[0] if command != "compress" else method
     description = save_low_bit(
         model, export_dir, method=method_name, method_config=config.to_dict(), base_model=args.model
     )
-    accuracy = evaluate(model, eval_ds, batch_size=args.batch_size)
+    accuracy = evaluate_accuracy(model, eval_ds, batch_size=args.batch_size)["accuracy"]
     rows.append(_row(setting, method, accuracy, description, export_dir, seconds=seconds, **row_fields))
     return _finish(args, rows, folder, export_dir, f"{command} of {args.model}")
 
@@ -299,7 +253,7 @@ def ptq_command_parser(subparsers=None) -> argparse.ArgumentParser:
 
 
 def ptq_command(args: argparse.Namespace) -> int:
-    from .ptq import PTQConfig, quantize_
+    from ..quant import PTQConfig
 
     try:
         config = PTQConfig(
@@ -317,22 +271,9 @@ def ptq_command(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _error("ptq", err)
     setting = format_setting(config.w_bits, config.a_bits)
-
-    def step(model, calibration, train_ds, folder):
-        quantize_(model, config, calibration)
-
     tag = f"{setting.lower()}-ptq" + ("-adaround" if config.rounding == "adaround" else "")
-    return _run_step(
-        args,
-        "ptq",
-        config,
-        step,
-        setting=setting,
-        tag=tag,
-        method=f"ptq-{config.rounding}",
-        w_bits=config.w_bits,
-        a_bits=config.a_bits,
-    )
+    return _run_step(args, "ptq", config, setting=setting, tag=tag, method=f"ptq-{config.rounding}",
+                     w_bits=config.w_bits, a_bits=config.a_bits)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,7 +297,7 @@ def qat_command_parser(subparsers=None) -> argparse.ArgumentParser:
 
 
 def qat_command(args: argparse.Namespace) -> int:
-    from .qat import QATConfig, prepare_qat
+    from ..quant import QATConfig
 
     try:
         config = QATConfig(
@@ -368,24 +309,8 @@ def qat_command(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _error("qat", err)
     setting = format_setting(config.w_bits, config.a_bits)
-
-    def step(model, calibration, train_ds, folder):
-        prepare_qat(model, config, calibration)
-        _finetune(model, train_ds, args, folder)
-
-    return _run_step(
-        args,
-        "qat",
-        config,
-        step,
-        setting=setting,
-        tag=f"{setting.lower()}-qat",
-        method="qat-lsq",
-        train=True,
-        w_bits=config.w_bits,
-        a_bits=config.a_bits,
-        epochs=args.epochs,
-    )
+    return _run_step(args, "qat", config, setting=setting, tag=f"{setting.lower()}-qat", method="qat-lsq",
+                     train=True, w_bits=config.w_bits, a_bits=config.a_bits, epochs=args.epochs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -406,31 +331,18 @@ def compress_command_parser(subparsers=None) -> argparse.ArgumentParser:
     _add_data_args(parser, train=True)
     parser.add_argument("--method", default="kmeans", choices=["kmeans", "dkm"])
     parser.add_argument("--bits", type=int, default=2, help="log2 of the palette size, 1 to 8.")
-    parser.add_argument(
-        "--group-size",
-        "--group_size",
-        type=int,
-        default=None,
-        help="One palette per this many output channels (default: one per tensor).",
-    )
-    parser.add_argument(
-        "--skip-first-last", "--skip_first_last", action="store_true", help="Leave the first and last layer in float."
-    )
-    parser.add_argument(
-        "--no-bn-reestimate",
-        "--no_bn_reestimate",
-        dest="bn_reestimate",
-        action="store_false",
-        help="Do not re-estimate BN statistics after clustering.",
-    )
+    parser.add_argument("--group-size", "--group_size", type=int, default=None,
+                        help="One palette per this many output channels (default: one per tensor).")
+    parser.add_argument("--skip-first-last", "--skip_first_last", action="store_true",
+                        help="Leave the first and last layer in float.")
+    parser.add_argument("--no-bn-reestimate", "--no_bn_reestimate", dest="bn_reestimate", action="store_false",
+                        help="Do not re-estimate BN statistics after clustering.")
     parser.set_defaults(func=compress_command)
     return parser
 
 
 def compress_command(args: argparse.Namespace) -> int:
-    from .bn import reestimate_bn_stats
-    from .dkm import finalize_dkm, prepare_dkm
-    from .palettize import PalettizeConfig, palettize_
+    from ..quant import PalettizeConfig
 
     try:
         config = PalettizeConfig(
@@ -438,30 +350,9 @@ def compress_command(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         return _error("compress", err)
-
-    def step(model, calibration, train_ds, folder):
-        if args.method == "dkm":
-            prepare_dkm(model, config)
-            _finetune(model, train_ds, args, folder)
-            finalize_dkm(model)
-        else:
-            palettize_(model, config)
-        if args.bn_reestimate:
-            reestimate_bn_stats(model, calibration, num_batches=None)
-
     setting = format_setting(args.bits)
-    return _run_step(
-        args,
-        "compress",
-        config,
-        step,
-        setting=setting,
-        tag=f"{setting.lower()}-{args.method}",
-        method=args.method,
-        train=args.method == "dkm",
-        w_bits=args.bits,
-        a_bits=None,
-    )
+    return _run_step(args, "compress", config, setting=setting, tag=f"{setting.lower()}-{args.method}",
+                     method=args.method, train=args.method == "dkm", w_bits=args.bits, a_bits=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -500,16 +391,16 @@ def _setting_of(description: dict[str, Any]) -> str:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from .report import evaluate, format_table, update_results
+    from ..quant.results import format_table, update_results
 
     try:
         model, folder, description = load_any(args.model)
         eval_ds, _, _ = _data(args, model)
     except (ValueError, OSError) as err:
         return _error("evaluate", err)
-    accuracy = evaluate(model, eval_ds, batch_size=args.batch_size)
+    accuracy = evaluate_accuracy(model, eval_ds, batch_size=args.batch_size)["accuracy"]
     if description is None:
-        row = {"setting": "FP", "method": "float", "w_bits": None, "a_bits": None, "accuracy": accuracy}
+        row = float_row(accuracy)
     else:
         row = {
             "setting": _setting_of(description),

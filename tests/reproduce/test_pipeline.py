@@ -1,9 +1,5 @@
-"""Tests of `hf_r2.reproduce` (the `hf-r2 reproduce` pipeline) and `hf_r2.plots`.
-
-The end-to-end test runs configs/reproduce_tiny.yaml (timm test_resnet, 64 training / 32 test images, 2 steps per
-training, 2 variants x 2 seeds + a 3-lambda sweep, 7 low-bit rows incl. AdaRound, QAT, k-means and DKM) and checks
-structure, arithmetic and resumption; it asserts nothing about accuracy.
-"""
+"""Tests of the `hf-r2 reproduce` pipeline (hf_r2.reproduce.pipeline / report) on tiny data: the whole run, its
+results and report, resuming, caching, and one process per model."""
 
 import json
 import os
@@ -12,20 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_png
 
-from hf_r2.plots import plot_accuracy_vs_bits, plot_layer_ranges, plot_weight_histograms, select_layers
+from hf_r2.commands.reproduce import reproduce_command, reproduce_command_parser
 from hf_r2.reproduce import (
-    DEFAULT_LOW_BIT,
     REPORT_NAME,
     RESULTS_NAME,
     RUN_INFO_NAME,
     ReproduceConfig,
-    reproduce_command,
-    reproduce_command_parser,
     run_reproduce,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = REPO_ROOT / "configs" / "reproduce_tiny.yaml"
 FULL = REPO_ROOT / "configs" / "reproduce.yaml"
 LONG = REPO_ROOT / "configs" / "reproduce_long.yaml"
@@ -35,18 +29,6 @@ def _tiny_config(out: Path, data_dir: Path, **changes) -> ReproduceConfig:
     config = ReproduceConfig.from_file(TINY)
     return ReproduceConfig.from_dict({**config.to_dict(), "output_dir": str(out), "data_dir": str(data_dir),
                                       **changes})
-
-
-def _assert_png(path: str) -> None:
-    from PIL import Image
-
-    assert os.path.getsize(path) > 1000, path
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        image.verify()
-    with Image.open(path) as image:  # verify() leaves the file unusable: reopen to decode the pixels
-        image.load()
-        assert image.size[0] > 100 and image.size[1] > 100
 
 
 def _expected_settings(config: ReproduceConfig, run: dict) -> set:
@@ -62,7 +44,7 @@ def _expected_settings(config: ReproduceConfig, run: dict) -> set:
 
 @torch.no_grad()
 def _fp_accuracy(run_dir: str, config: ReproduceConfig) -> float:
-    """The float top-1 of a saved run, measured here independently of hf_r2.quant.evaluate."""
+    """The float top-1 of a saved run, measured here independently of hf_r2.metrics."""
     from hf_r2.data import collate_fn, load_image_dataset, with_transforms
     from hf_r2.models import create_model
 
@@ -173,7 +155,7 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, data_dir):
     plots = saved["plots"]["test_resnet"]
     assert set(plots) == {"weight histograms", "per-layer ranges", "accuracy vs bits"}
     for path in plots.values():
-        _assert_png(path)
+        assert_png(path)
         assert os.path.relpath(path, out) in report
 
     # second run, through the CLI: nothing retrained, nothing recomputed, the same numbers
@@ -212,82 +194,6 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, data_dir):
         run_reproduce(_tiny_config(out, data_dir, lr=0.01), progress=False, print_fn=None)
 
 
-# ---- config -------------------------------------------------------------------------------------------------------
-
-
-def test_config_files_load_and_round_trip(tmp_path):
-    tiny = ReproduceConfig.from_file(TINY)
-    full = ReproduceConfig.from_file(FULL)
-    long = ReproduceConfig.from_file(LONG)
-    default = ReproduceConfig()
-    for config in (tiny, full, long, default):
-        config.output_dir = str(tmp_path / "x")
-        config.save_pretrained(tmp_path)
-        assert ReproduceConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
-        assert ReproduceConfig.from_file(tmp_path).to_dict() == config.to_dict()
-    # the tiny config: 7 rows, 4 of them headline; QAT, k-means and DKM all present
-    assert [s["method"] for s in tiny.low_bit] == ["ptq", "ptq", "ptq", "ptq", "qat", "kmeans", "dkm"]
-    assert tiny.headline_settings == ["W8A8 per-channel mse", "W4A8 per-tensor maxabs", "W2A8 per-channel mse",
-                                      "W1 k-means"]
-    # the full config: the five variants, >= 3 lambdas, every method
-    assert [v["loss"] for v in full.variants] == ["baseline", "linf", "margin", "soft_min_max", "kurtosis"]
-    assert len(full.lambda_sweep["lambdas"]) >= 3
-    assert {s["method"] for s in full.low_bit} == {"ptq", "qat", "kmeans", "dkm"}
-    # the longer-training follow-up: the same data, models and recipe but the epochs
-    same = ("dataset", "max_train_samples", "max_eval_samples", "models", "model_kwargs", "lr", "weight_decay")
-    assert all(getattr(long, k) == getattr(full, k) for k in same) and long.epochs == 4 * full.epochs
-    assert len(default.low_bit) == len(DEFAULT_LOW_BIT)
-    # JSON works like YAML
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps({"models": ["test_resnet"], "variants": ["baseline", "linf"]}))
-    config = ReproduceConfig.from_file(path)
-    assert config.variants[1] == {"name": "linf", "loss": "linf", "weight": 3.0, "per_channel": True, "r2": {}}
-
-
-def test_setting_names_and_defaults():
-    config = ReproduceConfig(low_bit=[
-        {"method": "ptq", "w_bits": 4, "a_bits": 8, "per_channel": False, "weight_range": "maxabs"},
-        {"method": "ptq", "w_bits": 2, "rounding": "adaround"},
-        {"method": "qat"},
-        {"method": "kmeans", "w_bits": 1},
-        {"method": "dkm", "w_bits": 2, "headline": True, "name": "my dkm"},
-    ], lambda_sweep=None)
-    assert [s["name"] for s in config.low_bit] == ["W4A8 per-tensor maxabs", "W2A8 per-channel adaround",
-                                                   "W2A2 QAT", "W1 k-means", "my dkm"]
-    assert [s["headline"] for s in config.low_bit] == [True, False, False, True, True]
-
-
-@pytest.mark.parametrize(
-    "changes, message",
-    [
-        ({"variants": [{"loss": "linff"}]}, r"`variants\[0\].loss` must be one of"),
-        ({"variants": [{"loss": "soft-min-max", "weight": 1}]}, "Did you mean"),
-        ({"variants": [{"loss": "baseline", "weight": 0.1}]}, "baseline .* `weight` must be 0"),
-        ({"variants": [{"loss": "linf", "weight": 0}]}, r"needs a `weight` \(lambda\) > 0"),
-        ({"variants": [{"loss": "linf", "lamda": 1}]}, r"unknown key\(s\) \['lamda'\]"),
-        ({"variants": ["baseline", "baseline"]}, "holds 'baseline' twice"),
-        ({"variants": [{"loss": "linf", "r2": {"weight": 2}}]}, r"`variants\[0\].r2` has unknown key"),
-        ({"seeds": []}, "`seeds` must be a non-empty list"),
-        ({"seeds": [0, 0]}, "holds 0 twice"),
-        ({"models": []}, "`models` must be a non-empty list"),
-        ({"model_kwargs": {"vit": {}}}, "`model_kwargs` names 'vit', which is not in `models`"),
-        ({"models": ["resnet10t"], "model_kwargs": {"resnet10t": "relu6"}}, r"`model_kwargs\['resnet10t'\]` must"),
-        ({"max_steps": 0}, "`max_steps` must be > 0"),
-        ({"low_bit": [{"method": "gptq"}]}, r"`low_bit\[0\].method` must be one of 'ptq', 'qat', 'kmeans', 'dkm'"),
-        ({"low_bit": [{"method": "kmeans", "a_bits": 8}]}, r"takes no \['a_bits'\]"),
-        ({"low_bit": [{"method": "ptq", "w_bits": 9}]}, "`w_bits` must be an integer from 1 to 8"),
-        ({"low_bit": [{"method": "ptq"}, {"method": "ptq"}]}, "holds 'W2A8 per-channel mse' twice"),
-        ({"lambda_sweep": {"variant": "linf", "lambdas": [1, 3]}}, "at least 3 positive numbers"),
-        ({"lambda_sweep": {"variant": "baseline", "lambdas": [1, 2, 3]}}, "must name one of the R2 variants"),
-        ({"lambda_sweep": {"variant": "linf", "lambdas": [1, 2, 3], "settings": ["W9"]}}, r"\['W9'\] are not"),
-        ({"lambda_sweep": {"variant": "linf", "lambdas": [1, 2, 3], "models": ["vit"]}}, "are not in `models`"),
-    ],
-)
-def test_config_errors(changes, message):
-    with pytest.raises(ValueError, match=message):
-        ReproduceConfig(**changes)
-
-
 def test_model_kwargs_and_one_process_per_model(tmp_path, data_dir, capsys):
     """model_kwargs reach create_model and the saved folder; --models runs a subset into the same output_dir and a
     last run without it reuses those trainings; a config with other kwargs does not reuse them."""
@@ -320,52 +226,3 @@ def test_model_kwargs_and_one_process_per_model(tmp_path, data_dir, capsys):
     with pytest.raises(ValueError, match=r"trained with other settings \(differing: \['model_kwargs'\]\)"):
         run_reproduce(changed, progress=False, print_fn=None)
     capsys.readouterr()
-
-
-def test_config_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        ReproduceConfig.from_file(tmp_path / "missing.yaml")
-    (tmp_path / "c.txt").write_text("models: [a]")
-    with pytest.raises(ValueError, match="must be a .yaml, .yml or .json file"):
-        ReproduceConfig.from_file(tmp_path / "c.txt")
-    (tmp_path / "c.yaml").write_text("- just\n- a list\n")
-    with pytest.raises(ValueError, match="must hold a mapping"):
-        ReproduceConfig.from_file(tmp_path / "c.yaml")
-    (tmp_path / "d.yaml").write_text("epoch: 3\n")
-    with pytest.raises(ValueError, match=r"Unknown `ReproduceConfig` field\(s\) \['epoch'\]"):
-        ReproduceConfig.from_file(tmp_path / "d.yaml")
-    args = reproduce_command_parser().parse_args([str(tmp_path / "d.yaml"), "--no-progress"])
-    assert reproduce_command(args) == 1
-
-
-# ---- plots --------------------------------------------------------------------------------------------------------
-
-
-def test_select_layers():
-    names = [f"l{i}" for i in range(10)]
-    assert select_layers(names, 4) == ["l0", "l3", "l6", "l9"]
-    assert select_layers(names, 1) == ["l0"]
-    assert select_layers(names[:3], 4) == names[:3]
-    # a preferred (e.g. depthwise) layer replaces the nearest inner pick
-    assert select_layers(names, 4, prefer=["l5"]) == ["l0", "l3", "l5", "l9"]
-    assert select_layers(names, 4, prefer=["l3"]) == ["l0", "l3", "l6", "l9"]  # already shown
-    with pytest.raises(ValueError, match="`count` must be >= 1"):
-        select_layers(names, 0)
-
-
-def test_plots_write_valid_pngs(tmp_path):
-    rng = np.random.default_rng(0)
-    weights = {"baseline": {"a": rng.normal(size=500), "b": rng.standard_t(2, size=(8, 8))},
-               "linf": {"a": rng.uniform(-1, 1, size=500), "b": rng.uniform(-1, 1, size=64)}}
-    _assert_png(plot_weight_histograms(weights, tmp_path / "h.png", title="t"))
-    stats = {label: {layer: {"min": float(w.min()), "max": float(w.max()), "std": float(w.std())}
-                     for layer, w in layers.items()} for label, layers in weights.items()}
-    _assert_png(plot_layer_ranges(stats, tmp_path / "sub" / "r.png"))
-    curves = {"baseline": {"PTQ": {8: 66.0, 4: 63.0, 2: 50.0}, "clustering": {2: 60.0, 1: 40.0}},
-              "linf": {"PTQ": {8: 65.5, 4: 64.9, 2: 62.0}, "clustering": {2: 64.0, 1: 60.0}}}
-    _assert_png(plot_accuracy_vs_bits(curves, tmp_path / "b.png", fp={"baseline": 66.2, "linf": 65.5}))
-    _assert_png(plot_accuracy_vs_bits(curves, tmp_path / "b2.png"))
-    with pytest.raises(ValueError, match="`weights` is empty"):
-        plot_weight_histograms({}, tmp_path / "x.png")
-    with pytest.raises(ValueError, match="`curves` is empty"):
-        plot_accuracy_vs_bits({}, tmp_path / "x.png")

@@ -1,5 +1,5 @@
-"""Tests of hf_r2.data: loading (short names, paths, parquet, imagefolder, Hub fallback), column detection and its
-errors, timm-resolved transforms checked against a hand computation, and collation."""
+"""Tests of hf_r2.data.loading: short names (local copy via data_dir / $HF_R2_DATA_DIR, Hub fallback), paths,
+parquet, imagefolder, column detection and its errors, the validation hold-out, and the calibration subset."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,7 @@ import torch
 from PIL import Image
 
 from hf_r2.data import (
-    AugmentType,
-    build_transform,
+    calibration_batches,
     collate_fn,
     find_local_data_dir,
     label_names,
@@ -17,18 +16,6 @@ from hf_r2.data import (
 )
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
-
-
-def _normalise(image: Image.Image, mean, std) -> np.ndarray:
-    """Hand reference: (x / 255 - mean) / std in float64, CHW."""
-    x = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
-    return ((x - np.asarray(mean)) / np.asarray(std)).transpose(2, 0, 1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# loading
 
 
 def test_short_name_local_copy(data_dir):
@@ -103,7 +90,7 @@ def test_cifar10_falls_back_to_hub(monkeypatch, tmp_path):
         return hub
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    monkeypatch.setattr("hf_r2.data.find_local_data_dir", lambda data_dir=None: None)
+    monkeypatch.setattr("hf_r2.data.loading.find_local_data_dir", lambda data_dir=None: None)
     ds = load_image_dataset("cifar10")
     assert calls == ["uoft-cs/cifar10"]
     assert ds["train"].column_names == ["image", "label"] and ds["train"].num_rows == 12
@@ -202,108 +189,6 @@ def test_bad_paths_and_splits(tmp_path, data_dir):
         load_image_dataset("cifar10-tiny", data_dir=data_dir, eval_split="validation")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# transforms
-
-
-def test_eval_transform_native_size_matches_hand_computation(timm_cnn, hf_resnet, data_dir):
-    image = load_image_dataset("cifar10-tiny", data_dir=data_dir)["test"][0]["image"]
-    # timm test_resnet: mean = std = 0.5 in its pretrained_cfg
-    got = build_transform(timm_cnn, train=False, input_size=32)(image)
-    np.testing.assert_allclose(got.double().numpy(), _normalise(image, [0.5] * 3, [0.5] * 3), atol=1e-5)
-    # transformers ResNet: no data config -> ImageNet mean / std
-    got = build_transform(hf_resnet, train=False, input_size=32)(image)
-    assert got.dtype == torch.float32 and got.shape == (3, 32, 32)
-    np.testing.assert_allclose(got.double().numpy(), _normalise(image, IMAGENET_MEAN, IMAGENET_STD), atol=1e-5)
-    # "none" trains on the same transform
-    got = build_transform(timm_cnn, train=True, input_size=32, augment="none")(image)
-    np.testing.assert_allclose(got.double().numpy(), _normalise(image, [0.5] * 3, [0.5] * 3), atol=1e-5)
-
-
-def test_cifar_train_transform_is_a_padded_shift_or_flip(timm_cnn):
-    """Brute force: each augmented output equals the hand-normalised image shifted by (dy, dx) in [-4, 4] with zero
-    padding, optionally mirrored."""
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    ref = _normalise(image, [0.5] * 3, [0.5] * 3)
-    pad_value = (0.0 - 0.5) / 0.5
-    padded = np.pad(ref, ((0, 0), (4, 4), (4, 4)), constant_values=pad_value)
-    candidates = {}
-    for dy in range(9):
-        for dx in range(9):
-            crop = padded[:, dy:dy + 32, dx:dx + 32]
-            candidates[(dy, dx, False)] = crop
-            candidates[(dy, dx, True)] = crop[:, :, ::-1]
-    transform = build_transform(timm_cnn, train=True, input_size=32)  # "auto" -> "cifar" at 32 px
-    seen = set()
-    torch.manual_seed(0)
-    for _ in range(12):
-        out = transform(image).double().numpy()
-        assert out.shape == (3, 32, 32)
-        match = [k for k, c in candidates.items() if np.allclose(out, c, atol=1e-5)]
-        assert match, "augmented image is not a padded shift / flip of the input"
-        seen.add(match[0])
-    assert len(seen) > 1  # it is random
-
-
-def test_timm_recipe_and_sizes(timm_cnn):
-    from timm.data import create_transform, resolve_data_config
-
-    cfg = resolve_data_config(model=timm_cnn)
-    for train in (True, False):
-        ours = build_transform(timm_cnn, train=train, augment=AugmentType.TIMM)
-        assert repr(ours) == repr(create_transform(**cfg, is_training=train))
-    image = Image.new("RGB", (40, 50), (10, 20, 30))
-    assert build_transform(timm_cnn, train=False)(image).shape == (3, 160, 160)  # test_resnet's own input size
-    assert build_transform(timm_cnn, train=True, input_size=48)(image).shape == (3, 48, 48)  # auto -> cifar
-    assert build_transform(timm_cnn, train=True, input_size=96)(image).shape == (3, 96, 96)  # auto -> timm
-    with pytest.raises(ValueError, match=r"`augment='flip'` is not a known recipe.*'cifar'"):
-        build_transform(timm_cnn, train=True, augment="flip")
-
-
-def test_transformers_input_size_from_config():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    cfg = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-                    image_size=48, patch_size=16, num_labels=3)
-    model = ViTForImageClassification(cfg)
-    out = build_transform(model, train=False)(Image.new("RGB", (64, 64), (255, 255, 255)))
-    assert out.shape == (3, 48, 48)
-    expected = (1.0 - IMAGENET_MEAN) / IMAGENET_STD
-    np.testing.assert_allclose(out[:, 24, 24].double().numpy(), expected, atol=1e-5)
-
-
-def test_with_transforms_and_collate(timm_cnn, data_dir):
-    ds = load_image_dataset("cifar10-tiny", data_dir=data_dir, max_eval_samples=8)
-    raw = ds["test"]
-    transformed = with_transforms(raw, timm_cnn, train=False, input_size=32)
-    assert raw.column_names == ["image", "label"] and isinstance(raw[0]["image"], Image.Image)  # input untouched
-    rows = [transformed[i] for i in range(5)]
-    assert set(rows[0]) == {"pixel_values", "labels"}
-    batch = collate_fn(rows)
-    assert batch["pixel_values"].shape == (5, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
-    assert batch["labels"].dtype == torch.long and batch["labels"].tolist() == raw["label"][:5]
-    for i in range(5):
-        np.testing.assert_allclose(batch["pixel_values"][i].double().numpy(),
-                                   _normalise(raw[i]["image"], [0.5] * 3, [0.5] * 3), atol=1e-5)
-    # a DatasetDict gets the transform on every split; a DataLoader yields the same batches
-    both = with_transforms(ds, timm_cnn, train=True, input_size=32)
-    loader = torch.utils.data.DataLoader(both["test"], batch_size=4, collate_fn=collate_fn)
-    batches = list(loader)
-    assert [b["pixel_values"].shape[0] for b in batches] == [4, 4]
-    assert torch.cat([b["labels"] for b in batches]).tolist() == raw["label"]
-
-
-def test_with_transforms_needs_image_and_label(timm_cnn):
-    import datasets
-
-    bad = datasets.Dataset.from_dict({"img": [Image.new("RGB", (4, 4))], "y": [0]})
-    with pytest.raises(ValueError, match=r"lacks \['image', 'label'\].*load_image_dataset"):
-        with_transforms(bad, timm_cnn, train=False)
-    with pytest.raises(ValueError, match="not a `datasets.ClassLabel`"):
-        label_names(bad)
-
-
 def test_validation_size_holds_out_training_rows_the_same_for_every_seed(data_dir):
     full = load_image_dataset("cifar10-tiny", data_dir=data_dir)
     a = load_image_dataset("cifar10-tiny", data_dir=data_dir, validation_size=100, seed=0)
@@ -323,3 +208,27 @@ def test_validation_size_holds_out_training_rows_the_same_for_every_seed(data_di
         load_image_dataset("cifar10-tiny", data_dir=data_dir, validation_size=1000)
     with pytest.raises(ValueError, match="`validation_size` must be a positive"):
         load_image_dataset("cifar10-tiny", data_dir=data_dir, validation_size=0)
+
+
+def test_no_local_copy_without_data_dir_or_env(monkeypatch, tmp_path, data_dir):
+    """The package looks only at `data_dir` and $HF_R2_DATA_DIR: no repository-relative guess."""
+    monkeypatch.delenv("HF_R2_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert find_local_data_dir() is None
+    assert find_local_data_dir(tmp_path) is None  # no cifar10* folder in it
+    assert find_local_data_dir(data_dir) == data_dir
+
+
+def test_calibration_batches_are_a_seeded_draw_with_the_eval_transform(timm_cnn, data_dir):
+    train = load_image_dataset("cifar10-tiny", data_dir=data_dir)["train"]
+    batches = calibration_batches(train, timm_cnn, 40, seed=3, batch_size=16, input_size=32)
+    assert [b["pixel_values"].shape[0] for b in batches] == [16, 16, 8]
+    # the rows a seeded randperm picks, in that order, with the evaluation transform
+    index = torch.randperm(len(train), generator=torch.Generator().manual_seed(3))[:40].tolist()
+    plain = with_transforms(train, timm_cnn, train=False, input_size=32)
+    expected = collate_fn([plain[i] for i in index])
+    torch.testing.assert_close(torch.cat([b["pixel_values"] for b in batches]), expected["pixel_values"])
+    assert torch.cat([b["labels"] for b in batches]).tolist() == expected["labels"].tolist()
+    again = calibration_batches(train, timm_cnn, 40, seed=3, batch_size=16, input_size=32)
+    assert all(torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(batches, again))
+    assert sum(len(b["labels"]) for b in calibration_batches(train, timm_cnn, 5000, seed=0, input_size=32)) == 1000

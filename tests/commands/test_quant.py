@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import make_timm
 
 from hf_r2.cli import main
 from hf_r2.quant import load_low_bit
-from hf_r2.quant.report import LOW_BIT_RESULTS_NAME, read_results
+from hf_r2.quant.results import LOW_BIT_RESULTS_NAME, read_results
 from hf_r2.saving import save_model_folder
-from tests.conftest import make_timm
 
 
 @pytest.fixture

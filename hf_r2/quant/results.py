@@ -1,5 +1,5 @@
-"""Measuring low-bit models: `evaluate(model, data)` (top-1), `low_bit_table(...)` (FP / W8A8 / W4A8 / W2A8), and
-the results file `low_bit_results.json` that every `hf-r2 ptq / qat / compress / evaluate` run adds its row to.
+"""Low-bit results: setting names (`"w2a8"` <-> `(2, 8)`), the FP row, the results file `low_bit_results.json`
+that every `hf-r2 ptq / qat / compress / evaluate` run adds its row to, and the FP / W8A8 / W4A8 / W2A8 table.
 """
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from .._utils import read_json, write_json_atomic
 from ..metrics import evaluate_accuracy
+from .ptq import PTQConfig, post_training_quantize_
 
 __all__ = [
     "LOW_BIT_RESULTS_NAME",
-    "evaluate",
     "parse_setting",
     "format_setting",
+    "float_row",
     "low_bit_table",
     "format_table",
     "read_results",
@@ -28,26 +28,6 @@ __all__ = [
 ]
 
 LOW_BIT_RESULTS_NAME = "low_bit_results.json"
-
-
-def _loader(data: Any, batch_size: int) -> Iterable[Any]:
-    """`data` itself if it is a DataLoader / iterable of batches, else a DataLoader over a map-style dataset."""
-    if isinstance(data, torch.utils.data.DataLoader) or not hasattr(data, "__getitem__"):
-        return data
-    if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict) and data[0]["labels"].dim() == 1:
-        return data  # a list of batches
-    from ..data import collate_fn
-
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-
-
-def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256, device: str | torch.device | None = None) -> float:
-    """Top-1 accuracy (a fraction in `[0, 1]`) of `model` on `data`.
-
-    `data` is a DataLoader or list of batches (`{"pixel_values", "labels"}`), or a dataset of rows in that form
-    (e.g. [`hf_r2.data.with_transforms`]'s output), batched here. The model runs in eval mode.
-    """
-    return evaluate_accuracy(model, _loader(data, batch_size), device=device)["accuracy"]
 
 
 def parse_setting(setting: str) -> tuple[int | None, int | None]:
@@ -68,6 +48,12 @@ def format_setting(w_bits: int | None, a_bits: int | None = None) -> str:
     return f"W{w_bits}" + (f"A{a_bits}" if a_bits else "")
 
 
+def float_row(accuracy: float, **fields: Any) -> dict[str, Any]:
+    """The result row of the full-precision model: `{"setting": "FP", "method": "float", "w_bits": None,
+    "a_bits": None, "accuracy": accuracy}`, followed by `fields` (e.g. `dataset=...`, `seconds=...`)."""
+    return {"setting": "FP", "method": "float", "w_bits": None, "a_bits": None, "accuracy": accuracy, **fields}
+
+
 def low_bit_table(
     model: nn.Module,
     eval_data: Any,
@@ -77,7 +63,7 @@ def low_bit_table(
 ) -> list[dict[str, Any]]:
     """Top-1 accuracy of `model` in float and after PTQ at each of `settings`; `model` is left untouched.
 
-    Each setting quantizes a copy with [`~hf_r2.quant.ptq.quantize_`] and `PTQConfig(w_bits, a_bits,
+    Each setting quantizes a copy with [`~hf_r2.quant.ptq.post_training_quantize_`] and `PTQConfig(w_bits, a_bits,
     **ptq_kwargs)` (by default per-channel MSE ranges, round to nearest, BN re-estimation: so
     `calibration_data` is needed for any setting but `"fp"`).
 
@@ -85,32 +71,22 @@ def low_bit_table(
         `list[dict]`: one row per setting, `{"setting": "W2A8", "method": "ptq", "w_bits", "a_bits", "accuracy",
         "config"}`.
     """
-    from .ptq import PTQConfig, quantize_
-
     rows = []
     batches = None if calibration_data is None else list(calibration_data)
     for setting in settings:
         w_bits, a_bits = parse_setting(setting)
         if w_bits is None:
-            rows.append(
-                {
-                    "setting": "FP",
-                    "method": "float",
-                    "w_bits": None,
-                    "a_bits": None,
-                    "accuracy": evaluate(model, eval_data),
-                }
-            )
+            rows.append(float_row(evaluate_accuracy(model, eval_data)["accuracy"]))
             continue
         config = PTQConfig(w_bits=w_bits, a_bits=a_bits, **ptq_kwargs)
-        quantized = quantize_(copy.deepcopy(model), config, batches)
+        quantized = post_training_quantize_(copy.deepcopy(model), config, batches)
         rows.append(
             {
                 "setting": setting.upper(),
                 "method": "ptq",
                 "w_bits": w_bits,
                 "a_bits": a_bits,
-                "accuracy": evaluate(quantized, eval_data),
+                "accuracy": evaluate_accuracy(quantized, eval_data)["accuracy"],
                 "config": config.to_dict(),
             }
         )

@@ -1,40 +1,38 @@
-"""Image-classification data through 🤗 Datasets, with each model's own preprocessing from timm's data config.
+"""Loading image-classification data through 🤗 Datasets: [`load_image_dataset`] turns a short name (`"cifar10"`),
+a Hub id, a folder of images or parquet files into a [`~datasets.DatasetDict`] with the splits `"train"` and `"test"`
+and the columns `image` and `label`; [`calibration_batches`] draws the calibration subset of the low-bit steps.
 
-[`load_image_dataset`] turns a short name (`"cifar10"`), a Hub id, a folder of images or parquet files into a
-[`~datasets.DatasetDict`] with the splits `"train"` and `"test"` and the columns `image` and `label`.
-[`build_transform`] resolves the model's mean, std and input size the way `timm.data.resolve_data_config` does
-(for transformers models too), and [`with_transforms`] + [`collate_fn`] give the batches every part of hf-r2 uses:
-`{"pixel_values": float tensor (B, 3, H, W), "labels": long tensor (B,)}`.
+The CIFAR-10 short names read a local parquet copy from `data_dir` or `$HF_R2_DATA_DIR` ([`find_local_data_dir`]),
+else `uoft-cs/cifar10` from the Hub.
 """
 
 from __future__ import annotations
 
-import enum
 import glob
-import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .transforms import collate_fn, with_transforms
+
 __all__ = [
-    "AugmentType",
     "LOCAL_DATASETS",
     "HUB_FALLBACKS",
+    "VALIDATION_SEED",
     "find_local_data_dir",
     "hub_dataset_id",
     "load_image_dataset",
     "label_names",
-    "build_transform",
-    "with_transforms",
-    "collate_fn",
+    "calibration_batches",
 ]
 
 logger = logging.getLogger(__name__)
+
 
 #: Short names resolved to a local parquet copy (a folder of that name under the data directory).
 LOCAL_DATASETS = ("cifar10", "cifar10-small", "cifar10-tiny")
@@ -51,28 +49,6 @@ _EVAL_SPLITS = ("test", "validation", "valid", "val", "eval")
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _SPLIT_PATTERN = re.compile(r"(?:^|[-_./])(train|test|validation|valid|val|eval)(?:$|[-_./\d])")
 
-
-class AugmentType(str, enum.Enum):
-    """Training-time augmentation recipes of [`build_transform`]. Plain strings are accepted too.
-
-    - `"auto"`: `"cifar"` when the input size is 64 pixels or less, else `"timm"`.
-    - `"cifar"`: the small-image recipe: random crop with 4 pixels of zero padding and a horizontal flip; evaluation
-      uses the whole image (resized to the input size when it differs).
-    - `"timm"`: timm's `create_transform(is_training=True)` (random-resized crop, flip, colour jitter); evaluation
-      resizes and centre-crops by the model's `crop_pct`.
-    - `"none"`: no augmentation: training uses the evaluation transform of `"cifar"`.
-    """
-
-    AUTO = "auto"
-    CIFAR = "cifar"
-    TIMM = "timm"
-    NONE = "none"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading
-
-
 def hub_dataset_id(name_or_path: str | None) -> str | None:
     """The Hub id of a dataset name as [`load_image_dataset`] takes it: `uoft-cs/cifar10` for the CIFAR-10 short
     names, the name itself for a Hub id, `None` for a local folder or file pattern (no Hub id to cite)."""
@@ -84,21 +60,17 @@ def hub_dataset_id(name_or_path: str | None) -> str | None:
         return None
     return name_or_path if name_or_path.count("/") == 1 else None
 
-
 def find_local_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     """The folder that holds the local copies (`cifar10/`, `cifar10-small/`, `cifar10-tiny/`), or `None`.
 
-    Looks, in order, at `data_dir`, `$HF_R2_DATA_DIR`, `shared/data` next to the repository that holds this package
-    (`<repo>/../shared/data`), and `../shared/data` / `shared/data` from the working directory.
+    Looks at `data_dir`, then at `$HF_R2_DATA_DIR` (the Makefile and the test suite point it at the checkout's
+    `../shared/data`); the package guesses no other place.
     """
     candidates: list[Path] = []
     if data_dir is not None:
         candidates.append(Path(data_dir))
     if os.environ.get("HF_R2_DATA_DIR"):
         candidates.append(Path(os.environ["HF_R2_DATA_DIR"]))
-    repo_root = Path(__file__).resolve().parents[1]
-    candidates += [repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
-                   Path.cwd() / "shared" / "data"]
     for candidate in candidates:
         if any((candidate / name).is_dir() for name in LOCAL_DATASETS):
             return candidate
@@ -143,7 +115,7 @@ def _load_raw(name_or_path: str, data_dir: str | None, train_split: str | None, 
             return load_dataset("parquet", data_files=files), f"local copy {root / name_or_path}", caps
         hub_id, n_train, n_test = HUB_FALLBACKS[name_or_path]
         logger.warning(
-            "No local copy of %r found (looked at `data_dir`, $HF_R2_DATA_DIR and ../shared/data); loading %r "
+            "No local copy of %r found (looked at `data_dir` and $HF_R2_DATA_DIR); loading %r "
             "from the Hub%s.", name_or_path, hub_id, "" if n_train is None else f", first {n_train}/{n_test} rows "
             "after a seeded shuffle (not the same images as the local copy)",
         )
@@ -272,9 +244,9 @@ def load_image_dataset(
     `name_or_path` may be:
 
     - `"cifar10"`, `"cifar10-small"` (5k/1k) or `"cifar10-tiny"` (1k/200): the local parquet copy in the folder of
-      that name under `data_dir`, `$HF_R2_DATA_DIR` or `../shared/data` from the repository (see
-      [`find_local_data_dir`]). Without a local copy they load `uoft-cs/cifar10` from the Hub (the small and tiny
-      names then take that many rows after a seeded shuffle, which are not the same images);
+      that name under `data_dir` or `$HF_R2_DATA_DIR` (see [`find_local_data_dir`]). Without a local copy they
+      load `uoft-cs/cifar10` from the Hub (the small and tiny names then take that many rows after a seeded
+      shuffle, which are not the same images);
     - `"imagefolder"` with `data_dir=` a folder of class sub-folders (optionally under `train/` and `test/`), or
       such a folder given directly;
     - `"parquet"` with `data_dir=` a folder or glob of parquet files, or such a folder / glob / file given directly.
@@ -389,149 +361,39 @@ def label_names(dataset) -> list[str]:
     return list(feature.names)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Transforms
+def calibration_batches(
+    train_split,
+    model: nn.Module,
+    count: int,
+    *,
+    seed: int,
+    batch_size: int = 64,
+    input_size: int | None = None,
+) -> list[dict[str, Tensor]]:
+    """The calibration subset: `count` rows of the training split (a seeded `torch.randperm`), with the evaluation
+    transform (no augmentation), batched with [`collate_fn`] in that order.
 
-
-def _preprocessor_json(config) -> dict[str, Any]:
-    path = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
-    file = os.path.join(path, "preprocessor_config.json") if path else None
-    if file and os.path.isfile(file):
-        with open(file) as f:
-            return json.load(f)
-    return {}
-
-
-def _size_of(value: Any) -> int | None:
-    if isinstance(value, int):
-        return value
-    if isinstance(value, (list, tuple)) and value:
-        return int(value[-1])
-    if isinstance(value, dict):
-        for key in ("shortest_edge", "height", "width"):
-            if key in value:
-                return int(value[key])
-    return None
-
-
-def _resolve_data_config(model: nn.Module, input_size: int | None) -> dict[str, Any]:
-    """timm's data config (input_size, interpolation, mean, std, crop_pct, crop_mode) for a timm or HF model."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
-
-    from .models import is_transformers_model, unwrap_model
-
-    model = unwrap_model(model)
-    args = {} if input_size is None else {"input_size": (3, int(input_size), int(input_size))}
-    if hasattr(model, "timm_model"):  # transformers' TimmWrapper
-        model = model.timm_model
-    if not is_transformers_model(model):
-        return resolve_data_config(args, model=model)
-    config = model.config
-    processor = _preprocessor_json(config)
-    size = input_size or _size_of(getattr(config, "image_size", None)) or _size_of(processor.get("crop_size")) \
-        or _size_of(processor.get("size")) or 224
-    mean = getattr(config, "image_mean", None) or processor.get("image_mean") or IMAGENET_DEFAULT_MEAN
-    std = getattr(config, "image_std", None) or processor.get("image_std") or IMAGENET_DEFAULT_STD
-    crop_pct = processor.get("crop_pct") or 0.875
-    return {"input_size": (3, int(size), int(size)), "interpolation": "bilinear", "mean": tuple(mean),
-            "std": tuple(std), "crop_pct": float(crop_pct), "crop_mode": "center"}
-
-
-def build_transform(
-    model: nn.Module, train: bool, input_size: int | None = None, augment: str | AugmentType = "auto"
-) -> Callable:
-    """The preprocessing of `model`: a torchvision transform from PIL image to normalised float tensor `(3, H, W)`.
-
-    Mean, std, interpolation and crop come from the model through `timm.data.resolve_data_config` (timm models and
-    transformers' `TimmWrapper`), or for other transformers models from `config.image_size` / the folder's
-    `preprocessor_config.json`, else ImageNet's mean and std at 224 pixels. The transform itself is built by
-    `timm.data.create_transform`, except for the `"cifar"` training recipe (see [`AugmentType`]).
+    What every low-bit step calibrates activations, initialises LSQ / AdaRound and re-estimates batch norm on
+    (`hf-r2 ptq / qat / compress` and `hf-r2 reproduce` draw it alike).
 
     Args:
-        model (`nn.Module`):
-            A timm or transformers image classifier.
-        train (`bool`):
-            Training transform (with augmentation) or evaluation transform.
-        input_size (`int`, *optional*):
-            Side of the square input in pixels; overrides the model's (use `32` for CIFAR at native size).
-        augment (`str` or [`AugmentType`], *optional*, defaults to `"auto"`):
-            The recipe: `"auto"`, `"cifar"`, `"timm"` or `"none"`.
-    """
-    from timm.data import create_transform
-    from torchvision import transforms as T
-
-    try:
-        augment = AugmentType(augment)
-    except ValueError:
-        raise ValueError(
-            f"`augment={augment!r}` is not a known recipe; choose one of {[a.value for a in AugmentType]}."
-        ) from None
-    cfg = _resolve_data_config(model, input_size)
-    size = int(cfg["input_size"][-1])
-    if augment is AugmentType.AUTO:
-        augment = AugmentType.CIFAR if size <= 64 else AugmentType.TIMM
-    if augment is AugmentType.TIMM:
-        return create_transform(**cfg, is_training=train)
-    eval_transform = create_transform(**{**cfg, "crop_pct": 1.0}, is_training=False)
-    if not train or augment is AugmentType.NONE:
-        return eval_transform
-    # eval_transform = [Resize, CenterCrop, ToTensor, Normalize]: random crop + flip go after the resize
-    steps = list(eval_transform.transforms)
-    return T.Compose(steps[:2] + [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] + steps[2:])
-
-
-def _to_pil(image: Any):
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    array = torch.as_tensor(image).numpy()
-    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):  # CHW -> HWC
-        array = array.transpose(1, 2, 0)
-    if array.dtype != "uint8":
-        array = (array * 255.0 if array.max() <= 1.0 else array).clip(0, 255).astype("uint8")
-    return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
-
-
-def with_transforms(dataset, model: nn.Module, train: bool, **kwargs: Any):
-    """A copy of `dataset` whose rows are `{"pixel_values": float tensor (3, H, W), "labels": int}`.
-
-    Uses `dataset.with_transform` (applied on access, so nothing is stored), with [`build_transform`]`(model, train,
-    **kwargs)` on the `image` column and `label` passed through as `labels`. A `DatasetDict` gets the same transform
-    on every split.
-
-    Args:
-        dataset ([`~datasets.Dataset`] or [`~datasets.DatasetDict`]):
-            With the columns `image` and `label` (as [`load_image_dataset`] returns).
+        train_split ([`~datasets.Dataset`]):
+            The `"train"` split of [`load_image_dataset`] (columns `image`, `label`).
         model (`nn.Module`):
             The model whose preprocessing to use.
-        train (`bool`):
-            Training transform (augmented) or evaluation transform.
-        kwargs:
-            `input_size=` and `augment=` for [`build_transform`].
+        count (`int`):
+            Rows to draw (all of them if the split is smaller).
+        seed (`int`):
+            Seed of the draw.
+        batch_size (`int`, *optional*, defaults to `64`):
+            Rows per batch.
+        input_size (`int`, *optional*):
+            Side of the square input, as [`build_transform`] takes it.
     """
-    from datasets import DatasetDict
+    from torch.utils.data import DataLoader, Subset
 
-    if isinstance(dataset, DatasetDict):
-        return DatasetDict({k: with_transforms(v, model, train, **kwargs) for k, v in dataset.items()})
-    missing = [c for c in ("image", "label") if c not in dataset.column_names]
-    if missing:
-        raise ValueError(
-            f"`with_transforms` needs the columns 'image' and 'label', but the dataset lacks {missing} (columns: "
-            f"{dataset.column_names}); load it with `load_image_dataset`, which renames them."
-        )
-    transform = build_transform(model, train, **kwargs)
-
-    def _apply(batch: dict[str, list]) -> dict[str, list]:
-        return {"pixel_values": [transform(_to_pil(image).convert("RGB")) for image in batch["image"]],
-                "labels": batch["label"]}
-
-    return dataset.with_transform(_apply, columns=["image", "label"])
-
-
-def collate_fn(examples: list[dict[str, Any]]) -> dict[str, Tensor]:
-    """Stack rows of [`with_transforms`] into a batch `{"pixel_values": (B, 3, H, W), "labels": LongTensor (B,)}`."""
-    return {
-        "pixel_values": torch.stack([torch.as_tensor(ex["pixel_values"]) for ex in examples]),
-        "labels": torch.tensor([int(ex["labels"]) for ex in examples], dtype=torch.long),
-    }
+    plain_train = with_transforms(train_split, model, train=False, input_size=input_size)
+    count = min(count, len(plain_train))
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(plain_train), generator=generator)[:count].tolist()
+    return list(DataLoader(Subset(plain_train, index), batch_size=batch_size, shuffle=False, collate_fn=collate_fn))

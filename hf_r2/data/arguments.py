@@ -1,0 +1,154 @@
+"""The dataclasses of `hf-r2 train`'s model and data flags ([`ModelArguments`], [`DataArguments`], parsed with
+[`~transformers.HfArgumentParser`]) and what they turn into: the dataset ([`load_data`]) and the input size recorded
+in the model ([`record_data_config`]). Shared by `hf-r2 train`, `hf-r2 reproduce` and `examples/train_accelerate.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .loading import load_image_dataset
+
+__all__ = ["ModelArguments", "DataArguments", "load_data", "record_data_config"]
+
+
+@dataclass
+class ModelArguments:
+    """Which model `hf-r2 train` trains.
+
+    model_name_or_path (`str`):
+        A timm name (`resnet18`), an `hf-hub:` id, a transformers checkpoint (Hub id or folder) or a folder saved by
+        `hf-r2 train`. The classifier head is sized to the dataset's classes.
+    pretrained (`bool`, *optional*, defaults to `False`):
+        Start from the checkpoint's weights instead of a random init.
+    """
+
+    model_name_or_path: str = field(
+        metadata={
+            "help": "A timm name (resnet18), an hf-hub: id, a transformers checkpoint (Hub id or folder) or a folder "
+            "saved by hf-r2 train. The classifier head is sized to the dataset's classes.",
+            "aliases": ["--model"],
+        },
+    )
+    pretrained: bool = field(
+        default=False, metadata={"help": "Start from the checkpoint's weights instead of a random init."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which data `hf-r2 train` trains and evaluates on, and how it is preprocessed (see [`load_image_dataset`]).
+
+    dataset_name (`str`, *optional*, defaults to `"cifar10"`):
+        `cifar10`, `cifar10-small`, `cifar10-tiny` (local copy, else `uoft-cs/cifar10`), a Hub dataset id, a folder
+        of class sub-folders of images, or a folder / glob of parquet files.
+    data_dir (`str`, *optional*):
+        Folder of the local CIFAR-10 copies (default: `$HF_R2_DATA_DIR`), or the `data_dir` of a Hub dataset.
+    image_column (`str`, *optional*):
+        The image column; found by itself when it is an `Image` feature or named `image`, `img`, ...
+    label_column (`str`, *optional*):
+        The label column; found by itself when it is a `ClassLabel` or named `label`, `labels`, `fine_label`, ...
+    train_split (`str`, *optional*, defaults to `"train"`):
+        The split to train on.
+    eval_split (`str`, *optional*):
+        The split to evaluate on (default: `test`, else `validation`, else 10% of the training split).
+    input_size (`int`, *optional*):
+        Side of the square input in pixels; default: the model's own (use `32` for CIFAR-10 at native size).
+    augment (`str`, *optional*, defaults to `"auto"`):
+        Training augmentation: `cifar` (random crop with padding 4 + flip), `timm` (timm's training transform),
+        `none`, or `auto` (`cifar` up to 64 pixels, else `timm`).
+    max_train_samples (`int`, *optional*):
+        Train on this many examples (a seeded random subset).
+    max_eval_samples (`int`, *optional*):
+        Evaluate on this many examples (a seeded random subset).
+    validation_size (`int`, *optional*):
+        Hold out this many training images (fixed seed) as the evaluation split instead of the test split.
+    """
+
+    dataset_name: str = field(
+        default="cifar10",
+        metadata={
+            "help": "cifar10, cifar10-small, cifar10-tiny (local copy, else uoft-cs/cifar10), a Hub dataset id, a "
+            "folder of class sub-folders of images, or a folder / glob of parquet files.",
+            "aliases": ["--dataset"],
+        },
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the local CIFAR-10 copies (default: $HF_R2_DATA_DIR), or the data_dir of a Hub "
+            "dataset."
+        },
+    )
+    image_column: str | None = field(
+        default=None,
+        metadata={"help": "The image column; found by itself when it is an Image feature or named image, img, ..."},
+    )
+    label_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "The label column; found by itself when it is a ClassLabel or named label, labels, fine_label, ..."
+        },
+    )
+    train_split: str = field(default="train", metadata={"help": "The split to train on."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "The split to evaluate on (default: test, else validation, else 10%% of the train split)."},
+    )
+    input_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Side of the square input in pixels; default: the model's own (use 32 for CIFAR-10 at native "
+            "size)."
+        },
+    )
+    augment: str = field(
+        default="auto",
+        metadata={
+            "help": "Training augmentation: cifar (random crop with padding 4 + flip), timm (timm's training "
+            "transform), none, or auto (cifar up to 64 pixels, else timm).",
+            "choices": ["auto", "cifar", "timm", "none"],
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on this many examples (a seeded random subset)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on this many examples (a seeded random subset)."}
+    )
+    validation_size: int | None = field(
+        default=None,
+        metadata={"help": "Hold out this many training images (fixed seed) and evaluate on them instead of the test "
+                  "split: choose lambdas and epochs on it, keep the test set for the final table."},
+    )
+
+
+def load_data(data_args: DataArguments, seed: int = 0):
+    """The [`~datasets.DatasetDict`] that `data_args` describe ([`hf_r2.data.load_image_dataset`]); `seed` draws the
+    `max_*_samples` subsets."""
+    return load_image_dataset(
+        data_args.dataset_name,
+        data_dir=data_args.data_dir,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        train_split=data_args.train_split,
+        eval_split=data_args.eval_split,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        validation_size=data_args.validation_size,
+        seed=seed,
+    )
+
+
+def record_data_config(model, data_args: DataArguments) -> None:
+    """Store the input size trained at in a timm model's `pretrained_cfg`, so that the saved folder preprocesses
+    alike (the whole image for the small-image recipe)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if data_args.input_size is None or not isinstance(cfg, dict):
+        return
+    size = int(data_args.input_size)
+    update: dict[str, Any] = {"input_size": (3, size, size)}
+    if data_args.augment in ("cifar", "none") or (data_args.augment == "auto" and size <= 64):
+        update["crop_pct"] = 1.0  # evaluated on the whole image
+    model.pretrained_cfg = {**cfg, **update}

@@ -1,0 +1,205 @@
+"""The vocabulary of a reproduce config: its variants (baseline and R2 regularisers) and low-bit settings, their
+defaults, the normalisers that turn each into a full dict, their names, and [`quant_config`], the `hf_r2.quant`
+config of a setting (used to validate a config, and to apply a setting in [`hf_r2.reproduce.apply`])."""
+
+from __future__ import annotations
+
+import copy
+import enum
+import re
+from typing import TYPE_CHECKING, Any
+
+from .._utils import check_choice
+from ..config import R2LossType
+
+if TYPE_CHECKING:
+    from ..quant import PalettizeConfig, PTQConfig, QATConfig
+
+__all__ = [
+    "BASELINE",
+    "LowBitMethod",
+    "DEFAULT_VARIANTS",
+    "DEFAULT_LOW_BIT",
+    "normalise_variant",
+    "normalise_setting",
+    "setting_name",
+    "quant_config",
+    "slug",
+]
+
+BASELINE = "baseline"
+VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2")
+SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "headline")
+SWEEP_KEYS = ("variant", "lambdas", "models", "settings")
+# The R2Config fields a variant's `r2` may set (the loss, weight and per_channel are the variant's own keys).
+R2_EXTRA_KEYS = ("warmup_steps", "include", "exclude", "skip_first_last", "margin_penalty", "soft_min_max_penalty",
+                  "kurtosis_target")
+
+
+class LowBitMethod(str, enum.Enum):
+    """How a low-bit row is made: post-training quantization, QAT, k-means or DKM palettization."""
+
+    PTQ = "ptq"
+    QAT = "qat"
+    KMEANS = "kmeans"
+    DKM = "dkm"
+
+
+#: The default variants: the baseline and the four regularisers, each with its lambda (AdamW scale).
+DEFAULT_VARIANTS: list[dict[str, Any]] = [
+    {"name": "baseline", "loss": "baseline", "weight": 0.0},
+    {"name": "linf", "loss": "linf", "weight": 3.0, "per_channel": True},
+    {"name": "margin", "loss": "margin", "weight": 0.03, "per_channel": True},
+    {"name": "soft_min_max", "loss": "soft_min_max", "weight": 3.0, "per_channel": True},
+    {"name": "kurtosis", "loss": "kurtosis", "weight": 1.0, "per_channel": False},
+]
+
+#: The default low-bit rows: W8A8; W4A8 and W2A8 per tensor and per channel with max-abs / MSE ranges (headline) and
+#: AdaRound; W2A2 QAT; 2- and 1-bit k-means (headline) and DKM.
+DEFAULT_LOW_BIT: list[dict[str, Any]] = (
+    [{"method": "ptq", "w_bits": 8, "a_bits": 8, "per_channel": True, "weight_range": "mse"}]
+    + [
+        {"method": "ptq", "w_bits": w, "a_bits": 8, "per_channel": pc, "weight_range": r, "rounding": rounding}
+        for w in (4, 2)
+        for pc in (False, True)
+        for r, rounding in (("maxabs", "nearest"), ("mse", "nearest"), ("mse", "adaround"))
+    ]
+    + [{"method": "qat", "w_bits": 2, "a_bits": 2}]
+    + [{"method": m, "w_bits": b} for m in ("kmeans", "dkm") for b in (2, 1)]
+)
+
+
+def default_variants() -> list[dict[str, Any]]:
+    return copy.deepcopy(DEFAULT_VARIANTS)
+
+
+def default_low_bit() -> list[dict[str, Any]]:
+    return copy.deepcopy(DEFAULT_LOW_BIT)
+
+
+def check_keys(what: str, item: dict[str, Any], valid: tuple[str, ...]) -> None:
+    unknown = sorted(set(item) - set(valid))
+    if unknown:
+        raise ValueError(f"{what} has unknown key(s) {unknown}; valid keys are {list(valid)}.")
+
+
+def normalise_variant(item: Any, index: int) -> dict[str, Any]:
+    """A variant as a full dict `{name, loss, weight, per_channel, r2}`; a plain string is a loss name."""
+    what = f"`variants[{index}]`"
+    if isinstance(item, str):
+        item = {"loss": item}
+    if not isinstance(item, dict):
+        raise ValueError(f"{what} must be a mapping such as {{'loss': 'linf', 'weight': 3.0}}, got {item!r}.")
+    check_keys(what, item, VARIANT_KEYS)
+    loss = item.get("loss", item.get("name"))
+    if loss != BASELINE:
+        try:
+            loss = check_choice(f"variants[{index}].loss", loss, R2LossType)
+        except ValueError as err:
+            raise ValueError(f"{err} Use 'baseline' for ordinary weight decay without R2.") from None
+    defaults = next((v for v in DEFAULT_VARIANTS if v["loss"] == loss), {})
+    weight = float(item.get("weight", defaults.get("weight", 0.0)))
+    if loss == BASELINE and weight != 0:
+        raise ValueError(f"{what} is the baseline (R2 off), so its `weight` must be 0, got {weight}.")
+    if loss != BASELINE and not weight > 0:
+        raise ValueError(f"{what} (loss {loss!r}) needs a `weight` (lambda) > 0, got {weight}; a run without R2 is "
+                         "`{'loss': 'baseline'}`.")
+    per_channel = bool(item.get("per_channel", defaults.get("per_channel", False))) if loss != BASELINE else False
+    r2 = dict(item.get("r2") or {})
+    check_keys(f"`variants[{index}].r2`", r2, R2_EXTRA_KEYS)
+    if loss == BASELINE and r2:
+        raise ValueError(f"{what} is the baseline: it takes no `r2` settings, got {r2}.")
+    return {"name": str(item.get("name", loss)), "loss": loss, "weight": weight, "per_channel": per_channel, "r2": r2}
+
+
+def setting_name(s: dict[str, Any]) -> str:
+    from ..quant import format_setting
+
+    if s["method"] == "ptq":
+        grid = "per-channel" if s["per_channel"] else "per-tensor"
+        how = "adaround" if s["rounding"] == "adaround" else s["weight_range"]
+        return f"{format_setting(s['w_bits'], s['a_bits'])} {grid} {how}"
+    if s["method"] == "qat":
+        grid = "" if s["per_channel"] else " per-tensor"
+        return f"{format_setting(s['w_bits'], s['a_bits'])} QAT{grid}"
+    return f"{format_setting(s['w_bits'])} " + ("k-means" if s["method"] == "kmeans" else "DKM")
+
+
+def normalise_setting(item: Any, index: int) -> dict[str, Any]:
+    """A low-bit setting as a full dict (see [`ReproduceConfig`]'s `low_bit`)."""
+    what = f"`low_bit[{index}]`"
+    if not isinstance(item, dict):
+        raise ValueError(f"{what} must be a mapping such as {{'method': 'ptq', 'w_bits': 2, 'a_bits': 8}}, "
+                         f"got {item!r}.")
+    check_keys(what, item, SETTING_KEYS)
+    method = check_choice(f"low_bit[{index}].method", item.get("method"), LowBitMethod)
+    s: dict[str, Any] = {"method": method, "w_bits": item.get("w_bits", 2)}
+    if method == "ptq":
+        s.update(a_bits=item.get("a_bits", 8), per_channel=bool(item.get("per_channel", True)),
+                 weight_range=item.get("weight_range", "mse"), rounding=item.get("rounding", "nearest"))
+    elif method == "qat":
+        s.update(a_bits=item.get("a_bits", 2), per_channel=bool(item.get("per_channel", True)),
+                 weight_range=None, rounding=None)
+    else:
+        extra = sorted(k for k in ("a_bits", "per_channel", "weight_range", "rounding") if item.get(k) is not None)
+        if extra:
+            raise ValueError(f"{what}: {method!r} clusters the weights only (one palette per tensor); it takes no "
+                             f"{extra}.")
+        s.update(a_bits=None, per_channel=None, weight_range=None, rounding=None)
+    cheap = (method == "ptq" and s["rounding"] == "nearest") or method == "kmeans"
+    s["headline"] = bool(item.get("headline", cheap))
+    s["name"] = str(item.get("name") or setting_name(s))
+    return {k: s[k] for k in SETTING_KEYS}
+
+
+def check_unique(name: str, values: list[Any]) -> None:
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"`{name}` holds {value!r} twice; every entry needs its own name or value.")
+        seen.add(value)
+
+
+def slug(text: str) -> str:
+    """`text` as a file-safe name (run folders, plot files)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def quant_config(
+    setting: dict[str, Any], adaround_iters: int | None = None
+) -> PTQConfig | QATConfig | PalettizeConfig:
+    """The `hf_r2.quant` config of a low-bit setting.
+
+    Every row keeps the first and the last layer at 8 bits: [`~hf_r2.quant.PTQConfig`] and
+    [`~hf_r2.quant.QATConfig`] by their default `first_last_bits=8`, [`~hf_r2.quant.PalettizeConfig`] (k-means and
+    DKM) by `first_last_bits=8` (256-entry palettes on those two layers).
+
+    Args:
+        setting (`dict`):
+            A full setting, as in [`ReproduceConfig`]'s `low_bit` after normalisation (every key present, e.g.
+            `config.setting(name)`).
+        adaround_iters (`int`, *optional*):
+            AdaRound iterations of AdaRound rows (default: [`~hf_r2.quant.AdaRoundConfig`]'s).
+
+    Returns:
+        [`~hf_r2.quant.PTQConfig`] (`method="ptq"`, BN re-estimated, all calibration batches),
+        [`~hf_r2.quant.QATConfig`] (`"qat"`) or [`~hf_r2.quant.PalettizeConfig`] (`"kmeans"`, `"dkm"`).
+    """
+    from ..quant import PalettizeConfig, PTQConfig, QATConfig
+
+    method = setting["method"]
+    if method == "ptq":
+        adaround = setting["rounding"] == "adaround"
+        return PTQConfig(
+            w_bits=setting["w_bits"],
+            a_bits=setting["a_bits"],
+            per_channel=setting["per_channel"],
+            weight_range=setting["weight_range"],
+            rounding=setting["rounding"],
+            adaround={"iters": adaround_iters} if adaround and adaround_iters else None,
+            bn="reestimate",
+            calibration_batches=10**6,  # all of them: their number is set by `calibration_samples`
+        )
+    if method == "qat":
+        return QATConfig(w_bits=setting["w_bits"], a_bits=setting["a_bits"], per_channel=setting["per_channel"])
+    return PalettizeConfig(bits=setting["w_bits"], method=method, first_last_bits=8)

@@ -1,0 +1,107 @@
+"""The one training recipe of hf-r2: [`train_model`] (an [`R2Trainer`] trained, saved, and its training data
+recorded), used by `hf-r2 train` ([`run_train`]), `hf-r2 reproduce` and the demo."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .data import DataArguments, ModelArguments
+    from .trainer import R2Trainer
+    from .training_args import R2TrainingArguments
+
+__all__ = ["train_model", "run_train"]
+
+
+def train_model(
+    model: nn.Module,
+    training_args: R2TrainingArguments,
+    train_dataset: Any,
+    eval_dataset: Any = None,
+    *,
+    dataset: str | None = None,
+    compute_metrics: Callable | None = None,
+) -> tuple[R2Trainer, Any]:
+    """Train `model` with [`R2Trainer`] and save it: the recipe every hf-r2 training follows.
+
+    Builds `R2Trainer(model, training_args, train_dataset, eval_dataset, data_collator=collate_fn,
+    compute_metrics=compute_metrics)`, trains (resuming from `training_args.resume_from_checkpoint`), saves the
+    model folder to `training_args.output_dir` (`model.safetensors` + `config.json`, `r2_config.json`,
+    `r2_stats.json`) and records `dataset` and its Hub id in `r2_training.json` (which the model card cites).
+
+    Args:
+        model (`nn.Module`):
+            A timm or transformers image classifier.
+        training_args ([`R2TrainingArguments`]):
+            The Trainer's and R2's settings.
+        train_dataset, eval_dataset:
+            Rows `{"pixel_values", "labels"}` ([`hf_r2.data.with_transforms`]); `eval_dataset` is optional.
+        dataset (`str`, *optional*):
+            The dataset's name as [`hf_r2.data.load_image_dataset`] takes it, for `r2_training.json`.
+        compute_metrics (`Callable`, *optional*):
+            The Trainer's `compute_metrics`, e.g. [`hf_r2.metrics.compute_accuracy`].
+
+    Returns:
+        `tuple`: the trainer and the `TrainOutput` of `trainer.train()`.
+    """
+    from .data import collate_fn, hub_dataset_id
+    from .saving import update_training_info
+    from .trainer import R2Trainer
+
+    trainer = R2Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_fn,
+        compute_metrics=compute_metrics,
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.args.should_save:
+        update_training_info(training_args.output_dir, dataset=dataset, dataset_id=hub_dataset_id(dataset))
+    return trainer, train_result
+
+
+def run_train(
+    model_args: ModelArguments, data_args: DataArguments, training_args: R2TrainingArguments
+) -> dict[str, Any]:
+    """Load the data, create the model, train it with [`train_model`], evaluate it: what `hf-r2 train` runs.
+
+    Returns `{"train": train metrics, "eval": eval metrics, "trainer": the R2Trainer}`.
+
+    Writes to `training_args.output_dir`: the model (`model.safetensors` + `config.json`, loadable with
+    [`hf_r2.models.create_model`]`(output_dir, pretrained=True)`), `r2_config.json`, `train_results.json`,
+    `eval_results.json`, `all_results.json`, `trainer_state.json` and `r2_training.json` (the training arguments
+    that matter and the dataset, which the model card cites).
+    """
+    from transformers import set_seed
+
+    from .data import label_names, load_data, record_data_config, with_transforms
+    from .metrics import compute_accuracy
+    from .models import create_model
+
+    set_seed(training_args.seed)
+    ds = load_data(data_args, seed=training_args.seed)
+    names = label_names(ds)
+    model = create_model(model_args.model_name_or_path, pretrained=model_args.pretrained, label_names=names)
+    transform_kw = {"input_size": data_args.input_size, "augment": data_args.augment}
+    record_data_config(model, data_args)
+    trainer, train_result = train_model(
+        model,
+        training_args,
+        with_transforms(ds["train"], model, train=True, **transform_kw),
+        with_transforms(ds["test"], model, train=False, **transform_kw),
+        dataset=data_args.dataset_name,
+        compute_metrics=compute_accuracy,
+    )
+    train_metrics = dict(train_result.metrics, train_samples=ds["train"].num_rows)
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
+    trainer.save_state()
+    eval_metrics = dict(trainer.evaluate(), eval_samples=ds["test"].num_rows)
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    return {"train": train_metrics, "eval": eval_metrics, "trainer": trainer}

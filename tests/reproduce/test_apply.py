@@ -1,0 +1,102 @@
+"""Tests of hf_r2.reproduce.apply: one low-bit config applied to a float model equals the per-method verbs run by
+hand (PTQ; k-means + BN re-estimation; DKM prepare + fine-tune + finalize + BN re-estimation), and a config that
+fine-tunes without its data is a clear error."""
+
+import copy
+
+import pytest
+import torch
+from conftest import TinyImages, conv_net
+
+from hf_r2.quant import (
+    PalettizeConfig,
+    PTQConfig,
+    QATConfig,
+    finalize_dkm,
+    palettize_,
+    post_training_quantize_,
+    prepare_dkm,
+    reestimate_bn_stats,
+)
+from hf_r2.reproduce import ReproduceConfig, apply_low_bit_, apply_setting, quant_config
+
+
+def _batches(n=3, seed=0):
+    data = TinyImages(8 * n, seed=seed)
+    return [{"pixel_values": data.x[i : i + 8], "labels": data.y[i : i + 8]} for i in range(0, 8 * n, 8)]
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    net = conv_net(10)
+    with torch.no_grad():  # BN statistics far from the data's, so that re-estimation shows
+        net[1].running_mean.fill_(3.0)
+    return net.eval()
+
+
+def _logits(net, batch):
+    with torch.no_grad():
+        return net(batch["pixel_values"])
+
+
+def test_ptq_is_the_ptq_verb(model):
+    calibration = _batches()
+    config = PTQConfig(w_bits=2, a_bits=8, per_channel=False, weight_range="maxabs", bn="reestimate")
+    by_hand = post_training_quantize_(copy.deepcopy(model), config, calibration)
+    applied = apply_low_bit_(copy.deepcopy(model), config, calibration)
+    torch.testing.assert_close(_logits(applied, calibration[0]), _logits(by_hand, calibration[0]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bn_reestimate", [True, False])
+def test_kmeans_is_palettize_then_bn_reestimation(model, bn_reestimate):
+    calibration = _batches()
+    config = PalettizeConfig(bits=1, method="kmeans", first_last_bits=8)
+    by_hand = palettize_(copy.deepcopy(model), config)
+    if bn_reestimate:
+        reestimate_bn_stats(by_hand, calibration, num_batches=None)
+    applied = apply_low_bit_(copy.deepcopy(model), config, calibration, bn_reestimate=bn_reestimate)
+    torch.testing.assert_close(_logits(applied, calibration[0]), _logits(by_hand, calibration[0]), rtol=0, atol=0)
+    assert (applied[1].running_mean != 3.0).all() == bn_reestimate
+    # one inner layer: two shared values (1 bit); the first and last keep up to 256
+    assert applied[4].weight.unique().numel() <= 2
+
+
+def test_dkm_fine_tunes_then_finalizes_then_reestimates(model):
+    calibration = _batches()
+    train = TinyImages(16, seed=1)
+    config = PalettizeConfig(bits=1, method="dkm", first_last_bits=8)
+    finetune = {"learning_rate": 1e-3, "per_device_batch_size": 8, "max_steps": 2, "seed": 0}
+
+    by_hand = prepare_dkm(copy.deepcopy(model), config)
+    from hf_r2.data import collate_fn
+    from hf_r2.loop import finetune as run_finetune
+
+    run_finetune(by_hand, train, collate_fn=collate_fn, **finetune)
+    by_hand.eval()
+    finalize_dkm(by_hand)
+    reestimate_bn_stats(by_hand, calibration, num_batches=None)
+
+    applied = apply_low_bit_(copy.deepcopy(model), config, calibration, train_dataset=train, finetune=finetune)
+    torch.testing.assert_close(_logits(applied, calibration[0]), _logits(by_hand, calibration[0]))
+    assert applied[4].weight.unique().numel() <= 2 and not torch.nn.utils.parametrize.is_parametrized(applied[4])
+
+
+@pytest.mark.parametrize("config", [QATConfig(w_bits=2, a_bits=2), PalettizeConfig(bits=2, method="dkm")])
+def test_fine_tuning_configs_need_their_data(model, config):
+    with pytest.raises(ValueError, match="fine-tunes the model: pass `train_dataset` and the `finetune`"):
+        apply_low_bit_(model, config, _batches())
+
+
+def test_apply_setting_uses_the_settings_quant_config(model):
+    config = ReproduceConfig(models=["x"], variants=["baseline"], seeds=[0], adaround_iters=3, lambda_sweep=None,
+                             low_bit=[{"method": "ptq", "w_bits": 4, "a_bits": 8, "rounding": "adaround"}])
+    setting = config.low_bit[0]
+    qconfig = quant_config(setting, config.adaround_iters)
+    assert isinstance(qconfig, PTQConfig) and qconfig.adaround == {"iters": 3} and qconfig.bn == "reestimate"
+    calibration = _batches()
+    torch.manual_seed(0)
+    by_hand = apply_low_bit_(copy.deepcopy(model), qconfig, calibration)
+    torch.manual_seed(0)
+    applied = apply_setting(copy.deepcopy(model), setting, config, 0, calibration=calibration)
+    torch.testing.assert_close(_logits(applied, calibration[0]), _logits(by_hand, calibration[0]), rtol=0, atol=0)

@@ -1,0 +1,107 @@
+"""Tests of hf_r2.reproduce.config and .variants: the config files, their normalised settings and names, and
+the errors a bad config gets."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_r2.commands.reproduce import reproduce_command, reproduce_command_parser
+from hf_r2.reproduce import (
+    DEFAULT_LOW_BIT,
+    ReproduceConfig,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY = REPO_ROOT / "configs" / "reproduce_tiny.yaml"
+FULL = REPO_ROOT / "configs" / "reproduce.yaml"
+LONG = REPO_ROOT / "configs" / "reproduce_long.yaml"
+
+
+def test_config_files_load_and_round_trip(tmp_path):
+    tiny = ReproduceConfig.from_file(TINY)
+    full = ReproduceConfig.from_file(FULL)
+    long = ReproduceConfig.from_file(LONG)
+    default = ReproduceConfig()
+    for config in (tiny, full, long, default):
+        config.output_dir = str(tmp_path / "x")
+        config.save_pretrained(tmp_path)
+        assert ReproduceConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+        assert ReproduceConfig.from_file(tmp_path).to_dict() == config.to_dict()
+    # the tiny config: 7 rows, 4 of them headline; QAT, k-means and DKM all present
+    assert [s["method"] for s in tiny.low_bit] == ["ptq", "ptq", "ptq", "ptq", "qat", "kmeans", "dkm"]
+    assert tiny.headline_settings == ["W8A8 per-channel mse", "W4A8 per-tensor maxabs", "W2A8 per-channel mse",
+                                      "W1 k-means"]
+    # the full config: the five variants, >= 3 lambdas, every method
+    assert [v["loss"] for v in full.variants] == ["baseline", "linf", "margin", "soft_min_max", "kurtosis"]
+    assert len(full.lambda_sweep["lambdas"]) >= 3
+    assert {s["method"] for s in full.low_bit} == {"ptq", "qat", "kmeans", "dkm"}
+    # the longer-training follow-up: the same data, models and recipe but the epochs
+    same = ("dataset", "max_train_samples", "max_eval_samples", "models", "model_kwargs", "lr", "weight_decay")
+    assert all(getattr(long, k) == getattr(full, k) for k in same) and long.epochs == 4 * full.epochs
+    assert len(default.low_bit) == len(DEFAULT_LOW_BIT)
+    # JSON works like YAML
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"models": ["test_resnet"], "variants": ["baseline", "linf"]}))
+    config = ReproduceConfig.from_file(path)
+    assert config.variants[1] == {"name": "linf", "loss": "linf", "weight": 3.0, "per_channel": True, "r2": {}}
+
+
+def test_setting_names_and_defaults():
+    config = ReproduceConfig(low_bit=[
+        {"method": "ptq", "w_bits": 4, "a_bits": 8, "per_channel": False, "weight_range": "maxabs"},
+        {"method": "ptq", "w_bits": 2, "rounding": "adaround"},
+        {"method": "qat"},
+        {"method": "kmeans", "w_bits": 1},
+        {"method": "dkm", "w_bits": 2, "headline": True, "name": "my dkm"},
+    ], lambda_sweep=None)
+    assert [s["name"] for s in config.low_bit] == ["W4A8 per-tensor maxabs", "W2A8 per-channel adaround",
+                                                   "W2A2 QAT", "W1 k-means", "my dkm"]
+    assert [s["headline"] for s in config.low_bit] == [True, False, False, True, True]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"variants": [{"loss": "linff"}]}, r"`variants\[0\].loss` must be one of"),
+        ({"variants": [{"loss": "soft-min-max", "weight": 1}]}, "Did you mean"),
+        ({"variants": [{"loss": "baseline", "weight": 0.1}]}, "baseline .* `weight` must be 0"),
+        ({"variants": [{"loss": "linf", "weight": 0}]}, r"needs a `weight` \(lambda\) > 0"),
+        ({"variants": [{"loss": "linf", "lamda": 1}]}, r"unknown key\(s\) \['lamda'\]"),
+        ({"variants": ["baseline", "baseline"]}, "holds 'baseline' twice"),
+        ({"variants": [{"loss": "linf", "r2": {"weight": 2}}]}, r"`variants\[0\].r2` has unknown key"),
+        ({"seeds": []}, "`seeds` must be a non-empty list"),
+        ({"seeds": [0, 0]}, "holds 0 twice"),
+        ({"models": []}, "`models` must be a non-empty list"),
+        ({"model_kwargs": {"vit": {}}}, "`model_kwargs` names 'vit', which is not in `models`"),
+        ({"models": ["resnet10t"], "model_kwargs": {"resnet10t": "relu6"}}, r"`model_kwargs\['resnet10t'\]` must"),
+        ({"max_steps": 0}, "`max_steps` must be > 0"),
+        ({"low_bit": [{"method": "gptq"}]}, r"`low_bit\[0\].method` must be one of 'ptq', 'qat', 'kmeans', 'dkm'"),
+        ({"low_bit": [{"method": "kmeans", "a_bits": 8}]}, r"takes no \['a_bits'\]"),
+        ({"low_bit": [{"method": "ptq", "w_bits": 9}]}, "`w_bits` must be an integer from 1 to 8"),
+        ({"low_bit": [{"method": "ptq"}, {"method": "ptq"}]}, "holds 'W2A8 per-channel mse' twice"),
+        ({"lambda_sweep": {"variant": "linf", "lambdas": [1, 3]}}, "at least 3 positive numbers"),
+        ({"lambda_sweep": {"variant": "baseline", "lambdas": [1, 2, 3]}}, "must name one of the R2 variants"),
+        ({"lambda_sweep": {"variant": "linf", "lambdas": [1, 2, 3], "settings": ["W9"]}}, r"\['W9'\] are not"),
+        ({"lambda_sweep": {"variant": "linf", "lambdas": [1, 2, 3], "models": ["vit"]}}, "are not in `models`"),
+    ],
+)
+def test_config_errors(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ReproduceConfig(**changes)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ReproduceConfig.from_file(tmp_path / "missing.yaml")
+    (tmp_path / "c.txt").write_text("models: [a]")
+    with pytest.raises(ValueError, match="must be a .yaml, .yml or .json file"):
+        ReproduceConfig.from_file(tmp_path / "c.txt")
+    (tmp_path / "c.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        ReproduceConfig.from_file(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("epoch: 3\n")
+    with pytest.raises(ValueError, match=r"Unknown `ReproduceConfig` field\(s\) \['epoch'\]"):
+        ReproduceConfig.from_file(tmp_path / "d.yaml")
+    args = reproduce_command_parser().parse_args([str(tmp_path / "d.yaml"), "--no-progress"])
+    assert reproduce_command(args) == 1
