@@ -29,7 +29,7 @@ demo: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 demo
 
 test: install-test
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
 # The full comparison (configs/reproduce.yaml, about an hour on 2 cores): one single-threaded process per model in
 # parallel, each logging to outputs/reproduce/<model>.log, then one run that reuses both and writes the report.

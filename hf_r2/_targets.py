@@ -27,6 +27,17 @@ def _has_weight(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), Tensor)
 
 
+_COMPILED = re.compile(r"(^|\.)_orig_mod(\.|$)")
+
+
+def _eager_name(name: str) -> str:
+    """`name` as in the eager model: `torch.compile` wraps a module as `_orig_mod`, which `named_modules` puts in
+    every name (`_orig_mod.layer1.conv1`); patterns, stats and checkpoints use the eager names."""
+    while _COMPILED.search(name):
+        name = _COMPILED.sub(lambda m: m.group(1) if m.group(2) else "", name, count=1)
+    return name
+
+
 def find_target_modules(
     model: nn.Module,
     include: list[str] | None = None,
@@ -35,12 +46,13 @@ def find_target_modules(
 ) -> list[tuple[str, nn.Module]]:
     """The `(name, module)` pairs of `model` that R2 (and every quant verb) applies to, in registration order.
 
-    A module is a target if it is a Conv1d/2d/3d or Linear (subclasses included) with a `weight`, its name
-    matches one of `include` (if given, `re.search`) and none of `exclude`; `skip_first_last` then drops the
+    A module is a target if it is a Conv1d/2d/3d or Linear (subclasses included) with a `weight`, its name (as in
+    the eager model: a `torch.compile` wrapper's `_orig_mod.` is left out) matches one of `include` (if given,
+    `re.search`) and none of `exclude`; `skip_first_last` then drops the
     first and the last of them. Raises `ValueError` if nothing is left, naming the patterns that matched no module.
     """
     candidates = [
-        (name, module)
+        (_eager_name(name), module)
         for name, module in model.named_modules()
         if isinstance(module, TARGET_LAYER_TYPES) and _has_weight(module)
     ]

@@ -16,8 +16,13 @@ from typing import Any, ClassVar, TypeVar
 __all__ = [
     "CONFIG_FILE_SUFFIXES",
     "JsonConfigMixin",
+    "UsageError",
     "check_choice",
     "check_patterns",
+    "check_safetensors_files",
+    "current_umask",
+    "give_default_mode",
+    "give_default_modes",
     "format_choices",
     "machine_info",
     "read_config_file",
@@ -27,6 +32,15 @@ __all__ = [
 ]
 
 _C = TypeVar("_C", bound="JsonConfigMixin")
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for (a flag, a path, a value): `hf-r2` prints it as one line, `hf-r2 <cmd>:
+    error: ...`, and exits non-zero; `prog` names the command when the error comes from a parser."""
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.prog = prog
 
 
 def format_choices(choices: Iterable[Any]) -> str:
@@ -138,9 +152,70 @@ def machine_info() -> dict[str, str]:
     return info
 
 
+def check_safetensors_files(folder: str | os.PathLike) -> None:
+    """A `ValueError` naming the file when a `*.safetensors` file in `folder` is damaged or incomplete (a header
+    that does not parse, or tensors that run past the end of the file: an interrupted copy or download), before a
+    loader fails on it with `SafetensorError: incomplete metadata` and no file name."""
+    folder = os.fspath(folder)
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.endswith(".safetensors") or not os.path.isfile(path):
+            continue
+        size = os.path.getsize(path)
+        problem = None
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 0 or 8 + length > size:
+                problem = "its header is cut short"
+            else:
+                try:
+                    header = json.loads(f.read(length))
+                    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                except (ValueError, KeyError, TypeError, IndexError):
+                    problem = "its header does not parse"
+                else:
+                    if 8 + length + end > size:
+                        problem = f"it holds {size} bytes of the {8 + length + end} its header describes"
+        if problem:
+            raise ValueError(f"{path} is damaged or incomplete ({problem}): copy or download it again.")
+
+
+def current_umask() -> int:
+    """The process' umask (read from `/proc/self/status` where there is one, so that no other thread sees it
+    change)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Give `path` the mode a plain `open()` / `mkdir` would have (0666 / 0777 less the umask, typically 0644 /
+    0755), for a file from `mkstemp` (0600) or a folder from `mkdtemp` (0700) that is renamed into place."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
+def give_default_modes(folder: str | os.PathLike, suffix: str = ".safetensors") -> None:
+    """[`give_default_mode`] for each file of `folder` ending in `suffix`: safetensors' `save_file` (and so
+    `save_pretrained`) creates its files at 0600."""
+    folder = os.fspath(folder)
+    for name in os.listdir(folder):
+        if name.endswith(suffix) and os.path.isfile(os.path.join(folder, name)):
+            give_default_mode(os.path.join(folder, name))
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     """Write `text` to `path` atomically (a temp file in the same folder, then `os.replace`), so that a crash
-    mid-write never leaves a truncated file where a good one was."""
+    mid-write never leaves a truncated file where a good one was. The file gets the usual permissions (the umask's,
+    typically 0644), not `mkstemp`'s 0600."""
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
@@ -148,6 +223,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

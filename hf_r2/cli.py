@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
+from ._utils import UsageError
 from .commands.env import env_command_parser
 from .commands.hub import download_command_parser, push_command_parser
+from .commands.parsing import one_line_errors, unknown_flags_message
 from .commands.quant import (
     compress_command_parser,
     evaluate_command_parser,
@@ -26,34 +29,60 @@ from .commands.train import train_command_parser
 __all__ = ["main"]
 
 
+#: What the user got wrong (a path, a value, a damaged file): printed as one line, without a traceback.
+USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
+def _debug(flag: bool) -> bool:
+    return flag or os.environ.get("HF_R2_DEBUG", "").lower() not in ("", "0", "false")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `hf-r2` console script; returns the exit status."""
-    parser = argparse.ArgumentParser(
+    """Entry point of the `hf-r2` console script; returns the exit status.
+
+    A mistake of the user's (a bad flag or value, a missing or damaged file) is one line, `hf-r2 <cmd>: error: ...`,
+    and a non-zero status (`SystemExit(2)` for a bad flag, as argparse; 1 for the rest); other exceptions keep their
+    traceback. `hf-r2 --debug <cmd>` or `HF_R2_DEBUG=1` shows
+    the traceback of user errors too.
+    """
+    parser = one_line_errors(argparse.ArgumentParser(
         prog="hf-r2", description="R2-Loss training for timm and Hugging Face vision models."
-    )
+    ))
+    parser.add_argument("--debug", action="store_true",
+                        help="Show the traceback of errors too (also: HF_R2_DEBUG=1).")
     subparsers = parser.add_subparsers(
         dest="command", metavar="{train,demo,ptq,qat,compress,evaluate,reproduce,push,download,env}", title="commands"
     )
-    train_command_parser(subparsers)
-    demo_command_parser(subparsers)
-    ptq_command_parser(subparsers)
-    qat_command_parser(subparsers)
-    compress_command_parser(subparsers)
-    evaluate_command_parser(subparsers)
-    reproduce_command_parser(subparsers)
-    push_command_parser(subparsers)
-    download_command_parser(subparsers)
-    env_command_parser(subparsers)
-    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
-    if not hasattr(args, "func"):
-        parser.print_help()
+    for add in (train_command_parser, demo_command_parser, ptq_command_parser, qat_command_parser,
+                compress_command_parser, evaluate_command_parser, reproduce_command_parser, push_command_parser,
+                download_command_parser, env_command_parser):
+        one_line_errors(add(subparsers))
+    args, debug = None, False
+    try:
+        args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+        debug = vars(args).pop("debug", False)  # the commands see only their own flags
+        if not hasattr(args, "func"):
+            parser.print_help()
+            return 1
+        if extra and not getattr(args, "takes_extra_args", False):
+            sub = subparsers.choices[args.command]
+            raise UsageError(unknown_flags_message(
+                extra, [o for action in sub._actions for o in action.option_strings], sub.prog), prog=sub.prog)
+        args.extra_args = extra
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.WARNING)
+        logging.getLogger("hf_r2").setLevel(logging.INFO)
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        if _debug(debug):
+            raise
+        prog = getattr(err, "prog", None) or (f"hf-r2 {args.command}" if getattr(args, "command", None) else "hf-r2")
+        message = str(err).strip() or type(err).__name__
+        if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
+            message = f"{err.filename}: {message}"
+        print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        if isinstance(err, UsageError):  # a bad flag: status 2, as argparse's own errors
+            raise SystemExit(2) from None
         return 1
-    if extra and not getattr(args, "takes_extra_args", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.extra_args = extra
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.WARNING)
-    logging.getLogger("hf_r2").setLevel(logging.INFO)
-    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

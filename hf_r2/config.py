@@ -50,6 +50,9 @@ class R2Config(JsonConfigMixin):
         Regular expressions over module names to leave out, applied after `include`.
     skip_first_last (`bool`, *optional*, defaults to `False`):
         Leave out the first and the last target layer (often kept at high precision).
+    skip_frozen (`bool`, *optional*, defaults to `True`):
+        Leave out layers whose weight is frozen (`requires_grad=False`): R2 cannot move them, so they would only add
+        constant terms (and margins that never move). `False` keeps them.
 
     > Parameters of each loss
 
@@ -85,6 +88,9 @@ class R2Config(JsonConfigMixin):
     )
     skip_first_last: bool = field(
         default=False, metadata={"help": "Leave out the first and the last target layer."}
+    )
+    skip_frozen: bool = field(
+        default=True, metadata={"help": "Leave out layers whose weight is frozen (requires_grad=False)."}
     )
     # each loss's own knobs
     margin_penalty: float = field(

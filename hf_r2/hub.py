@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from ._utils import check_safetensors_files
 from .config import R2_CONFIG_NAME, R2Config
 from .model_card import build_model_card, folder_library, write_model_card
 from .saving import R2_STATS_NAME, save_model_folder
@@ -259,6 +260,7 @@ def from_pretrained(repo_id_or_path: str, **download_kwargs: Any) -> R2Pretraine
         folder = download(path, **download_kwargs)
     from .quant import is_low_bit_folder, load_low_bit
 
+    check_safetensors_files(folder)
     low_bit = None
     if is_low_bit_folder(folder):
         model, low_bit = load_low_bit(folder)

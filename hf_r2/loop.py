@@ -20,8 +20,10 @@ How R2 fits into the loop:
   `accelerator.backward` applies to every micro-batch. `lambda` warms up with the optimizer-step count.
 - Without an R2 config there is no regularizer: the loss is the task loss, and the optimizer and the logs hold no
   R2 parameters or statistics (the QAT and DKM fine-tunes).
-- `accelerator.save_state` checkpoints the model, optimizer, scheduler and RNG states; the regularizer and the
-  step counter are registered with `accelerator.register_for_checkpointing`, so a resumed run continues exactly.
+- `accelerator.save_state` checkpoints the model, optimizer, scheduler and RNG states (into a staging folder renamed
+  into place when complete); the regularizer and the step counter are registered with
+  `accelerator.register_for_checkpointing`, so a resumed run continues exactly (augmentation included, with a
+  training set whose draws depend only on `(seed, epoch, index)`, [`hf_r2.data.SeededTransformDataset`]).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .loop_config import (
     create_lr_scheduler,
     create_optimizer,
     resolve_checkpoint,
+    save_checkpoint,
     tracker_config,
 )
 from .metrics import count_correct
@@ -175,7 +178,7 @@ def train_one_epoch(
                     postfix["r2_max_abs"] = f"{logs['r2_max_abs']:.4g}"
                 progress_bar.set_postfix(**postfix)
         if config.checkpointing_steps and state.global_step % config.checkpointing_steps == 0:
-            accelerator.save_state(os.path.join(config.output_dir, "checkpoints", f"step_{state.global_step}"))
+            save_checkpoint(accelerator, os.path.join(config.output_dir, "checkpoints", f"step_{state.global_step}"))
         if stop:
             break
     epoch_sums += window
@@ -353,8 +356,8 @@ def train_with_accelerate(
 
     state = LoopState()
     accelerator.register_for_checkpointing(*([] if regularizer is None else [regularizer]), state)
-    if config.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(config)
+    checkpoint = resolve_checkpoint(config)
+    if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
         accelerator.load_state(checkpoint)
     if accelerator.log_with:
@@ -369,6 +372,8 @@ def train_with_accelerate(
         if state.global_step >= max_steps:
             break
         train_dataloader.set_epoch(epoch)
+        if hasattr(train_dataset, "set_epoch"):  # a SeededTransformDataset: augmentation draws of this epoch
+            train_dataset.set_epoch(epoch)
         active_dataloader = train_dataloader
         resume_batches = (state.global_step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
         if resume_batches > 0:

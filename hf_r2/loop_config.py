@@ -8,7 +8,6 @@ import enum
 import functools
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from ._utils import JsonConfigMixin, check_choice, format_choices
+from .checkpoints import publish_folder, resolve_resume, staging_folder
 
 if TYPE_CHECKING:
     from .config import R2Config
@@ -31,11 +31,11 @@ __all__ = [
     "create_lr_scheduler",
     "create_optimizer",
     "resolve_checkpoint",
+    "save_checkpoint",
     "tracker_config",
 ]
 
 LOOP_CONFIG_NAME = "loop_config.json"
-_CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
 
 class OptimizerType(str, enum.Enum):
@@ -115,7 +115,8 @@ class LoopConfig(JsonConfigMixin):
         Save the full training state (`accelerator.save_state`) every this many optimizer steps, to
         `output_dir/checkpoints/step_<n>`.
     resume_from_checkpoint (`str`, *optional*):
-        A checkpoint folder to resume from, or `"latest"` for the newest one under `output_dir/checkpoints`.
+        A checkpoint folder to resume from, or `"latest"` (also `"true"`) for the newest complete one under
+        `output_dir/checkpoints` (none yet: start from the beginning, with a warning).
     logging_steps (`int`, *optional*, defaults to `10`):
         Log the training metrics (averaged over processes) every this many optimizer steps.
     log_with (`str`, *optional*):
@@ -301,21 +302,27 @@ def check_accelerator(accelerator, config: LoopConfig) -> None:
         )
 
 
-def resolve_checkpoint(config: LoopConfig) -> str:
-    path = config.resume_from_checkpoint
-    if path == "latest":
-        root = os.path.join(config.output_dir, "checkpoints")
-        steps = sorted(
-            (int(m.group(1)), name)
-            for name in (os.listdir(root) if os.path.isdir(root) else [])
-            if (m := _CHECKPOINT_RE.match(name))
-        )
-        if not steps:
-            raise FileNotFoundError(f"`resume_from_checkpoint='latest'` but there is no step_<n> folder in {root!r}.")
-        return os.path.join(root, steps[-1][1])
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"`resume_from_checkpoint={path!r}` is not a folder.")
-    return path
+def resolve_checkpoint(config: LoopConfig) -> str | None:
+    """The folder `config.resume_from_checkpoint` names, or `None` to start from the beginning: `"latest"` (or
+    `True`) is the newest complete `step_<n>` under `output_dir/checkpoints` ([`hf_r2.checkpoints.resolve_resume`])."""
+    return resolve_resume(config.resume_from_checkpoint, os.path.join(config.output_dir, "checkpoints"), loop=True)
+
+
+def save_checkpoint(accelerator, folder: str) -> str:
+    """`accelerator.save_state` into a staging folder, renamed to `folder` once every process has written its part,
+    so an interrupted save never leaves a `step_<n>` that looks complete."""
+    import shutil
+
+    staging = staging_folder(folder)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish_folder(staging, folder)
+    accelerator.wait_for_everyone()
+    return folder
 
 
 def tracker_config(config: LoopConfig, r2_config: R2Config | None) -> dict[str, Any]:

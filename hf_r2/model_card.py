@@ -142,14 +142,34 @@ def _is_hub_id(value: str | None) -> bool:
     return True
 
 
-def _low_bit_section(rows: list[dict[str, Any]]) -> str:
-    lines = ["## Low-bit results\n", "Measured by `hf-r2 ptq / qat / compress / evaluate` (`low_bit_results.json`):\n",
-             "| setting | method | top-1 accuracy | bits / weight |", "|---|---|---|---|"]
+def _low_bit_section(rows: list[dict[str, Any]], dataset: str | None) -> str:
+    on = f" on `{dataset}`" if dataset else ""
+    lines = ["## Low-bit results\n", f"Measured by `hf-r2 ptq / qat / compress / evaluate`{on} "
+             "(`low_bit_results.json`; rows measured on other data are left out):\n",
+             "| setting | method | top-1 accuracy | images | bits / weight |", "|---|---|---|---|---|"]
     for row in rows:
         bpw = row.get("bits_per_weight")
         lines.append(f"| {row['setting']} | {row.get('method') or '-'} | {row['accuracy']:.4f} | "
-                     f"{'-' if bpw is None else f'{bpw:.2f}'} |")
+                     f"{row.get('num_images') or '-'} | {'-' if bpw is None else f'{bpw:.2f}'} |")
     return "\n".join(lines) + "\n"
+
+
+def _claimed_hub_id(dataset: str | None) -> str | None:
+    """The Hub id a card may cite for data recorded only by name: the name itself when it is a Hub id, the whole
+    CIFAR-10 for `cifar10`; never for a local folder or a subset (`cifar10-tiny`)."""
+    if not dataset:
+        return None
+    found = hub_dataset_id(dataset)
+    return found if found == dataset or dataset == "cifar10" else None
+
+
+def _data_section(data: dict[str, Any]) -> str:
+    if not data:
+        return ""
+    return (f"## Data\n\n`{data.get('dataset')}` ({data.get('source')}): trained on {data.get('train_images')} "
+            f"images of the `{data.get('train_split')}` split, evaluated on {data.get('eval_images')} images of the "
+            f"`{data.get('eval_split')}` split"
+            + (f", at {data['input_size']} pixels" if data.get("input_size") else "") + ".\n")
 
 
 def build_model_card(
@@ -191,7 +211,15 @@ def build_model_card(
 
     library = folder_library(folder)
     low_bit = _read_json(os.path.join(folder, LOW_BIT_CONFIG_NAME))
-    rows = [r for r in read_results(folder) if r.get("setting") != "FP" and isinstance(r.get("accuracy"), float)]
+    info = read_training_info(folder)
+    trained_on = info.get("data") or {}
+    all_rows = read_results(folder)
+    # the card names one dataset (the training run's, else the latest measured) and shows only rows measured on it
+    card_dataset = trained_on.get("dataset") or info.get("dataset") or next(
+        (r.get("dataset") for r in reversed(all_rows) if r.get("dataset")), None)
+    all_rows = [r for r in all_rows if r.get("dataset") == card_dataset or (card_dataset and not r.get("dataset")
+                and not trained_on)]
+    rows = [r for r in all_rows if r.get("setting") != "FP" and isinstance(r.get("accuracy"), float)]
     if low_bit is not None:
         base_model = base_model or (low_bit.get("base_model") if _is_hub_id(low_bit.get("base_model")) else None)
     repo_id = repo_id or os.path.basename(os.path.abspath(folder))
@@ -200,16 +228,21 @@ def build_model_card(
     stats = _read_json(os.path.join(folder, R2_STATS_NAME))
     if accuracy is None and low_bit is None:
         accuracy = read_measured_accuracy(folder)
-        fp_rows = [r for r in read_results(folder) if r.get("setting") == "FP"]
+        fp_rows = [r for r in all_rows if r.get("setting") == "FP"]
         if accuracy is None and fp_rows:
             accuracy = fp_rows[-1]["accuracy"]
-    info = read_training_info(folder)
+            eval_images = fp_rows[-1].get("num_images")
+        else:
+            eval_images = trained_on.get("eval_images")
+    else:
+        eval_images = trained_on.get("eval_images")
     if training is None:
         training = info.get("training_arguments")
     if not datasets:
-        # the data recorded by `hf-r2 train` (r2_training.json), else by the low-bit commands (their results rows)
-        found = [info.get("dataset_id")] + [hub_dataset_id(r.get("dataset")) for r in read_results(folder)]
-        datasets = next(([d] for d in found if d), None)
+        # the data recorded by `hf-r2 train` (r2_training.json: a Hub id only for that whole dataset), else the name
+        # recorded by the low-bit commands; never a Hub id for a local copy of a subset
+        hub_id = trained_on.get("hub_id") if trained_on else _claimed_hub_id(card_dataset)
+        datasets = [hub_id] if hub_id else None
     if isinstance(datasets, str):
         datasets = [datasets]
     all_tags = list(MODEL_CARD_TAGS) + [t for t in (tags or []) if t not in MODEL_CARD_TAGS]
@@ -255,12 +288,15 @@ def build_model_card(
         body.append(f"Fine-tuned from [`{base_model}`](https://huggingface.co/{base_model}).\n")
     body.append("## Results\n")
     if accuracy is not None:
-        on = f" on `{datasets[0]}`" if datasets else ""
+        named = datasets[0] if datasets else card_dataset
+        on = (f" on `{named}`" if named else "") + (f" ({eval_images} images)" if eval_images else "")
         body.append(f"| metric | value |\n|---|---|\n| top-1 accuracy (full precision){on} | {accuracy:.4f} |\n")
     elif not rows:
         body.append("No evaluation results were saved with this model.\n")
     if rows:
-        body.append(_low_bit_section(rows))
+        body.append(_low_bit_section(rows, card_dataset))
+    if trained_on:
+        body.append(_data_section(trained_on))
     body.append(_r2_section(r2_config))
     body.append(_stats_section(stats))
     if training:

@@ -11,6 +11,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._utils import check_safetensors_files
+
 __all__ = [
     "create_model",
     "is_timm_config",
@@ -90,6 +92,8 @@ def create_model(
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{name!r} is a folder without a config.json: not a saved model.")
         config = _read_json(config_path)
+        if pretrained:
+            check_safetensors_files(name)  # a damaged file is named, not a bare SafetensorError
         if is_timm_config(config):
             return _create_timm_from_folder(name, config, num_classes, pretrained, label_names, **kwargs)
         return _create_transformers(name, num_classes, pretrained, label_names, **kwargs)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["select_layers", "plot_weight_histograms", "plot_layer_ranges", "plot_accuracy_vs_bits"]
+__all__ = ["select_layers", "plot_weight_histograms", "plot_layer_ranges", "plot_accuracy_vs_bits", "plot_curves"]
 
 # Bit widths on the x axis of `plot_accuracy_vs_bits`, left to right after the float point.
 _BITS = (8, 4, 2, 1)
@@ -244,6 +244,44 @@ def plot_accuracy_vs_bits(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncols=2)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_curves(
+    curves: Mapping[str, Mapping[float, float]],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    xlabel: str = "epoch",
+    ylabel: str = "validation top-1 (%)",
+) -> str:
+    """Training curves, one line per label: e.g. the validation top-1 after each epoch of each variant, to show
+    where the float accuracy plateaus.
+
+    Args:
+        curves (`Mapping[str, Mapping[float, float]]`):
+            `curves[label][x] = y` (e.g. epoch -> accuracy in %).
+        path (`str` or `os.PathLike`):
+            The PNG to write.
+        title, xlabel, ylabel (`str`, *optional*):
+            Figure title and axis labels.
+
+    Returns:
+        `str`: `path`.
+    """
+    labels = [label for label, points in curves.items() if points]
+    if not labels:
+        raise ValueError("`curves` holds no point: give at least one label with (x, y) values.")
+    fig, (ax,) = _figure(7.5, 4.8)
+    for color, label in zip(_colors(len(labels)), labels):
+        xs, ys = zip(*sorted((float(x), float(y)) for x, y in curves[label].items()))
+        ax.plot(xs, ys, marker="o", markersize=3, color=color, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
     return _save(fig, path)

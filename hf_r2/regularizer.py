@@ -12,16 +12,20 @@ KURE (`loss="kurtosis"`) needs every weight's moments and is computed with plain
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._r2_kernels import LinfR2Function, MarginR2Function, SoftMinMaxR2Function
 from ._r2_plan import GroupPlan, as_rows, ensure_dense_grads
 from ._targets import find_target_modules
 from .config import R2Config, R2LossType
 from .losses import kurtosis_r2, soft_min_max_init_alpha
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["R2Regularizer"]
 
@@ -62,7 +66,21 @@ class R2Regularizer(nn.Module):
             raise TypeError("Pass either an `R2Config` or keyword arguments, not both.")
         self.config = config
         model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        targets = find_target_modules(model, config.include, config.exclude, config.skip_first_last)
+        targets = _distinct_weights(find_target_modules(model, config.include, config.exclude, config.skip_first_last))
+        #: target layers left out because their weight is frozen (`requires_grad=False`; see `R2Config.skip_frozen`)
+        self.skipped_frozen: list[str] = []
+        if config.skip_frozen:
+            self.skipped_frozen = [n for n, m in targets if not _trainable(m)]
+            targets = [(n, m) for n, m in targets if n not in self.skipped_frozen]
+            if self.skipped_frozen:
+                logger.info("R2 leaves out %d frozen layer(s) (requires_grad=False): %s", len(self.skipped_frozen),
+                            ", ".join(self.skipped_frozen[:8]) + (", ..." if len(self.skipped_frozen) > 8 else ""))
+            if not targets:
+                raise ValueError(
+                    f"Every target layer of {type(model).__name__} is frozen (requires_grad=False), so R2-Loss has "
+                    "nothing to train. Unfreeze the layers to regularise, or set `skip_frozen=False` "
+                    "(`--r2_skip_frozen false`) to add their constant R2 terms anyway."
+                )
         self.names: list[str] = [n for n, _ in targets]
         self._targets: list[nn.Module] = [m for _, m in targets]  # a plain list: not registered as submodules
         # The R2 gradient of a weight is handed to autograd as a sparse tensor where it touches few elements (L-inf,
@@ -138,7 +156,7 @@ class R2Regularizer(nn.Module):
 
         Per layer: `min`, `max`, `std`, `max_over_std` (`max |w| / std`, the outlier ratio that a uniform grid
         pays for) and `kurtosis`. Overall: `max_abs` (largest `|w|` of any layer), the mean and max of
-        `max_over_std` and the mean `kurtosis`.
+        `max_over_std` and the mean `kurtosis`. `skipped_frozen`: the frozen layers left out (not in `per_layer`).
         """
         per_layer: dict[str, dict[str, float]] = {}
         for name, w in zip(self.names, self.weights()):
@@ -162,4 +180,31 @@ class R2Regularizer(nn.Module):
             "max_max_over_std": max(ratios),
             "mean_kurtosis": sum(s["kurtosis"] for s in per_layer.values()) / len(per_layer),
         }
-        return {"per_layer": per_layer, "overall": overall}
+        return {"per_layer": per_layer, "overall": overall, "skipped_frozen": list(self.skipped_frozen)}
+
+
+def _weight_parameters(module: nn.Module) -> list[Tensor]:
+    """The leaf tensors `module.weight` is made of: itself, or a parametrization's originals (without computing the
+    parametrized weight, which for DKM is a clustering pass)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return list(module.parametrizations.weight.parameters())
+    return [module.weight]
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in _weight_parameters(module))
+
+
+def _distinct_weights(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """`targets` without the layers whose weight is another target's (one tensor shared by two layers counts once,
+    under its first name: R2 on it is one term, with one margin / temperature)."""
+    seen: set[tuple[int, ...]] = set()
+    kept = []
+    for name, module in targets:
+        key = tuple(id(p) for p in _weight_parameters(module))
+        if key in seen:
+            logger.info("R2 counts the weight of %s once: it is shared with an earlier target layer", name)
+            continue
+        seen.add(key)
+        kept.append((name, module))
+    return kept

@@ -13,7 +13,7 @@ from typing import Any
 import safetensors.torch
 from torch import Tensor, nn
 
-from ._utils import read_json, write_json_atomic
+from ._utils import give_default_modes, read_json, write_json_atomic
 from .config import R2Config
 from .models import is_transformers_model
 
@@ -61,21 +61,25 @@ def save_timm_folder(model: nn.Module, save_directory: str, state_dict: dict[str
     os.makedirs(save_directory, exist_ok=True)
     if state_dict is None:
         timm.models.save_for_hf(model, save_directory, model_config=_timm_model_config(model), safe_serialization=True)
+        give_default_modes(save_directory)  # safetensors writes 0600; the user's umask decides (0644)
         return
     safetensors.torch.save_file(
         {k: v.contiguous() for k, v in state_dict.items()},
         os.path.join(save_directory, "model.safetensors"),
         metadata={"format": "pt"},
     )
+    give_default_modes(save_directory)
     write_timm_config(model, save_directory)
 
 
 def save_r2_files(save_directory: str, r2_config: R2Config | None, stats: dict[str, Any] | None = None) -> None:
-    """`r2_config.json` and, if given, `r2_stats.json` (the output of [`R2Regularizer.stats`])."""
+    """`r2_config.json` and, if given, `r2_stats.json` (the output of [`R2Regularizer.stats`]), beside weights saved
+    just before, whose file modes it sets to the user's default (transformers' `save_pretrained` writes 0600)."""
     if r2_config is not None:
         r2_config.save_pretrained(save_directory)
     if stats is not None:
         write_json_atomic(os.path.join(save_directory, R2_STATS_NAME), stats)
+    give_default_modes(save_directory)
 
 
 def save_model_folder(
@@ -93,6 +97,7 @@ def save_model_folder(
         save_timm_folder(model, save_directory)
     else:
         safetensors.torch.save_model(model, os.path.join(save_directory, "model.safetensors"))
+    give_default_modes(save_directory)  # safetensors writes 0600; the user's umask decides (0644)
     save_r2_files(save_directory, r2_config, stats)
     return save_directory
 

@@ -12,7 +12,35 @@ if TYPE_CHECKING:
     from .trainer import R2Trainer
     from .training_args import R2TrainingArguments
 
-__all__ = ["train_model", "run_train"]
+__all__ = ["prepare_output_dir", "train_model", "run_train"]
+
+
+def prepare_output_dir(training_args: R2TrainingArguments) -> str | None:
+    """Check `output_dir` before a run and resolve `resume_from_checkpoint`; returns the checkpoint to resume from.
+
+    Resuming (`resume_from_checkpoint` a folder, or `latest` / `True`: the newest complete checkpoint of
+    `output_dir`, none yet meaning from the beginning) continues the run the folder holds. Otherwise a folder that
+    holds another run (checkpoints, model, results, `r2_*.json`, ...) is refused, unless `overwrite_output_dir`,
+    which removes what belongs to the old run first (other files stay).
+    """
+    import logging
+
+    from .checkpoints import clear_run, resolve_resume, run_files
+
+    out = training_args.output_dir
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and str(resume).strip().lower() not in ("", "false", "no"):
+        return resolve_resume(resume, out)
+    found = run_files(out)
+    if found and not training_args.overwrite_output_dir:
+        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"`--output_dir {out}` already holds a training run ({listed}): pass "
+                         "`--overwrite_output_dir` to replace it, `--resume_from_checkpoint latest` to continue it, "
+                         "or choose another folder.")
+    if found:
+        logging.getLogger(__name__).warning("--overwrite_output_dir: removing the previous run's %s from %s.",
+                                            ", ".join(clear_run(out)), out)
+    return None
 
 
 def train_model(
@@ -70,6 +98,11 @@ def run_train(
 ) -> dict[str, Any]:
     """Load the data, create the model, train it with [`train_model`], evaluate it: what `hf-r2 train` runs.
 
+    First, before anything is loaded or written: [`prepare_output_dir`] (an
+    `output_dir` holding another run is refused without `overwrite_output_dir`; `resume_from_checkpoint="latest"`
+    or `True` is the newest complete checkpoint). Augmentation draws depend only on `(seed, epoch, index)`, so a
+    resumed run ends with the same weights as an uninterrupted one.
+
     Returns `{"train": train metrics, "eval": eval metrics, "trainer": the R2Trainer}`.
 
     Writes to `training_args.output_dir`: the model (`model.safetensors` + `config.json`, loadable with
@@ -79,24 +112,29 @@ def run_train(
     """
     from transformers import set_seed
 
-    from .data import label_names, load_data, record_data_config, with_transforms
+    from .data import describe_data, label_names, load_data, record_data_config, with_transforms
     from .metrics import compute_accuracy
     from .models import create_model
+    from .saving import update_training_info
 
+    training_args.resume_from_checkpoint = prepare_output_dir(training_args)
     set_seed(training_args.seed)
     ds = load_data(data_args, seed=training_args.seed)
     names = label_names(ds)
     model = create_model(model_args.model_name_or_path, pretrained=model_args.pretrained, label_names=names)
     transform_kw = {"input_size": data_args.input_size, "augment": data_args.augment}
+    train_rows = with_transforms(ds["train"], model, train=True, seed=training_args.seed, **transform_kw)
     record_data_config(model, data_args)
     trainer, train_result = train_model(
         model,
         training_args,
-        with_transforms(ds["train"], model, train=True, **transform_kw),
+        train_rows,
         with_transforms(ds["test"], model, train=False, **transform_kw),
         dataset=data_args.dataset_name,
         compute_metrics=compute_accuracy,
     )
+    if trainer.args.should_save:  # what the data really was (source, splits, image counts), for the model card
+        update_training_info(training_args.output_dir, data=describe_data(data_args, ds))
     train_metrics = dict(train_result.metrics, train_samples=ds["train"].num_rows)
     trainer.log_metrics("train", train_metrics)
     trainer.save_metrics("train", train_metrics)

@@ -14,16 +14,19 @@ The Trainer hooks overridden here, and why:
 | `get_decay_parameter_names` | no weight decay on the LSQ step sizes of a QAT-prepared model |
 | `_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler` | checkpoint and resume R2's own parameters |
 | `_save` | timm models in timm's own layout; `r2_config.json` and `r2_stats.json` next to the weights |
+| `train`, `_save_checkpoint` | resume from `True` / `"latest"` (the newest complete checkpoint); checkpoints staged |
 | `create_model_card` | hf-r2's card ([`hf_r2.model_card.build_model_card`]), so `push_to_hub` uploads it |
 
 plus one private callback that clears the gradients of R2's own parameters after each optimizer step (the
-Trainer's `model.zero_grad()` does not reach them) and drops the R2 metrics of `predict()` (which does not log).
+Trainer's `model.zero_grad()` does not reach them), drops the R2 metrics of `predict()` (which does not log), and
+passes the epoch to a training set with `set_epoch` ([`hf_r2.data.SeededTransformDataset`]).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections import defaultdict
 from typing import Any
 
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .checkpoints import checkpoint_step, publish_folder, resolve_resume, staging_folder
 from .config import R2Config
 from .models import classification_loss, forward_logits, unwrap_model
 from .regularizer import R2Regularizer
@@ -50,16 +54,16 @@ _LOGGED_STATS = ("max_abs", "mean_max_over_std", "max_max_over_std", "mean_kurto
 
 
 class _R2Callback(TrainerCallback):
-    """Housekeeping on Trainer events that no overridable method covers.
-
-    - after each optimizer step, clear the gradients of R2's own parameters: the Trainer clears gradients with
-      `model.zero_grad()`, which does not reach them (they live outside the model), so they would add up over steps;
-    - after `predict()`, which does not log, drop the R2 metrics of its batches, so that they do not leak into the
-      next `evaluate()`.
-    """
+    """Housekeeping on Trainer events that no overridable method covers (see the module docstring): R2's gradients
+    (outside the model, so `model.zero_grad()` misses them), `predict()`'s R2 metrics, the training set's epoch."""
 
     def __init__(self, trainer: R2Trainer) -> None:
         self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # the epoch about to run (`state.epoch` is fractional after a mid-epoch resume), before its iterator starts
+        if hasattr(self.trainer.train_dataset, "set_epoch"):
+            self.trainer.train_dataset.set_epoch(int(state.epoch + 1e-6))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.regularizer.zero_grad(set_to_none=True)
@@ -99,12 +103,11 @@ class R2Trainer(Trainer):
     `eval_r2_loss` (also in the dict `evaluate()` returns, so `metric_for_best_model="task_loss"` works), and
     `eval_loss` is `eval_task_loss + eval_r2_loss`, the training objective.
 
-    Saving: [`~transformers.Trainer.save_model`] writes the model's own weights only, in its own format (a
-    transformers model through `save_pretrained`, a timm model in timm's layout: `config.json` + `model.safetensors`
-    via `timm.models.save_for_hf`), so plain timm / transformers (or [`hf_r2.create_model`]) load it; next to them
-    go `r2_config.json` and `r2_stats.json`. Checkpoints also hold `r2_regularizer.safetensors` (R2's learnable
-    parameters), and R2's optimizer state sits in `optimizer.pt`, so `train(resume_from_checkpoint=...)` resumes
-    exactly.
+    Saving: [`~transformers.Trainer.save_model`] writes the model's own weights in its own format (transformers'
+    `save_pretrained`, timm's `config.json` + `model.safetensors`), plus `r2_config.json` and `r2_stats.json`.
+    Checkpoints also hold `r2_regularizer.safetensors` (R2's parameters; their optimizer state is in `optimizer.pt`),
+    are renamed into place only when complete, and `train(resume_from_checkpoint=...)` (a folder, or `True` /
+    `"latest"`) resumes exactly, augmentation included with [`hf_r2.data.SeededTransformDataset`].
 
     Args:
         model (`torch.nn.Module`):
@@ -126,8 +129,7 @@ class R2Trainer(Trainer):
     >>> model = timm.create_model("resnet18", num_classes=10)
     >>> args = R2TrainingArguments(output_dir="out", r2_loss="margin", r2_weight=0.01, report_to="tensorboard")
     >>> trainer = R2Trainer(model, args, train_dataset=train, eval_dataset=val, compute_metrics=compute_accuracy)
-    >>> trainer.train()
-    >>> trainer.save_model()
+    >>> trainer.train(); trainer.save_model()
     ```
     """
 
@@ -326,8 +328,8 @@ class R2Trainer(Trainer):
             tensors = {k: v.detach().contiguous() for k, v in state.items()}
             safetensors.torch.save_file(tensors, os.path.join(output_dir, R2_STATE_NAME), metadata={"format": "pt"})
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is not None and len(self.regularizer.state_dict()):
+    def _load_r2_state(self, checkpoint: str) -> None:
+        if len(self.regularizer.state_dict()):
             path = os.path.join(checkpoint, R2_STATE_NAME)
             if os.path.isfile(path):
                 device = next(self.regularizer.parameters()).device
@@ -335,7 +337,53 @@ class R2Trainer(Trainer):
             else:
                 logger.warning("No %s in %s: R2's learnable parameters start from their initial values.",
                                R2_STATE_NAME, checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            self._load_r2_state(checkpoint)
         super()._load_optimizer_and_scheduler(checkpoint)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """`Trainer.train`; `resume_from_checkpoint=True` / `"latest"`: see [`hf_r2.checkpoints.resolve_resume`]."""
+        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume is not None and 0 < self.args.max_steps <= checkpoint_step(resume):
+            # the run had finished (interrupted while saving or evaluating): the Trainer would train one more step
+            from transformers.trainer_utils import TrainOutput
+            self._load_from_checkpoint(resume)
+            self._load_r2_state(resume)
+            self.state = self.state.load_from_json(os.path.join(resume, "trainer_state.json"))
+            return TrainOutput(self.state.global_step, float("nan"), {})
+        return super().train(resume, *args, **kwargs)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return getattr(self, "_staging_run_dir", None) or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, written into `.tmp-checkpoint-<n>/` and renamed to `checkpoint-<n>` once complete;
+        then the rotation. With `push_to_hub` (which uploads the folder in the background) it is written in place."""
+        if self.args.push_to_hub:
+            return super()._save_checkpoint(model, trial)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging = staging_folder(final)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._staging_run_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_folder(os.path.join(staging, os.path.basename(final)), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best and os.path.normpath(best).startswith(staging + os.sep):
+                self.state.best_model_checkpoint = final
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Tensor] | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -375,12 +423,9 @@ class R2Trainer(Trainer):
         dataset_args: str | list[str] | None = None,
     ) -> None:
         """Write hf-r2's model card ([`hf_r2.model_card.build_model_card`]) to `output_dir/README.md`; called by
-        [`~transformers.Trainer.push_to_hub`] after `save_model`, so the card goes up with the model.
-
-        The accuracy on the card is the folder's `eval_results.json` (`trainer.save_metrics("eval", ...)`), else the
-        last `eval_accuracy` logged; none if the model was never evaluated. `dataset` (or `dataset_tags`) gives the
-        card's `datasets`, `finetuned_from` its `base_model`. `language`, `tasks` and `dataset_args` are not used.
-        """
+        [`~transformers.Trainer.push_to_hub`] after `save_model`. The accuracy is the folder's `eval_results.json`,
+        else the last `eval_accuracy` logged. `dataset` (or `dataset_tags`) gives the card's `datasets`,
+        `finetuned_from` its `base_model`; `language`, `tasks` and `dataset_args` are not used."""
         from .model_card import build_model_card, read_measured_accuracy, write_model_card
 
         if not self.is_world_process_zero():

@@ -23,6 +23,13 @@ _R2_FIELDS = [f.name for f in dataclasses.fields(R2Config) if f.name != "version
 _R2_NAME = re.compile(r"`(" + "|".join(_R2_FIELDS) + r")\b")
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps is not None and mps.is_available())
+
+
 @dataclass
 class R2TrainingArguments(TrainingArguments):
     # docstyle-ignore
@@ -62,6 +69,8 @@ class R2TrainingArguments(TrainingArguments):
             Regular expressions over module names to leave out, applied after `r2_include`.
         r2_skip_first_last (`bool`, *optional*, defaults to `False`):
             Leave out the first and the last target layer (often kept at high precision).
+        r2_skip_frozen (`bool`, *optional*, defaults to `True`):
+            Leave out layers whose weight is frozen (`requires_grad=False`).
 
         > Parameters of each R2 variant
 
@@ -76,6 +85,11 @@ class R2TrainingArguments(TrainingArguments):
     > These parameters have default values different from [`~transformers.TrainingArguments`]:
     > - `remove_unused_columns`: Defaults to `False` instead of `True`. A timm model's `forward(x)` names no input
     >   column, so the Trainer's column filter would drop `pixel_values` and `labels`.
+    > - `dataloader_pin_memory`: `False` when there is no CUDA or MPS device (pinned memory needs an accelerator, and
+    >   torch warns on every CPU run otherwise).
+
+    `overwrite_output_dir` (`bool`, *optional*, defaults to `False`): `hf-r2 train` refuses an `output_dir` that
+    holds another run unless it is set, and then clears what belongs to the old run (see [`hf_r2.train.run_train`]).
 
     ```python
     >>> from hf_r2 import R2TrainingArguments
@@ -92,6 +106,12 @@ class R2TrainingArguments(TrainingArguments):
             "help": "Whether or not to automatically remove the columns unused by the model forward method. Defaults "
             "to `False` here: a timm model's `forward(x)` names no column, so `pixel_values` and `labels` would go."
         },
+    )
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir that holds another run: its checkpoints, model, results and "
+                  "r2_*.json files are removed first (without it, such a folder is refused)."},
     )
 
     # Parameters that control the R2 term
@@ -134,6 +154,10 @@ class R2TrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Leave out the first and the last target layer (often kept at high precision)."},
     )
+    r2_skip_frozen: bool = field(
+        default=True,
+        metadata={"help": "Leave out layers whose weight is frozen (requires_grad=False); false keeps them."},
+    )
 
     # Parameters of each R2 variant
     r2_margin_penalty: float = field(
@@ -151,6 +175,8 @@ class R2TrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dataloader_pin_memory and not _has_accelerator():
+            self.dataloader_pin_memory = False  # nothing to pin for: torch would warn at every DataLoader
         if self.r2_loss is None or str(self.r2_loss).lower() in ("none", "off", ""):
             raise ValueError(
                 f"`r2_loss` must be one of {[e.value for e in R2LossType]}, got {self.r2_loss!r}. For a baseline run "

@@ -16,6 +16,7 @@ TIMM_REPO = "r2-tests/timm-resnet-r2"
 HF_REPO = "r2-tests/convnext-r2"
 TRAINER_REPO = "r2-tests/trainer-r2"
 LOW_BIT_REPO = "r2-tests/timm-resnet-r2-w2a8"
+CLI_REPO = "r2-tests/timm-resnet-r2-cli"
 LOW_BIT_ACCURACY = 0.3125  # the number the low-bit export's low_bit_results.json holds
 TRAINER_ACCURACY = 0.25
 ACCURACY = 0.4375  # the measured number the timm folder's eval_results.json holds
@@ -86,6 +87,21 @@ def push(work: str) -> dict:
         out["exist_error"] = None
     except FileExistsError as err:
         out["exist_error"] = str(err)
+    # `hf-r2 push` and its options, succeeding
+    import contextlib
+    import io
+    import shutil
+
+    from hf_r2.cli import main
+
+    cli_dir = os.path.join(work, "cli_folder")  # a copy: the card it writes must not change timm_dir's
+    shutil.copytree(timm_dir, cli_dir)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        out["cli_push_rc"] = main(["push", cli_dir, CLI_REPO, "--dataset", DATASET, "--base-model",
+                                   "timm/resnet18.a1_in1k", "--license", "mit", "--commit-message", "cli push"])
+    out["cli_push_stdout"] = printed.getvalue()
+    out["cli_push_files_after"] = sorted(os.listdir(cli_dir))
     # the Trainer's own hub mechanism, with hf-r2's card
     from hf_r2 import R2Trainer, R2TrainingArguments
 
@@ -151,8 +167,19 @@ def load(work: str) -> dict:
     local = os.path.join(work, "downloaded")
     out["cli_download_rc"] = main(["download", HF_REPO, "--local-dir", local])
     out["cli_download_files"] = sorted(f for f in os.listdir(local) if not f.startswith("."))
+    # `hf-r2 download --revision`: the commit the first push made, and a revision that does not exist
+    first_commit = json.load(open(os.path.join(work, "push.json")))["urls"]["timm"].rstrip("/").split("/")[-1]
+    at_commit = os.path.join(work, "downloaded_at_commit")
+    out["cli_download_revision_rc"] = main(["download", TIMM_REPO, "--local-dir", at_commit, "--revision",
+                                            first_commit])
+    out["cli_download_revision_files"] = sorted(f for f in os.listdir(at_commit) if not f.startswith("."))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        out["cli_download_bad_revision_rc"] = main(["download", TIMM_REPO, "--local-dir", at_commit + "-bad",
+                                                    "--revision", "no-such-branch"])
+    out["cli_download_bad_revision_err"] = err.getvalue()
     for key, repo in (("timm_card", TIMM_REPO), ("hf_card", HF_REPO), ("trainer_card", TRAINER_REPO),
-                      ("low_bit_card", LOW_BIT_REPO)):
+                      ("low_bit_card", LOW_BIT_REPO), ("cli_card", CLI_REPO)):
         card = ModelCard.load(repo)
         out[key] = {"data": card.data.to_dict(), "text": card.text}
     return out

@@ -15,7 +15,7 @@ from hf_r2.reproduce import ReproduceConfig
 
 EXAMPLES = {
     R2Config: dict(loss="margin", weight=0.5, per_channel=True, margin_penalty=0.25, include=["conv"],
-                   exclude=["fc$"], skip_first_last=True, warmup_steps=7),
+                   exclude=["fc$"], skip_first_last=True, skip_frozen=False, warmup_steps=7),
     LoopConfig: dict(output_dir="somewhere", num_epochs=3, seed=5, per_device_batch_size=8, optimizer="adamw",
                      learning_rate=0.002, weight_decay=0.1, lr_scheduler_type="constant", lr_warmup_steps=4,
                      gradient_accumulation_steps=2, logging_steps=3, save_model=False),

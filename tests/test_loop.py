@@ -30,13 +30,16 @@ WORKER = Path(__file__).with_name("_loop_worker.py")
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; every test starts (and leaves) them blank."""
+    """Accelerate keeps process-wide singletons; every test starts (and leaves) them blank, on one thread
+    (restored)."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)  # leave the process as it was for the tests that follow
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
@@ -93,15 +96,27 @@ def test_loop_config_round_trip(tmp_path):
         LoopConfig.from_dict({"lr": 0.1})
 
 
-def test_resolve_latest_checkpoint(tmp_path):
+def test_resolve_latest_checkpoint(tmp_path, caplog):
     config = LoopConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
-    with pytest.raises(FileNotFoundError, match="no step_<n> folder"):
-        resolve_checkpoint(config)
-    for name in ("step_2", "step_10", "step_9", "other"):
-        (tmp_path / "checkpoints" / name).mkdir(parents=True)
-    assert resolve_checkpoint(config) == str(tmp_path / "checkpoints" / "step_10")  # numeric, not lexicographic
+    with caplog.at_level("WARNING", logger="hf_r2"):
+        assert resolve_checkpoint(config) is None  # nothing saved yet: start from the beginning, and say so
+    assert "no complete checkpoint" in caplog.text
+    root = tmp_path / "checkpoints"
+    for name in ("step_2", "step_10", "step_9", "other", ".tmp-step_12", "step_11"):
+        (root / name).mkdir(parents=True)
+        if name in ("step_2", "step_10", "step_9"):  # complete: weights and random states
+            (root / name / "model.safetensors").write_bytes(b"")
+            (root / name / "random_states_0.pkl").write_bytes(b"")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_r2"):
+        assert resolve_checkpoint(config) == str(root / "step_10")  # numeric, not lexicographic; 11, 12 incomplete
+        assert resolve_checkpoint(replace(config, resume_from_checkpoint="True")) == str(root / "step_10")
+    assert "step_11: an incomplete checkpoint" in caplog.text and ".tmp-step_12" in caplog.text
+    assert resolve_checkpoint(replace(config, resume_from_checkpoint=None)) is None
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         resolve_checkpoint(replace(config, resume_from_checkpoint=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="is an incomplete checkpoint"):
+        resolve_checkpoint(replace(config, resume_from_checkpoint=str(root / "step_11")))
 
 
 def test_train_argument_errors(tmp_path):
@@ -154,6 +169,37 @@ def test_finetune_runs_without_r2(tmp_path):
     model, _, train_ds, _, _ = build(str(tmp_path), 8, 1)
     metrics = finetune(model, train_ds, learning_rate=0.01, per_device_batch_size=8, max_steps=2, seed=0)
     assert metrics["global_step"] == 2 and not [k for k in metrics if "r2" in k]
+
+
+def test_finetune_with_r2_matches_the_loop(tmp_path):
+    """`finetune(r2_config=...)` (what `hf-r2 qat / compress --r2-weight` run) trains with the R2 term: the same
+    weights as `train_with_accelerate` with AdamW + cosine and that R2 config, and not those of R2 off."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from hf_r2.loop import finetune
+
+    model, _, train_ds, _, _ = build(str(tmp_path), 8, 1)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    r2_config = R2Config(loss="linf", weight=1.0)
+    metrics = finetune(model, train_ds, learning_rate=0.01, per_device_batch_size=8, max_steps=3, seed=0,
+                       r2_config=r2_config)
+    assert metrics["global_step"] == 3 and metrics["train_r2_loss"] > 0 and metrics["r2_lambda"] == 1.0
+
+    def loop_run(r2):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        other = TinyConvNet()
+        other.load_state_dict(init)
+        config = LoopConfig(output_dir=str(tmp_path / f"ref{r2 is None}"), max_steps=3, seed=0,
+                            per_device_batch_size=8, optimizer="adamw", learning_rate=0.01,
+                            lr_scheduler_type="cosine", use_cpu=True, save_model=False, logging_steps=50)
+        train_with_accelerate(other, train_ds, r2_config=r2, config=config)
+        return other
+
+    for (name, a), b in zip(model.state_dict().items(), loop_run(r2_config).state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    without = loop_run(None)
+    assert not torch.allclose(model.conv1.weight, without.conv1.weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,6 +325,63 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert not torch.allclose(start["model"]["conv1.weight"], full["model"]["conv1.weight"])
 
 
+@pytest.mark.parametrize("model_name", ["timm", "transformers"])
+def test_resume_with_augmentation_after_an_interrupted_save_is_exact(tmp_path, data_dir, model_name, monkeypatch):
+    """Augmented cifar10-tiny, 5 steps over two epochs, a checkpoint every 2 steps. A run killed while writing
+    step_4 leaves no `step_4` (only its staging folder); `latest` on a new random model resumes from step_2 and ends
+    equal, bit for bit, to the uninterrupted run."""
+    from accelerate.state import AcceleratorState, GradientState
+    from conftest import make_timm
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    import hf_r2.loop as loop
+    from hf_r2.data import collate_fn, load_image_dataset, with_transforms
+
+    def make():
+        if model_name == "timm":
+            return make_timm("test_resnet")
+        cfg = ConvNextConfig(num_labels=10, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2)
+        return ConvNextForImageClassification(cfg)
+
+    ds = load_image_dataset("cifar10-tiny", data_dir=data_dir, max_train_samples=12, max_eval_samples=4, seed=0)
+    torch.manual_seed(0)
+    init = make().state_dict()
+    r2_config = R2Config(loss="margin", weight=0.5)
+
+    def run(folder, resume=None, fresh=True):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        model = make()
+        if fresh:
+            model.load_state_dict(init)
+        train = with_transforms(ds["train"], model, train=True, input_size=32, augment="cifar", seed=0)
+        config = LoopConfig(output_dir=str(folder), max_steps=5, per_device_batch_size=4, checkpointing_steps=2,
+                            learning_rate=0.05, use_cpu=True, save_model=False, seed=0, resume_from_checkpoint=resume)
+        train_with_accelerate(model, train, r2_config=r2_config, config=config, collate_fn=collate_fn)
+        return model
+
+    straight = run(tmp_path / "straight")
+    save_checkpoint = loop.save_checkpoint
+
+    def dies_at_step_4(accelerator, folder):
+        if folder.endswith("step_4"):
+            accelerator.save_state = lambda path: (Path(path).mkdir(parents=True), (Path(path) / "x").touch(),
+                                                   (_ for _ in ()).throw(KeyboardInterrupt))
+        return save_checkpoint(accelerator, folder)
+
+    monkeypatch.setattr(loop, "save_checkpoint", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.undo()
+    root = tmp_path / "resumed" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-step_4", "step_2"]
+    torch.manual_seed(123)
+    resumed = run(tmp_path / "resumed", resume="latest", fresh=False)
+    assert (root / "step_4").is_dir() and not (root / ".tmp-step_4").exists()
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
 def test_logs_r2_metrics(tmp_path):
     from accelerate import Accelerator
     from accelerate.tracking import GeneralTracker
@@ -307,11 +410,20 @@ def test_logs_r2_metrics(tmp_path):
     tracker = RecordingTracker()
     accelerator = Accelerator(cpu=True, log_with=[tracker],
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=3))
-    model, _, train_ds, eval_ds, config = build(str(tmp_path), 8, 1)
+    model, regularizer, train_ds, eval_ds, config = build(str(tmp_path), 8, 1)
     r2_config = R2Config(loss="margin", weight=0.5, warmup_steps=2)
+    assert regularizer.config == r2_config
     config = replace(config, lr_warmup_steps=2)
-    metrics = train_with_accelerate(model, train_ds, eval_ds, r2_config=r2_config, config=config,
-                                    accelerator=accelerator)
+    seen = []  # per training forward (one per step): the weights, the margins and the batch it ran on
+
+    def snapshot(module, args):
+        if module.training:
+            seen.append(({k: v.detach().clone() for k, v in module.state_dict().items()},
+                         regularizer.margin.detach().clone(), args[0].detach().clone()))
+
+    model.register_forward_pre_hook(snapshot)
+    metrics = train_with_accelerate(model, train_ds, eval_ds, config=config, accelerator=accelerator,
+                                    regularizer=regularizer)
     assert tracker.config["r2_config.loss"] == "margin" and tracker.config["learning_rate"] == 0.1
 
     train_logs = [(s, v) for s, v in tracker.logs if "task_loss" in v]
@@ -320,7 +432,18 @@ def test_logs_r2_metrics(tmp_path):
         assert {"loss", "task_loss", "r2_loss", "r2_lambda", "lr", "epoch", "r2_max_abs", "r2_mean_max_over_std",
                 "r2_max_max_over_std", "r2_mean_kurtosis"} <= set(values)
         assert values["r2_lambda"] == pytest.approx(0.5 * min(1.0, (step - 1) / 2))  # the weight used for this step
-        assert values["loss"] == pytest.approx(values["task_loss"] + values["r2_loss"])
+        # an independent reference: the step's task loss in float64 on the weights it ran with, plus lambda times the
+        # functional `margin_r2` of each layer (not the loop's own sum, nor the regularizer's batched kernel)
+        weights, margins, x = seen[step - 1]
+        labels = torch.stack([train_ds.labels[(train_ds.pixel_values == xi).flatten(1).all(1)][0] for xi in x])
+        ref = TinyConvNet().double()
+        ref.load_state_dict(weights)
+        task = F.cross_entropy(ref(x.double()), labels).item()
+        r2 = sum(margin_r2(weights[f"{n}.weight"], m).double() for n, m in zip(("conv1", "conv2", "head"), margins))
+        lam = 0.5 * min(1.0, (step - 1) / 2)
+        assert values["task_loss"] == pytest.approx(task, rel=1e-5)
+        assert values["r2_loss"] == pytest.approx(lam * r2.item(), rel=1e-5, abs=1e-12)
+        assert values["loss"] == pytest.approx(task + lam * r2.item(), rel=1e-5)
         assert (values["r2_loss"] == 0) == (step == 1)  # lambda * R: 0 only while lambda is 0
         warm = step / 2 if step < 2 else 0.5 * (1 + math.cos(math.pi * (step - 2) / 6))
         assert values["lr"] == pytest.approx(0.1 * warm)  # the rate for the next step
@@ -473,7 +596,7 @@ def test_example_script_runs(tmp_path, data_dir):
     assert saved["architecture"] == "test_convnext" and saved["num_classes"] == 10
     assert saved["pretrained_cfg"]["input_size"] == [3, 32, 32]
     assert R2Config.from_pretrained(tmp_path / "model").loss == "margin"
-    with pytest.raises(SystemExit):  # a config's ValueError becomes a usage error
+    with pytest.raises(SystemExit, match="^2$"):  # a config's ValueError becomes a usage error
         example.main(["--model", "test_convnext", "--optimizer", "adam"])
 
 

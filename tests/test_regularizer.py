@@ -294,3 +294,68 @@ def test_dense_grad_hook_is_put_once_and_follows_copies():
     reg = R2Regularizer(clone, loss="linf")
     reg().backward()  # R2 alone: without the hook the copy's .grad would stay sparse
     assert all(v.grad.layout == torch.strided for v in reg.weights())
+
+
+def _three_layers() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_frozen_layers_are_left_out_unless_asked(loss):
+    model = _three_layers()
+    model[0].weight.requires_grad_(False)  # e.g. a frozen stem
+    reg = R2Regularizer(model, R2Config(loss=loss))
+    assert reg.names == ["2", "4"] and reg.skipped_frozen == ["0"]
+    stats = reg.stats()
+    assert stats["skipped_frozen"] == ["0"] and set(stats["per_layer"]) == {"2", "4"}
+    expected, _, _ = _reference_total(reg)  # the functional losses over the two trainable layers only
+    assert reg().item() == pytest.approx(expected.item(), rel=1e-5)
+    kept = R2Regularizer(model, R2Config(loss=loss, skip_frozen=False))
+    assert kept.names == ["0", "2", "4"] and kept.skipped_frozen == []
+    if loss == "margin":  # one margin per regularised layer: none for the frozen one
+        assert reg.margin.numel() == 2 and kept.margin.numel() == 3
+
+
+def test_all_frozen_is_a_clear_error():
+    model = _three_layers().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"Every target layer of Sequential is frozen .*skip_frozen=False"):
+        R2Regularizer(model, R2Config())
+    reg = R2Regularizer(model, R2Config(skip_frozen=False))  # asked for: constant terms, no trainable weight
+    assert len(reg.names) == 3 and not reg().requires_grad
+
+
+def test_frozen_parametrized_weight_is_detected_without_computing_it():
+    from torch.nn.utils import parametrizations
+
+    model = _three_layers()
+    parametrizations.weight_norm(model[2])
+    for p in model[2].parametrizations.weight.parameters():
+        p.requires_grad_(False)
+    assert R2Regularizer(model, R2Config()).skipped_frozen == ["2"]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_a_weight_shared_by_two_layers_counts_once(loss):
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    model[2].weight = model[0].weight  # one tensor, two layers
+    reg = R2Regularizer(model, R2Config(loss=loss, per_channel=True))
+    assert reg.names == ["0", "4"]
+    w0, w4 = model[0].weight, model[4].weight
+    ref = {"linf": lambda w: linf_r2(w, True), "kurtosis": lambda w: kurtosis_r2(w, 1.8, True)}
+    if loss in ref:
+        assert reg().item() == pytest.approx((ref[loss](w0) + ref[loss](w4)).item(), rel=1e-5)
+    if loss == "margin":
+        assert reg.margin.numel() == 6 + 3  # per channel: one margin per row of each distinct weight
+    if loss == "soft_min_max":
+        assert reg.log_alpha.numel() == 6 + 3
+
+
+def test_compiled_model_has_the_eager_names():
+    model = make_timm("test_resnet")
+    compiled = torch.compile(model)  # wraps the model as `_orig_mod`; nothing is compiled until it runs
+    eager = R2Regularizer(model, R2Config(include=["layer1"], exclude=["downsample"]))
+    wrapped = R2Regularizer(compiled, R2Config(include=["^layer1"], exclude=["downsample"]))
+    assert wrapped.names == eager.names and all(not n.startswith("_orig_mod") for n in wrapped.names)
+    assert wrapped.stats()["per_layer"].keys() == eager.stats()["per_layer"].keys()
+    assert [n for n, _ in find_target_modules(compiled)] == [n for n, _ in find_target_modules(model)]
+    assert wrapped().item() == pytest.approx(eager().item())

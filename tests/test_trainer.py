@@ -14,7 +14,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from hf_r2._targets import find_target_modules
 from hf_r2.config import R2Config
-from hf_r2.losses import linf_r2, margin_r2
+from hf_r2.losses import kurtosis_r2, linf_r2, margin_r2, soft_min_max_r2
 from hf_r2.metrics import compute_accuracy
 from hf_r2.models import create_model, forward_logits
 from hf_r2.trainer import R2_STATE_NAME, R2_STATS_NAME, R2Trainer
@@ -170,6 +170,23 @@ MODELS = {
 }
 
 
+def _reference_r2(model, regularizer, loss_kind) -> float:
+    """`sum_l R(W_l)` layer by layer with the functional losses of `hf_r2.losses` (not the regularizer's batched
+    kernels), summed in float64; only the learned margins / temperatures come from the regularizer."""
+    config = regularizer.config
+    layers = [m.weight.detach() for _, m in find_target_modules(model)]
+    if loss_kind == "linf":
+        values = [linf_r2(w) for w in layers]
+    elif loss_kind == "margin":
+        values = [margin_r2(w, m, config.margin_penalty) for w, m in zip(layers, regularizer.margin.detach())]
+    elif loss_kind == "soft_min_max":
+        alphas = regularizer.log_alpha.detach().exp()
+        values = [soft_min_max_r2(w, a, config.soft_min_max_penalty) for w, a in zip(layers, alphas)]
+    else:
+        values = [kurtosis_r2(w, config.kurtosis_target) for w in layers]
+    return float(sum(v.double() for v in values))
+
+
 @pytest.mark.parametrize(
     "model_name, r2_loss",
     [("timm_cnn", "margin"), ("timm_vit", "soft_min_max"), ("hf_resnet", "linf"), ("hf_timm_wrapper", "kurtosis")],
@@ -207,12 +224,13 @@ def test_train_log_evaluate_save(tmp_path, request, model_name, r2_loss):
     model.eval()
     with torch.no_grad():
         logits = forward_logits(model, val.x)
-        r2 = trainer.regularizer().item() * weight
+        r2 = _reference_r2(model, trainer.regularizer, r2_loss) * weight
         torch.testing.assert_close(torch.as_tensor(predicted.predictions), forward_logits(model, other_data.x))
     assert metrics["eval_accuracy"] == pytest.approx((logits.argmax(-1) == val.y).float().mean().item())
     assert metrics["eval_task_loss"] == pytest.approx(F.cross_entropy(logits, val.y).item(), rel=1e-5)
     assert metrics["eval_r2_loss"] == pytest.approx(r2, rel=1e-5)
-    assert metrics["eval_loss"] == pytest.approx(metrics["eval_task_loss"] + metrics["eval_r2_loss"], rel=1e-5)
+    expected_loss = F.cross_entropy(logits.double(), val.y).item() + r2
+    assert metrics["eval_loss"] == pytest.approx(expected_loss, rel=1e-5)
 
     # save: the model's own files, loadable by timm / transformers, plus the R2 side files
     out = tmp_path / "saved"
@@ -324,6 +342,60 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     assert not torch.equal(t_straight.regularizer.margin.detach(), saved_margin)  # and it kept training
 
 
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("model_name", ["timm", "transformers"])
+def test_resume_with_augmentation_after_an_interrupted_save_is_exact(tmp_path, data_dir, model_name, monkeypatch,
+                                                                     caplog):
+    """Augmented cifar10-tiny, 5 steps over two epochs. A run killed while writing checkpoint-4 leaves no
+    `checkpoint-4` (only its hidden staging folder); a left-over incomplete `checkpoint-9` is skipped with a warning;
+    `resume_from_checkpoint=True` on a new random model picks checkpoint-2 and ends equal, bit for bit, to the
+    uninterrupted run."""
+    from hf_r2.data import collate_fn, load_image_dataset, with_transforms
+
+    make = (lambda: make_timm("test_resnet")) if model_name == "timm" else _hf_convnext
+    ds = load_image_dataset("cifar10-tiny", data_dir=data_dir, max_train_samples=12, max_eval_samples=4, seed=0)
+    torch.manual_seed(0)
+    init = make().state_dict()
+    kwargs = dict(max_steps=5, r2_loss="margin", r2_weight=0.5, learning_rate=3e-2, save_strategy="steps",
+                  save_steps=2, per_device_train_batch_size=4)  # 3 steps per epoch: the resume crosses an epoch
+
+    def run(folder, resume=None):
+        model = make()
+        if resume is None:
+            model.load_state_dict(init)
+        train = with_transforms(ds["train"], model, train=True, input_size=32, augment="cifar", seed=0)
+        trainer = R2Trainer(model, _args(folder, **kwargs), train_dataset=train, data_collator=collate_fn)
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "straight")
+    original = R2Trainer._save_rng_state
+
+    def dies_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise _Interrupt
+        original(self, output_dir)
+
+    monkeypatch.setattr(R2Trainer, "_save_rng_state", dies_at_step_4)
+    with pytest.raises(_Interrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.undo()
+    out = tmp_path / "resumed"
+    assert sorted(p.name for p in out.iterdir()) == [".tmp-checkpoint-4", "checkpoint-2"]
+    (out / "checkpoint-9").mkdir()
+    (out / "checkpoint-9" / "model.safetensors").write_bytes(b"")  # an incomplete checkpoint of an older version
+    torch.manual_seed(123)
+    with caplog.at_level(logging.WARNING, logger="hf_r2"):
+        resumed = run(out, resume="True")
+    assert "checkpoint-9: an incomplete checkpoint" in caplog.text and ".tmp-checkpoint-4" in caplog.text
+    assert (out / "checkpoint-4").is_dir() and not (out / ".tmp-checkpoint-4").exists()
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # R2Trainer: two processes (DDP on the CPU) x gradient accumulation give the full-batch step
 
@@ -374,7 +446,9 @@ def test_ddp_two_processes_match_one_batch(tmp_path, loss_kind):
     with socket.socket() as sock:  # a free port (torchrun's `--master_port 0` hangs in the rendezvous)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # a fresh environment for the children: no ACCELERATE_* settings of the parent (a launcher, a CI config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(port), str(script), str(tmp_path), loss_kind]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

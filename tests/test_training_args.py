@@ -10,7 +10,7 @@ from hf_r2.config import R2Config
 from hf_r2.training_args import R2TrainingArguments
 
 R2_FIELDS = [
-    "loss", "weight", "warmup_steps", "per_channel", "include", "exclude", "skip_first_last",
+    "loss", "weight", "warmup_steps", "per_channel", "include", "exclude", "skip_first_last", "skip_frozen",
     "margin_penalty", "soft_min_max_penalty", "kurtosis_target",
 ]  # fmt: skip
 
@@ -69,7 +69,7 @@ def test_training_args_hf_argument_parser(tmp_path):
     assert args.r2_config.to_dict() == R2Config(
         loss="soft_min_max", weight=0.05, per_channel=True, include=["conv", "fc"], warmup_steps=7
     ).to_dict()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--r2_loss", "l2"])
     path = tmp_path / "args.json"
     path.write_text(json.dumps({"output_dir": str(tmp_path), "r2_loss": "kurtosis", "r2_kurtosis_target": 2.0}))
@@ -82,3 +82,14 @@ def test_training_args_hf_argument_parser(tmp_path):
     assert (args.r2_config.loss, args.r2_config.exclude) == ("margin", ["head"])
 
 
+
+
+def test_no_pinned_memory_without_an_accelerator(tmp_path, monkeypatch):
+    """Pinned memory needs a CUDA / MPS device: without one, the default is False (torch warns at every DataLoader
+    otherwise); with one, the Trainer's default (True) stays."""
+    import hf_r2.training_args as training_args
+
+    monkeypatch.setattr(training_args, "_has_accelerator", lambda: False)
+    assert R2TrainingArguments(output_dir=str(tmp_path)).dataloader_pin_memory is False
+    monkeypatch.setattr(training_args, "_has_accelerator", lambda: True)
+    assert R2TrainingArguments(output_dir=str(tmp_path)).dataloader_pin_memory is True

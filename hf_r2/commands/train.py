@@ -1,14 +1,50 @@
 """`hf-r2 train`: its flags are built with [`~transformers.HfArgumentParser`] from [`~hf_r2.data.ModelArguments`],
 [`~hf_r2.data.DataArguments`] and [`~hf_r2.training_args.R2TrainingArguments`] (so `hf-r2 train --help` shows each
 field's help and every flag is spelled both `--foo_bar` and `--foo-bar`), or read from a JSON / YAML file; the
-training itself is [`hf_r2.train.run_train`]."""
+training itself is [`hf_r2.train.run_train`].
+
+`--help` lists hf-r2's own flags first, in their own groups (model, data, R2-Loss), and the Trainer's after them.
+Building that parser imports transformers and torch (seconds), so the help text is cached once per hf-r2 /
+transformers version and source of the flags ([`_cached_help`]): later `--help` calls print it without importing them.
+Ctrl-C stops the training with one line: where the last complete checkpoint is, and the command that resumes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shlex
+import sys
 from typing import Sequence
 
-__all__ = ["train_command_parser", "train_command"]
+__all__ = ["train_command_parser", "train_command", "resume_command"]
+
+_GROUPS = (
+    ("model", "Which model to train."),
+    ("data", "Which data, and how it is preprocessed."),
+    ("R2-Loss", "The R2 term added to the task loss (see hf_r2.R2Config)."),
+    ("training (transformers.TrainingArguments)", "The Trainer's own settings."),
+)
+
+
+def _group_flags(parser) -> None:
+    """Move every flag into its group (model, data, R2-Loss, Trainer), shown in that order after `-h`."""
+    from ..data import DataArguments, ModelArguments
+
+    model_fields = {f.name for f in dataclasses.fields(ModelArguments)}
+    data_fields = {f.name for f in dataclasses.fields(DataArguments)}
+    groups = [parser.add_argument_group(title, description) for title, description in _GROUPS]
+    default = next(g for g in parser._action_groups if g._group_actions and g.title not in (t for t, _ in _GROUPS)
+                   and any(a.dest == "model_name_or_path" for a in g._group_actions))
+    for action in list(default._group_actions):
+        if action.dest == "help":
+            continue
+        dest = action.dest
+        index = 0 if dest in model_fields else 1 if dest in data_fields else 2 if dest.startswith("r2_") else 3
+        default._group_actions.remove(action)
+        groups[index]._group_actions.append(action)
+    rest = [g for g in parser._action_groups if g not in groups]
+    parser._action_groups[:] = rest + groups
 
 
 def _train_parser():
@@ -16,26 +52,32 @@ def _train_parser():
 
     from ..data import DataArguments, ModelArguments
     from ..training_args import R2TrainingArguments
+    from .parsing import one_line_errors
 
-    return HfArgumentParser(
+    parser = HfArgumentParser(
         (ModelArguments, DataArguments, R2TrainingArguments),
         prog="hf-r2 train",
+        usage="hf-r2 train [CONFIG.json|yaml] --model_name_or_path NAME [model / data / R2 flags] [Trainer flags]",
         description="Train an image classifier with R2-Loss (R2Trainer), evaluate it and save the model folder. "
         "Flags come from the fields below; alternatively pass one JSON or YAML file of the same fields, "
-        "optionally followed by flags that override it.",
+        "optionally followed by flags that override it. Ctrl-C prints the command that resumes from the last "
+        "complete checkpoint (`--resume_from_checkpoint latest`).",
     )
+    _group_flags(parser)
+    return one_line_errors(parser)
 
 
 def _parse_train_args(argv: Sequence[str]):
     """`(ModelArguments, DataArguments, R2TrainingArguments)` from flags, or from a config file plus override flags."""
     from .._utils import CONFIG_FILE_SUFFIXES, read_config_file
+    from .parsing import resolve_aliases
 
     parser = _train_parser()
     argv = list(argv)
     if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_FILE_SUFFIXES):
         path, argv = argv[0], argv[1:]
         try:
-            values = read_config_file(path)
+            values = resolve_aliases(parser, read_config_file(path))  # `model:` as `--model`
         except FileNotFoundError:
             parser.error(f"config file {path!r} does not exist.")
         except ValueError:
@@ -66,11 +108,83 @@ def train_command_parser(subparsers=None) -> argparse.ArgumentParser:
     return parser
 
 
+def resume_command(argv: Sequence[str]) -> str:
+    """The `hf-r2 train` command line of `argv` with `--resume_from_checkpoint latest` (replacing any given)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--resume_from_checkpoint", "--resume-from-checkpoint"):
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return shlex.join(["hf-r2", "train", *kept, "--resume_from_checkpoint", "latest"])
+
+
+def _interrupted(argv: Sequence[str], output_dir: str) -> int:
+    from ..checkpoints import latest_checkpoint
+
+    checkpoint = latest_checkpoint(output_dir)
+    where = f"the last complete checkpoint is {checkpoint}" if checkpoint else \
+        f"no checkpoint was completed in {output_dir} yet (it starts over)"
+    print(f"hf-r2 train: interrupted; {where}; resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
+    return 130
+
+
+def _help_cache_path() -> str:
+    """Where the help text of this hf-r2 (its flag-defining sources) and transformers version is cached."""
+    import hashlib
+    import os
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..version import __version__
+
+    try:
+        transformers_version = version("transformers")
+    except PackageNotFoundError:  # pragma: no cover - transformers is a dependency
+        transformers_version = "none"
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha1(f"{__version__} {transformers_version}".encode())
+    for source in ("commands/train.py", "commands/parsing.py", "data/arguments.py", "training_args.py"):
+        with open(os.path.join(package, source), "rb") as f:
+            digest.update(f.read())
+    cache = os.environ.get("HF_R2_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "hf-r2")
+    return os.path.join(cache, f"train-help-{digest.hexdigest()[:16]}.txt")
+
+
+def _cached_help() -> str:
+    """The text of `hf-r2 train --help`: read from the cache, else built (importing transformers) and cached."""
+    from .._utils import write_text_atomic
+
+    path = _help_cache_path()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        pass
+    text = _train_parser().format_help()
+    try:
+        write_text_atomic(path, text)
+    except OSError:  # a read-only home: no cache, the help is still printed
+        pass
+    return text
+
+
 def train_command(args: argparse.Namespace) -> int:
+    argv = list(getattr(args, "extra_args", []))
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(_cached_help(), end="")
+        return 0
     from ..train import run_train
 
-    model_args, data_args, training_args = _parse_train_args(getattr(args, "extra_args", []))
-    results = run_train(model_args, data_args, training_args)
+    model_args, data_args, training_args = _parse_train_args(argv)
+    try:
+        results = run_train(model_args, data_args, training_args)
+    except KeyboardInterrupt:
+        return _interrupted(argv, training_args.output_dir)
     print(f"Saved the model to {training_args.output_dir} (eval accuracy "
           f"{results['eval'].get('eval_accuracy', float('nan')):.4f}).")
     return 0

@@ -10,8 +10,13 @@
 
 from .arguments import DataArguments as DataArguments
 from .arguments import ModelArguments as ModelArguments
+from .arguments import describe_data as describe_data
 from .arguments import load_data as load_data
 from .arguments import record_data_config as record_data_config
+from .checks import canonical_dataset as canonical_dataset
+from .checks import check_local_path as check_local_path
+from .checks import match_labels as match_labels
+from .checks import model_label_names as model_label_names
 from .loading import HUB_FALLBACKS as HUB_FALLBACKS
 from .loading import LOCAL_DATASETS as LOCAL_DATASETS
 from .loading import VALIDATION_SEED as VALIDATION_SEED
@@ -45,4 +50,10 @@ __all__ = [
     "DataArguments",
     "load_data",
     "record_data_config",
+    "describe_data",
+    # checks
+    "canonical_dataset",
+    "check_local_path",
+    "match_labels",
+    "model_label_names",
 ]

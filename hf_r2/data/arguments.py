@@ -5,12 +5,14 @@ in the model ([`record_data_config`]). Shared by `hf-r2 train`, `hf-r2 reproduce
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .loading import load_image_dataset
+from .checks import canonical_dataset
+from .loading import HUB_FALLBACKS, LOCAL_DATASETS, find_local_data_dir, hub_dataset_id, load_image_dataset
 
-__all__ = ["ModelArguments", "DataArguments", "load_data", "record_data_config"]
+__all__ = ["ModelArguments", "DataArguments", "load_data", "record_data_config", "describe_data"]
 
 
 @dataclass
@@ -64,6 +66,10 @@ class DataArguments:
         Evaluate on this many examples (a seeded random subset).
     validation_size (`int`, *optional*):
         Hold out this many training images (fixed seed) as the evaluation split instead of the test split.
+    skip_bad_images (`bool`, *optional*, defaults to `False`):
+        Leave out (and count) images that do not decode instead of stopping at the first one.
+
+    Values that cannot work (`input_size=0`, `max_train_samples=0`) are a `ValueError` naming the flag.
     """
 
     dataset_name: str = field(
@@ -122,6 +128,18 @@ class DataArguments:
         metadata={"help": "Hold out this many training images (fixed seed) and evaluate on them instead of the test "
                   "split: choose lambdas and epochs on it, keep the test set for the final table."},
     )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={"help": "Leave out (and count) images that do not decode, instead of stopping at the first one."},
+    )
+
+    def __post_init__(self):
+        for name in ("input_size", "max_train_samples", "max_eval_samples", "validation_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                what = "a side in pixels" if name == "input_size" else "a number of images"
+                raise ValueError(f"--{name} must be a positive integer ({what}), got {value!r}; leave it out for "
+                                 f"the default.")
 
 
 def load_data(data_args: DataArguments, seed: int = 0):
@@ -138,7 +156,36 @@ def load_data(data_args: DataArguments, seed: int = 0):
         max_eval_samples=data_args.max_eval_samples,
         validation_size=data_args.validation_size,
         seed=seed,
+        skip_bad_images=data_args.skip_bad_images,
     )
+
+
+def describe_data(data_args: DataArguments, dataset) -> dict[str, Any]:
+    """What the data of `data_args` really was, for `r2_training.json` and the model card: `dataset` (the name, or
+    the absolute path of a local folder), `source` (local copy / Hub dataset / local files), `hub_id` (only when the
+    data is that whole Hub dataset: no local copy of a subset, no `max_*_samples` or held-out split), the splits and
+    the image counts of the loaded `dataset` (a `DatasetDict` from [`load_data`])."""
+    name = data_args.dataset_name
+    hub_id = hub_dataset_id(name)
+    root = find_local_data_dir(data_args.data_dir) if name in LOCAL_DATASETS else None
+    if root is not None and (root / name).is_dir():
+        source = f"local copy {root / name}"
+        hub_id = hub_id if HUB_FALLBACKS[name][1] is None else None  # the small copies are subsets
+    elif name in HUB_FALLBACKS:
+        hub, n_train, n_test = HUB_FALLBACKS[name]
+        source = f"Hub dataset {hub}" + ("" if n_train is None else f" (first {n_train} / {n_test} rows, shuffled)")
+        hub_id = hub if n_train is None else None
+    elif hub_id is None:
+        source = f"local files {os.path.abspath(name) if os.path.exists(name) else name}"
+    else:
+        source = f"Hub dataset {hub_id}"
+    if data_args.max_train_samples or data_args.max_eval_samples or data_args.validation_size:
+        hub_id = None
+    eval_split = "validation hold-out" if data_args.validation_size else (data_args.eval_split or "test")
+    return {"dataset": canonical_dataset(name), "source": source, "hub_id": hub_id,
+            "train_split": data_args.train_split, "eval_split": eval_split,
+            "train_images": dataset["train"].num_rows, "eval_images": dataset["test"].num_rows,
+            "input_size": data_args.input_size}
 
 
 def record_data_config(model, data_args: DataArguments) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import check_local_path, drop_bad_images
 from .transforms import collate_fn, with_transforms
 
 __all__ = [
@@ -103,6 +104,19 @@ def _has_images(folder: str) -> bool:
     return False
 
 
+def _check_image_folder(folder: str) -> None:
+    """An image folder must hold its images in class sub-folders (`<folder>/<class>/x.png`, optionally under
+    `train/` and `test/`)."""
+    loose = [f for f in os.listdir(folder) if f.lower().endswith(_IMAGE_EXTENSIONS)]
+    classes = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))]
+    if loose or not classes:
+        raise ValueError(
+            f"the image folder {folder!r} has {'images directly in it' if loose else 'no sub-folders'}: put each "
+            f"class's images in a sub-folder named after the class ({folder}/<class>/<image>, optionally under "
+            f"train/ and test/: {folder}/train/<class>/<image>)."
+        )
+
+
 def _load_raw(name_or_path: str, data_dir: str | None, train_split: str | None, eval_split: str | None):
     """`(DatasetDict, source description, fallback sample caps)` before columns are checked."""
     from datasets import DatasetDict, load_dataset
@@ -123,16 +137,20 @@ def _load_raw(name_or_path: str, data_dir: str | None, train_split: str | None, 
     elif name_or_path == "imagefolder":
         if data_dir is None:
             raise ValueError("`name_or_path='imagefolder'` needs `data_dir=` (the folder of class sub-folders).")
+        check_local_path(data_dir, "--data_dir")
+        _check_image_folder(data_dir)
         return load_dataset("imagefolder", data_dir=data_dir), f"image folder {data_dir}", caps
     elif name_or_path == "parquet":
         if data_dir is None:
             raise ValueError("`name_or_path='parquet'` needs `data_dir=` (a folder or a glob of parquet files).")
         name_or_path = data_dir
+    check_local_path(name_or_path, "--dataset")
     if os.path.isdir(name_or_path) or glob.has_magic(name_or_path) or name_or_path.endswith(".parquet"):
         files = _parquet_files(name_or_path)
         if files:
             return load_dataset("parquet", data_files=files), f"parquet files {name_or_path}", caps
         if os.path.isdir(name_or_path) and _has_images(name_or_path):
+            _check_image_folder(name_or_path)
             return load_dataset("imagefolder", data_dir=name_or_path), f"image folder {name_or_path}", caps
         raise ValueError(
             f"`name_or_path={name_or_path!r}` is a local path but holds no parquet files and no images "
@@ -234,6 +252,7 @@ def load_image_dataset(
     max_eval_samples: int | None = None,
     validation_size: int | None = None,
     seed: int = 0,
+    skip_bad_images: bool = False,
 ):
     """Load an image-classification dataset as a `DatasetDict` with the splits `"train"` and `"test"`.
 
@@ -281,6 +300,9 @@ def load_image_dataset(
             final tables.
         seed (`int`, *optional*, defaults to `0`):
             Seed of the subsampling shuffles and of a held-out split.
+        skip_bad_images (`bool`, *optional*, defaults to `False`):
+            Leave out (and count, in the log) images that do not decode. Without it an image folder with such an
+            image is an error naming the file. Checked here, so that no transform ever sees a bad image.
 
     Returns:
         [`~datasets.DatasetDict`]: with splits `"train"` and `"test"`, columns `image` and `label`.
@@ -342,7 +364,10 @@ def load_image_dataset(
         cap = caps[split_name]
         if cap is not None and cap < split.num_rows:
             split = split.shuffle(seed=seed).select(range(cap))
-        out[split_name] = _normalise_columns(split, image_column, label_column, names)
+        split = _normalise_columns(split, image_column, label_column, names)
+        if skip_bad_images or source.startswith("image folder"):
+            split = drop_bad_images(split, split_name, skip_bad_images)
+        out[split_name] = split
     return DatasetDict(out)
 
 

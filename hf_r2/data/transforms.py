@@ -1,20 +1,25 @@
 """Each model's own preprocessing for image classification: [`build_transform`] resolves the model's mean, std and
 input size the way `timm.data.resolve_data_config` does (for transformers models too), and [`with_transforms`] +
 [`collate_fn`] give the batches every part of hf-r2 uses:
-`{"pixel_values": float tensor (B, 3, H, W), "labels": long tensor (B,)}`.
+`{"pixel_values": float tensor (B, 3, H, W), "labels": long tensor (B,)}`. Training rows come from
+[`SeededTransformDataset`], whose augmentation draws its randomness from `(seed, epoch, index)` alone, so that a
+resumed run (and any number of dataloader workers) sees the very same augmented images as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import hashlib
 import json
 import os
-from typing import Any, Callable
+import random
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AugmentType", "build_transform", "with_transforms", "collate_fn"]
+__all__ = ["AugmentType", "SeededTransformDataset", "build_transform", "collate_fn", "sample_seed", "with_transforms"]
 
 
 class AugmentType(str, enum.Enum):
@@ -134,12 +139,94 @@ def _to_pil(image: Any):
     return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
 
 
-def with_transforms(dataset, model: nn.Module, train: bool, **kwargs: Any):
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation: a hash of `(seed, epoch, index)`, in `[0, 2**63)`."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextlib.contextmanager
+def _seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator, `random` and `numpy.random` (what torchvision and timm transforms draw from), and
+    put their states back afterwards, so the rest of the process sees no draw."""
+    import numpy as np
+
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+
+
+class SeededTransformDataset(torch.utils.data.Dataset):
+    """Rows `{"pixel_values": float tensor (3, H, W), "labels": int}` of an image dataset through a random transform
+    whose draws depend only on `(seed, epoch, index)`: deterministic by construction.
+
+    Each sample's augmentation is drawn under RNGs seeded with [`sample_seed`]`(seed, epoch, index)` (torch,
+    `random` and numpy, restored afterwards), not from the process's running RNG state. So the images of a step
+    depend neither on what was drawn before (a resumed run equals the uninterrupted one, bit for bit), nor on the
+    number of dataloader workers, nor on the model's own draws (dropout). [`set_epoch`] (called by the accelerate
+    loop and [`R2Trainer`] at each epoch; the value lives in shared memory, so persistent workers see it) gives
+    every epoch new draws.
+
+    Args:
+        dataset ([`~datasets.Dataset`]): with the columns `image` and `label`.
+        transform (`Callable`): PIL image -> tensor, e.g. [`build_transform`]`(model, train=True)`.
+        seed (`int`): the run's seed.
+    """
+
+    def __init__(self, dataset, transform: Callable, seed: int) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def column_names(self) -> list[str]:
+        return ["pixel_values", "labels"]
+
+    def _row(self, index: int, image: Any, label: Any) -> dict[str, Any]:
+        with _seeded_rngs(sample_seed(self.seed, self.epoch, index)):
+            pixels = self.transform(_to_pil(image).convert("RGB"))
+        return {"pixel_values": pixels, "labels": label}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.dataset[int(index)]
+        return self._row(int(index), row["image"], row["label"])
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch in one read of the underlying dataset (the DataLoader's batched fetch)."""
+        indices = [int(i) for i in indices]
+        rows = self.dataset[indices]
+        return [self._row(i, image, label) for i, image, label in zip(indices, rows["image"], rows["label"])]
+
+
+def with_transforms(dataset, model: nn.Module, train: bool, *, seed: int | None = None, **kwargs: Any):
     """A copy of `dataset` whose rows are `{"pixel_values": float tensor (3, H, W), "labels": int}`.
 
-    Uses `dataset.with_transform` (applied on access, so nothing is stored), with [`build_transform`]`(model, train,
-    **kwargs)` on the `image` column and `label` passed through as `labels`. A `DatasetDict` gets the same transform
-    on every split.
+    With `train=False`: `dataset.with_transform` (applied on access, so nothing is stored), with
+    [`build_transform`]`(model, train, **kwargs)` on the `image` column and `label` passed through as `labels`.
+    With `train=True`: a [`SeededTransformDataset`], whose augmentation depends only on `(seed, epoch, index)`.
+    A `DatasetDict` gets the same transform on every split.
 
     Args:
         dataset ([`~datasets.Dataset`] or [`~datasets.DatasetDict`]):
@@ -148,13 +235,15 @@ def with_transforms(dataset, model: nn.Module, train: bool, **kwargs: Any):
             The model whose preprocessing to use.
         train (`bool`):
             Training transform (augmented) or evaluation transform.
+        seed (`int`, *optional*):
+            Seed of the augmentation (`train=True`); default: `torch.initial_seed()` (the seed of `set_seed`).
         kwargs:
             `input_size=` and `augment=` for [`build_transform`].
     """
     from datasets import DatasetDict
 
     if isinstance(dataset, DatasetDict):
-        return DatasetDict({k: with_transforms(v, model, train, **kwargs) for k, v in dataset.items()})
+        return DatasetDict({k: with_transforms(v, model, train, seed=seed, **kwargs) for k, v in dataset.items()})
     missing = [c for c in ("image", "label") if c not in dataset.column_names]
     if missing:
         raise ValueError(
@@ -162,6 +251,8 @@ def with_transforms(dataset, model: nn.Module, train: bool, **kwargs: Any):
             f"{dataset.column_names}); load it with `load_image_dataset`, which renames them."
         )
     transform = build_transform(model, train, **kwargs)
+    if train:
+        return SeededTransformDataset(dataset, transform, torch.initial_seed() if seed is None else seed)
 
     def _apply(batch: dict[str, list]) -> dict[str, list]:
         return {"pixel_values": [transform(_to_pil(image).convert("RGB")) for image in batch["image"]],

@@ -52,6 +52,7 @@ from .ptq import post_training_quantize_ as post_training_quantize_
 from .qat import QAT_CONFIG_NAME as QAT_CONFIG_NAME
 from .qat import QATConfig as QATConfig
 from .qat import prepare_qat as prepare_qat
+from .results import DATA_FIELDS as DATA_FIELDS
 from .results import LOW_BIT_RESULTS_NAME as LOW_BIT_RESULTS_NAME
 from .results import float_row as float_row
 from .results import format_setting as format_setting
@@ -59,6 +60,7 @@ from .results import format_table as format_table
 from .results import low_bit_table as low_bit_table
 from .results import parse_setting as parse_setting
 from .results import read_results as read_results
+from .results import row_key as row_key
 from .results import update_results as update_results
 from .uniform import ScaleMethod as ScaleMethod
 from .uniform import compute_qparams as compute_qparams
@@ -131,4 +133,6 @@ __all__ = [
     "format_table",
     "read_results",
     "update_results",
+    "row_key",
+    "DATA_FIELDS",
 ]

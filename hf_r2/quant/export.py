@@ -36,7 +36,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from .._utils import write_json_atomic
+from .._utils import give_default_mode, give_default_modes, write_json_atomic
 from ..models import create_model, is_transformers_model
 from ..saving import is_timm_model, write_timm_config
 from .bn import folded_pairs, refold_structure_
@@ -278,12 +278,14 @@ def save_low_bit(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-low-bit-", dir=parent)
     try:
+        give_default_mode(tmp)  # 0755 under the usual umask, not mkdtemp's 0700
         _save_architecture(model, tmp)
         safetensors.torch.save_file(
             {k: v.contiguous() for k, v in tensors.items()},
             os.path.join(tmp, LOW_BIT_WEIGHTS_NAME),
             metadata={"format": "pt", "hf_r2": "low_bit"},
         )
+        give_default_modes(tmp)  # safetensors writes 0600
         write_json_atomic(os.path.join(tmp, LOW_BIT_CONFIG_NAME), description)
         if os.path.isdir(save_directory):
             # keep the files an earlier step put there (model card, results) unless this export rewrites them

@@ -25,9 +25,14 @@ __all__ = [
     "format_table",
     "read_results",
     "update_results",
+    "DATA_FIELDS",
+    "row_key",
 ]
 
 LOW_BIT_RESULTS_NAME = "low_bit_results.json"
+#: What a row was measured on: the dataset (name, Hub id or absolute path), its split, the number of images and the
+#: input side. Rows that differ in any of them are different results and are kept apart.
+DATA_FIELDS = ("dataset", "split", "num_images", "input_size")
 
 
 def parse_setting(setting: str) -> tuple[int | None, int | None]:
@@ -112,10 +117,16 @@ def read_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
     return [] if data is None else data.get("rows", [])
 
 
+def row_key(row: dict[str, Any]) -> tuple:
+    """`(setting, method, dataset, split, num_images, input_size)`: a row replaces only the row of the same method
+    measured on the same data ([`DATA_FIELDS`])."""
+    return (row["setting"], row.get("method"), *(row.get(field) for field in DATA_FIELDS))
+
+
 def update_results(folder: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> str:
-    """Add `rows` to `folder/low_bit_results.json` (atomically), replacing rows with the same `setting` and
-    `method`; returns the path."""
-    key = lambda row: (row["setting"], row.get("method"))  # noqa: E731
-    new = {key(row) for row in rows}
-    kept = [row for row in read_results(folder) if key(row) not in new]
+    """Add `rows` to `folder/low_bit_results.json` (atomically), replacing the rows with the same [`row_key`] (the
+    same setting and method measured on the same data); rows measured on other data are kept beside them. Returns
+    the path."""
+    new = {row_key(row) for row in rows}
+    kept = [row for row in read_results(folder) if row_key(row) not in new]
     return write_json_atomic(os.path.join(os.fspath(folder), LOW_BIT_RESULTS_NAME), {"rows": kept + list(rows)})

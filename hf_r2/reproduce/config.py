@@ -61,6 +61,10 @@ class ReproduceConfig(JsonConfigMixin):
         Evaluate on this many test images (drawn with `data_seed`); `None` uses all.
     data_seed (`int`, *optional*, defaults to `0`):
         Seed of the data subsets and of the calibration images, the same for every seed and variant.
+    validation_size (`int`, *optional*):
+        Hold out this many training images (a fixed seed, the same for every run) as a validation split: the
+        trainings use the rest, every row is measured on it too (`val_accuracy`), and the lambda sweeps choose on it;
+        the test split is only reported.
 
     > Parameters of the models and variants
 
@@ -73,7 +77,13 @@ class ReproduceConfig(JsonConfigMixin):
     variants (`list[dict]`, *optional*, defaults to [`DEFAULT_VARIANTS`]):
         One entry per column: `{"name": label, "loss": "baseline" | "linf" | "margin" | "soft_min_max" |
         "kurtosis", "weight": lambda, "per_channel": bool, "r2": {more R2Config fields}}`; `baseline` is R2 off
-        (ordinary weight decay); a plain string is a loss name with its default lambda.
+        (ordinary weight decay); a plain string is a loss name with its default lambda. Fine-tunes of a trained
+        model add `"init_from": "baseline"` (start from the model's baseline: the `baselines` folder, else the
+        from-scratch baseline variant's first-seed training), `"epochs"` / `"lr"` (their own, shorter recipe) and
+        `"compare_to"` (the variant their gains are measured against, e.g. the same-length fine-tune without R2).
+    baselines (`dict[str, str]`, *optional*):
+        A trained folder per model name (e.g. saved by `hf-r2 train`): that model's baseline is this folder, copied
+        into the run instead of trained, and its fine-tunes start from it.
 
     > Parameters of the training recipe (the same for every variant)
 
@@ -83,10 +93,18 @@ class ReproduceConfig(JsonConfigMixin):
         Optimizer steps of each run; overrides `epochs` when positive.
     batch_size (`int`, *optional*, defaults to `64`):
         Training batch size (also of the QAT / DKM fine-tunes).
+    optimizer (`str`, *optional*, defaults to `"adamw"`):
+        `"adamw"` (decoupled weight decay) or `"sgd"` (momentum `momentum`, L2 weight decay: the recipe the paper's
+        ImageNet baselines were trained with).
+    momentum (`float`, *optional*, defaults to `0.9`):
+        SGD momentum.
     lr (`float`, *optional*, defaults to `3e-3`):
-        Peak learning rate of AdamW (cosine decay after a `warmup_ratio` warm-up).
+        Peak learning rate (cosine decay after a `warmup_ratio` warm-up).
     weight_decay (`float`, *optional*, defaults to `0.05`):
-        Decoupled weight decay, the same in every variant.
+        Weight decay, the same in every variant.
+    recipes (`dict[str, dict]`, *optional*):
+        Per model name, overrides of `lr`, `weight_decay` and `epochs` (e.g. `{"mobilenetv2_100": {"weight_decay":
+        4e-5}}`); a variant's own `epochs` / `lr` override these in turn.
     warmup_ratio (`float`, *optional*, defaults to `0.05`):
         Fraction of the steps of linear learning-rate warm-up.
     seeds (`list[int]`, *optional*, defaults to `[0, 1, 2]`):
@@ -95,10 +113,11 @@ class ReproduceConfig(JsonConfigMixin):
 
     > Parameters of the lambda sweep
 
-    lambda_sweep (`dict`, *optional*):
+    lambda_sweep (`dict` or `list[dict]`, *optional*):
         `{"variant": name of a configured R2 variant, "lambdas": [at least 3 values], "models": [...] (default:
         the first model), "settings": [setting names] (default: the headline settings)}`: that variant trained
-        at each lambda on the first seed. `None` runs no sweep.
+        at each lambda on the first seed; a list sweeps several variants. `None` runs no sweep. With a
+        `validation_size`, each sweep chooses its lambda by [`SWEEP_RULE`].
 
     > Parameters of the low-bit rows
 
@@ -136,6 +155,9 @@ class ReproduceConfig(JsonConfigMixin):
     max_train_samples: int | None = field(default=None, metadata={"help": "Training images (seeded subset)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Test images (seeded subset)."})
     data_seed: int = field(default=0, metadata={"help": "Seed of the data subsets and calibration images."})
+    validation_size: int | None = field(
+        default=None, metadata={"help": "Training images held out as a validation split (choices are made on it)."}
+    )
     # models and variants
     models: list[str] = field(default_factory=lambda: ["mobilenetv3_small_100", "resnet10t"],
                               metadata={"help": "Models trained from scratch."})
@@ -144,17 +166,25 @@ class ReproduceConfig(JsonConfigMixin):
     )
     variants: list[Any] = field(default_factory=default_variants,
                                 metadata={"help": "Variants (columns): baseline and R2 losses with their lambda."})
+    baselines: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "A trained baseline folder per model (copied, not trained)."}
+    )
     # recipe
     epochs: float = field(default=5.0, metadata={"help": "Training epochs of each run."})
     max_steps: int = field(default=-1, metadata={"help": "Training steps of each run; overrides epochs if > 0."})
     batch_size: int = field(default=64, metadata={"help": "Training batch size."})
-    lr: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate."})
-    weight_decay: float = field(default=0.05, metadata={"help": "Decoupled weight decay (every variant)."})
+    optimizer: str = field(default="adamw", metadata={"help": "'adamw' or 'sgd'."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    lr: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.05, metadata={"help": "Weight decay (every variant)."})
+    recipes: dict[str, dict[str, float]] = field(
+        default_factory=dict, metadata={"help": "Per model: overrides of lr, weight_decay, epochs."}
+    )
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of learning-rate warm-up."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2],
                              metadata={"help": "Seeds; headline rows use all, other rows the first."})
     # lambda sweep
-    lambda_sweep: dict[str, Any] | None = field(
+    lambda_sweep: dict[str, Any] | list[dict[str, Any]] | None = field(
         default_factory=lambda: {"variant": "linf", "lambdas": [1.0, 3.0, 10.0]},
         metadata={"help": "{variant, lambdas (>= 3), models, settings}: a variant at several lambdas, first seed."},
     )
@@ -196,7 +226,8 @@ class ReproduceConfig(JsonConfigMixin):
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise ValueError(f"`seeds` must be a non-empty list of integers, got {self.seeds!r}.")
         check_unique("seeds", self.seeds)
-        for name in ("max_train_samples", "max_eval_samples", "adaround_iters", "finetune_max_steps"):
+        for name in ("max_train_samples", "max_eval_samples", "adaround_iters", "finetune_max_steps",
+                     "validation_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
@@ -213,6 +244,21 @@ class ReproduceConfig(JsonConfigMixin):
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
         if self.weight_decay < 0:
             raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay}.")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"`optimizer` must be 'adamw' or 'sgd', got {self.optimizer!r}.")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum}.")
+        self.recipes = {m: dict(r) for m, r in (self.recipes or {}).items()}
+        for model, recipe in self.recipes.items():
+            if model not in self.models:
+                raise ValueError(f"`recipes` names {model!r}, which is not in `models` {self.models}.")
+            check_keys(f"`recipes[{model!r}]`", recipe, ("lr", "weight_decay", "epochs"))
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in recipe.values()):
+                raise ValueError(f"`recipes[{model!r}]` values must be numbers >= 0, got {recipe}.")
+        self.baselines = {m: os.fspath(p) for m, p in (self.baselines or {}).items()}
+        unknown = [m for m in self.baselines if m not in self.models]
+        if unknown:
+            raise ValueError(f"`baselines` names {unknown}, which are not in `models` {self.models}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}.")
         if not isinstance(self.low_bit, (list, tuple)):
@@ -224,11 +270,24 @@ class ReproduceConfig(JsonConfigMixin):
             raise ValueError("`low_bit` has a setting named 'FP': that name is the float row, measured always.")
         for setting in self.low_bit:
             quant_config(setting, self.adaround_iters)  # the quant configs' own checks, now rather than an hour in
-        self.lambda_sweep = self._normalise_sweep(self.lambda_sweep)
+        names = [v["name"] for v in self.variants]
+        for v in self.variants:
+            if v["compare_to"] is not None and v["compare_to"] not in names:
+                raise ValueError(f"Variant {v['name']!r} has `compare_to={v['compare_to']!r}`, which is not a "
+                                 f"variant; the variants are {names}.")
+        if any(v["init_from"] for v in self.variants):
+            missing = [m for m in self.models if m not in self.baselines]
+            if missing and self.baseline_variant is None:
+                raise ValueError(f"Variants with `init_from: baseline` start from each model's baseline, but "
+                                 f"{missing} have none: add a from-scratch `{{'loss': 'baseline'}}` variant or give "
+                                 f"their trained folders in `baselines`.")
+        sweeps = self.lambda_sweep
+        sweeps = [] if sweeps is None else (sweeps if isinstance(sweeps, (list, tuple)) else [sweeps])
+        self.lambda_sweep = [self._normalise_sweep(sweep) for sweep in sweeps] or None
+        if self.lambda_sweep:
+            check_unique("lambda_sweep.variant", [sweep["variant"] for sweep in self.lambda_sweep])
 
-    def _normalise_sweep(self, sweep: Any) -> dict[str, Any] | None:
-        if sweep is None:
-            return None
+    def _normalise_sweep(self, sweep: Any) -> dict[str, Any]:
         if not isinstance(sweep, dict):
             raise ValueError(f"`lambda_sweep` must be a mapping {{'variant': ..., 'lambdas': [...]}} or None, "
                              f"got {sweep!r}.")
@@ -278,10 +337,11 @@ class ReproduceConfig(JsonConfigMixin):
         data = self.to_dict()
         data["models"] = [m for m in self.models if m in models]
         data["model_kwargs"] = {m: kw for m, kw in self.model_kwargs.items() if m in models}
-        sweep = self.lambda_sweep
-        if sweep is not None:
-            kept = [m for m in sweep["models"] if m in models]
-            data["lambda_sweep"] = {**sweep, "models": kept} if kept else None
+        data["recipes"] = {m: r for m, r in self.recipes.items() if m in models}
+        data["baselines"] = {m: p for m, p in self.baselines.items() if m in models}
+        sweeps = [{**sweep, "models": [m for m in sweep["models"] if m in models]}
+                  for sweep in self.lambda_sweep or []]
+        data["lambda_sweep"] = [sweep for sweep in sweeps if sweep["models"]] or None
         return type(self).from_dict(data)
 
     def setting(self, name: str) -> dict[str, Any]:
@@ -293,8 +353,19 @@ class ReproduceConfig(JsonConfigMixin):
 
     @property
     def baseline_variant(self) -> str | None:
-        """Name of the baseline variant (R2 off), `None` if the config has none."""
-        return next((v["name"] for v in self.variants if v["loss"] == BASELINE), None)
+        """Name of the baseline variant (R2 off, not a fine-tune), `None` if the config has none."""
+        return next((v["name"] for v in self.variants if v["loss"] == BASELINE and not v["init_from"]), None)
+
+    def reference_of(self, variant: dict[str, Any]) -> str | None:
+        """The variant whose top-1 `variant`'s gains are measured against: its `compare_to`, else the baseline."""
+        return variant["compare_to"] or self.baseline_variant
+
+    def recipe(self, model: str, variant: dict[str, Any]) -> dict[str, float]:
+        """`{lr, weight_decay, epochs}` of `variant`'s training of `model`: the config's, then `recipes[model]`'s,
+        then the variant's own `epochs` / `lr`."""
+        out = {"lr": self.lr, "weight_decay": self.weight_decay, "epochs": self.epochs, **self.recipes.get(model, {})}
+        out.update({k: variant[k] for k in ("epochs", "lr") if variant.get(k) is not None})
+        return out
 
     @property
     def headline_settings(self) -> list[str]:

@@ -4,8 +4,6 @@ rows with their caches, and [`run_reproduce`], which ties them to the report."""
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -16,8 +14,9 @@ from typing import Any, Callable
 from .._utils import read_json, write_json_atomic, write_text_atomic
 from .apply import apply_setting
 from .config import REPORT_NAME, RESULTS_NAME, RUN_INFO_NAME, ReproduceConfig
+from .plan import Run, plan, row_spec, train_spec, variant_dir
 from .report import assemble_results, format_report
-from .variants import BASELINE, slug
+from .variants import BASELINE
 
 __all__ = ["run_reproduce"]
 
@@ -25,17 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The plan: which trainings, which rows on each
-
-
-@dataclass
-class _Run:
-    model: str
-    variant: dict[str, Any]
-    seed: int
-    run_dir: str
-    settings: list[str]
-    roles: list[str]  # "headline" and / or "sweep:<lambda>"
+# The data
 
 
 @dataclass
@@ -45,6 +34,7 @@ class _Data:
 
     raw: Any
     label_names: list[str]
+    val: Any = None  # the validation split (held out of `raw["train"]`), when `validation_size` is set
     per_model: dict[str, _ModelData] = field(default_factory=dict)
 
 
@@ -55,83 +45,14 @@ class _ModelData:
     eval: list[dict[str, Any]]
     calibration: list[dict[str, Any]]
     train: Any
-
-
-def _variant_dir(variant: dict[str, Any]) -> str:
-    if variant["loss"] == BASELINE:
-        return BASELINE
-    name = f"{variant['loss']}{'-pc' if variant['per_channel'] else ''}-w{variant['weight']:g}"
-    if variant["r2"]:
-        digest = hashlib.sha1(json.dumps(variant["r2"], sort_keys=True).encode()).hexdigest()[:8]
-        name += f"-{digest}"
-    return slug(name)
-
-
-def _plan(config: ReproduceConfig) -> list[_Run]:
-    """Every training, once, with the union of the rows it needs, in a stable order."""
-    runs: dict[str, _Run] = {}
-    first = config.seeds[0]
-
-    def add(model: str, variant: dict[str, Any], seed: int, settings: list[str], role: str) -> None:
-        run_dir = os.path.join(config.output_dir, "runs", slug(model), _variant_dir(variant), f"seed{seed}")
-        run = runs.setdefault(run_dir, _Run(model, variant, seed, run_dir, [], []))
-        run.settings = [s["name"] for s in config.low_bit if s["name"] in set(run.settings) | set(settings)]
-        run.roles.append(role)
-
-    for model in config.models:
-        for seed in config.seeds:
-            settings = [s["name"] for s in config.low_bit] if seed == first else config.headline_settings
-            for variant in config.variants:
-                add(model, variant, seed, settings, "headline")
-    sweep = config.lambda_sweep
-    if sweep:
-        base = next(v for v in config.variants if v["name"] == sweep["variant"])
-        for model in sweep["models"]:
-            for lam in sweep["lambdas"]:
-                variant = {**base, "name": f"{base['name']} lambda={lam:g}", "weight": lam}
-                add(model, variant, first, sweep["settings"], f"sweep:{lam:g}")
-    return list(runs.values())
-
-
-def _train_spec(run: _Run, config: ReproduceConfig) -> dict[str, Any]:
-    """What a training depends on: a folder trained with another spec is not reused."""
-    variant = {k: run.variant[k] for k in ("loss", "weight", "per_channel", "r2")}
-    return _jsonable({
-        "model": run.model, "variant": variant, "seed": run.seed, "dataset": config.dataset,
-        "max_train_samples": config.max_train_samples, "data_seed": config.data_seed,
-        "input_size": config.input_size, "epochs": config.epochs, "max_steps": config.max_steps,
-        "batch_size": config.batch_size, "lr": config.lr, "weight_decay": config.weight_decay,
-        "warmup_ratio": config.warmup_ratio,
-        **({"model_kwargs": config.model_kwargs[run.model]} if config.model_kwargs.get(run.model) else {}),
-    })
-
-
-def _row_spec(setting: dict[str, Any] | None, config: ReproduceConfig) -> dict[str, Any]:
-    """What a low-bit row depends on besides the trained model: a cached row with another spec is recomputed."""
-    spec: dict[str, Any] = {"dataset": config.dataset, "max_eval_samples": config.max_eval_samples,
-                            "data_seed": config.data_seed, "input_size": config.input_size}
-    if setting is None:
-        return _jsonable(spec)
-    spec["setting"] = {k: v for k, v in setting.items() if k not in ("name", "headline")}
-    spec["calibration_samples"] = config.calibration_samples
-    if setting["method"] == "ptq" and setting["rounding"] == "adaround":
-        spec["adaround_iters"] = config.adaround_iters
-    if setting["method"] in ("qat", "dkm"):
-        spec.update(finetune_epochs=config.finetune_epochs, finetune_max_steps=config.finetune_max_steps,
-                    finetune_lr=config.finetune_lr, batch_size=config.batch_size,
-                    max_train_samples=config.max_train_samples)
-    return _jsonable(spec)
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
+    val: list[dict[str, Any]] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
-def _training_done(run: _Run, config: ReproduceConfig) -> bool:
+def _training_done(run: Run, config: ReproduceConfig) -> bool:
     """Whether `run` is trained already (and with the same settings); removes an interrupted training's folder."""
     info = read_json(os.path.join(run.run_dir, RUN_INFO_NAME))
     if info is None:
@@ -139,7 +60,7 @@ def _training_done(run: _Run, config: ReproduceConfig) -> bool:
             logger.warning("%s holds an unfinished training (no %s): training it again.", run.run_dir, RUN_INFO_NAME)
             shutil.rmtree(run.run_dir)
         return False
-    spec = _train_spec(run, config)
+    spec = train_spec(run, config)
     if info.get("spec") != spec:
         old = info.get("spec") or {}
         diff = sorted(k for k in set(spec) | set(old) if spec.get(k) != old.get(k))
@@ -150,31 +71,66 @@ def _training_done(run: _Run, config: ReproduceConfig) -> bool:
     return True
 
 
-def _train(run: _Run, data: _Data, config: ReproduceConfig, progress: bool) -> dict[str, Any]:
-    """Train `run` with R2Trainer, save it, then write `reproduce_run.json` (last: it marks the training done)."""
+#: The files of a trained folder that a copied baseline keeps (the weights, how to build them, what they were
+#: trained with and the Trainer's log, which holds the validation curve).
+_COPIED_FILES = ("model.safetensors", "config.json", "r2_config.json", "r2_stats.json", "r2_training.json",
+                 "trainer_state.json", "all_results.json", "eval_results.json")
+
+
+def _copy_baseline(run: Run, config: ReproduceConfig) -> dict[str, Any]:
+    """A baseline trained elsewhere (`baselines`), copied into `run.run_dir` as if trained here."""
+    source = run.copy_from
+    if not os.path.isfile(os.path.join(source, "model.safetensors")):
+        raise FileNotFoundError(f"`baselines[{run.model!r}]` = {source!r} holds no model.safetensors: give the folder "
+                                "that `hf-r2 train` saved (its --output_dir).")
+    os.makedirs(run.run_dir, exist_ok=True)
+    for name in _COPIED_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), os.path.join(run.run_dir, name))
+    state = read_json(os.path.join(source, "trainer_state.json")) or {}
+    info = {"spec": train_spec(run, config), "train_seconds": 0.0, "copied_from": os.path.abspath(source),
+            "global_step": state.get("global_step"), "train_metrics": {},
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_json_atomic(os.path.join(run.run_dir, RUN_INFO_NAME), info)
+    return info
+
+
+def _train(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> dict[str, Any]:
+    """Train `run` with R2Trainer (from random init, or from its baseline for a fine-tune), save it, then write
+    `reproduce_run.json` (last: it marks the training done). A copied baseline is copied instead."""
+    if run.copy_from:
+        return _copy_baseline(run, config)
     from transformers import set_seed
 
     from ..data import DataArguments, record_data_config, with_transforms
+    from ..metrics import compute_accuracy
     from ..models import create_model
     from ..train import train_model
     from ..training_args import R2TrainingArguments
 
     variant = run.variant
+    recipe = config.recipe(run.model, variant)
     set_seed(run.seed)
-    model = create_model(run.model, label_names=data.label_names, **config.model_kwargs.get(run.model, {}))
+    if run.init_dir:  # a fine-tune: the baseline's weights; R2's margins / temperatures start from them
+        model = create_model(run.init_dir, pretrained=True)
+    else:
+        model = create_model(run.model, label_names=data.label_names, **config.model_kwargs.get(run.model, {}))
     record_data_config(model, DataArguments(dataset_name=config.dataset, input_size=config.input_size))
     baseline = variant["loss"] == BASELINE
+    validate = data.val is not None
+    optimizer = {"optim": "sgd", "optim_args": f"momentum={config.momentum}"} if config.optimizer == "sgd" else {}
     args = R2TrainingArguments(
         output_dir=run.run_dir,
-        num_train_epochs=config.epochs,
+        num_train_epochs=recipe["epochs"],
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
-        learning_rate=config.lr,
-        weight_decay=config.weight_decay,
+        per_device_eval_batch_size=256,
+        learning_rate=recipe["lr"],
+        weight_decay=recipe["weight_decay"],
         lr_scheduler_type="cosine",
         warmup_steps=config.warmup_ratio,
         logging_steps=50,
-        eval_strategy="no",
+        eval_strategy="epoch" if validate else "no",  # the validation curve (plateau plot)
         save_strategy="no",
         report_to="none",
         seed=run.seed,
@@ -183,14 +139,20 @@ def _train(run: _Run, data: _Data, config: ReproduceConfig, progress: bool) -> d
         r2_loss="linf" if baseline else variant["loss"],
         r2_weight=0.0 if baseline else variant["weight"],
         r2_per_channel=variant["per_channel"],
+        **optimizer,
         **{f"r2_{k}": v for k, v in variant["r2"].items()},
     )
-    train_ds = with_transforms(data.raw["train"], model, train=True, input_size=config.input_size)
+    size = {"input_size": config.input_size}
+    train_ds = with_transforms(data.raw["train"], model, train=True, **size)
+    val_ds = with_transforms(data.val, model, train=False, **size) if validate else None
     start = time.perf_counter()
-    trainer, result = train_model(model, args, train_ds, dataset=config.dataset)
+    trainer, result = train_model(model, args, train_ds, val_ds, dataset=config.dataset,
+                                  compute_metrics=compute_accuracy if validate else None)
     seconds = time.perf_counter() - start
+    if validate:
+        trainer.save_state()  # trainer_state.json: the validation top-1 per epoch
     info = {
-        "spec": _train_spec(run, config),
+        "spec": train_spec(run, config),
         "train_seconds": seconds,
         "global_step": trainer.state.global_step,
         "train_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
@@ -225,8 +187,16 @@ def _model_data(model, key: str, data: _Data, config: ReproduceConfig) -> _Model
             calibration=calibration_batches(raw["train"], model, config.calibration_samples, seed=config.data_seed,
                                             batch_size=64, **size),
             train=with_transforms(raw["train"], model, train=True, **size),
+            val=None if data.val is None else _batches(with_transforms(data.val, model, train=False, **size), 256),
         )
     return cache[key]
+
+
+def _val_curve(run_dir: str) -> dict[str, float] | None:
+    """Validation top-1 per epoch (`{epoch: accuracy}`) from the Trainer's log of a training, if it evaluated."""
+    state = read_json(os.path.join(run_dir, "trainer_state.json")) or {}
+    curve = {f"{e['epoch']:g}": e["eval_accuracy"] for e in state.get("log_history", []) if "eval_accuracy" in e}
+    return curve or None
 
 
 def _load_float(run_dir: str):
@@ -235,7 +205,7 @@ def _load_float(run_dir: str):
     return create_model(run_dir, pretrained=True).eval()
 
 
-def _measure(run: _Run, data: _Data, config: ReproduceConfig, progress: bool) -> dict[str, Any]:
+def _measure(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> dict[str, Any]:
     """FP and every low-bit row of `run`, from the cache where its spec matches; new rows are cached at once."""
     import torch
     from tqdm.auto import tqdm
@@ -255,7 +225,7 @@ def _measure(run: _Run, data: _Data, config: ReproduceConfig, progress: bool) ->
     for name in bar:
         setting = None if name == "FP" else config.setting(name)
         method = "float" if setting is None else setting["method"]
-        spec = _row_spec(setting, config)
+        spec = row_spec(setting, config)
         row = cached.get((name, method))
         if row is not None and row.get("spec") == spec:
             rows[name] = {**row, "cached": True}
@@ -271,6 +241,8 @@ def _measure(run: _Run, data: _Data, config: ReproduceConfig, progress: bool) ->
                                   calibration=model_data.calibration, train_dataset=model_data.train)
         accuracy = evaluate_accuracy(model, model_data.eval)["accuracy"]
         measured = {"seconds": time.perf_counter() - start, "spec": spec}
+        if model_data.val is not None:
+            measured["val_accuracy"] = evaluate_accuracy(model, model_data.val)["accuracy"]
         if setting is None:
             row = float_row(accuracy, **measured)
         else:
@@ -329,13 +301,18 @@ def run_reproduce(
 
     raw = load_image_dataset(config.dataset, data_dir=config.data_dir, max_train_samples=config.max_train_samples,
                              max_eval_samples=config.max_eval_samples, seed=config.data_seed)
-    data = _Data(raw, label_names(raw))
-    plan = _plan(config)
+    val = None
+    if config.validation_size:  # train on the rest of the training split; the test split stays as it is
+        held_out = load_image_dataset(config.dataset, data_dir=config.data_dir, validation_size=config.validation_size,
+                                      max_train_samples=config.max_train_samples, seed=config.data_seed)
+        raw["train"], val = held_out["train"], held_out["test"]
+    data = _Data(raw, label_names(raw), val)
+    runs_planned = plan(config)
 
     # 1. trainings
     infos: dict[str, dict[str, Any]] = {}
     trained_now: set[str] = set()
-    for run in tqdm(plan, desc="trainings", disable=not progress):
+    for run in tqdm(runs_planned, desc="trainings", disable=not progress):
         if not _training_done(run, config):
             _train(run, data, config, progress)
             trained_now.add(run.run_dir)
@@ -347,9 +324,9 @@ def run_reproduce(
     weights: dict[str, dict[str, dict[str, Any]]] = {}
     layer_stats: dict[str, dict[str, Any]] = {}
     plot_layers: dict[str, list[str]] = {}
-    for run in tqdm(plan, desc="low-bit rows", disable=not progress):
+    for run in tqdm(runs_planned, desc="low-bit rows", disable=not progress):
         measured = _measure(run, data, config, progress)
-        names = [v["name"] for v in config.variants if _variant_dir(v) == _variant_dir(run.variant)
+        names = [v["name"] for v in config.variants if variant_dir(v) == variant_dir(run.variant)
                  and "headline" in run.roles]
         info = infos[run.run_dir]
         runs.append({
@@ -358,6 +335,7 @@ def run_reproduce(
             "train_seconds": info["train_seconds"], "global_step": info.get("global_step"),
             "train_loss": info.get("train_metrics", {}).get("train_loss"),
             "stats": {"overall": measured["stats"]["overall"]}, "rows": measured["rows"],
+            "val_curve": _val_curve(run.run_dir),
         })
         if run.seed == first and names:
             model = measured["float_model"]
@@ -376,7 +354,9 @@ def run_reproduce(
     data_info = {"dataset": config.dataset, "train_images": raw["train"].num_rows,
                  "test_images": raw["test"].num_rows,
                  "calibration_images": min(config.calibration_samples, raw["train"].num_rows)}
-    timing = {"seconds": time.perf_counter() - start, "trainings": len(plan), "trained_now": len(trained_now)}
+    if val is not None:
+        data_info["validation_images"] = val.num_rows
+    timing = {"seconds": time.perf_counter() - start, "trainings": len(runs_planned), "trained_now": len(trained_now)}
     results = assemble_results(config, runs, data_info, timing, weights, layer_stats)
     write_json_atomic(os.path.join(config.output_dir, RESULTS_NAME), results)
     report = format_report(results)

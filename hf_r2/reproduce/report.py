@@ -1,5 +1,5 @@
-"""The `hf-r2 reproduce` report: mean and std over seeds, the lambda-sweep table, `results.md` ([`format_report`])
-and the plots."""
+"""The `hf-r2 reproduce` report: `results.json` ([`assemble_results`]: summaries, sweeps, gains, plots, timing),
+`results.md` ([`format_report`]) and the plots."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 from typing import Any
 
 from .config import ReproduceConfig
+from .summary import PAPER_TARGETS, gains, summarise, summarise_stats
+from .sweep import SWEEP_RULE, sweep_tables
 from .variants import BASELINE, slug
 
 __all__ = ["assemble_results", "format_report", "PAPER_TARGETS"]
@@ -16,127 +18,19 @@ __all__ = ["assemble_results", "format_report", "PAPER_TARGETS"]
 # Summaries
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (`ddof=1`; `None` for a single value)."""
-    import numpy as np
-
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
-
-
-def _summarise(config: ReproduceConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """`summary[model][setting][variant] = {seeds, values, mean, std, headline}` over the headline runs."""
-    first = config.seeds[0]
-    summary: dict[str, Any] = {}
-    for model in config.models:
-        table: dict[str, Any] = {}
-        for setting in ["FP", *(s["name"] for s in config.low_bit)]:
-            headline = setting == "FP" or config.setting(setting)["headline"]
-            seeds = config.seeds if headline else [first]
-            table[setting] = {}
-            for variant in config.variants:
-                found = [
-                    (r["seed"], r["rows"][setting]["accuracy"])
-                    for r in runs
-                    if r["model"] == model and variant["name"] in r["variant_names"] and r["seed"] in seeds
-                    and setting in r["rows"]
-                ]
-                found.sort(key=lambda pair: config.seeds.index(pair[0]))
-                if not found:
-                    continue
-                mean, std = _mean_std([a for _, a in found])
-                table[setting][variant["name"]] = {"seeds": [s for s, _ in found], "values": [a for _, a in found],
-                                                   "mean": mean, "std": std, "headline": headline}
-        summary[model] = table
-    return summary
-
-
-#: The paper's gains as targets, in top-1 points of R2 over the baseline: `(setting prefix, least gain)`. FP must stay
-#: within 1 point; W2A8 PTQ, W2A2 QAT and 1-bit clustering gained 8.8, 3.1 and 7.0 points on ImageNet.
-PAPER_TARGETS: tuple[tuple[str, float], ...] = (("FP", -1.0), ("W2A8 ", 8.0), ("W2A2 ", 3.0), ("W1 ", 7.0))
-
-
-def _target_of(setting: str) -> float | None:
-    for prefix, target in PAPER_TARGETS:
-        if setting == prefix or (prefix.endswith(" ") and setting.startswith(prefix)):
-            return target
-    return None
-
-
-def _gains(config: ReproduceConfig, summary: dict[str, Any]) -> dict[str, Any]:
-    """`gains[model][setting][variant] = {delta, std, target, met}` for the settings with a paper target: `delta` is
-    the R2 variant's mean top-1 minus the baseline's (points), `std` the sample std of the per-seed differences
-    (seeds run by both; `None` for one seed), `met` whether `delta >= target`."""
-    baseline = config.baseline_variant
-    out: dict[str, Any] = {}
-    if baseline is None:
-        return out
-    for model, table in summary.items():
-        rows: dict[str, Any] = {}
-        for setting, cells in table.items():
-            target = _target_of(setting)
-            base = cells.get(baseline)
-            if target is None or base is None:
-                continue
-            rows[setting] = {}
-            for variant in config.variants:
-                cell = cells.get(variant["name"])
-                if variant["name"] == baseline or cell is None:
-                    continue
-                paired = [100 * (a - base["values"][base["seeds"].index(seed)])
-                          for seed, a in zip(cell["seeds"], cell["values"]) if seed in base["seeds"]]
-                delta = 100 * (cell["mean"] - base["mean"])
-                rows[setting][variant["name"]] = {"delta": delta, "std": _mean_std(paired)[1] if paired else None,
-                                                  "target": target, "met": delta >= target}
-        out[model] = rows
-    return out
-
-
-def _summarise_stats(config: ReproduceConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Overall weight statistics per model and variant, averaged over the headline seeds."""
-    out: dict[str, Any] = {}
-    for model in config.models:
-        out[model] = {}
-        for variant in config.variants:
-            found = [r["stats"]["overall"] for r in runs
-                     if r["model"] == model and variant["name"] in r["variant_names"] and r["seed"] in config.seeds]
-            if found:
-                out[model][variant["name"]] = {k: _mean_std([f[k] for f in found])[0] for k in found[0]}
-    return out
-
-
-def _sweep_table(config: ReproduceConfig, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    sweep = config.lambda_sweep
-    if not sweep:
-        return None
-    first = config.seeds[0]
-    baseline = config.baseline_variant
-    out: dict[str, Any] = {"variant": sweep["variant"], "settings": sweep["settings"], "seed": first, "models": {}}
-    for model in sweep["models"]:
-        rows = []
-        base = next((r for r in runs if r["model"] == model and r["seed"] == first
-                     and baseline in r["variant_names"]), None)
-        if base is not None:
-            rows.append({"lambda": 0.0, "variant": baseline, "run_dir": base["run_dir"],
-                         "accuracy": {s: base["rows"][s]["accuracy"] for s in ["FP", *sweep["settings"]]
-                                      if s in base["rows"]}})
-        for lam in sweep["lambdas"]:
-            run = next(r for r in runs if r["model"] == model and f"sweep:{lam:g}" in r["roles"])
-            rows.append({"lambda": lam, "variant": run["variant"]["name"], "run_dir": run["run_dir"],
-                         "accuracy": {s: run["rows"][s]["accuracy"] for s in ["FP", *sweep["settings"]]}})
-        out["models"][model] = rows
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 
 
 def _variant_label(variant: dict[str, Any]) -> str:
+    how = []
+    if variant.get("init_from"):
+        how.append("fine-tune" + (f" {variant['epochs']:g} ep" if variant.get("epochs") else ""))
     if variant["loss"] == BASELINE:
-        return f"{variant['name']} (no R2)"
-    grid = ", per channel" if variant["per_channel"] else ""
-    return f"{variant['name']} (λ={variant['weight']:g}{grid})"
+        how.append("no R2")
+    else:
+        how.append(f"λ={variant['weight']:g}" + (", per channel" if variant["per_channel"] else ""))
+    return f"{variant['name']} ({', '.join(how)})"
 
 
 def _cell(entry: dict[str, Any] | None) -> str:
@@ -152,10 +46,11 @@ def _format_gains(config: ReproduceConfig, gains: dict[str, Any]) -> list[str]:
     if not any(gains.values()):
         return []
     variants = [v for v in config.variants if v["loss"] != BASELINE]
-    lines = ["## R2 minus baseline, against the paper's gains", "",
-             "Top-1 points of each R2 variant over the baseline (mean over the seeds both ran; ± the sample std of "
-             "the per-seed differences); **bold**: the target is met. Targets from the paper's ImageNet gains: FP "
-             "within 1 point (>= -1), W2A8 PTQ >= +8, W2A2 QAT >= +3, 1-bit clustering >= +7.", ""]
+    lines = ["## R2 minus its reference, against the paper's gains", "",
+             "Top-1 points of each R2 variant over its reference (the baseline, or the variant named by its "
+             "`compare_to`, e.g. the same-length fine-tune without R2; mean over the seeds both ran; ± the sample "
+             "std of the per-seed differences); **bold**: the target is met. Targets from the paper's ImageNet "
+             "gains: FP within 1 point (>= -1), W2A8 PTQ >= +8, W2A2 QAT >= +3, 1-bit clustering >= +7.", ""]
     for model, rows in gains.items():
         if not rows:
             continue
@@ -196,10 +91,15 @@ def format_report(results: dict[str, Any]) -> str:
     config = ReproduceConfig.from_dict(results["config"])
     data = results["data"]
     seeds = config.seeds
+    optimizer = "AdamW" if config.optimizer == "adamw" else f"SGD (momentum {config.momentum:g})"
     recipe = (f"{config.max_steps} steps" if config.max_steps > 0 else f"{config.epochs:g} epoch(s)") + (
-        f", batch {config.batch_size}, AdamW lr {config.lr:g} (cosine, {config.warmup_ratio:g} warm-up), weight "
-        f"decay {config.weight_decay:g}"
+        f", batch {config.batch_size}, {optimizer} lr {config.lr:g} (cosine, {config.warmup_ratio:g} warm-up), "
+        f"weight decay {config.weight_decay:g}"
     )
+    for model, override in config.recipes.items():
+        recipe += f"; {model}: " + ", ".join(f"{k} {v:g}" for k, v in override.items())
+    if config.baselines:
+        recipe += "; baselines trained elsewhere: " + ", ".join(f"{m} ({p})" for m, p in config.baselines.items())
     finetune = (f"{config.finetune_max_steps} steps" if config.finetune_max_steps
                 else f"{config.finetune_epochs} epoch(s)")
     lines = [
@@ -207,7 +107,9 @@ def format_report(results: dict[str, Any]) -> str:
         "",
         f"Data: {config.dataset}, {data['train_images']} training / {data['test_images']} test images at "
         f"{config.input_size}x{config.input_size} (subsets drawn with data seed {config.data_seed}); top-1 (%) on "
-        "the test images.",
+        "the test images." + (f" {data['validation_images']} training images held out as the validation split "
+                              "(choices are made on it; results.json has every row on it as well)."
+                              if data.get("validation_images") else ""),
         f"Recipe, the same for every variant: {recipe}. Seeds: {seeds}; cells are mean ± std (sample std, ddof=1) "
         f"over the seeds for the headline rows; rows marked † ran on the first seed ({seeds[0]}) only. FP is the "
         "float model as trained; the low-bit rows re-estimate BN, which can put them above FP after a short training.",
@@ -237,16 +139,26 @@ def format_report(results: dict[str, Any]) -> str:
                              for kind, path in plots.items()]
         lines.append("")
     lines += _format_gains(config, results.get("gains") or {})
-    sweep = results.get("lambda_sweep")
-    if sweep:
-        for model, rows in sweep["models"].items():
+    for sweep in results.get("lambda_sweep") or []:
+        for model, table in sweep["models"].items():
             columns = ["FP", *sweep["settings"]]
+            validation = any(row.get("val_accuracy") for row in table["rows"])
             lines += [f"## Lambda sweep: {sweep['variant']} on {model} (seed {sweep['seed']})", "",
-                      "| λ | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-            for row in rows:
-                lam = "0 (baseline)" if row["lambda"] == 0 else f"{row['lambda']:g}"
-                lines.append(f"| {lam} | " + " | ".join(
-                    f"{100 * row['accuracy'][c]:.2f}" if c in row["accuracy"] else "-" for c in columns) + " |")
+                      "Top-1 (%) on the test images" + (" (validation in parentheses)" if validation else "") + ".",
+                      "", "| λ | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+            for row in table["rows"]:
+                lam = f"0 ({sweep['reference']})" if row["lambda"] == 0 else f"{row['lambda']:g}"
+                cells = []
+                for c in columns:
+                    text = f"{100 * row['accuracy'][c]:.2f}" if c in row["accuracy"] else "-"
+                    if c in row.get("val_accuracy", {}):
+                        text += f" ({100 * row['val_accuracy'][c]:.2f})"
+                    cells.append(text)
+                lines.append(f"| {lam} | " + " | ".join(cells) + " |")
+            if validation:
+                chosen = table.get("chosen")
+                lines += ["", f"Chosen on the validation split ({SWEEP_RULE}): "
+                          + (f"λ = {chosen['lambda']:g}." if chosen else "none.")]
             lines.append("")
     timing = results["timing"]
     lines += [
@@ -266,7 +178,7 @@ def format_report(results: dict[str, Any]) -> str:
 def _plots(config: ReproduceConfig, results: dict[str, Any], weights: dict[str, Any],
            layer_stats: dict[str, Any]) -> dict[str, dict[str, str]]:
     """Write the PNGs of each model; returns `{model: {kind: path}}`."""
-    from ..plots import plot_accuracy_vs_bits, plot_layer_ranges, plot_weight_histograms
+    from ..plots import plot_accuracy_vs_bits, plot_curves, plot_layer_ranges, plot_weight_histograms
 
     out: dict[str, dict[str, str]] = {}
     folder = os.path.join(config.output_dir, "plots")
@@ -296,6 +208,14 @@ def _plots(config: ReproduceConfig, results: dict[str, Any], weights: dict[str, 
                     continue
                 points = curves.setdefault(name, {}).setdefault(family, {})
                 points[setting["w_bits"]] = max(points.get(setting["w_bits"], -1.0), 100 * entry["mean"])
+        epochs = {f"{r['variant']['name']}": {float(e): 100 * a for e, a in r["val_curve"].items()}
+                  for r in results["runs"] if r["model"] == model and r["seed"] == config.seeds[0]
+                  and r.get("val_curve") and r["variant_names"]}
+        if epochs:
+            paths["validation curves"] = plot_curves(
+                epochs, os.path.join(folder, f"{stem}_validation_curves.png"),
+                title=f"{model}: validation top-1 after each epoch (seed {config.seeds[0]}; fine-tunes count "
+                      "their own epochs)")
         if curves:
             paths["accuracy vs bits"] = plot_accuracy_vs_bits(
                 curves, os.path.join(folder, f"{stem}_accuracy_vs_bits.png"), fp=fp,
@@ -322,11 +242,13 @@ def assemble_results(
         "output_dir": os.path.abspath(config.output_dir),
         "data": data_info,
         "runs": runs,
-        "summary": _summarise(config, runs),
-        "weight_stats": _summarise_stats(config, runs),
-        "lambda_sweep": _sweep_table(config, runs),
+        "summary": summarise(config, runs),
+        "weight_stats": summarise_stats(config, runs),
+        "lambda_sweep": sweep_tables(config, runs),
     }
-    results["gains"] = _gains(config, results["summary"])
+    if config.validation_size:
+        results["val_summary"] = summarise(config, runs, key="val_accuracy")
+    results["gains"] = gains(config, results["summary"])
     results["plots"] = _plots(config, results, weights, layer_stats)
     results["timing"] = {
         **timing,

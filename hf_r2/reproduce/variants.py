@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASELINE",
+    "TRAINING_KEYS",
     "LowBitMethod",
     "DEFAULT_VARIANTS",
     "DEFAULT_LOW_BIT",
@@ -28,9 +29,12 @@ __all__ = [
 ]
 
 BASELINE = "baseline"
-VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2")
+VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2", "init_from", "epochs", "lr", "compare_to")
+#: The variant keys that change its training beyond the loss (a variant without them trains with the config's recipe).
+TRAINING_KEYS = ("init_from", "epochs", "lr")
 SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "headline")
 SWEEP_KEYS = ("variant", "lambdas", "models", "settings")
+INIT_FROM = ("baseline",)
 # The R2Config fields a variant's `r2` may set (the loss, weight and per_channel are the variant's own keys).
 R2_EXTRA_KEYS = ("warmup_steps", "include", "exclude", "skip_first_last", "margin_penalty", "soft_min_max_penalty",
                   "kurtosis_target")
@@ -84,7 +88,10 @@ def check_keys(what: str, item: dict[str, Any], valid: tuple[str, ...]) -> None:
 
 
 def normalise_variant(item: Any, index: int) -> dict[str, Any]:
-    """A variant as a full dict `{name, loss, weight, per_channel, r2}`; a plain string is a loss name."""
+    """A variant as a full dict `{name, loss, weight, per_channel, r2, init_from, epochs, lr, compare_to}`; a plain
+    string is a loss name. `init_from="baseline"` makes it a fine-tune of the model's trained baseline, `epochs` /
+    `lr` override the config's recipe for it, and `compare_to` names the variant its gains are measured against
+    (checked by [`ReproduceConfig`])."""
     what = f"`variants[{index}]`"
     if isinstance(item, str):
         item = {"loss": item}
@@ -109,7 +116,24 @@ def normalise_variant(item: Any, index: int) -> dict[str, Any]:
     check_keys(f"`variants[{index}].r2`", r2, R2_EXTRA_KEYS)
     if loss == BASELINE and r2:
         raise ValueError(f"{what} is the baseline: it takes no `r2` settings, got {r2}.")
-    return {"name": str(item.get("name", loss)), "loss": loss, "weight": weight, "per_channel": per_channel, "r2": r2}
+    init_from = item.get("init_from")
+    if init_from is not None and init_from not in INIT_FROM:
+        raise ValueError(f"{what}: `init_from` must be 'baseline' (start from the model's trained baseline) or None "
+                         f"(random init), got {init_from!r}.")
+    if loss == BASELINE and init_from is None and (item.get("epochs") is not None or item.get("lr") is not None):
+        raise ValueError(f"{what} is the baseline trained from scratch: it follows the config's `epochs` and `lr`; "
+                         "a same-length control of a fine-tune is `{'loss': 'baseline', 'init_from': 'baseline', "
+                         "'epochs': ...}`.")
+    out = {"name": str(item.get("name", loss)), "loss": loss, "weight": weight, "per_channel": per_channel, "r2": r2,
+           "init_from": init_from}
+    for key in ("epochs", "lr"):
+        value = item.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(f"{what}: `{key}` must be a positive number (or left out for the config's), got "
+                             f"{value!r}.")
+        out[key] = None if value is None else float(value)
+    out["compare_to"] = item.get("compare_to")
+    return out
 
 
 def setting_name(s: dict[str, Any]) -> str:

@@ -16,9 +16,10 @@ def test_env(capsys):
     assert f"`torch version`: {torch.__version__.split('+')[0]}" in out
     assert f"`timm version`: {timm.__version__}" in out
     assert f"`transformers version`: {transformers.__version__}" in out
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(SystemExit, match="^2$"):
         main(["env", "--bogus"])
-    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "hf-r2 env: error: unrecognized argument --bogus (see `hf-r2 env --help`)"
 
 
 def test_machine_info_has_the_facts_runs_record():

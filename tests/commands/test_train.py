@@ -10,10 +10,9 @@ from hf_r2.cli import main
 from hf_r2.commands.train import _parse_train_args
 
 
-def test_train_help_shows_dataclass_fields(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["train", "--help"])
-    assert info.value.code == 0
+def test_train_help_shows_dataclass_fields(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_R2_CACHE", str(tmp_path))
+    assert main(["train", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     for flag in ("--model_name_or_path", "--dataset_name", "--input_size", "--augment", "--r2_loss", "--r2_weight",
                  "--learning_rate", "--max-train-samples"):
@@ -61,12 +60,92 @@ def test_bad_arguments(capsys, tmp_path):
     assert info.value.code == 2
     assert "`r2_weight` must be >= 0, got -1" in capsys.readouterr().err
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):
         main(["train", "--dataset", "cifar10-tiny"])
     assert "--model_name_or_path" in capsys.readouterr().err  # required
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model_name_or_path": "test_resnet", "lerning_rate": 0.1}))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):
         main(["train", str(bad)])
     assert "unknown fields ['lerning_rate']" in capsys.readouterr().err
+
+
+def _run_cli(*argv):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "hf_r2", "train", *argv], env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_help_lists_hf_r2_flags_first_in_their_groups(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_R2_CACHE", str(tmp_path))
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    # cached: the second call prints the file, without building the parser (which imports transformers)
+    (cached,) = tmp_path.glob("train-help-*.txt")
+    assert cached.read_text() == out
+    cached.write_text(out + "from the cache\n")
+    assert main(["train", "-h"]) == 0 and capsys.readouterr().out.endswith("from the cache\n")
+    titles = ("model", "data", "R2-Loss", "training (transformers.TrainingArguments)")
+    heads = [out.index(f"\n{title}:\n") for title in titles]
+    assert heads == sorted(heads)
+    assert heads[0] < out.index("  --model_name_or_path") < heads[1] < out.index("  --input_size") < heads[2]
+    assert heads[2] < out.index("  --r2_weight") < heads[3] < out.index("  --learning_rate")
+    assert len(out.split("\n\n", 1)[0].splitlines()) == 1  # a one-line usage, not 100 lines of flags
+
+
+@pytest.mark.parametrize("flag", ["--max_train_samples", "--input_size"])
+def test_bad_sizes_are_one_line_errors_before_any_work(tmp_path, flag):
+    out = tmp_path / "run"
+    done = _run_cli("--model", "test_resnet", flag, "0", "--output_dir", str(out))
+    assert done.returncode != 0 and not out.exists()
+    assert len(done.stderr.strip().splitlines()) == 1 and flag in done.stderr, done.stderr
+
+
+def test_output_dir_of_another_run_is_refused_unless_overwrite(data_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    for name in ("model.safetensors", "low_bit_results.json", "r2_stats.json"):
+        (out / name).write_text("old run")
+    (out / "notes.txt").write_text("the user's own file")
+    refused = _run_cli(*tiny_train_argv(data_dir, out))
+    assert refused.returncode != 0 and "--overwrite_output_dir" in refused.stderr, refused.stderr[-2000:]
+    assert "already holds a training run" in refused.stderr
+    assert (out / "model.safetensors").read_text() == "old run" and (out / "checkpoint-3").is_dir()  # untouched
+
+    done = _run_cli(*tiny_train_argv(data_dir, out, "--overwrite_output_dir", "true"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = {p.name for p in out.iterdir()}
+    assert "checkpoint-3" not in names and "low_bit_results.json" not in names  # the old run's files are gone
+    assert (out / "notes.txt").read_text() == "the user's own file" and "model.safetensors" in names
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_resume_true_and_latest_continue_the_run_in_its_folder(data_dir, tmp_path):
+    """`--resume_from_checkpoint True` (what transformers users type) and `latest`: the newest complete checkpoint
+    of the output folder, which is then not refused as "another run"."""
+    from hf_r2.train import prepare_output_dir
+
+    out = tmp_path / "run"
+    assert main(["train", *tiny_train_argv(data_dir, out, "--save_strategy", "steps", "--save_steps", "1")]) == 0
+    for value in ("True", "latest"):
+        *_, args = _parse_train_args(tiny_train_argv(data_dir, out, "--resume_from_checkpoint", value))
+        assert prepare_output_dir(args) == str(out / "checkpoint-2")
+    *_, args = _parse_train_args(tiny_train_argv(data_dir, out))
+    with pytest.raises(ValueError, match="already holds a training run"):
+        prepare_output_dir(args)
+
+
+def test_resume_command_replaces_the_resume_flag():
+    from hf_r2.commands.train import resume_command
+
+    argv = ["--model", "test_resnet", "--resume_from_checkpoint", "out/checkpoint-1", "--output_dir", "my out"]
+    assert resume_command(argv) == ("hf-r2 train --model test_resnet --output_dir 'my out' "
+                                    "--resume_from_checkpoint latest")
+    assert resume_command(["--resume-from-checkpoint=x"]) == "hf-r2 train --resume_from_checkpoint latest"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import hf_r2.data.loading
 from hf_r2.data import (
     calibration_batches,
     collate_fn,
@@ -96,9 +97,15 @@ def test_cifar10_falls_back_to_hub(monkeypatch, tmp_path):
     assert ds["train"].column_names == ["image", "label"] and ds["train"].num_rows == 12
     assert np.asarray(ds["train"][3]["image"])[0, 0].tolist() == [3, 0, 0]
     assert label_names(ds) == CIFAR_NAMES
-    # the small/tiny names subsample the Hub copy to their sizes
+    # the small/tiny names subsample the Hub copy to their sizes (here 8 / 3 of the fake 12 / 4 rows, so that the
+    # subsample really happens): a seeded shuffle of distinct rows, the same on every call
+    monkeypatch.setitem(hf_r2.data.loading.HUB_FALLBACKS, "cifar10-tiny", ("uoft-cs/cifar10", 8, 3))
     ds = load_image_dataset("cifar10-tiny")
-    assert calls[-1] == "uoft-cs/cifar10" and ds["train"].num_rows == 12 and ds["test"].num_rows == 4
+    assert calls[-1] == "uoft-cs/cifar10" and ds["train"].num_rows == 8 and ds["test"].num_rows == 3
+    reds = [int(np.asarray(image)[0, 0, 0]) for image in ds["train"]["image"]]
+    assert len(set(reds)) == 8 and set(reds) <= set(range(12)) and reds != list(range(8))  # shuffled, not a head
+    assert ds["train"]["label"] == [rows["label"][r] for r in reds]  # each image kept its own label
+    assert [int(np.asarray(image)[0, 0, 0]) for image in load_image_dataset("cifar10-tiny")["train"]["image"]] == reds
 
 
 def _write_parquet(tmp_path, columns: dict, features=None, name="train-00000.parquet"):

@@ -59,12 +59,24 @@ def test_cifar_train_transform_is_a_padded_shift_or_flip(timm_cnn):
 
 
 def test_timm_recipe_and_sizes(timm_cnn):
-    from timm.data import create_transform, resolve_data_config
-
-    cfg = resolve_data_config(model=timm_cnn)
-    for train in (True, False):
-        ours = build_transform(timm_cnn, train=train, augment=AugmentType.TIMM)
-        assert repr(ours) == repr(create_transform(**cfg, is_training=train))
+    # test_resnet's pretrained_cfg: 160 px, crop_pct 0.95, bilinear, mean = std = 0.5. The evaluation transform by
+    # hand: shorter side to floor(160 / 0.95) = 168, centre crop 160, (x / 255 - 0.5) / 0.5.
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, size=(50, 40, 3), dtype=np.uint8))  # 40 wide, 50 high
+    resized = image.resize((168, 210), Image.BILINEAR)  # 50 * 168 / 40 = 210
+    top, left = round((210 - 160) / 2), round((168 - 160) / 2)
+    expected = _normalise(resized.crop((left, top, left + 160, top + 160)), [0.5] * 3, [0.5] * 3)
+    ours = build_transform(timm_cnn, train=False, augment=AugmentType.TIMM)(image).double().numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    # timm's training recipe: a random resized crop to 160 (scale 0.08-1), a flip, colour jitter 0.4, normalised
+    train = build_transform(timm_cnn, train=True, augment=AugmentType.TIMM)
+    steps = {type(t).__name__: t for t in train.transforms}
+    crop = steps["RandomResizedCropAndInterpolation"]
+    assert (tuple(crop.size), tuple(crop.scale)) == ((160, 160), (0.08, 1.0))
+    assert steps["RandomHorizontalFlip"].p == 0.5 and steps["ColorJitter"].brightness == (0.6, 1.4)
+    torch.manual_seed(0)
+    draws = [train(image) for _ in range(3)]
+    assert all(d.shape == (3, 160, 160) for d in draws) and not torch.equal(draws[0], draws[1])
     image = Image.new("RGB", (40, 50), (10, 20, 30))
     assert build_transform(timm_cnn, train=False)(image).shape == (3, 160, 160)  # test_resnet's own input size
     assert build_transform(timm_cnn, train=True, input_size=48)(image).shape == (3, 48, 48)  # auto -> cifar

@@ -1,6 +1,6 @@
 """`hf_r2.quant.api.quantize_`: the dispatcher against each per-method verb run on a copy of the same model (same
 state dict, same layer classes), its `TypeError`, and data-free weight-only PTQ (`PTQConfig(a_bits=None,
-bn="keep")`) against `fake_quantize` of every weight, through `save_low_bit` / `load_low_bit`."""
+bn="keep")`) against a brute-force max-abs grid of every weight, through `save_low_bit` / `load_low_bit`."""
 
 import copy
 
@@ -15,7 +15,6 @@ from hf_r2.quant import (
     PalettizeConfig,
     PTQConfig,
     QATConfig,
-    fake_quantize,
     finalize_dkm,
     is_dkm_prepared,
     load_low_bit,
@@ -96,6 +95,19 @@ def test_quantize_rejects_other_configs(config):
 # ---- data-free weight-only PTQ ------------------------------------------------------------------------------------
 
 
+def _ref_maxabs_rounding(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute force, float64, per output channel: the symmetric max-abs grid (`c * (2k + 1) / n`, n = 2^bits - 1,
+    c = max |w|; 1 bit: `+-mean |w|`) and each weight's distance to its nearest level."""
+    out_levels, best = [], []
+    for row in w.double().reshape(w.shape[0], -1):
+        n = 2**bits - 1
+        levels = (torch.stack([-row.abs().mean(), row.abs().mean()]) if bits == 1
+                  else row.abs().max() * torch.arange(-n, n + 1, 2, dtype=torch.float64) / n)
+        out_levels.append(levels)
+        best.append((row[:, None] - levels[None, :]).abs().min(1).values)
+    return out_levels, best
+
+
 def _distinct_per_channel(w: torch.Tensor) -> int:
     return max(row.unique().numel() for row in w.reshape(w.shape[0], -1))
 
@@ -115,7 +127,12 @@ def test_weight_only_ptq_is_data_free_and_exports(bits, tmp_path):
         with torch.no_grad():
             got = module.quantized_weight()
         w = before[f"{name}.weight"]
-        torch.testing.assert_close(got, fake_quantize(w, bits), rtol=0, atol=0)
+        # every value lies on the brute-force grid of its channel, and is a nearest level of its weight
+        levels, best = _ref_maxabs_rounding(w, bits)
+        for c, row in enumerate(got.double().reshape(got.shape[0], -1)):
+            tol = 1e-6 * max(levels[c].abs().max().item(), 1e-12)
+            assert (row[:, None] - levels[c][None, :]).abs().min(1).values.max() <= tol, name
+            assert ((row - w.double().reshape(w.shape[0], -1)[c]).abs() <= best[c] + tol).all(), name
         assert _distinct_per_channel(got) <= 2**bits, name
     for key, value in model.state_dict().items():  # the float weights, biases and BN statistics are untouched
         if key in before:

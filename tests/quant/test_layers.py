@@ -197,7 +197,7 @@ def test_parameters_keep_identity_and_an_earlier_optimizer_updates_them():
     opt.step()
     assert not torch.equal(layer.weight.detach(), before)
     assert layer.weight is weight  # restored after the forward pass, also when it raises
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="expected input.* to have 3 channels"):
         layer(torch.randn(2, 5, 6, 6))
     assert layer.weight is weight and layer._parameters["weight"] is weight
 

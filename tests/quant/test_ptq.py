@@ -332,6 +332,25 @@ def test_models_end_to_end(request, fixture):
         y_float = forward_logits(float_model, x)
     assert y.shape == (2, 10) and torch.isfinite(y).all()
     assert not torch.allclose(y, y_float, atol=1e-4)
+    # an independent reference of what the quantized model computes: the float architecture with the re-estimated
+    # BN statistics, each target layer's weight replaced by its grid values and its input rounded, by hand, to the
+    # input quantizer's grid: q = clamp(round(x / s + z), 0, 2^b - 1), x_hat = (q - z) * s
+    ref = copy.deepcopy(float_model)
+    ref.load_state_dict(model.state_dict(), strict=False)
+    for name, m in layers:
+        target = ref.get_submodule(name)
+        with torch.no_grad():
+            target.weight.copy_(m.quantized_weight())
+        iq = m.input_quantizer
+
+        def round_input(module, args, iq=iq):
+            s, z, top = iq.scale.detach(), iq.zero_point.detach(), 2**iq.bits - 1
+            return ((torch.clamp(torch.round(args[0] / s + z), 0, top) - z) * s,) + tuple(args[1:])
+
+        target.register_forward_pre_hook(round_input)
+    with torch.no_grad():
+        y_ref = forward_logits(ref.eval(), x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_fold_and_adaround_end_to_end(timm_cnn):

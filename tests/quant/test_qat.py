@@ -11,7 +11,6 @@ from torch import nn
 
 from hf_r2 import R2Trainer, R2TrainingArguments
 from hf_r2.models import classification_loss
-from hf_r2.quant import compute_qparams
 from hf_r2.quant.layers import FakeQuantizer, quantized_layers
 from hf_r2.quant.ptq import PTQConfig, post_training_quantize_
 from hf_r2.quant.qat import QATConfig, prepare_qat
@@ -35,6 +34,27 @@ def scales(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def ref_symmetric_error(row: torch.Tensor, bits: int, ratios) -> float:
+    """Brute force, float64: the least squared rounding error of `row` over the symmetric `bits`-bit grids
+    `c * (2k + 1) / n` (n = 2^bits - 1, c = ratio * max |w|) of the given clip ratios (as in test_uniform.py)."""
+    row = row.double()
+    n = 2**bits - 1
+    best = float("inf")
+    for ratio in ratios:
+        levels = row.abs().max() * ratio * torch.arange(-n, n + 1, 2, dtype=torch.float64) / n
+        nearest = levels[(row[:, None] - levels[None, :]).abs().argmin(1)]
+        best = min(best, ((nearest - row) ** 2).sum().item())
+    return best
+
+
+def grid_error(row: torch.Tensor, scale: float, zero_point: float, bits: int) -> float:
+    """Squared rounding error of `row` on the grid `(q - zero_point) * scale`, q = 0 .. 2^bits - 1."""
+    row = row.double()
+    levels = (torch.arange(2**bits, dtype=torch.float64) - zero_point) * scale
+    nearest = levels[(row[:, None] - levels[None, :]).abs().argmin(1)]
+    return ((nearest - row) ** 2).sum().item()
+
+
 # ---- prepare_qat ---------------------------------------------------------------------------------------------------
 
 
@@ -53,8 +73,13 @@ def test_prepare_qat_builds_learnable_quantizers(timm_cnn, weight_init):
         assert wq.bits == bits and iq.bits == bits and wq.symmetric and not iq.symmetric and wq.per_channel
         assert wq.learnable and wq.scale.requires_grad and iq.learnable and iq.scale.requires_grad
         assert bool(wq.initialized) and bool(iq.initialized) and iq.enabled  # calibrated
-        s, z = compute_qparams(w, bits, symmetric=True, per_channel=True, scale_method=weight_init)
-        assert torch.equal(wq.scale.detach(), s.reshape(-1)) and torch.equal(wq.zero_point, z.reshape(-1))
+        # each channel's grid is the symmetric grid of least error (mse: over clip ratios 1.0 .. 0.2; maxabs: 1.0)
+        ratios = torch.linspace(1.0, 0.2, 100).tolist() if weight_init == "mse" else [1.0]
+        for c, row in enumerate(w.reshape(w.shape[0], -1)):
+            scale, zero = wq.scale[c].item(), wq.zero_point[c].item()
+            assert zero == pytest.approx((2**bits - 1) / 2)  # symmetric: mid-rise, no level at 0
+            assert grid_error(row, scale, zero, bits) == pytest.approx(
+                ref_symmetric_error(row, bits, ratios), rel=1e-4, abs=1e-10)
         assert torch.equal(m.weight.detach(), w)
     # the old parameters are all still there, plus one step-size tensor per quantizer
     new = [n for n, p in model.named_parameters() if id(p) not in params_before]

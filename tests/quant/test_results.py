@@ -18,6 +18,7 @@ from hf_r2.quant import (
     parse_setting,
     post_training_quantize_,
     read_results,
+    row_key,
     update_results,
 )
 
@@ -92,6 +93,22 @@ def test_update_and_read_results(tmp_path):
         ]
     }
     assert read_results(tmp_path) == on_disk["rows"]
+
+
+def test_rows_measured_on_other_data_are_kept_apart(tmp_path):
+    """A row replaces only the row of the same setting and method measured on the same data (dataset, split,
+    number of images, input size): `hf-r2 evaluate --dataset OTHER` must not overwrite the training data's row."""
+    on = {"dataset": "cifar10-tiny", "split": "test", "num_images": 200, "input_size": 32}
+    update_results(tmp_path, [float_row(0.9, **on)])
+    for change in ({"dataset": "/data/pets"}, {"split": "validation"}, {"num_images": 16}, {"input_size": 64}):
+        update_results(tmp_path, [float_row(0.1, **{**on, **change})])
+    rows = read_results(tmp_path)
+    assert len(rows) == 5 and rows[0] == float_row(0.9, **on)
+    update_results(tmp_path, [float_row(0.8, **on)])  # the same data: replaced, the others stay
+    rows = read_results(tmp_path)
+    assert len(rows) == 5 and [r["accuracy"] for r in rows if r["dataset"] == "cifar10-tiny" and
+                               r["num_images"] == 200 and r["input_size"] == 32 and r["split"] == "test"] == [0.8]
+    assert row_key(rows[-1]) == ("FP", "float", "cifar10-tiny", "test", 200, 32)
 
 
 def _brute_force_accuracy(model, batches) -> float:

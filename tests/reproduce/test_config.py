@@ -34,7 +34,7 @@ def test_config_files_load_and_round_trip(tmp_path):
                                       "W1 k-means"]
     # the full config: the five variants, >= 3 lambdas, every method
     assert [v["loss"] for v in full.variants] == ["baseline", "linf", "margin", "soft_min_max", "kurtosis"]
-    assert len(full.lambda_sweep["lambdas"]) >= 3
+    assert len(full.lambda_sweep) == 1 and len(full.lambda_sweep[0]["lambdas"]) >= 3
     assert {s["method"] for s in full.low_bit} == {"ptq", "qat", "kmeans", "dkm"}
     # the longer-training follow-up: the same data, models and recipe but the epochs
     same = ("dataset", "max_train_samples", "max_eval_samples", "models", "model_kwargs", "lr", "weight_decay")
@@ -44,7 +44,8 @@ def test_config_files_load_and_round_trip(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"models": ["test_resnet"], "variants": ["baseline", "linf"]}))
     config = ReproduceConfig.from_file(path)
-    assert config.variants[1] == {"name": "linf", "loss": "linf", "weight": 3.0, "per_channel": True, "r2": {}}
+    assert config.variants[1] == {"name": "linf", "loss": "linf", "weight": 3.0, "per_channel": True, "r2": {},
+                                  "init_from": None, "epochs": None, "lr": None, "compare_to": None}
 
 
 def test_setting_names_and_defaults():
@@ -92,7 +93,7 @@ def test_config_errors(changes, message):
 
 
 def test_config_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
         ReproduceConfig.from_file(tmp_path / "missing.yaml")
     (tmp_path / "c.txt").write_text("models: [a]")
     with pytest.raises(ValueError, match="must be a .yaml, .yml or .json file"):

@@ -38,7 +38,7 @@ def _expected_settings(config: ReproduceConfig, run: dict) -> set:
     if "headline" in run["roles"]:
         expected |= names if run["seed"] == config.seeds[0] else set(config.headline_settings)
     if any(role.startswith("sweep:") for role in run["roles"]):
-        expected |= set(config.lambda_sweep["settings"])
+        expected |= set(config.lambda_sweep[0]["settings"])
     return expected
 
 
@@ -75,7 +75,7 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, data_dir):
     assert keys == {("baseline", 0.0, 0), ("baseline", 0.0, 1), ("linf", 3.0, 0), ("linf", 3.0, 1),
                     ("linf", 0.1, 0), ("linf", 1.0, 0)}
     linf0 = next(r for r in runs if r["variant"]["name"] == "linf" and r["seed"] == 0)
-    assert sorted(linf0["roles"]) == ["headline", "sweep:3"]
+    assert sorted(linf0["roles"]) == ["headline", "sweep:linf:3"]
     assert len({r["run_dir"] for r in runs}) == 6
 
     # every configured row of every run, each an accuracy over the 32 test images
@@ -126,11 +126,14 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, data_dir):
             assert cell["std"] is None
 
     # the lambda sweep: baseline (lambda 0) then the three lambdas, each row from its own run
-    sweep = saved["lambda_sweep"]["models"]["test_resnet"]
+    (table,) = saved["lambda_sweep"]
+    assert table["variant"] == "linf" and table["reference"] == "baseline"
+    sweep = table["models"]["test_resnet"]["rows"]
+    assert table["models"]["test_resnet"]["chosen"] is None  # no validation split: nothing is chosen
     assert [row["lambda"] for row in sweep] == [0.0, 0.1, 1.0, 3.0]
     for row in sweep:
         run = next(r for r in runs if r["run_dir"] == row["run_dir"])
-        assert set(row["accuracy"]) == {"FP", *config.lambda_sweep["settings"]}
+        assert set(row["accuracy"]) == {"FP", *config.lambda_sweep[0]["settings"]} and "val_accuracy" not in row
         assert all(row["accuracy"][s] == run["rows"][s]["accuracy"] for s in row["accuracy"])
 
     # results.md holds the tables with the same numbers
@@ -143,7 +146,7 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, data_dir):
     assert f"| W2 DKM † | {100 * dkm['baseline']['mean']:.2f} | {100 * dkm['linf']['mean']:.2f} |" in report
     assert "## Lambda sweep: linf on test_resnet (seed 0)" in report
     assert "| 0 (baseline) |" in report and "| 0.1 |" in report and "| 3 |" in report
-    assert "## R2 minus baseline, against the paper's gains" in report
+    assert "## R2 minus its reference, against the paper's gains" in report
     assert ("Low-bit: first and last layer at 8 bits in every row; PTQ and clustering rows re-estimate BN on 32 "
             "training images; QAT and DKM fine-tune 2 steps (AdamW lr 0.001, R2 off); AdaRound 4 iterations per "
             "layer.") in report

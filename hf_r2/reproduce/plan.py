@@ -1,0 +1,140 @@
+"""What one `hf-r2 reproduce` run does: the plan (every training once, with the union of the low-bit rows it needs)
+and the specs that decide whether a cached training or row can be reused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ReproduceConfig
+from .variants import BASELINE, TRAINING_KEYS, slug
+
+__all__ = ["Run", "plan", "variant_dir", "train_spec", "row_spec"]
+
+
+@dataclass
+class Run:
+    """One training of the plan: `model` x `variant` x `seed` in `run_dir`, with the rows it needs. A fine-tune
+    (`init_from: baseline`) starts from `init_dir`; an external baseline (`baselines`) is copied from `copy_from`."""
+
+    model: str
+    variant: dict[str, Any]
+    seed: int
+    run_dir: str
+    settings: list[str]
+    roles: list[str]  # "headline" and / or "sweep:<variant>:<lambda>"
+    init_dir: str | None = None
+    copy_from: str | None = None
+
+
+def variant_dir(variant: dict[str, Any]) -> str:
+    """The folder name of a variant's trainings: its loss, lambda and a digest of its other settings."""
+    name = BASELINE if variant["loss"] == BASELINE else (
+        f"{variant['loss']}{'-pc' if variant['per_channel'] else ''}-w{variant['weight']:g}")
+    training = {k: variant[k] for k in TRAINING_KEYS if variant.get(k) is not None}
+    if training:
+        name += "-ft" if variant.get("init_from") else "-own"
+        digest = hashlib.sha1(json.dumps({"r2": variant["r2"], **training}, sort_keys=True).encode()).hexdigest()
+        name += f"-{digest[:8]}"
+    elif variant["r2"]:
+        digest = hashlib.sha1(json.dumps(variant["r2"], sort_keys=True).encode()).hexdigest()[:8]
+        name += f"-{digest}"
+    return slug(name)
+
+
+def plan(config: ReproduceConfig) -> list[Run]:
+    """Every training, once, with the union of the rows it needs, in a stable order: trainings from random init (and
+    copied baselines) first, then the fine-tunes that start from them."""
+    runs: dict[str, Run] = {}
+    first = config.seeds[0]
+    baseline = config.baseline_variant
+
+    def add(model: str, variant: dict[str, Any], seed: int, settings: list[str], role: str) -> None:
+        run_dir = os.path.join(config.output_dir, "runs", slug(model), variant_dir(variant), f"seed{seed}")
+        run = runs.setdefault(run_dir, Run(model, variant, seed, run_dir, [], []))
+        run.settings = [s["name"] for s in config.low_bit if s["name"] in set(run.settings) | set(settings)]
+        run.roles.append(role)
+        if variant["name"] == baseline and model in config.baselines:
+            run.copy_from = config.baselines[model]
+        if variant["init_from"]:
+            run.init_dir = config.baselines.get(model) or os.path.join(
+                config.output_dir, "runs", slug(model), BASELINE, f"seed{first}")
+
+    for model in config.models:
+        for seed in config.seeds:
+            settings = [s["name"] for s in config.low_bit] if seed == first else config.headline_settings
+            for variant in config.variants:
+                if variant["name"] == baseline and model in config.baselines and seed != first:
+                    continue  # one trained folder: the same model for every seed
+                add(model, variant, seed, settings, "headline")
+    for sweep in config.lambda_sweep or []:
+        base = next(v for v in config.variants if v["name"] == sweep["variant"])
+        for model in sweep["models"]:
+            for lam in sweep["lambdas"]:
+                variant = {**base, "name": f"{base['name']} lambda={lam:g}", "weight": lam}
+                add(model, variant, first, sweep["settings"], f"sweep:{base['name']}:{lam:g}")
+    return sorted(runs.values(), key=lambda run: run.init_dir is not None)
+
+
+def _file_digest(folder: str) -> str | None:
+    """sha1 of a trained folder's weights (`None` before they exist): a fine-tune is reused only from the same
+    starting point."""
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def train_spec(run: Run, config: ReproduceConfig) -> dict[str, Any]:
+    """What a training depends on: a folder trained with another spec is not reused. Settings at their defaults
+    are left out, so folders trained before a setting existed stay valid."""
+    variant = {k: run.variant[k] for k in ("loss", "weight", "per_channel", "r2")}
+    recipe = config.recipe(run.model, run.variant)
+    spec = {
+        "model": run.model, "variant": variant, "seed": run.seed, "dataset": config.dataset,
+        "max_train_samples": config.max_train_samples, "data_seed": config.data_seed,
+        "input_size": config.input_size, "epochs": recipe["epochs"], "max_steps": config.max_steps,
+        "batch_size": config.batch_size, "lr": recipe["lr"], "weight_decay": recipe["weight_decay"],
+        "warmup_ratio": config.warmup_ratio,
+        **({"model_kwargs": config.model_kwargs[run.model]} if config.model_kwargs.get(run.model) else {}),
+    }
+    if config.optimizer != "adamw":
+        spec.update(optimizer=config.optimizer, momentum=config.momentum)
+    if config.validation_size:
+        spec["validation_size"] = config.validation_size
+    if run.init_dir:
+        spec["init_from"] = {"folder": os.path.abspath(run.init_dir), "sha1": _file_digest(run.init_dir)}
+    if run.copy_from:
+        spec = {"copied_from": os.path.abspath(run.copy_from), "sha1": _file_digest(run.copy_from),
+                "model": run.model, "dataset": config.dataset, "input_size": config.input_size}
+    return jsonable(spec)
+
+
+def row_spec(setting: dict[str, Any] | None, config: ReproduceConfig) -> dict[str, Any]:
+    """What a low-bit row depends on besides the trained model: a cached row with another spec is recomputed."""
+    spec: dict[str, Any] = {"dataset": config.dataset, "max_eval_samples": config.max_eval_samples,
+                            "data_seed": config.data_seed, "input_size": config.input_size}
+    if config.validation_size:  # also measured on the validation split; calibration draws from the rest
+        spec["validation_size"] = config.validation_size
+    if setting is None:
+        return jsonable(spec)
+    spec["setting"] = {k: v for k, v in setting.items() if k not in ("name", "headline")}
+    spec["calibration_samples"] = config.calibration_samples
+    if setting["method"] == "ptq" and setting["rounding"] == "adaround":
+        spec["adaround_iters"] = config.adaround_iters
+    if setting["method"] in ("qat", "dkm"):
+        spec.update(finetune_epochs=config.finetune_epochs, finetune_max_steps=config.finetune_max_steps,
+                    finetune_lr=config.finetune_lr, batch_size=config.batch_size,
+                    max_train_samples=config.max_train_samples)
+    return jsonable(spec)
+
+
+def jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))

@@ -1,0 +1,163 @@
+"""`hf-r2 reproduce` for R2 fine-tuning of a trained model (issue: the paper's claim on converged models): variants
+that start from the model's baseline (`init_from`), with their own epochs / lr and a same-length control they are
+compared to; a validation split that every row is measured on and that lambda sweeps choose on; an SGD recipe with
+per-model weight decay; and baselines trained elsewhere (`baselines`), copied instead of trained."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from conftest import assert_png
+
+from hf_r2.reproduce import ReproduceConfig, run_reproduce
+from hf_r2.reproduce.plan import plan
+from hf_r2.reproduce.sweep import choose_lambda
+
+W2 = "W2A8 per-tensor maxabs"
+VARIANTS = [
+    {"name": "baseline", "loss": "baseline"},
+    {"name": "control", "loss": "baseline", "init_from": "baseline", "epochs": 1, "lr": 1e-9},
+    {"name": "linf-ft", "loss": "linf", "weight": 1.0, "per_channel": True, "init_from": "baseline", "epochs": 2,
+     "lr": 0.01, "compare_to": "control"},
+]
+
+
+def _config(out, data_dir, **changes) -> ReproduceConfig:
+    values = dict(
+        output_dir=str(out), dataset="cifar10-tiny", data_dir=str(data_dir), input_size=32, max_train_samples=64,
+        max_eval_samples=32, validation_size=100, models=["test_resnet"], variants=VARIANTS, epochs=1,
+        batch_size=32, optimizer="sgd", lr=0.05, recipes={"test_resnet": {"weight_decay": 1e-4}}, seeds=[0, 1],
+        lambda_sweep={"variant": "linf-ft", "lambdas": [0.1, 1.0, 10.0], "settings": [W2]},
+        low_bit=[{"method": "ptq", "w_bits": 2, "a_bits": 8, "per_channel": False, "weight_range": "maxabs"},
+                 {"method": "kmeans", "w_bits": 1}],
+        calibration_samples=32,
+    )
+    return ReproduceConfig(**{**values, **changes})
+
+
+def _sha1(path) -> str:
+    return hashlib.sha1(open(path, "rb").read()).hexdigest()
+
+
+@torch.no_grad()
+def _count_correct(run_dir, raw_split, input_size=32) -> float:
+    """Top-1 of a saved run on a split, counted here image by image (independent of hf_r2.metrics)."""
+    from hf_r2.data import collate_fn, with_transforms
+    from hf_r2.models import create_model
+
+    model = create_model(run_dir, pretrained=True).eval()
+    rows = with_transforms(raw_split, model, train=False, input_size=input_size)
+    batch = collate_fn([rows[i] for i in range(len(rows))])
+    return (model(batch["pixel_values"]).argmax(-1) == batch["labels"]).double().mean().item()
+
+
+def test_fine_tunes_start_from_the_baseline_and_choose_on_validation(tmp_path, data_dir):
+    from hf_r2.data import load_image_dataset
+
+    config = _config(tmp_path / "out", data_dir)
+    runs = plan(config)
+    base_dir = os.path.join(config.output_dir, "runs", "test_resnet", "baseline", "seed0")
+    # baselines first; every fine-tune (both seeds, the sweep) starts from the first seed's baseline
+    assert [r.init_dir is None for r in runs] == [True, True] + [False] * (len(runs) - 2)
+    assert {r.init_dir for r in runs[2:]} == {base_dir}
+    assert config.recipe("test_resnet", VARIANTS[2]) == {"lr": 0.01, "weight_decay": 1e-4, "epochs": 2.0}
+
+    results = run_reproduce(config, progress=False, print_fn=None)
+    by_name = {(r["variant"]["name"], r["seed"]): r for r in results["runs"]}
+    base = by_name[("baseline", 0)]
+    for name in ("control", "linf-ft"):
+        for seed in (0, 1):
+            info = json.load(open(os.path.join(by_name[(name, seed)]["run_dir"], "reproduce_run.json")))
+            assert info["spec"]["init_from"] == {"folder": os.path.abspath(base_dir),
+                                                 "sha1": _sha1(os.path.join(base_dir, "model.safetensors"))}
+            assert info["spec"]["optimizer"] == "sgd" and info["spec"]["weight_decay"] == 1e-4
+    # the control ran at lr 1e-9: its weights are the baseline's (a fine-tune really starts from it)
+    from hf_r2.models import create_model
+
+    start = create_model(base_dir, pretrained=True).state_dict()
+    control = create_model(by_name[("control", 0)]["run_dir"], pretrained=True).state_dict()
+    for key, value in start.items():
+        if key.endswith("weight") and value.dim() > 1:
+            torch.testing.assert_close(control[key], value, rtol=0, atol=1e-6)
+
+    # every row is measured on the validation split too, and FP agrees with a count made here
+    held = load_image_dataset("cifar10-tiny", data_dir=str(data_dir), validation_size=100, max_train_samples=64)
+    test = load_image_dataset("cifar10-tiny", data_dir=str(data_dir), max_eval_samples=32)["test"]
+    assert results["data"]["validation_images"] == 100 and results["data"]["train_images"] == 64
+    for run in results["runs"]:
+        assert all("val_accuracy" in row for row in run["rows"].values())
+        assert run["rows"]["FP"]["val_accuracy"] == pytest.approx(_count_correct(run["run_dir"], held["test"]))
+        assert run["rows"]["FP"]["accuracy"] == pytest.approx(_count_correct(run["run_dir"], test))
+        assert set(run["val_curve"]) == {f"{e:g}" for e in range(1, 3 if run["variant"]["epochs"] == 2 else 2)}
+    assert set(results["val_summary"]["test_resnet"]["FP"]) == {"baseline", "control", "linf-ft"}
+
+    # the gains of the fine-tune are measured against the same-length control, seed by seed
+    summary = results["summary"]["test_resnet"]
+    gain = results["gains"]["test_resnet"][W2]["linf-ft"]
+    assert gain["reference"] == "control"
+    assert gain["delta"] == pytest.approx(100 * (summary[W2]["linf-ft"]["mean"] - summary[W2]["control"]["mean"]))
+    assert "control" not in results["gains"]["test_resnet"][W2]  # a baseline-loss variant has no gain
+
+    # the sweep: the reference row first, then each lambda; the choice follows the written rule
+    (sweep,) = results["lambda_sweep"]
+    table = sweep["models"]["test_resnet"]
+    assert sweep["reference"] == "control" and [r["lambda"] for r in table["rows"]] == [0.0, 0.1, 1.0, 10.0]
+    rows = table["rows"]
+    floor = rows[0]["val_accuracy"]["FP"] - 0.01
+    allowed = [r for r in rows[1:] if r["val_accuracy"]["FP"] >= floor]
+    expected = max(allowed, key=lambda r: r["val_accuracy"][W2])["lambda"] if allowed else None
+    assert (table["chosen"] or {}).get("lambda") == expected
+    report = open(os.path.join(config.output_dir, "results.md")).read()
+    assert "Chosen on the validation split" in report and "100 training images held out" in report
+    assert "linf-ft (fine-tune 2 ep, λ=1, per channel)" in report
+    assert_png(results["plots"]["test_resnet"]["validation curves"])
+
+    # a baseline trained elsewhere is copied, not trained; fine-tunes start from that folder
+    outside = tmp_path / "trained-elsewhere"
+    outside.mkdir()
+    for name in ("model.safetensors", "config.json", "trainer_state.json"):
+        if os.path.isfile(os.path.join(base_dir, name)):
+            os.link(os.path.join(base_dir, name), outside / name)
+    copied = _config(tmp_path / "out2", data_dir, baselines={"test_resnet": str(outside)}, lambda_sweep=None,
+                     variants=VARIANTS[:2], seeds=[0])
+    again = run_reproduce(copied, progress=False, print_fn=None)
+    runs2 = {r["variant"]["name"]: r for r in again["runs"]}
+    assert runs2["baseline"]["train_seconds"] == 0.0
+    assert runs2["baseline"]["rows"]["FP"]["accuracy"] == base["rows"]["FP"]["accuracy"]
+    info = json.load(open(os.path.join(runs2["control"]["run_dir"], "reproduce_run.json")))
+    assert info["spec"]["init_from"]["folder"] == str(outside)
+    assert "baselines trained elsewhere: test_resnet" in open(os.path.join(copied.output_dir, "results.md")).read()
+
+
+def test_choose_lambda_rule():
+    ref = {"lambda": 0.0, "val_accuracy": {"FP": 0.80, "W2": 0.50}}
+    rows = [ref,
+            {"lambda": 1.0, "variant": "a", "val_accuracy": {"FP": 0.795, "W2": 0.60}},
+            {"lambda": 3.0, "variant": "b", "val_accuracy": {"FP": 0.785, "W2": 0.70}},  # FP more than 1 point down
+            {"lambda": 10.0, "variant": "c", "val_accuracy": {"FP": 0.81, "W2": 0.55}}]
+    assert choose_lambda(rows, ["W2"]) == {"lambda": 1.0, "variant": "a", "score": pytest.approx(0.60)}
+    assert choose_lambda([ref, rows[2]], ["W2"]) is None
+    assert choose_lambda([{"lambda": 0.0, "accuracy": {}}, rows[1]], ["W2"]) is None  # no validation numbers
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"variants": [{"loss": "linf", "init_from": "scratch"}]}, "`init_from` must be 'baseline'"),
+        ({"variants": [{"loss": "baseline", "epochs": 3}]}, "a same-length control of a fine-tune"),
+        ({"variants": [{"loss": "linf", "init_from": "baseline"}]}, r"\['test_resnet'\] have none"),
+        ({"variants": ["baseline", {"loss": "linf", "compare_to": "nope"}]}, "`compare_to='nope'`, which is not"),
+        ({"variants": ["baseline", {"loss": "linf", "lr": -1}]}, "`lr` must be a positive number"),
+        ({"optimizer": "lion"}, "`optimizer` must be 'adamw' or 'sgd'"),
+        ({"recipes": {"vit": {"lr": 1}}}, "`recipes` names 'vit'"),
+        ({"recipes": {"test_resnet": {"momentum": 1}}}, r"unknown key\(s\) \['momentum'\]"),
+        ({"baselines": {"vit": "x"}}, r"`baselines` names \['vit'\]"),
+        ({"validation_size": 0}, "`validation_size` must be a positive integer"),
+    ],
+)
+def test_config_errors(changes, message):
+    values = {"models": ["test_resnet"], "lambda_sweep": None, "variants": ["baseline", "linf"], **changes}
+    with pytest.raises(ValueError, match=message):
+        ReproduceConfig(**values)

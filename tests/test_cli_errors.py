@@ -1,0 +1,164 @@
+"""Bad input through the real `hf-r2` entry point (`python -m hf_r2` in a subprocess): each is one line
+`hf-r2 <cmd>: error: ...` naming the flag or file and the fix, a non-zero status, no traceback (unless `--debug` /
+`HF_R2_DEBUG=1`) and no output folder; and `--help` stays light (no torch / transformers / timm import)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import make_timm
+
+from hf_r2.data import label_names, load_image_dataset
+from hf_r2.saving import save_model_folder
+
+
+def hf_r2(*argv, cwd=None, env=None):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_R2_DEBUG": "", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "hf_r2", *map(str, argv)], capture_output=True, text=True,
+                          cwd=cwd, env=full_env, timeout=600)
+
+
+def assert_one_line(done, command: str, *fragments: str, code: int | None = None):
+    # log lines and 🤗 Datasets' progress bars aside, stderr is the one error line
+    lines = [line for line in done.stderr.splitlines() if line.strip() and " - WARNING - " not in line
+             and " - INFO - " not in line and "examples/s]" not in line and "it/s]" not in line]
+    assert done.returncode != 0 and (code is None or done.returncode == code), done
+    assert "Traceback" not in done.stderr, done.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"hf-r2 {command}: error: "), done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def model_dir(tmp_path, data_dir):
+    model = make_timm("test_resnet")
+    names = label_names(load_image_dataset("cifar10-tiny", data_dir=data_dir, max_eval_samples=8))
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0, "label_names": names}
+    return str(save_model_folder(model, str(tmp_path / "model")))
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=6, bad: str | None = None):
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (32, 32), (40 * c, 10 * i, 0)).save(root / name / f"{i}.png")
+    if bad:
+        (root / classes[0] / bad).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+def test_help_imports_no_heavy_library():
+    """`hf-r2 --help` and `hf-r2 <cmd> --help` (but train's, built from the Trainer's fields) import neither torch
+    nor transformers nor timm: what keeps them well under 1.5 s."""
+    code = (
+        "import sys\nfrom hf_r2.cli import main\n"
+        "for argv in (['--help'], ['ptq', '--help'], ['evaluate', '--help'], ['qat', '--help'], "
+        "['compress', '--help'], ['push', '--help'], ['download', '--help'], ['reproduce', '--help'], "
+        "['demo', '--help'], ['env', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'timm', 'datasets') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout, done.stdout[-500:]
+
+
+def test_ptq_and_evaluate_help_show_defaults_and_explain_choices():
+    ptq = hf_r2("ptq", "--help").stdout.split("options:", 1)[1]
+    for flag, words in (("--weight-range", "clipping"), ("--act-observer", "percentile"), ("--rounding", "AdaRound"),
+                        ("--bn", "fold")):
+        section = ptq.split(flag, 1)[1][:600]
+        assert words.lower() in section.lower(), (flag, section)
+    assert "(default: mse)" in ptq and "(default: reestimate)" in ptq and "(default: 8)" in ptq
+    evaluate = hf_r2("evaluate", "--help").stdout
+    assert "(default: 128)" in evaluate
+    assert "--calibration-samples" not in evaluate  # evaluate does not calibrate: it does not offer the flag
+
+
+def test_typo_flag_suggests_the_closest(tmp_path):
+    done = hf_r2("train", "--model", "test_resnet", "--r2_wieght", "1", "--output_dir", tmp_path / "out")
+    assert_one_line(done, "train", "--r2_wieght", "did you mean --r2_weight?", code=2)
+    done = hf_r2("ptq", "m", "--w_bitz", "3")
+    assert_one_line(done, "ptq", "did you mean --w_bits?", code=2)
+    done = hf_r2("ptq", "m", "--a-bits", "eight")
+    assert_one_line(done, "ptq", "--a-bits takes 2 to 8 or 'none'", code=2)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--input_size", "0"], "--input_size must be a positive integer"),
+    (["--input_size", "-3"], "--input_size must be a positive integer"),
+    (["--max_train_samples", "0"], "--max_train_samples must be a positive integer"),
+])
+def test_train_bad_sizes_stop_before_any_work(tmp_path, data_dir, flags, fragment):
+    out = tmp_path / "out"
+    done = hf_r2("train", "--model", "test_resnet", "--dataset", "cifar10-tiny", "--data_dir", data_dir,
+                 "--output_dir", out, *flags)
+    assert_one_line(done, "train", fragment)
+    assert not out.exists()
+
+
+def test_missing_paths_are_not_blamed_on_the_hub(tmp_path, model_dir):
+    for dataset in ("./nosuch", str(tmp_path / "nosuch")):
+        done = hf_r2("evaluate", model_dir, "--dataset", dataset, cwd=tmp_path)
+        assert_one_line(done, "evaluate", "--dataset", "no such folder or file")
+        assert "Hub" not in done.stderr
+    (tmp_path / "out").mkdir()
+    done = hf_r2("evaluate", "out/nosuch", cwd=tmp_path)
+    assert_one_line(done, "evaluate", "out/nosuch", "no such folder")
+    assert "HF_HUB_OFFLINE" not in done.stderr
+    done = hf_r2("--debug", "evaluate", "out/nosuch", cwd=tmp_path)
+    assert "Traceback" in done.stderr and done.returncode != 0
+    done = hf_r2("evaluate", "out/nosuch", cwd=tmp_path, env={"HF_R2_DEBUG": "1"})
+    assert "Traceback" in done.stderr
+
+
+def test_config_file_takes_the_flag_aliases(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: test_resnet\ndataset: ./nosuch\noutput_dir: {tmp_path / 'out'}\n")
+    done = hf_r2("train", config, cwd=tmp_path)
+    # `model:` and `dataset:` are accepted (no "unknown fields"): the run gets as far as the missing data
+    assert_one_line(done, "train", "no such folder or file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_folder_without_class_folders(tmp_path, model_dir):
+    from PIL import Image
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(loose / f"{i}.png")
+    done = hf_r2("evaluate", model_dir, "--dataset", loose)
+    assert_one_line(done, "evaluate", "sub-folder named after the class", "<class>/<image>")
+    assert "label_column" not in done.stderr
+
+
+def test_bad_image_is_named_or_skipped_and_classes_are_checked(tmp_path, model_dir):
+    folder = _image_folder(tmp_path / "pets", bad="broken.png")
+    flags = ["--dataset", folder, "--input-size", "32", "--batch-size", "4"]
+    done = hf_r2("evaluate", model_dir, *flags)
+    assert_one_line(done, "evaluate", "broken.png", "--skip_bad_images")
+    done = hf_r2("evaluate", model_dir, *flags, "--skip-bad-images")
+    # the model's classes (CIFAR-10's ten) are not the folder's two: said, and stopped
+    assert_one_line(done, "evaluate", "classes", "cat, dog", "--map-labels-by-name")
+    done = hf_r2("evaluate", model_dir, *flags, "--skip-bad-images", "--map-labels-by-name")
+    assert done.returncode == 0, done.stderr
+    assert "Skipped 1 unreadable image" in done.stderr
+    measured = [line for line in done.stdout.splitlines() if line.startswith("Measured on ")]
+    assert measured and "images" in measured[0]
+
+
+def test_truncated_safetensors_is_named(tmp_path, model_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    done = hf_r2("evaluate", broken)
+    assert_one_line(done, "evaluate", "model.safetensors", "damaged or incomplete")
+    done = hf_r2("train", "--model", broken, "--pretrained", "true", "--output_dir", tmp_path / "out")
+    assert_one_line(done, "train", "model.safetensors", "damaged or incomplete")
