@@ -9,7 +9,7 @@ CONSTRAINTS := requirements/constraints.txt
 # unless already set. Without a local copy the cifar10 names load uoft-cs/cifar10 from the Hub.
 export HF_R2_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: demo test reproduce install install-test bench clean
+.PHONY: demo test reproduce evidence-baselines evidence-sweep install install-test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,29 @@ reproduce: install
 	    --output-dir $(REPRODUCE_OUT) --models $$m --no-progress > $(REPRODUCE_OUT)/$$m.log 2>&1 & \
 	done; wait
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 reproduce $(REPRODUCE_CONFIG) --output-dir $(REPRODUCE_OUT)
+
+# The converged-model comparison (README, Results). Stage 1: each model trained to a plateau with its family's
+# standard recipe (SGD momentum 0.9, cosine, 30 epochs, 45k CIFAR-10 images, 5k held out for validation), one
+# single-threaded process per model, resumable (rerun to continue from the last epoch's checkpoint); about 70 min
+# (mobilenetv2_100) and 2 h (resnet18) of one core each. Stage 2: R2 fine-tunes against the same-length control.
+EVIDENCE_OUT ?= outputs/evidence
+EVIDENCE_TRAIN = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/hf-r2 train --dataset cifar10 \
+	--validation_size 5000 --input_size 32 --num_train_epochs 30 --per_device_train_batch_size 64 \
+	--per_device_eval_batch_size 500 --optim sgd --optim_args momentum=0.9 --learning_rate 0.05 \
+	--lr_scheduler_type cosine --warmup_steps 0.01 --r2_weight 0 --eval_strategy epoch --save_strategy epoch \
+	--save_total_limit 2 --logging_steps 100 --seed 0 --use_cpu --report_to none --resume_from_checkpoint latest
+evidence-baselines: install
+	mkdir -p $(EVIDENCE_OUT)/baselines
+	$(EVIDENCE_TRAIN) --model mobilenetv2_100 --weight_decay 4e-5 --output_dir $(EVIDENCE_OUT)/baselines/mobilenetv2_100 \
+	  > $(EVIDENCE_OUT)/mobilenetv2_100.log 2>&1 & \
+	$(EVIDENCE_TRAIN) --model resnet18 --weight_decay 1e-4 --output_dir $(EVIDENCE_OUT)/baselines/resnet18 \
+	  > $(EVIDENCE_OUT)/resnet18.log 2>&1 & wait
+evidence-sweep: install
+	for m in mobilenetv2_100 resnet18; do \
+	  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/hf-r2 reproduce configs/evidence_sweep.yaml \
+	    --output-dir $(EVIDENCE_OUT) --models $$m --no-progress > $(EVIDENCE_OUT)/sweep-$$m.log 2>&1 & \
+	done; wait
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 reproduce configs/evidence_sweep.yaml --output-dir $(EVIDENCE_OUT)
 
 bench: install
 	$(PY) benchmarks/r2_overhead.py

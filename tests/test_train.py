@@ -63,3 +63,28 @@ def test_train_model_trains_saves_and_records_the_dataset(tmp_path):
         assert (tmp_path / "run" / name).is_file(), name
     info = json.loads((tmp_path / "run" / "r2_training.json").read_text())
     assert info["dataset"] == "cifar10-tiny" and info["dataset_id"] == "uoft-cs/cifar10"
+
+
+def test_r2_fine_tune_of_a_trained_folder_starts_from_its_weights_and_ramps_lambda(data_dir, tmp_path):
+    """`hf-r2 train --model FOLDER --pretrained --r2_loss margin --r2_warmup_steps N`: the fine-tune starts from the
+    saved weights (so the margins start at their max |w|) and lambda ramps in linearly from 0."""
+    from hf_r2.models import create_model
+
+    base = tmp_path / "baseline"
+    run_train(*_parse_train_args(tiny_train_argv(data_dir, base, "--r2_weight", "0")))
+    start = create_model(str(base), pretrained=True)
+    argv = tiny_train_argv(data_dir, tmp_path / "ft", "--model_name_or_path", str(base), "--pretrained", "true",
+                           "--r2_loss", "margin", "--r2_weight", "0.5", "--r2_warmup_steps", "4",
+                           "--learning_rate", "1e-12", "--logging_steps", "1", "--max_steps", "3")
+    trainer = run_train(*_parse_train_args(argv))["trainer"]
+    # margins started at each layer's largest |w| of the loaded weights (a learning rate of 1e-12 keeps them there)
+    expected = torch.stack([w.detach().abs().amax() for w in (m.weight for _, m in _targets(start))])
+    torch.testing.assert_close(trainer.regularizer.margin.detach(), expected, rtol=1e-6, atol=1e-9)
+    lambdas = [log["r2_lambda"] for log in trainer.state.log_history if "r2_lambda" in log and "loss" in log]
+    assert lambdas[:3] == pytest.approx([0.5 * 0 / 4, 0.5 * 1 / 4, 0.5 * 2 / 4])  # lambda at steps 0, 1, 2
+
+
+def _targets(model):
+    from hf_r2 import find_target_modules
+
+    return find_target_modules(model)
