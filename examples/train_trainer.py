@@ -22,7 +22,7 @@ parser.set_defaults(
 dataset = load_image_dataset("cifar10-small")  # 5k / 1k images; "cifar10" for the full set
 names = label_names(dataset)
 model = create_model("resnet18", label_names=names)  # a plain timm model; the class names go into config.json
-train = with_transforms(dataset["train"], model, train=True)
+train = with_transforms(dataset["train"], model, train=True, seed=args.seed)  # augmentation: (seed, epoch, index)
 test = with_transforms(dataset["test"], model, train=False)
 
 trainer = R2Trainer(model, args, train_dataset=train, eval_dataset=test, data_collator=collate_fn,

@@ -4,7 +4,8 @@
   once complete, so an interruption (Ctrl-C, `kill -9`, a full disk) never leaves a half-written `checkpoint-<n>`
   (R2Trainer) or `checkpoints/step_<n>` (the accelerate loop) that looks valid.
 - [`latest_checkpoint`]: the newest *complete* checkpoint of a folder; incomplete ones (from older versions, or a
-  staging folder left by an interruption) are skipped with a warning.
+  staging folder left by an interruption) are skipped with a warning, and one that an interrupted replacement left
+  moved aside is restored.
 - [`resolve_resume`]: what `resume_from_checkpoint` means: `True` / `"true"` / `"latest"` for the newest complete
   checkpoint (none: start from the beginning, with a warning), or a path that must be a complete checkpoint.
 - [`run_files`] / [`clear_run`]: what of an output folder belongs to a run (so that another run is not mixed into
@@ -28,6 +29,7 @@ __all__ = [
     "is_complete_trainer_checkpoint",
     "latest_checkpoint",
     "publish_folder",
+    "publish_trainer_checkpoint",
     "resolve_resume",
     "run_files",
     "staging_folder",
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 #: The `resume_from_checkpoint` values that mean "the newest complete checkpoint of the output folder".
 LATEST = ("latest", "true", "yes", "1")
 STAGING_PREFIX = ".tmp-"
+OLD_SUFFIX = ".old"  # a checkpoint moved aside by `publish_folder` while its replacement is renamed into place
 TRAINER_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LOOP_CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
@@ -49,6 +52,8 @@ _RUN_NAMES = {
     "preprocessor_config.json", "training_args.bin", "trainer_state.json", "all_results.json", "train_results.json",
     "eval_results.json", "low_bit_results.json", "README.md", "loop_config.json", "checkpoints", "model", "runs",
 }
+#: Files only a run writes: their presence (or a checkpoint / `r2_*.json`) is what makes a folder a run's.
+_RUN_MARKERS = {"trainer_state.json", "training_args.bin", "loop_config.json", "low_bit_results.json"}
 _RUN_PATTERNS = (TRAINER_CHECKPOINT_RE, re.compile(r"^r2_.*\.json$"), re.compile(r"^" + re.escape(STAGING_PREFIX)))
 
 
@@ -57,24 +62,48 @@ def wants_latest(value) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() in LATEST)
 
 
-def staging_folder(final: str) -> str:
-    """The hidden sibling `.tmp-<name>` that a checkpoint is written into before [`publish_folder`]."""
+def staging_folder(final: str, clear: bool = False) -> str:
+    """The hidden sibling `.tmp-<name>` that a checkpoint is written into before [`publish_folder`]; with `clear`
+    (on the saving process, before the others write into it), what an interrupted save left there is removed."""
     final = os.path.normpath(final)
-    return os.path.join(os.path.dirname(final), STAGING_PREFIX + os.path.basename(final))
+    staging = os.path.join(os.path.dirname(final), STAGING_PREFIX + os.path.basename(final))
+    if clear:
+        shutil.rmtree(staging, ignore_errors=True)
+    return staging
 
 
 def publish_folder(staging: str, final: str) -> str:
-    """Move the complete folder `staging` to `final` (an atomic rename); a folder already at `final` (a checkpoint
-    of the same step from before a resume) is replaced."""
+    """Move the complete folder `staging` to `final` (one rename, atomic on one file system).
+
+    A folder already at `final` (a checkpoint of the same step from before a resume) is replaced in two renames: it
+    is first moved aside to `.tmp-<name>.old`, removed once `staging` is in place. An interruption between the two
+    renames leaves that complete old checkpoint under `.tmp-<name>.old` alone: [`latest_checkpoint`] renames it
+    back, so no complete checkpoint is ever lost.
+    """
+    old = staging_folder(final) + OLD_SUFFIX
     if os.path.isdir(final):
-        old = staging_folder(final) + ".old"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def publish_trainer_checkpoint(state, staging_run_dir: str, final: str, write: bool) -> None:
+    """The end of a Trainer checkpoint written as `<staging_run_dir>/<name>` in place of `final`: the best
+    checkpoint the Trainer recorded there (`state.best_model_checkpoint`, the staged path) is pointed at its
+    published place, on every process; with `write` (the saving process), the checkpoint's own
+    `trainer_state.json` is rewritten with it, then the checkpoint is published and `staging_run_dir` removed."""
+    staged = os.path.join(staging_run_dir, os.path.basename(final))
+    best = state.best_model_checkpoint
+    moved = bool(best) and os.path.normpath(best).startswith(os.path.normpath(staging_run_dir) + os.sep)
+    if moved:
+        state.best_model_checkpoint = os.path.join(os.path.dirname(final), os.path.relpath(best, staging_run_dir))
+    if write:
+        if moved and os.path.isfile(os.path.join(staged, "trainer_state.json")):
+            state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        publish_folder(staged, final)
+        shutil.rmtree(staging_run_dir, ignore_errors=True)
 
 
 def checkpoint_step(folder: str) -> int:
@@ -100,10 +129,23 @@ def is_complete_loop_checkpoint(folder: str) -> bool:
 
 def latest_checkpoint(root: str, loop: bool = False) -> str | None:
     """The complete checkpoint of `root` with the highest step (`checkpoint-<n>`, or `step_<n>` with `loop=True`), or
-    `None`. Incomplete ones and staging folders left by an interruption are skipped with a warning."""
+    `None`. Incomplete ones and staging folders left by an interruption are skipped with a warning. A complete
+    checkpoint that an interrupted [`publish_folder`] left moved aside (`.tmp-<name>.old`, nothing at `<name>`) is
+    first renamed back to `<name>`."""
     pattern = LOOP_CHECKPOINT_RE if loop else TRAINER_CHECKPOINT_RE
     complete: Callable[[str], bool] = is_complete_loop_checkpoint if loop else is_complete_trainer_checkpoint
     names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    for name in names:
+        inner = name[len(STAGING_PREFIX): -len(OLD_SUFFIX)]
+        if name.startswith(STAGING_PREFIX) and name.endswith(OLD_SUFFIX) and pattern.match(inner):
+            path, restored = os.path.join(root, name), os.path.join(root, inner)
+            if not os.path.exists(restored) and complete(path):
+                try:  # several processes may try at once: one wins
+                    os.replace(path, restored)
+                    logger.warning("Restored %s from %s, where an interrupted save had moved it.", restored, path)
+                except OSError:
+                    pass
+    names = sorted(os.listdir(root)) if names else []
     found = []
     for name in names:
         path = os.path.join(root, name)
@@ -144,8 +186,13 @@ def resolve_resume(value, root: str, loop: bool = False) -> str | None:
 
 def run_files(folder: str) -> list[str]:
     """The entries of `folder` that belong to a training run (model files, checkpoints, results, `r2_*.json`, the
-    card); empty if the folder is missing or holds only other files."""
+    card); empty if the folder is missing or holds no run. A folder holds a run only if it has a file that only a
+    run writes (`r2_*.json`, `trainer_state.json`, `training_args.bin`, `loop_config.json`,
+    `low_bit_results.json`, a checkpoint or staging folder): a project folder with a README, a `config.json` or a
+    `model/` of the user's own is not a run, and nothing in it is touched."""
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    if not any(n in _RUN_MARKERS or any(p.match(n) for p in _RUN_PATTERNS) for n in names):
+        return []
     return [n for n in names if n in _RUN_NAMES or any(p.match(n) for p in _RUN_PATTERNS)]
 
 

@@ -29,8 +29,29 @@ from .commands.train import train_command_parser
 __all__ = ["main"]
 
 
-#: What the user got wrong (a path, a value, a damaged file): printed as one line, without a traceback.
+#: The kinds of exception that can be the user's mistake (a path, a value, a damaged file); see [`_is_user_error`].
 USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """A user's mistake, printed as one line: a [`UsageError`], an error hf-r2 raised on purpose (the innermost frame
+    is a `raise` statement in hf-r2's own code, with a message written for the user), or a file the user named that
+    cannot be opened. Anything else (a ValueError deep in torch, an unpacking error in hf-r2) is a bug and keeps its
+    traceback."""
+    import linecache
+
+    if isinstance(err, UsageError):
+        return True
+    if isinstance(err, OSError) and err.filename:
+        return True
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return filename.startswith(_PACKAGE) and linecache.getline(filename, tb.tb_lineno).strip().startswith("raise")
 
 
 def _debug(flag: bool) -> bool:
@@ -40,10 +61,10 @@ def _debug(flag: bool) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-r2` console script; returns the exit status.
 
-    A mistake of the user's (a bad flag or value, a missing or damaged file) is one line, `hf-r2 <cmd>: error: ...`,
-    and a non-zero status (`SystemExit(2)` for a bad flag, as argparse; 1 for the rest); other exceptions keep their
-    traceback. `hf-r2 --debug <cmd>` or `HF_R2_DEBUG=1` shows
-    the traceback of user errors too.
+    A mistake of the user's (a bad flag or value, a missing or damaged file: see [`_is_user_error`]) is one line,
+    `hf-r2 <cmd>: error: ...`, and a non-zero status (`SystemExit(2)` for a bad flag, as argparse; 1 for the rest);
+    other exceptions keep their traceback. `hf-r2 --debug <cmd>` (before the command) or `HF_R2_DEBUG=1` shows the
+    traceback of user errors too. Ctrl-C is one line and status 130.
     """
     parser = one_line_errors(argparse.ArgumentParser(
         prog="hf-r2", description="R2-Loss training for timm and Hugging Face vision models."
@@ -72,8 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.WARNING)
         logging.getLogger("hf_r2").setLevel(logging.INFO)
         return int(args.func(args) or 0)
-    except USER_ERRORS as err:
+    except KeyboardInterrupt:  # `hf-r2 train` says where to resume; the other commands keep what they finished
         if _debug(debug):
+            raise
+        command = f"hf-r2 {args.command}" if getattr(args, "command", None) else "hf-r2"
+        print(f"{command}: interrupted (finished rows and trainings are kept; run it again to continue)",
+              file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if _debug(debug) or not _is_user_error(err):
             raise
         prog = getattr(err, "prog", None) or (f"hf-r2 {args.command}" if getattr(args, "command", None) else "hf-r2")
         message = str(err).strip() or type(err).__name__

@@ -317,6 +317,8 @@ def train_with_accelerate(
         logger.warning("`mixed_precision='fp16'` has no effect on the CPU (accelerate runs float32 there); "
                        "use `mixed_precision='bf16'` for CPU autocast.")
     set_seed(config.seed)
+    if hasattr(train_dataset, "set_default_seed"):  # a SeededTransformDataset built without a seed: augment with ours
+        train_dataset.set_default_seed(config.seed)
     if accelerator.is_main_process:
         config.save_pretrained(config.output_dir)
 

@@ -68,8 +68,10 @@ class LoopConfig(JsonConfigMixin):
     max_steps (`int`, *optional*, defaults to `-1`):
         Total optimizer steps; overrides `num_epochs` when positive.
     seed (`int`, *optional*, defaults to `42`):
-        Seed of the RNGs (`accelerate.utils.set_seed`) and of the per-epoch shuffling: epoch `e` is shuffled with
-        `torch.randperm` seeded by `seed + e`, the same on every process, so that runs are reproducible and resumable.
+        Seed of the RNGs (`accelerate.utils.set_seed`), of the shuffling (accelerate's seedable sampler, with
+        `data_seed=seed` in the accelerator [`train_with_accelerate`] builds: epoch `e` is shuffled by a generator
+        seeded with `seed + e`, the same on every process and after a resume) and of the augmentation of a
+        [`hf_r2.data.SeededTransformDataset`] built without a seed.
 
     > Parameters that control the batches
 
@@ -135,7 +137,7 @@ class LoopConfig(JsonConfigMixin):
     output_dir: str = field(default="outputs", metadata={"help": "Where checkpoints, logs and the model go."})
     num_epochs: int = field(default=1, metadata={"help": "Passes over the training set (unless `max_steps`)."})
     max_steps: int = field(default=-1, metadata={"help": "Total optimizer steps; overrides `num_epochs` if > 0."})
-    seed: int = field(default=42, metadata={"help": "Seed of the RNGs and of the per-epoch shuffling."})
+    seed: int = field(default=42, metadata={"help": "Seed of the RNGs, the shuffling and the augmentation."})
     # the batches
     per_device_batch_size: int = field(default=32, metadata={"help": "Training micro-batch per process."})
     per_device_eval_batch_size: int | None = field(

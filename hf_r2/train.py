@@ -12,35 +12,54 @@ if TYPE_CHECKING:
     from .trainer import R2Trainer
     from .training_args import R2TrainingArguments
 
-__all__ = ["prepare_output_dir", "train_model", "run_train"]
+__all__ = ["prepare_output_dir", "clear_previous_run", "train_model", "run_train"]
 
 
 def prepare_output_dir(training_args: R2TrainingArguments) -> str | None:
-    """Check `output_dir` before a run and resolve `resume_from_checkpoint`; returns the checkpoint to resume from.
+    """Check `output_dir` before a run (nothing is changed here) and resolve `resume_from_checkpoint`; returns the
+    checkpoint to resume from.
 
     Resuming (`resume_from_checkpoint` a folder, or `latest` / `True`: the newest complete checkpoint of
-    `output_dir`, none yet meaning from the beginning) continues the run the folder holds. Otherwise a folder that
-    holds another run (checkpoints, model, results, `r2_*.json`, ...) is refused, unless `overwrite_output_dir`,
-    which removes what belongs to the old run first (other files stay).
+    `output_dir`) continues the run the folder holds; `latest` with no checkpoint yet starts from the beginning,
+    unless the folder holds another (finished, or never checkpointed) run. A folder that holds another run (it has
+    hf-r2's or the Trainer's run files: `r2_*.json`, `trainer_state.json`, checkpoints, ...) is refused unless
+    `overwrite_output_dir`; [`clear_previous_run`] then removes that run's files, once the data and model loaded.
     """
-    import logging
-
-    from .checkpoints import clear_run, resolve_resume, run_files
+    from .checkpoints import resolve_resume, run_files, wants_latest
 
     out = training_args.output_dir
     resume = training_args.resume_from_checkpoint
+    path = None
     if resume is not None and str(resume).strip().lower() not in ("", "false", "no"):
-        return resolve_resume(resume, out)
+        path = resolve_resume(resume, out)
+        if path is not None or not wants_latest(resume):
+            return path
     found = run_files(out)
     if found and not training_args.overwrite_output_dir:
         listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-        raise ValueError(f"`--output_dir {out}` already holds a training run ({listed}): pass "
-                         "`--overwrite_output_dir` to replace it, `--resume_from_checkpoint latest` to continue it, "
-                         "or choose another folder.")
-    if found:
-        logging.getLogger(__name__).warning("--overwrite_output_dir: removing the previous run's %s from %s.",
-                                            ", ".join(clear_run(out)), out)
-    return None
+        how = "has no complete checkpoint to resume from" if resume else "already holds a training run"
+        raise ValueError(f"`--output_dir {out}` {how} ({listed}): pass `--overwrite_output_dir` to replace that "
+                         "run, " + ("" if resume else "`--resume_from_checkpoint latest` to continue it, ")
+                         + "or choose another folder.")
+    return path
+
+
+def clear_previous_run(training_args: R2TrainingArguments) -> list[str]:
+    """With `overwrite_output_dir` (and not resuming): remove the previous run's files from `output_dir` (other
+    files stay), on the main process, the other processes waiting. Returns the removed names."""
+    import logging
+
+    from .checkpoints import clear_run, run_files
+
+    if not training_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+        return []
+    removed: list[str] = []
+    with training_args.main_process_first(desc="clearing the previous run"):
+        if training_args.process_index == 0 and run_files(training_args.output_dir):
+            removed = clear_run(training_args.output_dir)
+            logging.getLogger(__name__).warning("--overwrite_output_dir: removed the previous run's %s from %s.",
+                                                ", ".join(removed), training_args.output_dir)
+    return removed
 
 
 def train_model(
@@ -98,10 +117,11 @@ def run_train(
 ) -> dict[str, Any]:
     """Load the data, create the model, train it with [`train_model`], evaluate it: what `hf-r2 train` runs.
 
-    First, before anything is loaded or written: [`prepare_output_dir`] (an
-    `output_dir` holding another run is refused without `overwrite_output_dir`; `resume_from_checkpoint="latest"`
-    or `True` is the newest complete checkpoint). Augmentation draws depend only on `(seed, epoch, index)`, so a
-    resumed run ends with the same weights as an uninterrupted one.
+    First, before anything is loaded or written: [`prepare_output_dir`] (an `output_dir` holding another run is
+    refused without `overwrite_output_dir`; `resume_from_checkpoint="latest"` or `True` is the newest complete
+    checkpoint); the previous run's files go ([`clear_previous_run`]) only once the data and the model loaded.
+    Augmentation draws depend only on `(seed, epoch, index)`, so a resumed run ends with the same weights as an
+    uninterrupted one.
 
     Returns `{"train": train metrics, "eval": eval metrics, "trainer": the R2Trainer}`.
 
@@ -125,6 +145,7 @@ def run_train(
     transform_kw = {"input_size": data_args.input_size, "augment": data_args.augment}
     train_rows = with_transforms(ds["train"], model, train=True, seed=training_args.seed, **transform_kw)
     record_data_config(model, data_args)
+    clear_previous_run(training_args)
     trainer, train_result = train_model(
         model,
         training_args,

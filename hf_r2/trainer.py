@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections import defaultdict
 from typing import Any
 
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .checkpoints import checkpoint_step, publish_folder, resolve_resume, staging_folder
+from .checkpoints import checkpoint_step, publish_trainer_checkpoint, resolve_resume, staging_folder
 from .config import R2Config
 from .models import classification_loss, forward_logits, unwrap_model
 from .regularizer import R2Regularizer
@@ -344,7 +343,10 @@ class R2Trainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """`Trainer.train`; `resume_from_checkpoint=True` / `"latest"`: see [`hf_r2.checkpoints.resolve_resume`]."""
+        """`Trainer.train`; `resume_from_checkpoint=True` / `"latest"`: see [`hf_r2.checkpoints.resolve_resume`]. A
+        training set built without a seed ([`hf_r2.data.SeededTransformDataset`]) augments with `args.seed`."""
+        if hasattr(self.train_dataset, "set_default_seed"):
+            self.train_dataset.set_default_seed(self.args.seed)
         resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         if resume is not None and 0 < self.args.max_steps <= checkpoint_step(resume):
             # the run had finished (interrupted while saving or evaluating): the Trainer would train one more step
@@ -359,29 +361,24 @@ class R2Trainer(Trainer):
         return getattr(self, "_staging_run_dir", None) or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """The Trainer's checkpoint, written into `.tmp-checkpoint-<n>/` and renamed to `checkpoint-<n>` once complete;
-        then the rotation. With `push_to_hub` (which uploads the folder in the background) it is written in place."""
+        """The Trainer's checkpoint, written into `.tmp-checkpoint-<n>/` and renamed to `checkpoint-<n>` once complete
+        (the best checkpoint recorded by its final path); then the rotation. With `push_to_hub` (which uploads the
+        folder in the background) it is written in place."""
         if self.args.push_to_hub:
             return super()._save_checkpoint(model, trial)
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
         run_dir = self._get_output_dir(trial)
         final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        staging = staging_folder(final)
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self._staging_run_dir = staging
+        staging = self._staging_run_dir = staging_folder(final, clear=self.args.should_save)
+        self.accelerator.wait_for_everyone()  # cleared before any process writes its part (rng_state_<i>.pth)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_run_dir = None
         self.accelerator.wait_for_everyone()
+        publish_trainer_checkpoint(self.state, staging, final, write=self.args.should_save)
         if self.args.should_save:
-            publish_folder(os.path.join(staging, os.path.basename(final)), final)
-            shutil.rmtree(staging, ignore_errors=True)
-            best = self.state.best_model_checkpoint
-            if best and os.path.normpath(best).startswith(staging + os.sep):
-                self.state.best_model_checkpoint = final
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
 

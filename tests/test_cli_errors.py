@@ -162,3 +162,28 @@ def test_truncated_safetensors_is_named(tmp_path, model_dir):
     assert_one_line(done, "evaluate", "model.safetensors", "damaged or incomplete")
     done = hf_r2("train", "--model", broken, "--pretrained", "true", "--output_dir", tmp_path / "out")
     assert_one_line(done, "train", "model.safetensors", "damaged or incomplete")
+
+
+def _run_patched_env(body: str):
+    """`hf-r2 env` whose command is replaced by `body` (a function of `args`), in a fresh process."""
+    code = ("import sys\nimport hf_r2.commands.env as env\n" + body
+            + "\nenv.env_command = command\nfrom hf_r2.cli import main\nsys.exit(main(['env']))\n")
+    env = {**os.environ, "HF_R2_DEBUG": ""}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_bug_keeps_its_traceback():
+    """Only mistakes of the user's are one line: an error no hf-r2 check raised on purpose is a bug, shown whole."""
+    done = _run_patched_env("def command(args):\n    x, y = [1, 2, 3]")  # a ValueError, not raised on purpose
+    assert done.returncode == 1 and "Traceback" in done.stderr and "too many values to unpack" in done.stderr
+    deep = _run_patched_env("def command(args):\n    import torch\n    torch.zeros(2).view(3)")  # raised in torch
+    assert "Traceback" in deep.stderr
+    meant = _run_patched_env("def command(args):\n    from hf_r2 import R2Config\n    R2Config(weight=-1)")
+    assert meant.returncode == 1 and "Traceback" not in meant.stderr  # hf-r2's own check, raised on purpose
+    assert meant.stderr.strip() == "hf-r2 env: error: `weight` must be >= 0, got -1."
+
+
+def test_ctrl_c_is_one_line():
+    done = _run_patched_env("def command(args):\n    raise KeyboardInterrupt")
+    assert done.returncode == 130 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("hf-r2 env: interrupted")

@@ -171,6 +171,27 @@ def test_finetune_runs_without_r2(tmp_path):
     assert metrics["global_step"] == 2 and not [k for k in metrics if "r2" in k]
 
 
+def test_finetune_gives_its_seed_to_a_training_set_without_one():
+    """A `SeededTransformDataset` built without a seed augments with the fine-tune's (the loop's) seed."""
+    import datasets
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from hf_r2.data import collate_fn, with_transforms
+    from hf_r2.loop import finetune
+
+    rng = np.random.default_rng(0)
+    raw = datasets.Dataset.from_dict({"image": [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+                                                for _ in range(8)], "label": list(range(8))})  # fmt: skip
+    model, kw = timm.create_model("test_resnet", num_classes=10), dict(input_size=32, augment="cifar")
+    train = with_transforms(raw, model, train=True, **kw)
+    finetune(model, train, learning_rate=0.01, per_device_batch_size=4, max_steps=1, seed=5, collate_fn=collate_fn)
+    for seed, same in ((5, True), (0, False)):
+        own = with_transforms(raw, model, train=True, seed=seed, **kw)
+        assert all(torch.equal(train[i]["pixel_values"], own[i]["pixel_values"]) for i in range(8)) is same
+
+
 def test_finetune_with_r2_matches_the_loop(tmp_path):
     """`finetune(r2_config=...)` (what `hf-r2 qat / compress --r2-weight` run) trains with the R2 term: the same
     weights as `train_with_accelerate` with AdamW + cosine and that R2 config, and not those of R2 off."""

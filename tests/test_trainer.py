@@ -396,6 +396,27 @@ def test_resume_with_augmentation_after_an_interrupted_save_is_exact(tmp_path, d
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
+def test_training_set_without_a_seed_takes_the_trainer_seed(tmp_path, timm_cnn):
+    """A `SeededTransformDataset` built without a seed augments with `args.seed`: the same images as one built with
+    that seed (the autouse fixture's `torch.manual_seed(0)` would have given 0 before)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from hf_r2.data import collate_fn, with_transforms
+
+    rng = np.random.default_rng(0)
+    raw = datasets.Dataset.from_dict({"image": [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+                                                for _ in range(8)], "label": list(range(8))})  # fmt: skip
+    kw = dict(input_size=32, augment="cifar")
+    train = with_transforms(raw, timm_cnn, train=True, **kw)
+    R2Trainer(timm_cnn, _args(tmp_path, max_steps=1, seed=5), train_dataset=train, data_collator=collate_fn).train()
+    assert train.seed is None
+    for seed, same in ((5, True), (0, False)):
+        own = with_transforms(raw, timm_cnn, train=True, seed=seed, **kw)
+        assert all(torch.equal(train[i]["pixel_values"], own[i]["pixel_values"]) for i in range(8)) is same
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # R2Trainer: two processes (DDP on the CPU) x gradient accumulation give the full-batch step
 

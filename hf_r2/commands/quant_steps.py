@@ -62,7 +62,7 @@ def load_eval_data(args: argparse.Namespace, model, train: bool = False, calibra
     if calibrate:
         calibration = calibration_batches(raw["train"], model, args.calibration_samples, seed=args.seed,
                                           batch_size=min(args.batch_size, 64), **size)
-    train_ds = with_transforms(raw["train"], model, train=True, **size) if train else None
+    train_ds = with_transforms(raw["train"], model, train=True, seed=args.seed, **size) if train else None
     return eval_ds, calibration, train_ds
 
 

@@ -26,6 +26,7 @@ from .loading import hub_dataset_id as hub_dataset_id
 from .loading import label_names as label_names
 from .loading import load_image_dataset as load_image_dataset
 from .transforms import AugmentType as AugmentType
+from .transforms import SeededTransformDataset as SeededTransformDataset
 from .transforms import build_transform as build_transform
 from .transforms import collate_fn as collate_fn
 from .transforms import with_transforms as with_transforms
@@ -42,6 +43,7 @@ __all__ = [
     "VALIDATION_SEED",
     # transforms
     "AugmentType",
+    "SeededTransformDataset",
     "build_transform",
     "with_transforms",
     "collate_fn",

@@ -177,14 +177,27 @@ class SeededTransformDataset(torch.utils.data.Dataset):
     Args:
         dataset ([`~datasets.Dataset`]): with the columns `image` and `label`.
         transform (`Callable`): PIL image -> tensor, e.g. [`build_transform`]`(model, train=True)`.
-        seed (`int`): the run's seed.
+        seed (`int`, *optional*): the run's seed. `None`: the seed of the training that reads it, which
+            [`R2Trainer`] (`args.seed`) and the accelerate loop (`config.seed`) pass to [`set_default_seed`] when
+            they start; read before any did, `0`. Never the process's random state, so every process and every
+            rerun sees the same images.
     """
 
-    def __init__(self, dataset, transform: Callable, seed: int) -> None:
+    def __init__(self, dataset, transform: Callable, seed: int | None = None) -> None:
         self.dataset = dataset
         self.transform = transform
-        self.seed = int(seed)
+        self.seed = None if seed is None else int(seed)
+        self.default_seed: int | None = None
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_default_seed(self, seed: int) -> None:
+        """The seed to use when the dataset was built without one (a training's seed, set when it starts)."""
+        self.default_seed = int(seed)
+
+    @property
+    def effective_seed(self) -> int:
+        """The seed the draws use: `seed`, else the default seed (a training's), else 0."""
+        return next((s for s in (self.seed, self.default_seed) if s is not None), 0)
 
     @property
     def epoch(self) -> int:
@@ -205,7 +218,7 @@ class SeededTransformDataset(torch.utils.data.Dataset):
         return ["pixel_values", "labels"]
 
     def _row(self, index: int, image: Any, label: Any) -> dict[str, Any]:
-        with _seeded_rngs(sample_seed(self.seed, self.epoch, index)):
+        with _seeded_rngs(sample_seed(self.effective_seed, self.epoch, index)):
             pixels = self.transform(_to_pil(image).convert("RGB"))
         return {"pixel_values": pixels, "labels": label}
 
@@ -236,7 +249,9 @@ def with_transforms(dataset, model: nn.Module, train: bool, *, seed: int | None 
         train (`bool`):
             Training transform (augmented) or evaluation transform.
         seed (`int`, *optional*):
-            Seed of the augmentation (`train=True`); default: `torch.initial_seed()` (the seed of `set_seed`).
+            Seed of the augmentation (`train=True`); default: the seed of the training that uses the dataset
+            (`R2Trainer`'s `args.seed`, the accelerate loop's `config.seed`), or 0 outside one; see
+            [`SeededTransformDataset`].
         kwargs:
             `input_size=` and `augment=` for [`build_transform`].
     """
@@ -252,7 +267,7 @@ def with_transforms(dataset, model: nn.Module, train: bool, *, seed: int | None 
         )
     transform = build_transform(model, train, **kwargs)
     if train:
-        return SeededTransformDataset(dataset, transform, torch.initial_seed() if seed is None else seed)
+        return SeededTransformDataset(dataset, transform, seed)
 
     def _apply(batch: dict[str, list]) -> dict[str, list]:
         return {"pixel_values": [transform(_to_pil(image).convert("RGB")) for image in batch["image"]],

@@ -7,20 +7,25 @@ once quantized or palettized to 1 to 4 bits than the same model trained with ord
 
 What one [`ReproduceConfig`] runs:
 
-1. **Trainings.** Every model x variant x seed with [`~hf_r2.R2Trainer`]: the same data, recipe (AdamW, cosine,
-   `weight_decay`, augmentation) and seed for every variant; the `baseline` variant is `r2_weight=0` (ordinary
-   weight decay only). The lambda sweep trains its variant at each lambda on the first seed. Each training is
-   saved in `output_dir/runs/<model>/<variant>/seed<k>/` ([`~hf_r2.models.create_model`] loads it back).
+1. **Trainings.** Every model x variant x seed with [`~hf_r2.R2Trainer`]: the same data, recipe (`optimizer`
+   AdamW or SGD, cosine, `weight_decay`, per-model `recipes`, augmentation) and seed for every variant; the
+   `baseline` variant is `r2_weight=0` (ordinary weight decay only), or a folder trained elsewhere (`baselines`,
+   copied and checked against the config). Fine-tune variants (`init_from: baseline`, their own `epochs` / `lr`)
+   start from the model's baseline, and a same-length fine-tune without R2 is their control (`compare_to`). Lambda
+   sweeps train a variant at each lambda on the first seed. Each training is saved in
+   `output_dir/runs/<model>/<variant>/seed<k>/` ([`~hf_r2.models.create_model`] loads it back). With a
+   `validation_size`, the trainings use the rest of the training split and log the validation top-1 per epoch.
 2. **Low-bit rows.** For each trained model: FP top-1 and every configured low-bit setting, each on a copy of the
    float model: PTQ ([`~hf_r2.quant.quantize_`], BN re-estimated), QAT ([`~hf_r2.quant.prepare_qat`] + a fixed
    fine-tune), k-means ([`~hf_r2.quant.palettize_`], BN re-estimated) and DKM ([`~hf_r2.quant.prepare_dkm`] + the
    same fine-tune + [`~hf_r2.quant.finalize_dkm`], BN re-estimated). *Headline* settings run on every seed, the
    others on the first seed only; the sweep's trainings run the sweep's settings.
-3. **Report.** `results.json` (every number per seed, mean and std over seeds for the headline rows),
-   `results.md` (one table per model: rows = settings, columns = variants; R2 minus baseline against the paper's
-   gains, [`PAPER_TARGETS`]; the lambda sweep; time, seeds, data)
-   and PNG plots ([`hf_r2.plots`]): weight histograms and per-layer ranges, baseline vs R2, and accuracy against
-   bits.
+   With a validation split, every row is measured on it too (`val_accuracy`).
+3. **Report.** `results.json` (every number per seed, mean and std over seeds for the headline rows, on the test
+   and the validation split), `results.md` (one table per model: rows = settings, columns = variants; R2 minus its
+   reference against the paper's gains, [`PAPER_TARGETS`]; the lambda sweeps and the lambda each chooses on the
+   validation split; time, seeds, data) and PNG plots ([`hf_r2.plots`]): weight histograms and per-layer ranges,
+   baseline vs R2, accuracy against bits, and the validation curves.
 
 First and last layer: every low-bit row keeps the first conv and the classifier at 8 bits, as the paper's
 baselines do: PTQ and QAT through `first_last_bits=8`, k-means and DKM by a 256-entry palette on those two layers.
@@ -36,9 +41,10 @@ produced it and reused while they match, so an interrupted run continues where i
 The package: `variants` (the variants and low-bit settings: defaults, normalisers, names, [`quant_config`]),
 `config` ([`ReproduceConfig`], file names, presets), `apply` ([`apply_low_bit_`]: one low-bit config applied to a
 float model, with the fine-tune QAT / DKM need; shared with `hf-r2 ptq / qat / compress` and
-`benchmarks/quant_toolkit.py`), `pipeline` (the plan, trainings, measured rows, [`run_reproduce`]) and `report`
-([`assemble_results`], [`format_report`], summaries, plots). The `hf-r2 reproduce` command is in
-`hf_r2.commands.reproduce`.
+`benchmarks/quant_toolkit.py`), `plan` (which trainings and rows, and the cache specs), `pipeline` (data,
+trainings, measured rows, [`run_reproduce`]), `summary` (mean / std over seeds, gains), `sweep` (lambda sweeps and
+their validation rule) and `report` ([`assemble_results`], [`format_report`], plots). The `hf-r2 reproduce`
+command is in `hf_r2.commands.reproduce`.
 
 ```bash
 hf-r2 reproduce configs/reproduce.yaml              # about two hours in one process (make reproduce: one hour)

@@ -77,12 +77,36 @@ _COPIED_FILES = ("model.safetensors", "config.json", "r2_config.json", "r2_stats
                  "trainer_state.json", "all_results.json", "eval_results.json")
 
 
-def _copy_baseline(run: Run, config: ReproduceConfig) -> dict[str, Any]:
+def _check_baseline(run: Run, config: ReproduceConfig, data: _Data) -> None:
+    """A baseline folder trained elsewhere must fit this comparison: the same classes in the same order, the same
+    input size and dataset (what `config.json` and `r2_training.json` record), so fine-tunes start from a model of
+    this task and no validation image was trained on."""
+    folder = run.copy_from
+    saved = read_json(os.path.join(folder, "config.json")) or {}
+    labels = saved.get("label_names") or (saved.get("pretrained_cfg") or {}).get("label_names")
+    if labels is None and isinstance(saved.get("id2label"), dict):
+        labels = [saved["id2label"][k] for k in sorted(saved["id2label"], key=int)]
+    size = (saved.get("pretrained_cfg") or {}).get("input_size")
+    trained = read_json(os.path.join(folder, "r2_training.json")) or {}
+    problems = []
+    if labels is not None and list(labels) != list(data.label_names):
+        problems.append(f"its classes {list(labels)[:4]}... are not the dataset's {data.label_names[:4]}...")
+    if size is not None and int(size[-1]) != config.input_size:
+        problems.append(f"it was trained at {size[-1]}x{size[-1]}, the config's input_size is {config.input_size}")
+    if trained.get("dataset") not in (None, config.dataset):
+        problems.append(f"it was trained on {trained['dataset']!r}, the config's dataset is {config.dataset!r}")
+    if problems:
+        raise ValueError(f"`baselines[{run.model!r}]` = {folder!r} does not fit this config: "
+                         + "; ".join(problems) + ".")
+
+
+def _copy_baseline(run: Run, config: ReproduceConfig, data: _Data) -> dict[str, Any]:
     """A baseline trained elsewhere (`baselines`), copied into `run.run_dir` as if trained here."""
     source = run.copy_from
     if not os.path.isfile(os.path.join(source, "model.safetensors")):
         raise FileNotFoundError(f"`baselines[{run.model!r}]` = {source!r} holds no model.safetensors: give the folder "
                                 "that `hf-r2 train` saved (its --output_dir).")
+    _check_baseline(run, config, data)
     os.makedirs(run.run_dir, exist_ok=True)
     for name in _COPIED_FILES:
         if os.path.isfile(os.path.join(source, name)):
@@ -99,7 +123,7 @@ def _train(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> di
     """Train `run` with R2Trainer (from random init, or from its baseline for a fine-tune), save it, then write
     `reproduce_run.json` (last: it marks the training done). A copied baseline is copied instead."""
     if run.copy_from:
-        return _copy_baseline(run, config)
+        return _copy_baseline(run, config, data)
     from transformers import set_seed
 
     from ..data import DataArguments, record_data_config, with_transforms
@@ -143,7 +167,7 @@ def _train(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> di
         **{f"r2_{k}": v for k, v in variant["r2"].items()},
     )
     size = {"input_size": config.input_size}
-    train_ds = with_transforms(data.raw["train"], model, train=True, **size)
+    train_ds = with_transforms(data.raw["train"], model, train=True, seed=run.seed, **size)
     val_ds = with_transforms(data.val, model, train=False, **size) if validate else None
     start = time.perf_counter()
     trainer, result = train_model(model, args, train_ds, val_ds, dataset=config.dataset,
@@ -186,7 +210,7 @@ def _model_data(model, key: str, data: _Data, config: ReproduceConfig) -> _Model
             eval=_batches(with_transforms(raw["test"], model, train=False, **size), 256),
             calibration=calibration_batches(raw["train"], model, config.calibration_samples, seed=config.data_seed,
                                             batch_size=64, **size),
-            train=with_transforms(raw["train"], model, train=True, **size),
+            train=with_transforms(raw["train"], model, train=True, seed=None, **size),  # each fine-tune: its seed
             val=None if data.val is None else _batches(with_transforms(data.val, model, train=False, **size), 256),
         )
     return cache[key]

@@ -149,3 +149,47 @@ def test_resume_command_replaces_the_resume_flag():
     assert resume_command(argv) == ("hf-r2 train --model test_resnet --output_dir 'my out' "
                                     "--resume_from_checkpoint latest")
     assert resume_command(["--resume-from-checkpoint=x"]) == "hf-r2 train --resume_from_checkpoint latest"
+
+
+def test_a_project_folder_is_not_a_run_and_nothing_is_cleared_before_the_data_loads(data_dir, tmp_path):
+    """Only hf-r2's and the Trainer's own files make a folder a run's: a project folder with its README, a
+    config.json and a model/ of its own is neither refused nor cleared. With --overwrite_output_dir, the old run's
+    files go only once data and model loaded: a typo in --dataset leaves them in place."""
+    from hf_r2.checkpoints import run_files
+
+    project = tmp_path / "project"
+    (project / "model").mkdir(parents=True)
+    for name in ("README.md", "config.json"):
+        (project / name).write_text("the user's own")
+    assert run_files(str(project)) == []
+    run = tmp_path / "run"
+    assert main(["train", *tiny_train_argv(data_dir, run)]) == 0
+    before = sorted(p.name for p in run.iterdir())
+    argv = tiny_train_argv(data_dir, run, "--overwrite_output_dir", "true")
+    argv[argv.index("cifar10-tiny")] = str(tmp_path / "no-such-data")
+    done = _run_cli(*argv)
+    assert done.returncode == 1 and "no-such-data" in done.stderr
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing removed: the error came first
+
+
+def test_latest_without_a_checkpoint_does_not_train_over_a_finished_run(data_dir, tmp_path):
+    from hf_r2.train import prepare_output_dir
+
+    out = tmp_path / "run"
+    assert main(["train", *tiny_train_argv(data_dir, out)]) == 0  # save_strategy no: a run without checkpoints
+    *_, args = _parse_train_args(tiny_train_argv(data_dir, out, "--resume_from_checkpoint", "latest"))
+    with pytest.raises(ValueError, match="has no complete checkpoint to resume from .*--overwrite_output_dir"):
+        prepare_output_dir(args)
+    empty = tmp_path / "fresh"  # an interrupted run before its first save: latest starts from the beginning
+    *_, args = _parse_train_args(tiny_train_argv(data_dir, empty, "--resume_from_checkpoint", "latest"))
+    assert prepare_output_dir(args) is None
+
+
+@pytest.mark.parametrize("name, text, kind", [("c.json", '{"model": "x",', "JSON"), ("c.yaml", "model: [x\n", "YAML")])
+def test_config_file_syntax_errors_are_one_line(tmp_path, capsys, name, text, kind):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["train", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"is not valid {kind}" in err and name in err

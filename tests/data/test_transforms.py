@@ -126,3 +126,66 @@ def test_with_transforms_needs_image_and_label(timm_cnn):
         with_transforms(bad, timm_cnn, train=False)
     with pytest.raises(ValueError, match="not a `datasets.ClassLabel`"):
         label_names(bad)
+
+
+_UNSEEDED_WORKER = """
+import hashlib, sys
+import numpy as np, datasets, timm
+from PIL import Image
+from transformers import set_seed
+from hf_r2.data import with_transforms
+
+rng = np.random.default_rng(0)
+images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+raw = datasets.Dataset.from_dict({"image": images, "label": [0, 1]})
+train = with_transforms(raw, timm.create_model("test_resnet", num_classes=10), train=True, input_size=32,
+                        augment="cifar")  # no seed, in a process nobody has seeded yet
+set_seed(int(sys.argv[1]))  # what R2Trainer / Trainer.__init__ do, after the data is built
+print(hashlib.sha256(train[0]["pixel_values"].numpy().tobytes()).hexdigest())
+"""
+
+
+def _random_images(n=4):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+    return datasets.Dataset.from_dict({"image": images, "label": list(range(n))})
+
+
+def test_unseeded_augmentation_is_the_same_in_every_process(timm_cnn):
+    """`with_transforms(train=True)` without a seed draws from a fixed seed (0) until a trainer gives its own, never
+    from the process's random initial seed: two fresh processes read the same augmented image."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    digests = [subprocess.run([sys.executable, "-c", _UNSEEDED_WORKER, "3"], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip() for _ in range(2)]  # fmt: skip
+    expected = with_transforms(_random_images(2), timm_cnn, train=True, input_size=32, augment="cifar", seed=0)
+    assert digests[0] == digests[1] == hashlib.sha256(expected[0]["pixel_values"].numpy().tobytes()).hexdigest()
+
+
+def test_default_seed_applies_only_without_an_own_seed(timm_cnn):
+    raw = _random_images()
+
+    def pixels(ds):
+        return torch.stack([ds[i]["pixel_values"] for i in range(len(ds))])
+
+    unseeded = with_transforms(raw, timm_cnn, train=True, input_size=32, augment="cifar")
+    assert unseeded.seed is None
+    fixed = pixels(unseeded)
+    torch.manual_seed(1234)  # the process's RNG plays no part
+    assert torch.equal(pixels(unseeded), fixed)
+    assert torch.equal(fixed, pixels(with_transforms(raw, timm_cnn, train=True, input_size=32, augment="cifar",
+                                                     seed=0)))  # fmt: skip
+    for seed in (5, 6):  # a trainer's seed (each training that uses the dataset sets its own)
+        unseeded.set_default_seed(seed)
+        own = with_transforms(raw, timm_cnn, train=True, input_size=32, augment="cifar", seed=seed)
+        assert torch.equal(pixels(unseeded), pixels(own))
+    assert not torch.equal(pixels(unseeded), fixed)
+    seeded = with_transforms(raw, timm_cnn, train=True, input_size=32, augment="cifar", seed=0)
+    seeded.set_default_seed(5)  # an explicit seed wins
+    assert torch.equal(pixels(seeded), fixed)

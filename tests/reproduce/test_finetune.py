@@ -161,3 +161,18 @@ def test_config_errors(changes, message):
     values = {"models": ["test_resnet"], "lambda_sweep": None, "variants": ["baseline", "linf"], **changes}
     with pytest.raises(ValueError, match=message):
         ReproduceConfig(**values)
+
+
+def test_a_baseline_of_another_task_is_refused(tmp_path, data_dir):
+    from conftest import make_timm
+
+    from hf_r2.saving import save_model_folder
+
+    model = make_timm("test_resnet")
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32),
+                            "label_names": [f"class{i}" for i in range(10)]}  # ten classes, not CIFAR-10's
+    folder = save_model_folder(model, str(tmp_path / "other"))
+    config = _config(tmp_path / "out", data_dir, baselines={"test_resnet": str(folder)}, lambda_sweep=None,
+                     variants=VARIANTS[:2], seeds=[0])
+    with pytest.raises(ValueError, match=r"does not fit this config: its classes \['class0'"):
+        run_reproduce(config, progress=False, print_fn=None)
