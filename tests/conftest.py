@@ -129,3 +129,16 @@ def tiny_train_argv(data_dir, output_dir, *extra) -> list[str]:
         "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--save_strategy", "no",
         "--disable_tqdm", "true", "--dataloader_pin_memory", "false", *extra,
     ]
+
+
+@pytest.fixture
+def model_dir(tmp_path, data_dir) -> str:
+    """A saved test_resnet folder (random weights) with CIFAR-10's label names and a 32x32 input: what the low-bit
+    commands and their error tests start from."""
+    from hf_r2.data import label_names, load_image_dataset
+    from hf_r2.saving import save_model_folder
+
+    model = make_timm("test_resnet")
+    names = label_names(load_image_dataset("cifar10-tiny", data_dir=data_dir, max_eval_samples=8))
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0, "label_names": names}
+    return str(save_model_folder(model, str(tmp_path / "model")))

@@ -8,10 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_timm
-
-from hf_r2.data import label_names, load_image_dataset
-from hf_r2.saving import save_model_folder
 
 
 def hf_r2(*argv, cwd=None, env=None):
@@ -29,14 +25,6 @@ def assert_one_line(done, command: str, *fragments: str, code: int | None = None
     assert len(lines) == 1 and lines[0].startswith(f"hf-r2 {command}: error: "), done.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture
-def model_dir(tmp_path, data_dir):
-    model = make_timm("test_resnet")
-    names = label_names(load_image_dataset("cifar10-tiny", data_dir=data_dir, max_eval_samples=8))
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0, "label_names": names}
-    return str(save_model_folder(model, str(tmp_path / "model")))
 
 
 def _image_folder(root, classes=("cat", "dog"), per_class=6, bad: str | None = None):

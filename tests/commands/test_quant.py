@@ -9,25 +9,16 @@ import stat
 
 import pytest
 import torch
-from conftest import make_timm
 
 from hf_r2.cli import main
-from hf_r2.data import label_names, load_image_dataset, with_transforms
+from hf_r2.data import load_image_dataset, with_transforms
 from hf_r2.hub import from_pretrained
 from hf_r2.model_card import build_model_card
 from hf_r2.quant import load_low_bit
 from hf_r2.quant.results import read_results
-from hf_r2.saving import save_model_folder, update_training_info
+from hf_r2.saving import update_training_info
 
 N_EVAL = 48
-
-
-@pytest.fixture
-def model_dir(tmp_path, data_dir):
-    model = make_timm("test_resnet")
-    names = label_names(load_image_dataset("cifar10-tiny", data_dir=data_dir, max_eval_samples=8))
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0, "label_names": names}
-    return str(save_model_folder(model, str(tmp_path / "model")))
 
 
 def _data_flags(data_dir, calibrate=True, n_eval=N_EVAL):
