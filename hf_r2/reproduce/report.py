@@ -204,14 +204,18 @@ def _plots(config: ReproduceConfig, results: dict[str, Any], weights: dict[str, 
                     continue
                 points = curves.setdefault(name, {}).setdefault(family, {})
                 points[setting["w_bits"]] = max(points.get(setting["w_bits"], -1.0), 100 * entry["mean"])
-        epochs = {f"{r['variant']['name']}": {float(e): 100 * a for e, a in r["val_curve"].items()}
-                  for r in results["runs"] if r["model"] == model and r["seed"] == config.seeds[0]
-                  and r.get("val_curve") and r["variant_names"]}
+        shown = [r for r in results["runs"] if r["model"] == model and r["seed"] == config.seeds[0]
+                 and r.get("val_curve") and r["variant_names"]]
+        # fine-tunes continue the baseline: drawn after its last epoch
+        start = max((float(e) for r in shown if not r["variant"].get("init_from") for e in r["val_curve"]),
+                    default=0.0)
+        epochs = {r["variant"]["name"]: {float(e) + (start if r["variant"].get("init_from") else 0.0): 100 * a
+                                         for e, a in r["val_curve"].items()} for r in shown}
         if epochs:
             paths["validation curves"] = plot_curves(
                 epochs, os.path.join(folder, f"{stem}_validation_curves.png"),
-                title=f"{model}: validation top-1 after each epoch (seed {config.seeds[0]}; fine-tunes count "
-                      "their own epochs)")
+                title=f"{model}: validation top-1 after each epoch (seed {config.seeds[0]})\n(fine-tunes drawn "
+                      "after the baseline's last epoch)")
         if curves:
             paths["accuracy vs bits"] = plot_accuracy_vs_bits(
                 curves, os.path.join(folder, f"{stem}_accuracy_vs_bits.png"), fp=fp,
