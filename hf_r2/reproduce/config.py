@@ -52,7 +52,8 @@ class ReproduceConfig(JsonConfigMixin):
     dataset (`str`, *optional*, defaults to `"cifar10"`):
         Anything [`hf_r2.data.load_image_dataset`] takes (`cifar10`, `cifar10-small`, `cifar10-tiny`, ...).
     data_dir (`str`, *optional*):
-        Folder of the local CIFAR-10 copies (default: `$HF_R2_DATA_DIR` or `../shared/data`).
+        Folder of the local CIFAR-10 copies (default: `$HF_R2_DATA_DIR`, which the Makefile and the tests point at
+        `../shared/data`).
     input_size (`int`, *optional*, defaults to `32`):
         Input side in pixels (32 trains CIFAR-10 at native size, padded-crop + flip).
     max_train_samples (`int`, *optional*):
