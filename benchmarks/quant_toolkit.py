@@ -1,7 +1,7 @@
 """What the low-bit toolkit gives an R2-trained model over a baseline, and what it costs, on the CPU.
 
 On CIFAR-10 small (the local JPEG copy: 5,000 training / 1,000 test images at 32x32) it trains two timm
-`resnet10t` from scratch with the demo preset ([`hf_r2.reproduce.config.demo_config`]: the same data, seed, AdamW
+`resnet10t` from scratch with the demo preset ([`hf_r2.reproduce.presets.demo_config`]: the same data, seed, AdamW
 recipe and weight decay; one with R2-Loss, L-inf per output channel, lambda 3), or takes two folders saved by
 `hf-r2 train` (`--baseline DIR --r2 DIR`), and prints the top-1 accuracy of both, and their difference, at
 
@@ -125,7 +125,7 @@ def _prepare_data(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
 
 def _train_models(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
     from hf_r2.reproduce import run_reproduce
-    from hf_r2.reproduce.config import demo_config
+    from hf_r2.reproduce.presets import demo_config
 
     out = os.path.join(args.output_dir, "train")
     _log(f"Training baseline and R2 {args.model} on {args.dataset}, {args.epochs:g} epochs each (the demo preset)")

@@ -12,7 +12,7 @@ side by side:
 
 and prints the table (also `results.md`, `results.json`) and the paths of the plots (weight histograms, per-layer
 ranges, accuracy against bits). It is [`hf_r2.reproduce.run_reproduce`] on the preset
-[`~hf_r2.reproduce.config.demo_config`], so it is resumable and its outputs have the layout of `hf-r2 reproduce`
+[`~hf_r2.reproduce.presets.demo_config`], so it is resumable and its outputs have the layout of `hf-r2 reproduce`
 (see `configs/reproduce.yaml` for the full experiment).
 
 Paper: "R2 Loss: Range Restriction Loss for Model Compression and Quantization", Kundu et al., 2023
@@ -105,7 +105,7 @@ def run_demo(
         print_fn (`Callable[[str], Any]`, *optional*, defaults to `print`):
             Where the report goes; `None` prints nothing.
         settings:
-            Any of [`~hf_r2.reproduce.config.DEMO_DEFAULTS`]: `output_dir`, `model` (timm name, trained from
+            Any of [`~hf_r2.reproduce.presets.DEMO_DEFAULTS`]: `output_dir`, `model` (timm name, trained from
             scratch), `dataset`,
             `input_size`, `epochs`, `max_train_samples` / `max_eval_samples` (`None`: the whole split),
             `batch_size`, `learning_rate` (AdamW, cosine), `weight_decay` (both runs), `r2_loss`, `r2_weight`
@@ -116,7 +116,7 @@ def run_demo(
         `dict`: the [`~hf_r2.reproduce.run_reproduce`] result, as written to `output_dir/results.json`.
     """
     from ..reproduce import RESULTS_NAME, run_reproduce
-    from ..reproduce.config import demo_config
+    from ..reproduce.presets import demo_config
 
     config = demo_config(**settings)
     results = run_reproduce(config, progress=progress, print_fn=None)
@@ -140,7 +140,7 @@ def format_demo(results: dict[str, Any]) -> str:
 
 def demo_command_parser(subparsers=None) -> argparse.ArgumentParser:
     """The `demo` sub-command: baseline vs R2 training on CIFAR-10, then FP and 2-bit results ([`run_demo`])."""
-    from ..reproduce.config import DEMO_DEFAULTS
+    from ..reproduce.presets import DEMO_DEFAULTS
 
     description = (
         "The main job, the short version of `hf-r2 reproduce`: train a small timm CNN on CIFAR-10 twice, without "

@@ -39,8 +39,8 @@ silently reused. Each low-bit row is cached in the run folder's `low_bit_results
 produced it and reused while they match, so an interrupted run continues where it stopped.
 
 The package: `variants` (the variants and low-bit settings: defaults, normalisers, names, [`quant_config`]),
-`config` ([`ReproduceConfig`], file names, presets), `apply` ([`apply_low_bit_`]: one low-bit config applied to a
-float model, with the fine-tune QAT / DKM need; shared with `hf-r2 ptq / qat / compress` and
+`config` ([`ReproduceConfig`], file names), `presets` (the demo's), `apply` ([`apply_low_bit_`]: one low-bit
+config applied to a float model, with the fine-tune QAT / DKM need; shared with `hf-r2 ptq / qat / compress` and
 `benchmarks/quant_toolkit.py`), `plan` (which trainings and rows, and the cache specs), `pipeline` (data,
 trainings, measured rows, [`run_reproduce`]), `summary` (mean / std over seeds, gains), `sweep` (lambda sweeps and
 their validation rule) and `report` ([`assemble_results`], [`format_report`], plots). The `hf-r2 reproduce`

@@ -1,5 +1,6 @@
-"""[`ReproduceConfig`] (what one `hf-r2 reproduce` run trains and measures), its file names and presets; the
-variants and low-bit settings it holds are defined in [`hf_r2.reproduce.variants`]."""
+"""[`ReproduceConfig`] (what one `hf-r2 reproduce` run trains and measures) and its file names (the demo's preset
+is in [`hf_r2.reproduce.presets`]); the variants and low-bit settings it holds are defined in
+[`hf_r2.reproduce.variants`]."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, ClassVar
 from .._utils import JsonConfigMixin
 from .variants import (
     BASELINE,
+    CHOSEN,
     SWEEP_KEYS,
     check_keys,
     check_unique,
@@ -26,8 +28,6 @@ __all__ = [
     "RUN_INFO_NAME",
     "RESULTS_NAME",
     "REPORT_NAME",
-    "DEMO_DEFAULTS",
-    "demo_config",
 ]
 
 REPRODUCE_CONFIG_NAME = "reproduce_config.json"
@@ -82,6 +82,9 @@ class ReproduceConfig(JsonConfigMixin):
         model add `"init_from": "baseline"` (start from the model's baseline: the `baselines` folder, else the
         from-scratch baseline variant's first-seed training), `"epochs"` / `"lr"` (their own, shorter recipe) and
         `"compare_to"` (the variant their gains are measured against, e.g. the same-length fine-tune without R2).
+        `"weight": "chosen"` takes each model's lambda from the variant's `lambda_sweep` (chosen on the validation
+        split; the variant's other seeds train after the sweep), and `"seeds"` / `"models"` restrict a variant to
+        some of the config's (e.g. one seed of an expensive from-scratch run).
     baselines (`dict[str, str]`, *optional*):
         A trained folder per model name (e.g. saved by `hf-r2 train`): that model's baseline is this folder, copied
         into the run instead of trained, and its fine-tunes start from it.
@@ -287,6 +290,26 @@ class ReproduceConfig(JsonConfigMixin):
         self.lambda_sweep = [self._normalise_sweep(sweep) for sweep in sweeps] or None
         if self.lambda_sweep:
             check_unique("lambda_sweep.variant", [sweep["variant"] for sweep in self.lambda_sweep])
+        for v in self.variants:
+            self._check_variant_scope(v)
+
+    def _check_variant_scope(self, v: dict[str, Any]) -> None:
+        """A variant's `seeds` / `models` are the config's; a `weight: chosen` variant has a sweep to choose from."""
+        for key, allowed in (("seeds", self.seeds), ("models", self.models)):
+            unknown = [x for x in v[key] or [] if x not in allowed]
+            if unknown:
+                raise ValueError(f"Variant {v['name']!r} has `{key}` {unknown}, which are not in the config's "
+                                 f"`{key}` {allowed}.")
+        if v["weight"] != CHOSEN:
+            return
+        sweep = next((s for s in self.lambda_sweep or [] if s["variant"] == v["name"]), None)
+        missing = [m for m in (self.models if v["models"] is None else v["models"])
+                   if sweep is None or m not in sweep["models"]]
+        if not self.validation_size or missing:
+            raise ValueError(f"Variant {v['name']!r} has `weight: chosen`: its lambda is the one its `lambda_sweep` "
+                             f"chooses on the validation split, so the config needs a `validation_size` and a sweep "
+                             f"`{{'variant': {v['name']!r}, 'lambdas': [...]}}` on each of its models"
+                             + (f" (none on {missing})." if missing else "."))
 
     def _normalise_sweep(self, sweep: Any) -> dict[str, Any]:
         if not isinstance(sweep, dict):
@@ -340,6 +363,8 @@ class ReproduceConfig(JsonConfigMixin):
         data["model_kwargs"] = {m: kw for m, kw in self.model_kwargs.items() if m in models}
         data["recipes"] = {m: r for m, r in self.recipes.items() if m in models}
         data["baselines"] = {m: p for m, p in self.baselines.items() if m in models}
+        data["variants"] = [v if v.get("models") is None else {**v, "models": [m for m in v["models"] if m in models]}
+                            for v in data["variants"]]
         sweeps = [{**sweep, "models": [m for m in sweep["models"] if m in models]}
                   for sweep in self.lambda_sweep or []]
         data["lambda_sweep"] = [sweep for sweep in sweeps if sweep["models"]] or None
@@ -372,73 +397,3 @@ class ReproduceConfig(JsonConfigMixin):
     def headline_settings(self) -> list[str]:
         """Names of the settings measured on every seed."""
         return [s["name"] for s in self.low_bit if s["headline"]]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Presets
-
-#: Settings of the demo preset ([`demo_config`], `hf-r2 demo`'s flag defaults): sized to finish in under 5 minutes on
-#: 2 CPU cores.
-DEMO_DEFAULTS: dict[str, Any] = {
-    "output_dir": os.path.join("outputs", "demo"),
-    "model": "resnet10t",
-    "dataset": "cifar10",
-    "input_size": 32,
-    "epochs": 5.0,
-    "max_train_samples": 10000,
-    "max_eval_samples": 2000,
-    "batch_size": 64,
-    "learning_rate": 3e-3,
-    "weight_decay": 0.05,
-    "r2_loss": "linf",
-    "r2_weight": 3.0,
-    "r2_per_channel": True,
-    "bits": 2,
-    "bn_samples": 512,
-    "seed": 0,
-}
-
-
-def demo_config(**overrides: Any) -> ReproduceConfig:
-    """The [`ReproduceConfig`] of the demo (`hf-r2 demo`): [`DEMO_DEFAULTS`] updated with `overrides`.
-
-    One model, two variants (`baseline`, and `r2_loss` at `r2_weight`), one seed, no lambda sweep; the low-bit rows
-    are FP, W8A8 and W4A8 (per channel, MSE), then at `bits` bits: per tensor and per channel with max-abs and MSE
-    ranges, and k-means. `bn_samples` training images calibrate the activations and re-estimate batch norm.
-    """
-    unknown = sorted(set(overrides) - set(DEMO_DEFAULTS))
-    if unknown:
-        raise ValueError(f"Unknown demo setting(s) {unknown}; the settings are {sorted(DEMO_DEFAULTS)}.")
-    s = {**DEMO_DEFAULTS, **overrides}
-    bits = s["bits"]
-    low_bit: list[dict[str, Any]] = [
-        {"method": "ptq", "w_bits": w, "a_bits": 8, "per_channel": True, "weight_range": "mse"} for w in (8, 4)
-        if w > bits
-    ]
-    low_bit += [
-        {"method": "ptq", "w_bits": bits, "a_bits": 8, "per_channel": per_channel, "weight_range": weight_range}
-        for per_channel in (False, True)
-        for weight_range in ("maxabs", "mse")
-    ]
-    low_bit.append({"method": "kmeans", "w_bits": bits})
-    return ReproduceConfig(
-        output_dir=s["output_dir"],
-        dataset=s["dataset"],
-        input_size=s["input_size"],
-        max_train_samples=s["max_train_samples"],
-        max_eval_samples=s["max_eval_samples"],
-        data_seed=s["seed"],
-        models=[s["model"]],
-        variants=[
-            {"name": "baseline", "loss": "baseline"},
-            {"name": s["r2_loss"], "loss": s["r2_loss"], "weight": s["r2_weight"], "per_channel": s["r2_per_channel"]},
-        ],
-        epochs=s["epochs"],
-        batch_size=s["batch_size"],
-        lr=s["learning_rate"],
-        weight_decay=s["weight_decay"],
-        seeds=[s["seed"]],
-        lambda_sweep=None,
-        low_bit=low_bit,
-        calibration_samples=s["bn_samples"],
-    )

@@ -16,7 +16,8 @@ from .apply import apply_setting
 from .config import REPORT_NAME, RESULTS_NAME, RUN_INFO_NAME, ReproduceConfig
 from .plan import Run, plan, row_spec, train_spec, variant_dir
 from .report import assemble_results, format_report
-from .variants import BASELINE
+from .sweep import chosen_lambdas, sweep_tables
+from .variants import BASELINE, CHOSEN, resolve_weight
 
 __all__ = ["run_reproduce"]
 
@@ -284,6 +285,62 @@ def _measure(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> 
     return {"rows": rows, "stats": stats, "float_model": float_model}
 
 
+def _train_all(runs_planned: list[Run], data: _Data, config: ReproduceConfig, progress: bool,
+               trained_now: set[str]) -> None:
+    """Train every planned run not trained yet (adding its folder to `trained_now`)."""
+    from tqdm.auto import tqdm
+
+    for run in tqdm(runs_planned, desc="trainings", disable=not progress):
+        if not _training_done(run, config):
+            _train(run, data, config, progress)
+            trained_now.add(run.run_dir)
+
+
+def _measure_all(
+    runs_planned: list[Run], data: _Data, config: ReproduceConfig, progress: bool,
+    chosen: dict[str, dict[str, float | None]] | None, plots: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """The measured runs (rows, stats, curves; `variant_names`: the configured variants each run is, with their
+    `chosen` lambdas resolved) and, with `plots`, what the plots need from the first seed's models."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .._targets import find_target_modules
+    from ..plots import select_layers
+
+    first = config.seeds[0]
+    runs: list[dict[str, Any]] = []
+    weights: dict[str, dict[str, dict[str, Any]]] = {}
+    layer_stats: dict[str, dict[str, Any]] = {}
+    plot_layers: dict[str, list[str]] = {}
+    for run in tqdm(runs_planned, desc="low-bit rows", disable=not progress):
+        measured = _measure(run, data, config, progress)
+        resolved = [(v["name"], resolve_weight(v, run.model, chosen)) for v in config.variants]
+        names = [name for name, v in resolved if v is not None and variant_dir(v) == variant_dir(run.variant)
+                 and "headline" in run.roles]
+        info = read_json(os.path.join(run.run_dir, RUN_INFO_NAME))
+        runs.append({
+            "model": run.model, "variant": run.variant, "variant_names": names, "seed": run.seed,
+            "roles": run.roles, "run_dir": run.run_dir, "train_seconds": info["train_seconds"],
+            "global_step": info.get("global_step"), "train_loss": info.get("train_metrics", {}).get("train_loss"),
+            "stats": {"overall": measured["stats"]["overall"]}, "rows": measured["rows"],
+            "val_curve": _val_curve(run.run_dir),
+        })
+        if plots and run.seed == first and names:
+            model = measured["float_model"]
+            if run.model not in plot_layers:
+                targets = find_target_modules(model)
+                depthwise = [n for n, m in targets if getattr(m, "groups", 1) > 1]
+                plot_layers[run.model] = select_layers([n for n, _ in targets], config.plot_layers, depthwise)
+            for name in names:
+                weights.setdefault(run.model, {})[name] = {
+                    layer: model.get_submodule(layer).weight.detach().float().numpy().ravel().astype(np.float32)
+                    for layer in plot_layers[run.model]
+                }
+                layer_stats.setdefault(run.model, {})[name] = measured["stats"]["per_layer"]
+    return runs, weights, layer_stats
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point
 
@@ -310,12 +367,7 @@ def run_reproduce(
         seconds, cached, ...}}`), `summary` (`[model][setting][variant]` = `{seeds, values, mean, std,
         headline}`), `weight_stats`, `lambda_sweep`, `timing`, `plots`.
     """
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from .._targets import find_target_modules
     from ..data import label_names, load_image_dataset
-    from ..plots import select_layers
 
     if not isinstance(config, ReproduceConfig):
         config = ReproduceConfig.from_file(config)
@@ -331,48 +383,18 @@ def run_reproduce(
                                       max_train_samples=config.max_train_samples, seed=config.data_seed)
         raw["train"], val = held_out["train"], held_out["test"]
     data = _Data(raw, label_names(raw), val)
-    runs_planned = plan(config)
-
-    # 1. trainings
-    infos: dict[str, dict[str, Any]] = {}
+    chosen: dict[str, dict[str, float | None]] | None = None
     trained_now: set[str] = set()
-    for run in tqdm(runs_planned, desc="trainings", disable=not progress):
-        if not _training_done(run, config):
-            _train(run, data, config, progress)
-            trained_now.add(run.run_dir)
-        infos[run.run_dir] = read_json(os.path.join(run.run_dir, RUN_INFO_NAME))
-
-    # 2. low-bit rows (and what the plots need from the first seed's models)
-    first = config.seeds[0]
-    runs: list[dict[str, Any]] = []
-    weights: dict[str, dict[str, dict[str, Any]]] = {}
-    layer_stats: dict[str, dict[str, Any]] = {}
-    plot_layers: dict[str, list[str]] = {}
-    for run in tqdm(runs_planned, desc="low-bit rows", disable=not progress):
-        measured = _measure(run, data, config, progress)
-        names = [v["name"] for v in config.variants if variant_dir(v) == variant_dir(run.variant)
-                 and "headline" in run.roles]
-        info = infos[run.run_dir]
-        runs.append({
-            "model": run.model, "variant": run.variant, "variant_names": names, "seed": run.seed,
-            "roles": run.roles, "run_dir": run.run_dir, "trained_now": run.run_dir in trained_now,
-            "train_seconds": info["train_seconds"], "global_step": info.get("global_step"),
-            "train_loss": info.get("train_metrics", {}).get("train_loss"),
-            "stats": {"overall": measured["stats"]["overall"]}, "rows": measured["rows"],
-            "val_curve": _val_curve(run.run_dir),
-        })
-        if run.seed == first and names:
-            model = measured["float_model"]
-            if run.model not in plot_layers:
-                targets = find_target_modules(model)
-                depthwise = [n for n, m in targets if getattr(m, "groups", 1) > 1]
-                plot_layers[run.model] = select_layers([n for n, _ in targets], config.plot_layers, depthwise)
-            for name in names:
-                weights.setdefault(run.model, {})[name] = {
-                    layer: model.get_submodule(layer).weight.detach().float().numpy().ravel().astype(np.float32)
-                    for layer in plot_layers[run.model]
-                }
-                layer_stats.setdefault(run.model, {})[name] = measured["stats"]["per_layer"]
+    if any(v["weight"] == CHOSEN for v in config.variants):  # the sweeps first: they choose those variants' lambdas
+        first_phase = plan(config)
+        _train_all(first_phase, data, config, progress, trained_now)
+        measured, *_ = _measure_all(first_phase, data, config, progress, None, plots=False)
+        chosen = chosen_lambdas(config, sweep_tables(config, measured))
+    runs_planned = plan(config, chosen)
+    _train_all(runs_planned, data, config, progress, trained_now)
+    runs, weights, layer_stats = _measure_all(runs_planned, data, config, progress, chosen)
+    for run in runs:
+        run["trained_now"] = run["run_dir"] in trained_now
 
     # 3. results, report, plots
     data_info = {"dataset": config.dataset, "train_images": raw["train"].num_rows,
@@ -381,7 +403,7 @@ def run_reproduce(
     if val is not None:
         data_info["validation_images"] = val.num_rows
     timing = {"seconds": time.perf_counter() - start, "trainings": len(runs_planned), "trained_now": len(trained_now)}
-    results = assemble_results(config, runs, data_info, timing, weights, layer_stats)
+    results = assemble_results(config, runs, data_info, timing, weights, layer_stats, chosen)
     write_json_atomic(os.path.join(config.output_dir, RESULTS_NAME), results)
     report = format_report(results)
     write_text_atomic(os.path.join(config.output_dir, REPORT_NAME), report)

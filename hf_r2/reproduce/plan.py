@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ReproduceConfig
-from .variants import BASELINE, TRAINING_KEYS, slug
+from .variants import BASELINE, TRAINING_KEYS, resolve_weight, slug
 
 __all__ = ["Run", "plan", "variant_dir", "train_spec", "row_spec"]
 
@@ -45,9 +45,12 @@ def variant_dir(variant: dict[str, Any]) -> str:
     return slug(name)
 
 
-def plan(config: ReproduceConfig) -> list[Run]:
+def plan(config: ReproduceConfig, chosen: dict[str, dict[str, float | None]] | None = None) -> list[Run]:
     """Every training, once, with the union of the rows it needs, in a stable order: trainings from random init (and
-    copied baselines) first, then the fine-tunes that start from them."""
+    copied baselines) first, then the fine-tunes that start from them.
+
+    `chosen` (`{variant: {model: lambda or None}}`, the sweeps' choices) resolves the `weight: chosen` variants;
+    without it (before the sweeps have run) those variants are left out."""
     runs: dict[str, Run] = {}
     first = config.seeds[0]
     baseline = config.baseline_variant
@@ -69,7 +72,9 @@ def plan(config: ReproduceConfig) -> list[Run]:
             for variant in config.variants:
                 if variant["name"] == baseline and model in config.baselines and seed != first:
                     continue  # one trained folder: the same model for every seed
-                add(model, variant, seed, settings, "headline")
+                resolved = resolve_weight(variant, model, chosen)
+                if resolved is not None and (variant["seeds"] is None or seed in variant["seeds"]):
+                    add(model, resolved, seed, settings, "headline")
     for sweep in config.lambda_sweep or []:
         base = next(v for v in config.variants if v["name"] == sweep["variant"])
         for model in sweep["models"]:

@@ -9,7 +9,7 @@ from typing import Any
 from .config import ReproduceConfig
 from .summary import PAPER_TARGETS, gains, summarise, summarise_stats
 from .sweep import SWEEP_RULE, sweep_tables
-from .variants import BASELINE, slug
+from .variants import BASELINE, CHOSEN, slug
 
 __all__ = ["assemble_results", "format_report", "PAPER_TARGETS"]
 
@@ -18,14 +18,21 @@ __all__ = ["assemble_results", "format_report", "PAPER_TARGETS"]
 # Report
 
 
-def _variant_label(variant: dict[str, Any]) -> str:
+def _variant_label(variant: dict[str, Any], model: str, chosen: dict[str, dict[str, float | None]]) -> str:
     how = []
     if variant.get("init_from"):
         how.append("fine-tune" + (f" {variant['epochs']:g} ep" if variant.get("epochs") else ""))
     if variant["loss"] == BASELINE:
         how.append("no R2")
     else:
-        how.append(f"λ={variant['weight']:g}" + (", per channel" if variant["per_channel"] else ""))
+        if variant["weight"] == CHOSEN:
+            lam = chosen.get(variant["name"], {}).get(model)
+            weight = "none kept FP" if lam is None else f"{lam:g} chosen"
+        else:
+            weight = f"{variant['weight']:g}"
+        how.append(f"λ={weight}" + (", per channel" if variant["per_channel"] else ""))
+    if variant.get("seeds") is not None:
+        how.append("seed " + ", ".join(str(s) for s in variant["seeds"]))
     return f"{variant['name']} ({', '.join(how)})"
 
 
@@ -116,7 +123,8 @@ def format_report(results: dict[str, Any]) -> str:
     for model, table in results["summary"].items():
         kwargs = ", ".join(f"{k}={v}" for k, v in config.model_kwargs.get(model, {}).items())
         lines += [f"## {model}" + (f" ({kwargs})" if kwargs else ""), "",
-                  "| setting | " + " | ".join(_variant_label(v) for v in variants) + " |",
+                  "| setting | " + " | ".join(_variant_label(v, model, results.get("chosen_lambdas") or {})
+                                             for v in variants) + " |",
                   "|---|" + "---|" * len(variants)]
         for setting, cells in table.items():
             headline = setting == "FP" or config.setting(setting)["headline"]
@@ -231,10 +239,12 @@ def assemble_results(
     timing: dict[str, Any],
     weights: dict[str, Any],
     layer_stats: dict[str, Any],
+    chosen: dict[str, dict[str, float | None]] | None = None,
 ) -> dict[str, Any]:
     """The contents of `results.json` from the measured `runs` (see [`run_reproduce`]): the config, the data, the
     runs, the summaries over seeds, the range statistics, the lambda sweep, the gains against [`PAPER_TARGETS`],
-    the plots (written here, from `weights` / `layer_stats` of the first seed's models) and the timing (`timing`
+    the lambdas of the `weight: chosen` variants (`chosen`, `{variant: {model: lambda}}`), the plots (written here,
+    from `weights` / `layer_stats` of the first seed's models) and the timing (`timing`
     holds `seconds`, `trainings` and `trained_now`; the row counts and summed times are added here)."""
     rows_all = [row for r in runs for row in r["rows"].values()]
     results: dict[str, Any] = {
@@ -245,6 +255,7 @@ def assemble_results(
         "summary": summarise(config, runs),
         "weight_stats": summarise_stats(config, runs),
         "lambda_sweep": sweep_tables(config, runs),
+        "chosen_lambdas": chosen or {},
     }
     if config.validation_size:
         results["val_summary"] = summarise(config, runs, key="val_accuracy")

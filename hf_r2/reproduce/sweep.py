@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ReproduceConfig
+from .variants import CHOSEN
 
-__all__ = ["SWEEP_RULE", "sweep_tables", "choose_lambda"]
+__all__ = ["SWEEP_RULE", "sweep_tables", "choose_lambda", "chosen_lambdas"]
 
 #: How a sweep chooses its lambda (needs `validation_size`; the test split never enters the choice).
 SWEEP_RULE = ("the lambda with the highest mean validation top-1 over the sweep's low-bit settings, among those whose "
@@ -65,4 +66,15 @@ def sweep_tables(config: ReproduceConfig, runs: list[dict[str, Any]]) -> list[di
                 rows.append(row_of(run, lam))
             table["models"][model] = {"rows": rows, "chosen": choose_lambda(rows, sweep["settings"]) if base else None}
         out.append(table)
+    return out
+
+
+def chosen_lambdas(config: ReproduceConfig, tables: list[dict[str, Any]] | None) -> dict[str, dict[str, float | None]]:
+    """`{variant: {model: lambda or None}}` for the `weight: chosen` variants: the lambda each model's sweep chose
+    ([`SWEEP_RULE`]); `None` where no lambda kept the float top-1 (that variant is then not run on that model)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for table in tables or []:
+        variant = next(v for v in config.variants if v["name"] == table["variant"])
+        if variant["weight"] == CHOSEN:
+            out[variant["name"]] = {model: (t["chosen"] or {}).get("lambda") for model, t in table["models"].items()}
     return out

@@ -17,11 +17,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASELINE",
+    "CHOSEN",
     "TRAINING_KEYS",
     "LowBitMethod",
     "DEFAULT_VARIANTS",
     "DEFAULT_LOW_BIT",
     "normalise_variant",
+    "resolve_weight",
     "normalise_setting",
     "setting_name",
     "quant_config",
@@ -29,7 +31,10 @@ __all__ = [
 ]
 
 BASELINE = "baseline"
-VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2", "init_from", "epochs", "lr", "compare_to")
+#: A variant's `weight` that takes, per model, the lambda its `lambda_sweep` chooses on the validation split.
+CHOSEN = "chosen"
+VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2", "init_from", "epochs", "lr", "compare_to", "seeds",
+                "models")
 #: The variant keys that change its training beyond the loss (a variant without them trains with the config's recipe).
 TRAINING_KEYS = ("init_from", "epochs", "lr")
 SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "headline")
@@ -88,10 +93,12 @@ def check_keys(what: str, item: dict[str, Any], valid: tuple[str, ...]) -> None:
 
 
 def normalise_variant(item: Any, index: int) -> dict[str, Any]:
-    """A variant as a full dict `{name, loss, weight, per_channel, r2, init_from, epochs, lr, compare_to}`; a plain
-    string is a loss name. `init_from="baseline"` makes it a fine-tune of the model's trained baseline, `epochs` /
-    `lr` override the config's recipe for it, and `compare_to` names the variant its gains are measured against
-    (checked by [`ReproduceConfig`])."""
+    """A variant as a full dict `{name, loss, weight, per_channel, r2, init_from, epochs, lr, compare_to, seeds,
+    models}`; a plain string is a loss name. `weight: chosen` takes each model's lambda from the variant's sweep,
+    `init_from="baseline"` makes it a fine-tune of the model's trained baseline, `epochs` / `lr` override the
+    config's recipe for it, `compare_to` names the variant its gains are measured against, and `seeds` / `models`
+    restrict it to some of the config's (e.g. one seed of an expensive from-scratch run); checked by
+    [`ReproduceConfig`]."""
     what = f"`variants[{index}]`"
     if isinstance(item, str):
         item = {"loss": item}
@@ -105,10 +112,17 @@ def normalise_variant(item: Any, index: int) -> dict[str, Any]:
         except ValueError as err:
             raise ValueError(f"{err} Use 'baseline' for ordinary weight decay without R2.") from None
     defaults = next((v for v in DEFAULT_VARIANTS if v["loss"] == loss), {})
-    weight = float(item.get("weight", defaults.get("weight", 0.0)))
+    weight = item.get("weight", defaults.get("weight", 0.0))
+    if weight == CHOSEN and loss == BASELINE:
+        raise ValueError(f"{what} is the baseline (R2 off): it has no lambda to choose; leave out its `weight`.")
+    if weight != CHOSEN:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"{what}: `weight` must be a number (lambda) or {CHOSEN!r} (the lambda its "
+                             f"`lambda_sweep` chooses on the validation split), got {weight!r}.")
+        weight = float(weight)
     if loss == BASELINE and weight != 0:
         raise ValueError(f"{what} is the baseline (R2 off), so its `weight` must be 0, got {weight}.")
-    if loss != BASELINE and not weight > 0:
+    if loss != BASELINE and weight != CHOSEN and not weight > 0:
         raise ValueError(f"{what} (loss {loss!r}) needs a `weight` (lambda) > 0, got {weight}; a run without R2 is "
                          "`{'loss': 'baseline'}`.")
     per_channel = bool(item.get("per_channel", defaults.get("per_channel", False))) if loss != BASELINE else False
@@ -133,7 +147,26 @@ def normalise_variant(item: Any, index: int) -> dict[str, Any]:
                              f"{value!r}.")
         out[key] = None if value is None else float(value)
     out["compare_to"] = item.get("compare_to")
+    for key, kind in (("seeds", int), ("models", str)):
+        value = item.get(key)
+        if value is not None and (not isinstance(value, (list, tuple)) or not all(
+                isinstance(x, kind) and not isinstance(x, bool) for x in value)):
+            raise ValueError(f"{what}: `{key}` must be a list of {'seeds' if kind is int else 'model names'} (a "
+                             f"subset of the config's; left out: all of them), got {value!r}.")
+        out[key] = None if value is None else list(value)
     return out
+
+
+def resolve_weight(variant: dict[str, Any], model: str, chosen: dict[str, dict[str, float | None]] | None
+                   ) -> dict[str, Any] | None:
+    """`variant` as trained on `model`: a `weight: chosen` variant gets the lambda `chosen[name][model]` (its sweep's
+    choice); `None` when the variant does not run on `model` (its `models`), or its lambda is not chosen (yet)."""
+    if variant.get("models") is not None and model not in variant["models"]:
+        return None
+    if variant["weight"] != CHOSEN:
+        return variant
+    weight = (chosen or {}).get(variant["name"], {}).get(model)
+    return None if weight is None else {**variant, "weight": float(weight)}
 
 
 def setting_name(s: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ def test_demo_runs_on_tiny_settings(data_dir, tmp_path, monkeypatch, capsys):
     """The demo is hf-r2 reproduce on demo_config: one model, baseline and R2, FP and low-bit rows side by side."""
     from hf_r2.models import create_model
     from hf_r2.regularizer import R2Regularizer
-    from hf_r2.reproduce.config import demo_config
+    from hf_r2.reproduce.presets import demo_config
 
     monkeypatch.setenv("HF_R2_DATA_DIR", str(data_dir))
     out = tmp_path / "demo"

@@ -13,7 +13,7 @@ from conftest import assert_png
 
 from hf_r2.reproduce import ReproduceConfig, run_reproduce
 from hf_r2.reproduce.plan import plan
-from hf_r2.reproduce.sweep import choose_lambda
+from hf_r2.reproduce.sweep import choose_lambda, chosen_lambdas
 
 W2 = "W2A8 per-tensor maxabs"
 VARIANTS = [
@@ -131,6 +131,58 @@ def test_fine_tunes_start_from_the_baseline_and_choose_on_validation(tmp_path, d
     assert "baselines trained elsewhere: test_resnet" in open(os.path.join(copied.output_dir, "results.md")).read()
 
 
+def test_weight_chosen_trains_each_seed_at_the_sweeps_choice(tmp_path, data_dir):
+    """`weight: chosen`: the sweep runs first (seed 0), then the variant's other seeds train at the lambda it chose;
+    its seed-0 run is the sweep's own training at that lambda. `seeds` / `models` restrict a variant."""
+    variants = [
+        {"name": "baseline", "loss": "baseline"},
+        {"name": "control", "loss": "baseline", "init_from": "baseline", "epochs": 1, "lr": 0.01},
+        {"name": "linf-ft", "loss": "linf", "weight": "chosen", "per_channel": True, "init_from": "baseline",
+         "epochs": 1, "lr": 0.01, "compare_to": "control"},
+        {"name": "linf-scratch", "loss": "linf", "weight": 0.5, "seeds": [0], "models": ["test_resnet"]},
+    ]
+    # tiny lambdas: each fine-tune stays within a point of the control, so the rule has lambdas to choose from
+    config = _config(tmp_path / "out", data_dir, variants=variants,
+                     lambda_sweep={"variant": "linf-ft", "lambdas": [1e-6, 2e-6, 4e-6], "settings": [W2]})
+    assert not any(r.variant["name"] == "linf-ft" for r in plan(config))  # before the sweep: left out
+    results = run_reproduce(config, progress=False, print_fn=None)
+    table = results["lambda_sweep"][0]["models"]["test_resnet"]
+    lam = table["chosen"]["lambda"]
+    assert results["chosen_lambdas"] == {"linf-ft": {"test_resnet": lam}}
+    runs = [r for r in results["runs"] if "linf-ft" in r["variant_names"]]
+    assert sorted(r["seed"] for r in runs) == [0, 1] and all(r["variant"]["weight"] == lam for r in runs)
+    sweep_run = next(r for r in table["rows"] if r["lambda"] == lam)["run_dir"]
+    assert next(r["run_dir"] for r in runs if r["seed"] == 0) == sweep_run  # no second training of seed 0
+    assert len({r["run_dir"] for r in results["runs"]}) == len(results["runs"]) == 2 + 2 + 3 + 1 + 1
+    info = json.load(open(os.path.join(next(r["run_dir"] for r in runs if r["seed"] == 1), "reproduce_run.json")))
+    assert info["spec"]["variant"]["weight"] == lam and info["spec"]["seed"] == 1
+    assert results["summary"]["test_resnet"]["FP"]["linf-ft"]["seeds"] == [0, 1]
+    assert results["summary"]["test_resnet"]["FP"]["linf-scratch"]["seeds"] == [0]  # its `seeds`
+    report = open(os.path.join(config.output_dir, "results.md")).read()
+    assert f"linf-ft (fine-tune 1 ep, λ={lam:g} chosen, per channel)" in report
+    assert "linf-scratch (λ=0.5, per channel, seed 0)" in report
+    # a rerun reuses everything
+    again = run_reproduce(config, progress=False, print_fn=None)
+    assert again["timing"]["trained_now"] == 0 and again["timing"]["rows_computed"] == 0
+
+
+def test_chosen_lambdas_and_their_plan():
+    config = ReproduceConfig(
+        models=["test_resnet", "test_vit"], validation_size=10, seeds=[0, 1],
+        variants=["baseline", {"name": "l", "loss": "linf", "weight": "chosen"},
+                  {"name": "m", "loss": "margin", "weight": 0.1, "models": ["test_vit"]}],
+        lambda_sweep={"variant": "l", "lambdas": [1, 2, 3], "models": ["test_resnet", "test_vit"]})
+    tables = [{"variant": "l", "models": {"test_resnet": {"chosen": {"lambda": 2.0}}, "test_vit": {"chosen": None}}}]
+    chosen = chosen_lambdas(config, tables)
+    assert chosen == {"l": {"test_resnet": 2.0, "test_vit": None}}  # none kept FP on test_vit: not run there
+    headline = [(r.model, r.variant["name"], r.variant["weight"], r.seed) for r in plan(config, chosen)
+                if "headline" in r.roles]
+    assert ("test_resnet", "l", 2.0, 1) in headline and not any(m == "test_vit" and n == "l" for m, n, *_ in headline)
+    assert {(m, s) for m, n, _, s in headline if n == "m"} == {("test_vit", 0), ("test_vit", 1)}  # its `models`
+    # one model selected: the variant's models follow
+    assert config.select_models(["test_resnet"]).variants[2]["models"] == []
+
+
 def test_choose_lambda_rule():
     ref = {"lambda": 0.0, "val_accuracy": {"FP": 0.80, "W2": 0.50}}
     rows = [ref,
@@ -155,6 +207,13 @@ def test_choose_lambda_rule():
         ({"recipes": {"test_resnet": {"momentum": 1}}}, r"unknown key\(s\) \['momentum'\]"),
         ({"baselines": {"vit": "x"}}, r"`baselines` names \['vit'\]"),
         ({"validation_size": 0}, "`validation_size` must be a positive integer"),
+        ({"variants": ["baseline", {"loss": "linf", "weight": "chosen"}]}, "needs a `validation_size` and a sweep"),
+        ({"variants": ["baseline", {"loss": "linf", "weight": "chosen"}], "validation_size": 10},
+         r"\(none on \['test_resnet'\]\)"),
+        ({"variants": [{"loss": "baseline", "weight": "chosen"}]}, "it has no lambda to choose"),
+        ({"variants": ["baseline", {"loss": "linf", "weight": "big"}]}, "`weight` must be a number"),
+        ({"variants": ["baseline", {"loss": "linf", "seeds": [7]}]}, r"`seeds` \[7\], which are not"),
+        ({"variants": ["baseline", {"loss": "linf", "models": "vit"}]}, "`models` must be a list of model names"),
     ],
 )
 def test_config_errors(changes, message):
