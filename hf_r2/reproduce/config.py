@@ -128,8 +128,9 @@ class ReproduceConfig(JsonConfigMixin):
     low_bit (`list[dict]`, *optional*, defaults to [`DEFAULT_LOW_BIT`]):
         One entry per row: `{"method": "ptq" | "qat" | "kmeans" | "dkm", "w_bits": int, "a_bits": int or None
         (ptq, qat), "per_channel": bool (ptq, qat), "weight_range": "maxabs" | "mse" (ptq), "rounding": "nearest"
-        | "adaround" (ptq), "headline": bool, "name": label}`. PTQ rows re-estimate BN; `headline` defaults to
-        true for round-to-nearest PTQ and k-means (cheap), false for AdaRound, QAT and DKM.
+        | "adaround" (ptq), "headline": bool, "name": label, "variants" / "models": [names]}`. PTQ rows re-estimate
+        BN; `headline` defaults to true for round-to-nearest PTQ and k-means (cheap), false for AdaRound, QAT and
+        DKM; `variants` / `models` measure an expensive row (QAT, DKM) on those columns / models only.
     calibration_samples (`int`, *optional*, defaults to `512`):
         Training images (evaluation transform) for activation calibration, AdaRound and BN re-estimation.
     adaround_iters (`int`, *optional*):
@@ -292,6 +293,12 @@ class ReproduceConfig(JsonConfigMixin):
             check_unique("lambda_sweep.variant", [sweep["variant"] for sweep in self.lambda_sweep])
         for v in self.variants:
             self._check_variant_scope(v)
+        for setting in self.low_bit:
+            for key, allowed in (("variants", names), ("models", self.models)):
+                unknown = [x for x in setting[key] or [] if x not in allowed]
+                if unknown:
+                    raise ValueError(f"Setting {setting['name']!r} has `{key}` {unknown}, which are not in the "
+                                     f"config's {key} {allowed}.")
 
     def _check_variant_scope(self, v: dict[str, Any]) -> None:
         """A variant's `seeds` / `models` are the config's; a `weight: chosen` variant has a sweep to choose from."""
@@ -363,8 +370,9 @@ class ReproduceConfig(JsonConfigMixin):
         data["model_kwargs"] = {m: kw for m, kw in self.model_kwargs.items() if m in models}
         data["recipes"] = {m: r for m, r in self.recipes.items() if m in models}
         data["baselines"] = {m: p for m, p in self.baselines.items() if m in models}
-        data["variants"] = [v if v.get("models") is None else {**v, "models": [m for m in v["models"] if m in models]}
-                            for v in data["variants"]]
+        for key in ("variants", "low_bit"):  # their `models` follow
+            data[key] = [x if x.get("models") is None else {**x, "models": [m for m in x["models"] if m in models]}
+                         for x in data[key]]
         sweeps = [{**sweep, "models": [m for m in sweep["models"] if m in models]}
                   for sweep in self.lambda_sweep or []]
         data["lambda_sweep"] = [sweep for sweep in sweeps if sweep["models"]] or None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ReproduceConfig
-from .variants import BASELINE, TRAINING_KEYS, resolve_weight, slug
+from .variants import BASELINE, SCOPE_KEYS, TRAINING_KEYS, resolve_weight, slug
 
 __all__ = ["Run", "plan", "variant_dir", "train_spec", "row_spec"]
 
@@ -58,6 +58,11 @@ def plan(config: ReproduceConfig, chosen: dict[str, dict[str, float | None]] | N
     def add(model: str, variant: dict[str, Any], seed: int, settings: list[str], role: str) -> None:
         run_dir = os.path.join(config.output_dir, "runs", slug(model), variant_dir(variant), f"seed{seed}")
         run = runs.setdefault(run_dir, Run(model, variant, seed, run_dir, [], []))
+        if role == "headline":  # a setting with `variants` / `models` is measured on those only
+            settings = [name for name in settings if config.setting(name)["variants"] is None
+                        or variant["name"] in config.setting(name)["variants"]]
+            settings = [name for name in settings if config.setting(name)["models"] is None
+                        or model in config.setting(name)["models"]]
         run.settings = [s["name"] for s in config.low_bit if s["name"] in set(run.settings) | set(settings)]
         run.roles.append(role)
         if variant["name"] == baseline and model in config.baselines:
@@ -130,7 +135,7 @@ def row_spec(setting: dict[str, Any] | None, config: ReproduceConfig) -> dict[st
         spec["validation_size"] = config.validation_size
     if setting is None:
         return jsonable(spec)
-    spec["setting"] = {k: v for k, v in setting.items() if k not in ("name", "headline")}
+    spec["setting"] = {k: v for k, v in setting.items() if k not in SCOPE_KEYS}
     spec["calibration_samples"] = config.calibration_samples
     if setting["method"] == "ptq" and setting["rounding"] == "adaround":
         spec["adaround_iters"] = config.adaround_iters

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BASELINE",
     "CHOSEN",
+    "SCOPE_KEYS",
     "TRAINING_KEYS",
     "LowBitMethod",
     "DEFAULT_VARIANTS",
@@ -37,7 +38,10 @@ VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2", "init_from", "epo
                 "models")
 #: The variant keys that change its training beyond the loss (a variant without them trains with the config's recipe).
 TRAINING_KEYS = ("init_from", "epochs", "lr")
-SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "headline")
+SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "headline",
+                "variants", "models")
+#: The keys of a setting that say where it is measured, not how (left out of its cache spec).
+SCOPE_KEYS = ("name", "headline", "variants", "models")
 SWEEP_KEYS = ("variant", "lambdas", "models", "settings")
 INIT_FROM = ("baseline",)
 # The R2Config fields a variant's `r2` may set (the loss, weight and per_channel are the variant's own keys).
@@ -206,6 +210,12 @@ def normalise_setting(item: Any, index: int) -> dict[str, Any]:
     cheap = (method == "ptq" and s["rounding"] == "nearest") or method == "kmeans"
     s["headline"] = bool(item.get("headline", cheap))
     s["name"] = str(item.get("name") or setting_name(s))
+    for key in ("variants", "models"):
+        value = item.get(key)
+        if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value)):
+            raise ValueError(f"{what}: `{key}` must be a list of {key[:-1]} names (the row is measured on those "
+                             f"only; left out: on all), got {value!r}.")
+        s[key] = None if value is None else list(value)
     return {k: s[k] for k in SETTING_KEYS}
 
 

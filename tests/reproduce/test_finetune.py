@@ -183,6 +183,26 @@ def test_chosen_lambdas_and_their_plan():
     assert config.select_models(["test_resnet"]).variants[2]["models"] == []
 
 
+def test_a_setting_with_variants_or_models_is_measured_on_those_only():
+    from hf_r2.reproduce.plan import row_spec
+
+    qat = {"method": "qat", "w_bits": 2, "a_bits": 2, "variants": ["baseline", "l"], "models": ["test_vit"]}
+    config = ReproduceConfig(models=["test_resnet", "test_vit"], seeds=[0], lambda_sweep=None,
+                             variants=["baseline", {"name": "l", "loss": "linf"}, {"name": "m", "loss": "margin"}],
+                             low_bit=[{"method": "kmeans", "w_bits": 1}, qat])
+    measured = {(r.model, r.variant["name"]): r.settings for r in plan(config)}
+    assert measured[("test_vit", "baseline")] == measured[("test_vit", "l")] == ["W1 k-means", "W2A2 QAT"]
+    assert measured[("test_vit", "m")] == measured[("test_resnet", "l")] == ["W1 k-means"]
+    # where a row is measured does not change how: the cache spec is the same as without `variants` / `models`
+    plain = ReproduceConfig(models=["test_resnet"], seeds=[0], lambda_sweep=None, variants=["baseline"],
+                            low_bit=[{"method": "qat", "w_bits": 2, "a_bits": 2}])
+    assert row_spec(config.setting("W2A2 QAT"), config) == row_spec(plain.setting("W2A2 QAT"), plain)
+    assert config.select_models(["test_resnet"]).setting("W2A2 QAT")["models"] == []
+    with pytest.raises(ValueError, match=r"`variants` \['nope'\], which are not"):
+        ReproduceConfig(models=["test_resnet"], lambda_sweep=None, variants=["baseline"],
+                        low_bit=[{**qat, "variants": ["nope"], "models": None}])
+
+
 def test_choose_lambda_rule():
     ref = {"lambda": 0.0, "val_accuracy": {"FP": 0.80, "W2": 0.50}}
     rows = [ref,
