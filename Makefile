@@ -9,7 +9,7 @@ CONSTRAINTS := requirements/constraints.txt
 # unless already set. Without a local copy the cifar10 names load uoft-cs/cifar10 from the Hub.
 export HF_R2_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: demo test reproduce evidence-baselines evidence-sweep install install-test bench clean
+.PHONY: demo test reproduce evidence-baselines evidence install install-test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,8 @@ reproduce: install
 # The converged-model comparison (README, Results). Stage 1: each model trained to a plateau with its family's
 # standard recipe (SGD momentum 0.9, cosine, 30 epochs, 45k CIFAR-10 images, 5k held out for validation), one
 # single-threaded process per model, resumable (rerun to continue from the last epoch's checkpoint); about 70 min
-# (mobilenetv2_100) and 2 h (resnet18) of one core each. Stage 2: R2 fine-tunes against the same-length control.
+# (mobilenetv2_100) and 2 h (resnet18) of one core each. Stage 2 (`make evidence`, configs/evidence.yaml): R2
+# fine-tunes against the same-length control, lambdas chosen on validation, R2 from scratch, W2A2 PTQ and QAT.
 EVIDENCE_OUT ?= outputs/evidence
 EVIDENCE_TRAIN = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/hf-r2 train --dataset cifar10 \
 	--validation_size 5000 --input_size 32 --num_train_epochs 30 --per_device_train_batch_size 64 \
@@ -60,12 +61,12 @@ evidence-baselines: install
 	  > $(EVIDENCE_OUT)/mobilenetv2_100.log 2>&1 & \
 	$(EVIDENCE_TRAIN) --model resnet18 --weight_decay 1e-4 --output_dir $(EVIDENCE_OUT)/baselines/resnet18 \
 	  > $(EVIDENCE_OUT)/resnet18.log 2>&1 & wait
-evidence-sweep: install
+evidence: install
 	for m in mobilenetv2_100 resnet18; do \
-	  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/hf-r2 reproduce configs/evidence_sweep.yaml \
-	    --output-dir $(EVIDENCE_OUT) --models $$m --no-progress > $(EVIDENCE_OUT)/sweep-$$m.log 2>&1 & \
+	  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/hf-r2 reproduce configs/evidence.yaml \
+	    --output-dir $(EVIDENCE_OUT) --models $$m --no-progress > $(EVIDENCE_OUT)/evidence-$$m.log 2>&1 & \
 	done; wait
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 reproduce configs/evidence_sweep.yaml --output-dir $(EVIDENCE_OUT)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 reproduce configs/evidence.yaml --output-dir $(EVIDENCE_OUT)
 
 bench: install
 	$(PY) benchmarks/r2_overhead.py
