@@ -48,9 +48,9 @@ _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.j
             "adapter_model.safetensors")
 # What a run writes to its output folder (R2Trainer, hf-r2 train, the loop, hf-r2 evaluate / ptq / qat, the card).
 _RUN_NAMES = {
-    "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "config.json",
-    "preprocessor_config.json", "training_args.bin", "trainer_state.json", "all_results.json", "train_results.json",
-    "eval_results.json", "low_bit_results.json", "README.md", "loop_config.json", "checkpoints", "model", "runs",
+    *_WEIGHTS[:4], "config.json", "preprocessor_config.json", "training_args.bin", "trainer_state.json",
+    "all_results.json", "train_results.json", "eval_results.json", "low_bit_results.json", "README.md",
+    "loop_config.json", "checkpoints", "model", "runs",
 }
 #: Files only a run writes: their presence (or a checkpoint / `r2_*.json`) is what makes a folder a run's.
 _RUN_MARKERS = {"trainer_state.json", "training_args.bin", "loop_config.json", "low_bit_results.json"}

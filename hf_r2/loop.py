@@ -35,7 +35,6 @@ import tempfile
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
@@ -51,8 +50,8 @@ from .loop_config import (
     save_checkpoint,
     tracker_config,
 )
-from .metrics import count_correct
-from .models import classification_loss, forward_logits
+from .metrics import evaluate_accuracy
+from .models import classification_loss
 from .regularizer import R2Regularizer
 from .saving import save_model_folder
 
@@ -198,45 +197,22 @@ def _reduce_means(accelerator: Any, sums: torch.Tensor, with_r2: bool = True) ->
     return {"loss": task + r2_term, "task_loss": task, "r2_loss": r2_term}
 
 
-def _range_stats(regularizer: R2Regularizer | None) -> dict[str, float]:
-    """`regularizer.stats()["overall"]` as `r2_max_abs`, `r2_mean_max_over_std`, ... (the names R2Trainer logs);
-    nothing without a regularizer."""
-    if regularizer is None:
-        return {}
-    return {f"r2_{k}": v for k, v in regularizer.stats()["overall"].items()}
-
-
 def _r2_logs(regularizer: R2Regularizer | None, lam: float) -> dict[str, float]:
     """`r2_lambda` and the range statistics of a logging step; nothing without a regularizer."""
-    return {} if regularizer is None else {"r2_lambda": lam, **_range_stats(regularizer)}
+    return {} if regularizer is None else {"r2_lambda": lam, **regularizer.logged_stats()}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataloader: DataLoader, accelerator: Any) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of `model` over a prepared `dataloader`, across all processes.
-
-    Predictions, labels and per-sample losses go through `accelerator.gather_for_metrics`, which drops the samples
-    that a prepared dataloader repeats to give every process a full last batch, so the numbers are those of one
-    pass over the dataset. The model is put in eval mode, and back in its previous mode at the end.
+    """Top-1 accuracy and mean cross-entropy of `model` over a prepared `dataloader`, across all processes:
+    [`hf_r2.metrics.evaluate_accuracy`] with `accelerator.gather_for_metrics` (which drops the samples a prepared
+    dataloader repeats to give every process a full last batch, so the numbers are those of one pass).
 
     Returns:
         `dict[str, float]`: `{"accuracy": ..., "loss": ...}`.
     """
-    was_training = model.training
-    model.eval()
-    correct, count = 0, 0
-    loss_sum = torch.zeros((), device=accelerator.device)
-    for batch in dataloader:
-        logits = forward_logits(model, batch["pixel_values"]).float()
-        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
-        logits, labels, losses = accelerator.gather_for_metrics((logits, batch["labels"], losses))
-        correct += count_correct(logits, labels)
-        loss_sum += losses.sum()
-        count += labels.numel()
-    model.train(was_training)
-    if count == 0:
-        raise ValueError("`evaluate` got an empty dataloader: the evaluation dataset has no samples.")
-    return {"accuracy": correct / count, "loss": loss_sum.item() / count}
+    out = evaluate_accuracy(model, dataloader, device=accelerator.device, gather=accelerator.gather_for_metrics)
+    return {"accuracy": out["accuracy"], "loss": out["loss"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -396,7 +372,8 @@ def train_with_accelerate(
     progress_bar.close()
 
     metrics.update(global_step=state.global_step, epoch=state.global_step / steps_per_epoch)
-    metrics.update(_range_stats(regularizer))
+    if regularizer is not None:
+        metrics.update(regularizer.logged_stats())
     accelerator.wait_for_everyone()
     if config.save_model and accelerator.is_main_process:
         save_model_folder(accelerator.unwrap_model(model), os.path.join(config.output_dir, "model"), r2_config,

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -35,7 +35,12 @@ def _batches(data: Any, batch_size: int) -> Iterable[Any]:
 
 @torch.no_grad()
 def evaluate_accuracy(
-    model: nn.Module, data: Any, *, batch_size: int = 256, device: str | torch.device | None = None
+    model: nn.Module,
+    data: Any,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    gather: Callable[[Any], Any] | None = None,
 ) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of `model` over every example of `data`.
 
@@ -54,6 +59,10 @@ def evaluate_accuracy(
             Batch size when `data` is a dataset of rows.
         device (`str` or `torch.device`, *optional*):
             Where to run; defaults to the device of the model's first parameter.
+        gather (`Callable`, *optional*):
+            Under several processes, `accelerator.gather_for_metrics`: each batch's logits, labels and losses are
+            gathered from all processes (the samples a prepared dataloader repeats dropped), so every process
+            returns the numbers of one pass over the whole dataset.
 
     Returns:
         `dict[str, float]`: `{"accuracy": ..., "loss": ..., "num_samples": N}`.
@@ -69,7 +78,10 @@ def evaluate_accuracy(
             pixel_values = batch["pixel_values"].to(device)
             labels = batch["labels"].to(device)
             logits = forward_logits(model, pixel_values).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            if gather is not None:
+                logits, labels, losses = gather((logits, labels, losses))
+            loss_sum += losses.sum().item()
             correct += count_correct(logits, labels)
             total += labels.numel()
     finally:

@@ -182,6 +182,11 @@ class R2Regularizer(nn.Module):
         }
         return {"per_layer": per_layer, "overall": overall, "skipped_frozen": list(self.skipped_frozen)}
 
+    def logged_stats(self) -> dict[str, float]:
+        """The overall range statistics as R2Trainer and the accelerate loop log them: `r2_max_abs`,
+        `r2_mean_max_over_std`, `r2_max_max_over_std`, `r2_mean_kurtosis`."""
+        return {f"r2_{name}": value for name, value in self.stats()["overall"].items()}
+
 
 def _weight_parameters(module: nn.Module) -> list[Tensor]:
     """The leaf tensors `module.weight` is made of: itself, or a parametrization's originals (without computing the

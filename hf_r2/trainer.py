@@ -48,10 +48,6 @@ logger = logging.getLogger(__name__)
 
 R2_STATE_NAME = "r2_regularizer.safetensors"
 
-# regularizer.stats()["overall"] entries logged as `r2_<name>` at each logging step
-_LOGGED_STATS = ("max_abs", "mean_max_over_std", "max_max_over_std", "mean_kurtosis")
-
-
 class _R2Callback(TrainerCallback):
     """Housekeeping on Trainer events that no overridable method covers (see the module docstring): R2's gradients
     (outside the model, so `model.zero_grad()` misses them), `predict()`'s R2 metrics, the training set's epoch."""
@@ -284,8 +280,7 @@ class R2Trainer(Trainer):
             else:
                 metrics[key] = sum(values) / len(values)
         if mode == "train" and metrics:
-            overall = self.regularizer.stats()["overall"]
-            metrics.update({f"r2_{name}": overall[name] for name in _LOGGED_STATS})
+            metrics.update(self.regularizer.logged_stats())
         if mode == "eval":
             # `evaluate(metric_key_prefix=...)` always logs `<prefix>_runtime`
             prefix = next((k[: -len("_runtime")] for k in logs if k.endswith("_runtime")), "eval")

@@ -60,9 +60,9 @@ from .config import RESULTS_NAME as RESULTS_NAME
 from .config import RUN_INFO_NAME as RUN_INFO_NAME
 from .config import ReproduceConfig as ReproduceConfig
 from .pipeline import run_reproduce as run_reproduce
-from .report import PAPER_TARGETS as PAPER_TARGETS
 from .report import assemble_results as assemble_results
 from .report import format_report as format_report
+from .summary import PAPER_TARGETS as PAPER_TARGETS
 from .variants import DEFAULT_LOW_BIT as DEFAULT_LOW_BIT
 from .variants import DEFAULT_VARIANTS as DEFAULT_VARIANTS
 from .variants import LowBitMethod as LowBitMethod

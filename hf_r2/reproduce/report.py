@@ -7,11 +7,11 @@ import os
 from typing import Any
 
 from .config import ReproduceConfig
-from .summary import PAPER_TARGETS, gains, summarise, summarise_stats
+from .summary import gains, summarise, summarise_stats
 from .sweep import SWEEP_RULE, sweep_tables
 from .variants import BASELINE, CHOSEN, slug
 
-__all__ = ["assemble_results", "format_report", "PAPER_TARGETS"]
+__all__ = ["assemble_results", "format_report"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,9 +242,10 @@ def assemble_results(
     chosen: dict[str, dict[str, float | None]] | None = None,
 ) -> dict[str, Any]:
     """The contents of `results.json` from the measured `runs` (see [`run_reproduce`]): the config, the data, the
-    runs, the summaries over seeds, the range statistics, the lambda sweep, the gains against [`PAPER_TARGETS`],
-    the lambdas of the `weight: chosen` variants (`chosen`, `{variant: {model: lambda}}`), the plots (written here,
-    from `weights` / `layer_stats` of the first seed's models) and the timing (`timing`
+    runs, the summaries over seeds, the range statistics, the lambda sweep, the gains against the paper's
+    ([`~hf_r2.reproduce.summary.PAPER_TARGETS`]), the lambdas of the `weight: chosen` variants (`chosen`,
+    `{variant: {model: lambda}}`), the plots (written here, from `weights` / `layer_stats` of the first seed's
+    models) and the timing (`timing`
     holds `seconds`, `trainings` and `trained_now`; the row counts and summed times are added here)."""
     rows_all = [row for r in runs for row in r["rows"].values()]
     results: dict[str, Any] = {
