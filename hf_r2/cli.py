@@ -1,8 +1,8 @@
 """The `hf-r2` command line: [`main`] registers the sub-commands of [`hf_r2.commands`] and runs one.
 
-`hf-r2 train`, `hf-r2 demo`, `hf-r2 ptq`, `hf-r2 qat`, `hf-r2 compress`, `hf-r2 evaluate`, `hf-r2 reproduce`,
-`hf-r2 push`, `hf-r2 download`, `hf-r2 env` (also `python -m hf_r2 ...`). Nothing imports this module: the library
-code lives in the rest of the package.
+`hf-r2 train`, `hf-r2 demo`, `hf-r2 ptq`, `hf-r2 qat`, `hf-r2 compress`, `hf-r2 evaluate`, `hf-r2 export`,
+`hf-r2 reproduce`, `hf-r2 push`, `hf-r2 download`, `hf-r2 env` (also `python -m hf_r2 ...`). Nothing imports this
+module: the library code lives in the rest of the package.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Sequence
 
 from ._utils import UsageError
 from .commands.env import env_command_parser
+from .commands.export import export_command_parser
 from .commands.hub import download_command_parser, push_command_parser
 from .commands.parsing import one_line_errors, unknown_flags_message
 from .commands.quant import (
@@ -72,11 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true",
                         help="Show the traceback of errors too (also: HF_R2_DEBUG=1).")
     subparsers = parser.add_subparsers(
-        dest="command", metavar="{train,demo,ptq,qat,compress,evaluate,reproduce,push,download,env}", title="commands"
+        dest="command", metavar="{train,demo,ptq,qat,compress,evaluate,export,reproduce,push,download,env}",
+        title="commands",
     )
     for add in (train_command_parser, demo_command_parser, ptq_command_parser, qat_command_parser,
-                compress_command_parser, evaluate_command_parser, reproduce_command_parser, push_command_parser,
-                download_command_parser, env_command_parser):
+                compress_command_parser, evaluate_command_parser, export_command_parser, reproduce_command_parser,
+                push_command_parser, download_command_parser, env_command_parser):
         one_line_errors(add(subparsers))
     args, debug = None, False
     try:

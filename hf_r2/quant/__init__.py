@@ -39,6 +39,8 @@ from .layers import QuantLinear as QuantLinear
 from .layers import dequantize_layers_ as dequantize_layers_
 from .layers import quantized_layers as quantized_layers
 from .observers import RangeObserver as RangeObserver
+from .onnx_export import compare_onnx as compare_onnx
+from .onnx_export import export_onnx as export_onnx
 from .palettize import PALETTIZE_CONFIG_NAME as PALETTIZE_CONFIG_NAME
 from .palettize import PalettizeConfig as PalettizeConfig
 from .palettize import PalettizeMethod as PalettizeMethod
@@ -124,6 +126,8 @@ __all__ = [
     "load_low_bit",
     "is_low_bit_folder",
     "size_report",
+    "export_onnx",
+    "compare_onnx",
     # results
     "LOW_BIT_RESULTS_NAME",
     "parse_setting",

@@ -141,6 +141,10 @@ class ReproduceConfig(JsonConfigMixin):
         Fine-tuning steps of the QAT and DKM rows; overrides `finetune_epochs` (a fixed budget).
     finetune_lr (`float`, *optional*, defaults to `1e-3`):
         Peak learning rate of the fine-tunes.
+    onnx_settings (`list[str]`, *optional*):
+        Settings whose low-bit models are also exported to ONNX (`runs/.../onnx/<setting>.onnx`) and measured in
+        ONNX Runtime on the test images, beside hf-r2's top-1 (needs `pip install 'hf-r2[onnx]'`; skipped, with a
+        note, without it).
 
     > Parameters of the report
 
@@ -201,6 +205,8 @@ class ReproduceConfig(JsonConfigMixin):
     finetune_epochs: int = field(default=1, metadata={"help": "Fine-tuning epochs of QAT and DKM."})
     finetune_max_steps: int | None = field(default=None, metadata={"help": "Fine-tuning steps of QAT and DKM."})
     finetune_lr: float = field(default=1e-3, metadata={"help": "Fine-tuning learning rate."})
+    onnx_settings: list[str] | None = field(default=None,
+                                            metadata={"help": "Settings also exported to ONNX and run there."})
     # report
     plot_layers: int = field(default=4, metadata={"help": "Layers in the weight histograms."})
     version: int = field(default=1, metadata={"help": "Format version of this config."})
@@ -293,6 +299,11 @@ class ReproduceConfig(JsonConfigMixin):
             check_unique("lambda_sweep.variant", [sweep["variant"] for sweep in self.lambda_sweep])
         for v in self.variants:
             self._check_variant_scope(v)
+        self.onnx_settings = None if self.onnx_settings is None else list(self.onnx_settings)
+        unknown = [name for name in self.onnx_settings or [] if name not in [s["name"] for s in self.low_bit]]
+        if unknown:
+            raise ValueError(f"`onnx_settings` {unknown} are not low-bit settings; they are "
+                             f"{[s['name'] for s in self.low_bit]}.")
         for setting in self.low_bit:
             for key, allowed in (("variants", names), ("models", self.models)):
                 unknown = [x for x in setting[key] or [] if x not in allowed]

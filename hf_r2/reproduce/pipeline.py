@@ -14,10 +14,11 @@ from typing import Any, Callable
 from .._utils import read_json, write_json_atomic, write_text_atomic
 from .apply import apply_setting
 from .config import REPORT_NAME, RESULTS_NAME, RUN_INFO_NAME, ReproduceConfig
+from .deploy import onnx_check
 from .plan import Run, plan, row_spec, train_spec, variant_dir
 from .report import assemble_results, format_report
 from .sweep import chosen_lambdas, sweep_tables
-from .variants import BASELINE, CHOSEN, resolve_weight
+from .variants import BASELINE, CHOSEN, resolve_weight, slug
 
 __all__ = ["run_reproduce"]
 
@@ -268,6 +269,9 @@ def _measure(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> 
         measured = {"seconds": time.perf_counter() - start, "spec": spec}
         if model_data.val is not None:
             measured["val_accuracy"] = evaluate_accuracy(model, model_data.val)["accuracy"]
+        if spec.get("onnx"):
+            path = os.path.join(run.run_dir, "onnx", f"{slug(name)}.onnx")
+            measured["onnx"] = onnx_check(model, model_data.eval, path, config.input_size)
         if setting is None:
             row = float_row(accuracy, **measured)
         else:

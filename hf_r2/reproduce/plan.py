@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ReproduceConfig
+from .deploy import onnx_check_available
 from .variants import BASELINE, SCOPE_KEYS, TRAINING_KEYS, resolve_weight, slug
 
 __all__ = ["Run", "plan", "variant_dir", "train_spec", "row_spec"]
@@ -136,6 +137,8 @@ def row_spec(setting: dict[str, Any] | None, config: ReproduceConfig) -> dict[st
     if setting is None:
         return jsonable(spec)
     spec["setting"] = {k: v for k, v in setting.items() if k not in SCOPE_KEYS}
+    if setting["name"] in (config.onnx_settings or []):  # measured in ONNX Runtime too, once the extra is there
+        spec["onnx"] = onnx_check_available()
     spec["calibration_samples"] = config.calibration_samples
     if setting["method"] == "ptq" and setting["rounding"] == "adaround":
         spec["adaround_iters"] = config.adaround_iters

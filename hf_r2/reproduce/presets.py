@@ -73,4 +73,5 @@ def demo_config(**overrides: Any) -> ReproduceConfig:
         lambda_sweep=None,
         low_bit=low_bit,
         calibration_samples=s["bn_samples"],
+        onnx_settings=[f"W{bits}A8 per-channel mse"],  # the demo ends in ONNX Runtime (with the onnx extra)
     )

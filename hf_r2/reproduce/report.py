@@ -75,6 +75,22 @@ def _format_gains(config: ReproduceConfig, gains: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _onnx_lines(results: dict[str, Any], model: str) -> list[str]:
+    """One line per ONNX check of `model`'s runs: the file, its size, and ONNX Runtime's top-1 beside hf-r2's."""
+    lines = []
+    for run in results["runs"]:
+        for setting, row in run["rows"].items() if run["model"] == model else ():
+            check = row.get("onnx")
+            if check:
+                name = ", ".join(run["variant_names"]) or run["variant"]["name"]
+                where = os.path.relpath(check["path"], results["output_dir"])
+                lines.append(f"- ONNX Runtime, {setting}, {name} seed {run['seed']}: top-1 "
+                             f"{100 * check['accuracy']:.2f} (hf-r2: {100 * row['accuracy']:.2f}); "
+                             f"{check['file_bytes'] / 1024:.0f} KiB at {check['bits_per_weight']:.2f} bits a weight, "
+                             f"`{where}`")
+    return ["", *lines] if lines else []
+
+
 def _low_bit_line(config: ReproduceConfig, calibration_images: int, finetune: str) -> str:
     """How the low-bit rows were made, naming only the methods the config has."""
     methods = {s["method"] for s in config.low_bit}
@@ -137,6 +153,7 @@ def format_report(results: dict[str, Any]) -> str:
             lines.append("| mean max abs(w)/std | " + " | ".join(
                 f"{stats[v['name']]['mean_max_over_std']:.2f}" if v["name"] in stats else "-" for v in variants)
                 + " |")
+        lines += _onnx_lines(results, model)
         plots = results.get("plots", {}).get(model, {})
         if plots:
             lines += [""] + [f"![{kind}]({os.path.relpath(path, results['output_dir'])})"

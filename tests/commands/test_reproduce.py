@@ -40,6 +40,15 @@ def test_demo_runs_on_tiny_settings(data_dir, tmp_path, monkeypatch, capsys):
     assert str(out / "results.json") in text
     assert "Low-bit: first and last layer at 8 bits in every row; PTQ and clustering rows re-estimate BN on 32 " \
         "training images." in text  # no QAT, DKM or AdaRound row in the demo: not mentioned
+    # it ends in ONNX Runtime: the 2-bit models as QDQ files, and their top-1 there beside hf-r2's
+    pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'hf-r2[onnx]') runs the demo's ONNX check")
+    for run in runs.values():
+        row = run["rows"]["W2A8 per-channel mse"]
+        check = row["onnx"]
+        assert os.path.isfile(check["path"]) and check["weights"] == "quantized" and check["opset"] == 21
+        assert abs(check["accuracy"] - row["accuracy"]) <= 1 / 32 + 1e-9  # at most one image of 32 answers otherwise
+        assert f"ONNX Runtime, W2A8 per-channel mse, {run['variant']['name']} seed 0: top-1 " \
+            f"{100 * check['accuracy']:.2f} (hf-r2: {100 * row['accuracy']:.2f})" in text
 
     # a rerun reuses both trainings and every row; a bad setting is an error, not a traceback
     assert main(argv) == 0

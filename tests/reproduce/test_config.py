@@ -107,3 +107,22 @@ def test_config_file_errors(tmp_path):
         ReproduceConfig.from_file(tmp_path / "d.yaml")
     args = reproduce_command_parser().parse_args([str(tmp_path / "d.yaml"), "--no-progress"])
     assert reproduce_command(args) == 1
+
+
+def test_onnx_settings(monkeypatch):
+    """`onnx_settings` name low-bit rows that are also checked in ONNX Runtime; without the extra the row's spec says
+    so (measured as usual, no check), and the check runs once the extra is installed (the spec changes)."""
+    from hf_r2.reproduce import plan as plan_module
+    from hf_r2.reproduce.plan import row_spec
+
+    low_bit = [{"method": "ptq", "w_bits": 2, "a_bits": 8}, {"method": "kmeans", "w_bits": 1}]
+    config = ReproduceConfig(models=["test_resnet"], variants=["baseline"], lambda_sweep=None, low_bit=low_bit,
+                             onnx_settings=["W2A8 per-channel mse"])
+    monkeypatch.setattr(plan_module, "onnx_check_available", lambda: False)
+    assert row_spec(config.setting("W2A8 per-channel mse"), config)["onnx"] is False
+    assert "onnx" not in row_spec(config.setting("W1 k-means"), config)
+    monkeypatch.setattr(plan_module, "onnx_check_available", lambda: True)
+    assert row_spec(config.setting("W2A8 per-channel mse"), config)["onnx"] is True
+    with pytest.raises(ValueError, match=r"`onnx_settings` \['W3A8'\] are not low-bit settings"):
+        ReproduceConfig(models=["test_resnet"], variants=["baseline"], lambda_sweep=None, low_bit=low_bit,
+                        onnx_settings=["W3A8"])

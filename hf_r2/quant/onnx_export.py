@@ -1,0 +1,449 @@
+"""ONNX export: [`export_onnx`] writes an hf-r2 model as a file ONNX Runtime (or any ONNX backend) runs, computing
+what hf-r2 measured, and [`compare_onnx`] checks that it does.
+
+- A PTQ / QAT model ([`~hf_r2.quant.layers`], BN folded or not) becomes a standard QDQ graph: each quantized
+  layer's weight is a `DequantizeLinear` of integer codes with hf-r2's scales, and its input passes through
+  `QuantizeLinear` / `DequantizeLinear` with the calibrated (or learnt) scale and zero point.
+- A palettized model ([`~hf_r2.quant.palettize`]) stores each weight as its palette (float32) and `b`-bit indices,
+  rebuilt by `Cast` + `GatherElements` + `Reshape` (`palette_lookup=False` stores the float weights instead).
+- A float model is exported as it is (the control).
+
+The graph is traced by PyTorch's TorchScript exporter (`torch.onnx.export(..., dynamo=False)`, opsets up to 20;
+the dynamo exporter would need `onnxscript` and cannot take the placeholders below). Each low-bit tensor first
+enters the trace as a placeholder node (`hf_r2::Weight` / `hf_r2::Input`, an autograd function whose forward is
+hf-r2's own computation); after the export the graph is converted to the requested opset (`onnx.version_converter`)
+and each placeholder is rewritten into standard nodes whose initializers are the exact integers and scales.
+
+Weights. hf-r2's weight grids are mid-rise, `W = (q - z) s` with codes `q in [0, 2^b - 1]` and the half-integer
+zero point `z = (2^b - 1) / 2` (see [`hf_r2.quant.uniform`]); ONNX zero points are integers, so the same values
+are written as signed codes with zero point 0, in the narrowest type that holds `b`-bit codes (INT4 from opset 21,
+else INT8):
+
+| bits `b` | opset 21+ | opset 13-20 | codes, scale | exact? |
+|---|---|---|---|---|
+| 1-3 | INT4 | INT8 | `2q - (2^b - 1)` (odd), `s / 2` | yes, bit for bit |
+| 4 | INT4 + Add | INT8 | INT4: `q - 2^(b-1)`, `s`, then `+ s/2` per channel | to 2 float32 ulps |
+| 5-7 | INT8 | INT8 | `2q - (2^b - 1)`, `s / 2` | yes |
+| 8 | INT8 + Add | INT8 + Add | `q - 128`, `s`, then `+ s/2` | to 2 float32 ulps |
+
+(`2q - n` needs `b + 1` bits; where the type has no spare bit, `b`-bit codes plus a per-channel half step keep
+the file at `b` bits a weight.) Asymmetric weight grids (integer zero point) are stored as unsigned codes (UINT4 /
+UINT8) with their zero point. Per-channel scales use `axis=0`.
+
+Activations. hf-r2's input grids are asymmetric with integer zero points: `x_hat = (clamp(round(x / s + z), 0,
+2^b - 1) - z) s`. They become `QuantizeLinear` / `DequantizeLinear` with the same `s` and `z` (uint8), after a
+`Clip` to `[-z s, (2^b - 1 - z) s]` when `b < 8` (uint8 saturates at 255, not at `2^b - 1`). Both round half to
+even, but ONNX rounds `x / s` and then adds `z`, where hf-r2 rounds `x / s + z` in float32: the codes differ (by
+one) only where `x / s` lies within a float32 rounding of a half-integer (an exact tie and an odd `z` go opposite
+ways): 7 in a million Gaussian inputs, none of the 400,000 activations `tests/quant/test_onnx_export.py` checks.
+
+Running it. ONNX Runtime executes the graph as written, except that by default it fuses an INT4
+`DequantizeLinear` feeding a `MatMul` (a transformers Linear layer without quantized input) into `MatMulNBits`,
+which quantizes the MatMul's input to int8 on the fly (logits move by up to 1% of the largest); the session config
+entry `session.qdq_matmulnbits_accuracy_level = "1"` keeps it in float32 ([`compare_onnx`] takes it). Where
+activations are quantized, a code that rounds the other way (float sums differ between runtimes at 1e-7) moves a
+whole step and later layers amplify it: logits then agree to within 1% of their mean size (with the same top-1 in
+the tests), not to float precision.
+
+```python
+>>> from hf_r2.quant import PTQConfig, export_onnx, post_training_quantize_
+>>> post_training_quantize_(model, PTQConfig(w_bits=2, a_bits=8), calibration_data=train_loader)
+>>> export_onnx(model, "resnet18-w2a8.onnx", input_size=224)["bits_per_weight"]
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import os
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._targets import TARGET_LAYER_TYPES
+from ..models import forward_logits, is_transformers_model
+from ..version import __version__
+from ._onnx_graph import (
+    MARKER_DOMAIN,
+    InputGrid,
+    PaletteWeight,
+    UniformWeight,
+    count_ops,
+    encode_input,
+    encode_palette,
+    encode_uniform,
+    prune_initializers,
+    rewrite_markers,
+)
+from ._palette import learned_palette_modules, set_palette
+from .export import LOW_BIT_CONFIG_NAME, LOW_BIT_WEIGHTS_NAME
+from .layers import FakeQuantizer, QuantLayerMixin, quantize_layer_
+
+__all__ = [
+    "DEFAULT_ONNX_OPSET",
+    "MIN_ONNX_OPSET",
+    "MAX_ONNX_OPSET",
+    "is_onnx_available",
+    "require_onnx",
+    "export_onnx",
+    "compare_onnx",
+    "restore_low_bit_weights_",
+]
+
+DEFAULT_ONNX_OPSET = 21  # the first opset with INT4 (and UINT4) Q/DQ
+MIN_ONNX_OPSET = 13  # per-channel (axis) DequantizeLinear
+MAX_ONNX_OPSET = 23
+_TRACE_MAX_OPSET = 20  # the TorchScript exporter's newest opset; later ones come from onnx.version_converter
+_INSTALL = "pip install 'hf-r2[onnx]'"
+_MIN_VERSIONS = {"onnx": "1.17", "onnxruntime": "1.20"}  # setup.cfg's `onnx` extra
+
+
+def is_onnx_available() -> bool:
+    """Whether `onnx` (needed by [`export_onnx`]) and `onnxruntime` (needed by [`compare_onnx`]) are installed."""
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in _MIN_VERSIONS)
+    except ValueError:  # a module set to None in sys.modules (blocked)
+        return False
+
+
+def _require(name: str, what: str) -> Any:
+    """Import `name` (`onnx` / `onnxruntime`) or raise an `ImportError` with the install line."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(
+            f"{what} needs `{name}>={_MIN_VERSIONS[name]}`, which is not installed. Install the ONNX extra with "
+            f"`{_INSTALL}` (or `pip install onnx onnxruntime`)."
+        ) from err
+    version = tuple(int(p) for p in module.__version__.split(".")[:2] if p.isdigit())
+    if version < tuple(int(p) for p in _MIN_VERSIONS[name].split(".")):
+        raise ImportError(
+            f"{what} needs `{name}>={_MIN_VERSIONS[name]}`, found {module.__version__}. Upgrade with `{_INSTALL}`."
+        )
+    return module
+
+
+def require_onnx(runtime: bool = False) -> None:
+    """Raise an `ImportError` naming `pip install 'hf-r2[onnx]'` unless `onnx` (and, with `runtime=True`,
+    `onnxruntime`) is installed at a version hf-r2 supports."""
+    _require("onnx", "ONNX export")
+    if runtime:
+        _require("onnxruntime", "Checking an ONNX file")
+
+
+# ---- placeholders in the trace ------------------------------------------------------------------------------------
+
+
+class _Marked(torch.autograd.Function):
+    """Forward: `fn(x)`, what hf-r2 computes. In the ONNX trace: the placeholder node `hf_r2::<kind>(x)` carrying
+    `key`, with `x`'s type, which [`~hf_r2.quant._onnx_graph.rewrite_markers`] replaces."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, kind: str, key: str, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        return fn(x)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, kind: str, key: str, fn: Any) -> Any:
+        out = g.op(f"{MARKER_DOMAIN}::{kind}", x, key_s=key)
+        out.setType(x.type())
+        return out
+
+
+class _InputMark(nn.Module):
+    """Stands in for a layer's input quantizer during the export."""
+
+    def __init__(self, key: str, quantizer: FakeQuantizer) -> None:
+        super().__init__()
+        self.key = key
+        self.fns = (quantizer,)  # a tuple: not registered as a sub-module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _Marked.apply(x, "Input", self.key, self.fns[0])
+
+
+class _Logits(nn.Module):
+    """`pixel_values -> logits` for a timm or transformers classifier (the exported graph's signature)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return forward_logits(self.model, pixel_values)
+
+
+def _frozen(quantizer: FakeQuantizer) -> FakeQuantizer:
+    """A copy whose step size needs no grad: the trace records the placeholder's forward, and a tensor that
+    requires grad cannot become a constant of it (QAT's learnt steps do)."""
+    return copy.deepcopy(quantizer).requires_grad_(False)
+
+
+def _mark_weight(module: nn.Module, key: str, fn: Callable[[Tensor], Tensor]) -> Callable[[], None]:
+    """Make `module`'s forward read its weight through a placeholder; returns the undo."""
+    weight = module._parameters["weight"]
+
+    def pre(mod: nn.Module, args: Any) -> None:
+        mod._parameters["weight"] = _Marked.apply(weight, "Weight", key, fn)
+
+    def post(mod: nn.Module, args: Any, output: Any) -> None:
+        mod._parameters["weight"] = weight
+
+    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+        module._parameters["weight"] = weight
+
+    return undo
+
+
+@contextlib.contextmanager
+def _placeholders(model: nn.Module, opset: int, palette_lookup: bool) -> Iterator[tuple[dict, dict]]:
+    """Put the placeholders in `model` for the trace; yields `(weights, inputs)` by layer name; undoes it all."""
+    if learned_palette_modules(model):
+        raise ValueError("`model` is still prepared for DKM (its palettes are being learnt): call "
+                         "`finalize_dkm(model)` (or `palettize_(model, method='dkm')`) before exporting.")
+    weights: dict[str, UniformWeight | PaletteWeight] = {}
+    inputs: dict[str, InputGrid] = {}
+    undo: list[Callable[[], None]] = []
+    try:
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLayerMixin):
+                wq, iq = module.weight_quantizer, module.input_quantizer
+                if wq is not None and wq.enabled:
+                    weights[name] = encode_uniform(name, module, opset)
+                    undo.append(_mark_weight(module, name, _frozen(wq)))
+                    module.weight_quantizer = None
+                    undo.append(lambda m=module, q=wq: setattr(m, "weight_quantizer", q))
+                if iq is not None and iq.enabled:
+                    inputs[name] = encode_input(name, iq)
+                    module.input_quantizer = _InputMark(name, _frozen(iq))
+                    undo.append(lambda m=module, q=iq: setattr(m, "input_quantizer", q))
+            elif palette_lookup and isinstance(getattr(module, "weight_palette", None), Tensor):
+                weights[name] = encode_palette(module, opset)
+                undo.append(_mark_weight(module, name, torch.clone))
+        yield weights, inputs
+    finally:
+        for step in reversed(undo):
+            step()
+
+
+def _input_shape(model: nn.Module, input_size: int | tuple[int, ...] | None) -> tuple[int, int, int]:
+    """`(C, H, W)` from `input_size`, else from the model's config (timm's `pretrained_cfg`, transformers'
+    `config.image_size` / `num_channels`)."""
+    hf = is_transformers_model(model)
+    channels = int(getattr(model.config, "num_channels", 3) or 3) if hf else 3
+    if input_size is None:
+        config = getattr(model, "pretrained_cfg", None) or {}
+        input_size = getattr(model.config, "image_size", None) if hf else config.get("input_size")
+    if isinstance(input_size, int) and not isinstance(input_size, bool) and input_size > 0:
+        return channels, input_size, input_size
+    if isinstance(input_size, (tuple, list)) and len(input_size) in (2, 3) and all(
+        isinstance(v, int) and v > 0 for v in input_size
+    ):
+        return (channels, *input_size) if len(input_size) == 2 else tuple(input_size)  # type: ignore[return-value]
+    raise ValueError(f"`input_size` must be a positive int (square side), `(H, W)` or `(C, H, W)`, got "
+                     f"{input_size!r}; pass it when the model's config gives none.")
+
+
+def _bits_per_weight(model: nn.Module, weights: dict[str, UniformWeight | PaletteWeight]) -> float:
+    """Stored bits per Conv/Linear weight in the file (float weights at their dtype's width)."""
+    bits, count = 0, 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, TARGET_LAYER_TYPES) or not isinstance(weight, Tensor):
+            continue
+        count += weight.numel()
+        bits += weights[name].stored_bits() if name in weights else 8 * weight.element_size() * weight.numel()
+    return bits / max(1, count)
+
+
+# ---- public entry points ------------------------------------------------------------------------------------------
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_size: int | tuple[int, ...] | None = None,
+    opset: int = DEFAULT_ONNX_OPSET,
+    palette_lookup: bool = True,
+) -> dict[str, Any]:
+    """Write `model` (quantized, palettized or float) to the ONNX file `path` (see the module docstring).
+
+    The graph takes `pixel_values` `(batch, C, H, W)` (float32, any batch size) and returns `logits`
+    `(batch, num_classes)`, computed as hf-r2 computes them in eval mode. `model` is traced on the device it is on
+    and left as it was (its mode and layers are restored).
+
+    Args:
+        model (`torch.nn.Module`):
+            A timm or transformers classifier (or a module taking one image tensor), after
+            [`~hf_r2.quant.post_training_quantize_`], [`~hf_r2.quant.prepare_qat`] (+ training),
+            [`~hf_r2.quant.palettize_`], or none of them.
+        path (`str` or `os.PathLike`):
+            The `.onnx` file to write (its folder is created).
+        input_size (`int` or `tuple`, *optional*):
+            The side of the (square) example input, `(H, W)` or `(C, H, W)`; defaults to the model's config.
+        opset (`int`, *optional*, defaults to `21`):
+            The ONNX opset, 13 to 23. From 21 on, 1- to 4-bit weights and palette indices are stored as INT4 /
+            UINT4; before it as INT8 / UINT8.
+        palette_lookup (`bool`, *optional*, defaults to `True`):
+            Store palettized weights as palette + indices, rebuilt in the graph by a gather; `False` stores them as
+            float32 weights (larger file, no gather).
+
+    Returns:
+        `dict`: `path`, `opset`, `weights` (`"quantized"`, `"palettized"`, both joined by `+`, or `"float"`),
+        `file_bytes`, `low_bit_layers`, `bits_per_weight` (stored bits per Conv/Linear weight, side data included,
+        float weights at 32), `code_types` (layers per integer type), `quantize_linear` / `dequantize_linear`
+        (node counts), `input_size`.
+    """
+    onnx = _require("onnx", "`export_onnx`")
+    from onnx import version_converter
+
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_ONNX_OPSET <= opset <= MAX_ONNX_OPSET:
+        raise ValueError(f"`opset` must be an integer from {MIN_ONNX_OPSET} to {MAX_ONNX_OPSET}, got {opset!r}.")
+    shape = _input_shape(model, input_size)
+    parameter = next(model.parameters(), None)
+    # a fixed example (the trace does not depend on its values), leaving the global random state alone
+    example = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    example = example.to(None if parameter is None else parameter.device)
+    buffer = io.BytesIO()
+    was_training = model.training
+    model.eval()
+    try:
+        with _placeholders(model, opset, palette_lookup) as (weights, inputs), torch.no_grad(), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*(TorchScript-based ONNX export|will be removed).*")
+            torch.onnx.export(
+                _Logits(model), (example,), buffer, dynamo=False, opset_version=min(opset, _TRACE_MAX_OPSET),
+                input_names=["pixel_values"], output_names=["logits"],
+                custom_opsets={MARKER_DOMAIN: 1} if weights or inputs else None,
+                dynamic_axes={"pixel_values": {0: "batch_size"}, "logits": {0: "batch_size"}},
+            )
+    finally:
+        model.train(was_training)
+    proto = onnx.load_from_string(buffer.getvalue())
+    if opset > _TRACE_MAX_OPSET:
+        proto = version_converter.convert_version(proto, opset)
+    rewrite_markers(proto, weights, inputs)
+    prune_initializers(proto)
+    kinds = ["quantized"] * bool(inputs or any(isinstance(w, UniformWeight) for w in weights.values()))
+    kinds += ["palettized"] * any(isinstance(w, PaletteWeight) for w in weights.values())
+    onnx.helper.set_model_props(proto, {"hf_r2_version": __version__, "hf_r2_weights": "+".join(kinds) or "float"})
+    onnx.checker.check_model(proto, full_check=True)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.tmp{os.getpid()}"  # an existing file is replaced by a complete one only
+    try:
+        onnx.save_model(proto, partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    ops = count_ops(proto)
+    types = Counter(weight.onnx_type for weight in weights.values())
+    return {
+        "path": os.path.abspath(path),
+        "opset": opset,
+        "weights": "+".join(kinds) or "float",
+        "file_bytes": os.path.getsize(path),
+        "low_bit_layers": len(weights),
+        "bits_per_weight": _bits_per_weight(model, weights),
+        "code_types": dict(sorted(types.items())),
+        "quantize_linear": ops.get("QuantizeLinear", 0),
+        "dequantize_linear": ops.get("DequantizeLinear", 0),
+        "input_size": list(shape),
+    }
+
+
+@torch.no_grad()
+def compare_onnx(
+    model: nn.Module, path: str | os.PathLike, pixel_values: Tensor, *, session_config: dict[str, str] | None = None
+) -> dict[str, float]:
+    """Run the ONNX file `path` with ONNX Runtime (CPU) and `model` with PyTorch (eval mode) on `pixel_values`
+    `(B, C, H, W)`, and compare the logits.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model that was exported.
+        path (`str` or `os.PathLike`):
+            Its ONNX file.
+        pixel_values (`torch.Tensor`):
+            The images, `(B, C, H, W)`.
+        session_config (`dict[str, str]`, *optional*):
+            ONNX Runtime session config entries; the defaults otherwise. By default ONNX Runtime runs an INT4
+            `DequantizeLinear` + `MatMul` (a transformers Linear layer) as `MatMulNBits` with its input quantized to
+            int8 on the fly; `{"session.qdq_matmulnbits_accuracy_level": "1"}` keeps it in float32.
+
+    Returns:
+        `dict`: `max_abs_diff` and `mean_abs_diff` of the logits, `max_abs_logit` (PyTorch's, for scale),
+        `top1_agreement` (the fraction of images with the same argmax) and `num_images`.
+    """
+    ort = _require("onnxruntime", "`compare_onnx`")
+    options = ort.SessionOptions()
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    was_training = model.training
+    model.eval()
+    try:
+        parameter = next(model.parameters(), None)
+        device = pixel_values.device if parameter is None else parameter.device
+        expected = forward_logits(model, pixel_values.to(device)).float().cpu()
+    finally:
+        model.train(was_training)
+    got = torch.from_numpy(session.run(None, {"pixel_values": pixel_values.float().cpu().numpy()})[0])
+    diff = (got - expected).abs()
+    return {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "max_abs_logit": float(expected.abs().max()),
+        "top1_agreement": float((got.argmax(-1) == expected.argmax(-1)).float().mean()),
+        "num_images": int(pixel_values.shape[0]),
+    }
+
+
+@torch.no_grad()
+def restore_low_bit_weights_(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Give a model loaded by [`~hf_r2.quant.load_low_bit`] from `folder` its weight grids and palettes back, in
+    place, so that [`export_onnx`] writes integer codes / indices rather than the decoded float weights.
+
+    Each uniform layer gets a frozen weight quantizer with the saved scales and zero points (its decoded weight
+    holds grid values, so the codes come back exactly) beside its input quantizer; each palettized layer gets its
+    `weight_palette`. Returns `model`.
+    """
+    import json
+
+    import safetensors.torch
+
+    folder = os.fspath(folder)
+    with open(os.path.join(folder, LOW_BIT_CONFIG_NAME)) as f:
+        description = json.load(f)
+    tensors = safetensors.torch.load_file(os.path.join(folder, LOW_BIT_WEIGHTS_NAME))
+    for name, info in description["layers"].items():
+        module, key = model.get_submodule(name), f"{name}.weight"
+        if info["scheme"] == "palette":
+            set_palette(module, tensors[f"{key}.palette"].to(module.weight))
+            continue
+        scale, zero_point = tensors[f"{key}.scale"].float().reshape(-1), tensors[f"{key}.zero_point"].float()
+        bits = info["bits"]
+        quantizer = FakeQuantizer(
+            bits,
+            symmetric=bool(torch.all(2 * zero_point == 2**bits - 1)),
+            per_channel=bool(info.get("per_channel", scale.numel() > 1)),
+            channels=scale.numel(),
+        )
+        quantizer.scale.copy_(scale)
+        quantizer.zero_point.copy_(zero_point.reshape(-1))
+        quantizer.initialized.fill_(True)
+        quantize_layer_(module, quantizer, getattr(module, "input_quantizer", None))
+    return model

@@ -1,0 +1,44 @@
+"""ONNX checks of `hf-r2 reproduce`: the low-bit model of a setting written as an ONNX file, and its top-1 measured
+in ONNX Runtime beside hf-r2's own ([`onnx_check`]), so a table's low-bit figure is shown to hold in a runtime (the
+demo ends with one). Needs the `onnx` extra; without it the rows are measured as usual and the check is skipped."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+__all__ = ["onnx_check", "onnx_check_available"]
+
+logger = logging.getLogger(__name__)
+
+
+def onnx_check_available() -> bool:
+    """Whether `onnx` and `onnxruntime` are installed (`pip install 'hf-r2[onnx]'`)."""
+    from ..quant.onnx_export import is_onnx_available
+
+    return is_onnx_available()
+
+
+def onnx_check(model: Any, batches: list[dict[str, Any]], path: str, input_size: int) -> dict[str, Any]:
+    """Export `model` (quantized, palettized or float) to the ONNX file `path` and count its correct top-1 answers
+    on `batches` (`{"pixel_values", "labels"}`) in ONNX Runtime (CPU, default session options).
+
+    Returns:
+        `dict`: `path`, `accuracy` (ONNX Runtime's top-1, a fraction), `file_bytes`, `bits_per_weight`, `weights`
+        (what [`~hf_r2.quant.export_onnx`] stored) and `opset`.
+    """
+    import onnxruntime as ort
+
+    from ..quant.onnx_export import export_onnx
+
+    report = export_onnx(model, path, input_size=input_size)
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    correct = total = 0
+    for batch in batches:
+        logits = session.run(None, {"pixel_values": batch["pixel_values"].float().cpu().numpy()})[0]
+        labels = batch["labels"].cpu().numpy()
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += int(labels.size)
+    return {"path": os.fspath(path), "accuracy": correct / max(total, 1), "file_bytes": report["file_bytes"],
+            "bits_per_weight": report["bits_per_weight"], "weights": report["weights"], "opset": report["opset"]}

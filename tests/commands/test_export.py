@@ -1,0 +1,128 @@
+"""`hf-r2 export --format onnx` on saved folders: a PTQ export (the ONNX file holds the same integer codes and grids
+as exporting the in-memory model, and ONNX Runtime agrees with the folder loaded by `load_low_bit`), a palettized
+export (written into the folder by default), a float folder, and the command's errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_timm
+
+onnx = pytest.importorskip("onnx", reason="`hf-r2 export` tests need `pip install 'hf-r2[onnx]'` (onnx)")
+ort = pytest.importorskip("onnxruntime", reason="`hf-r2 export` tests need `pip install 'hf-r2[onnx]'` (onnxruntime)")
+
+from hf_r2.cli import main  # noqa: E402
+from hf_r2.commands import export as export_command  # noqa: E402
+from hf_r2.hub import from_pretrained  # noqa: E402
+from hf_r2.quant import (  # noqa: E402
+    PalettizeConfig,
+    PTQConfig,
+    load_low_bit,
+    onnx_export,
+    palettize_,
+    post_training_quantize_,
+    save_low_bit,
+)
+from hf_r2.saving import save_model_folder  # noqa: E402
+
+SIZE = 32
+
+
+def _images(n: int, seed: int = 3) -> torch.Tensor:
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _model():
+    """test_resnet with a saved 32x32 input size, so that the command takes its input size from the folder."""
+    torch.manual_seed(0)
+    model = make_timm("test_resnet")
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, SIZE, SIZE), "crop_pct": 1.0}
+    return model.eval()
+
+
+def _initializers(path) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(path).graph.initializer}
+
+
+def test_export_a_ptq_folder(tmp_path, capsys):
+    model = post_training_quantize_(_model(), PTQConfig(w_bits=2, a_bits=8, calibration_batches=2),
+                                    [{"pixel_values": _images(8, seed)} for seed in (1, 2)])
+    folder = str(tmp_path / "w2a8")
+    save_low_bit(model, folder, method="ptq")
+    direct = onnx_export.export_onnx(model, tmp_path / "direct.onnx", input_size=SIZE)
+    out = str(tmp_path / "onnx" / "w2a8.onnx")
+    assert main(["export", folder, "--format", "onnx", "--output", out]) == 0
+    printed = capsys.readouterr().out
+    assert f"ONNX file: {out}" in printed and "opset 21, quantized weights" in printed
+    assert f"QuantizeLinear / DequantizeLinear nodes: {direct['quantize_linear']} / " in printed
+    assert "on 8 random inputs" in printed and "top-1 agreement 100.0%" in printed
+    # the folder's codes, scales and zero points are the in-memory model's
+    got, expected = _initializers(out), _initializers(direct["path"])
+    grids = [k for k in expected if k.endswith(("_codes", "_scale", "_zero_point", "_half_step"))]
+    assert grids and all(np.array_equal(got[k], expected[k]) for k in grids)
+    loaded, _ = load_low_bit(folder)
+    check = onnx_export.compare_onnx(loaded, out, _images(32))
+    assert check["top1_agreement"] == 1.0
+    assert not any(m.weight_quantizer is not None for m in loaded.modules() if hasattr(m, "weight_quantizer"))
+
+
+def test_export_a_palettized_folder_into_itself(tmp_path, capsys):
+    model = palettize_(_model(), PalettizeConfig(bits=2))
+    folder = str(tmp_path / "p2")
+    save_low_bit(model, folder, method="kmeans")
+    assert main(["export", folder, "--check-samples", "4"]) == 0
+    path = os.path.join(folder, "model.onnx")
+    assert os.path.isfile(path) and f"ONNX file: {os.path.abspath(path)}" in capsys.readouterr().out
+    graph = onnx.load(path).graph
+    assert "GatherElements" in {n.op_type for n in graph.node}
+    assert any(t.data_type == onnx.TensorProto.UINT4 for t in graph.initializer)
+    loaded, _ = load_low_bit(folder)  # the ONNX file beside the export does not disturb loading it
+    check = onnx_export.compare_onnx(loaded, path, _images(16))
+    assert check["max_abs_diff"] <= 1e-4 * max(1.0, check["max_abs_logit"])
+
+
+def test_export_a_float_folder(tmp_path, capsys):
+    folder = save_model_folder(_model(), str(tmp_path / "fp"))
+    out = str(tmp_path / "fp.onnx")
+    assert main(["export", folder, "--opset", "17", "--check-samples", "0", "-o", out]) == 0
+    printed = capsys.readouterr().out
+    assert "opset 17, float weights" in printed and "32.00" in printed and "random inputs" not in printed
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in onnx.load(out).graph.node}
+    check = onnx_export.compare_onnx(from_pretrained(folder).model, out, _images(16))
+    assert check["max_abs_diff"] <= 1e-4 * max(1.0, check["max_abs_logit"])
+
+
+def test_export_errors(tmp_path, capsys, monkeypatch):
+    folder = save_model_folder(_model(), str(tmp_path / "fp"))
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["export", folder, "--format", "coreml"])
+    assert "invalid choice: 'coreml'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["export", folder, "--opset", "12"])
+    assert "--opset takes an integer from 13 to 23" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nosuch")]) == 1
+    assert capsys.readouterr().err.startswith("hf-r2 export: error: ")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the extra were not installed
+    assert main(["export", folder]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hf-r2 export: error: ") and "pip install 'hf-r2[onnx]'" in err
+    assert not os.path.exists(os.path.join(folder, "model.onnx"))
+
+
+def test_command_constants_match_the_library():
+    assert export_command._OPSET == onnx_export.DEFAULT_ONNX_OPSET
+    assert (export_command._MIN_OPSET, export_command._MAX_OPSET) == (
+        onnx_export.MIN_ONNX_OPSET, onnx_export.MAX_ONNX_OPSET)
+    assert export_command.default_output("org/name") == "name.onnx"
+
+
+def test_help_stays_light():
+    """`hf-r2 --help` lists `export` and imports neither torch nor onnx (a fresh process)."""
+    code = "import sys, hf_r2.cli; print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    with pytest.raises(SystemExit, match="^0$"):
+        main(["--help"])
