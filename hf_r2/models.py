@@ -20,6 +20,7 @@ __all__ = [
     "unwrap_model",
     "forward_logits",
     "classification_loss",
+    "input_shape",
 ]
 
 
@@ -191,3 +192,22 @@ def classification_loss(
     else:
         loss = F.cross_entropy(logits.float(), labels, reduction="sum") / num_items_in_batch
     return loss, logits
+
+
+def input_shape(model: nn.Module, input_size: int | tuple[int, ...] | None = None) -> tuple[int, int, int]:
+    """`(C, H, W)` of `model`'s input: from `input_size` (a square side, `(H, W)` or `(C, H, W)`), else from the
+    model's config (timm's `pretrained_cfg["input_size"]`, transformers' `config.image_size` / `num_channels`); what
+    the ONNX and Core ML exports trace with."""
+    hf = is_transformers_model(model)
+    channels = int(getattr(model.config, "num_channels", 3) or 3) if hf else 3
+    if input_size is None:
+        config = getattr(model, "pretrained_cfg", None) or {}
+        input_size = getattr(model.config, "image_size", None) if hf else config.get("input_size")
+    if isinstance(input_size, int) and not isinstance(input_size, bool) and input_size > 0:
+        return channels, input_size, input_size
+    if isinstance(input_size, (tuple, list)) and len(input_size) in (2, 3) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size
+    ):
+        return (channels, *input_size) if len(input_size) == 2 else tuple(input_size)  # type: ignore[return-value]
+    raise ValueError(f"`input_size` must be a positive int (square side), `(H, W)` or `(C, H, W)`, got "
+                     f"{input_size!r}; pass it when the model's config gives none.")

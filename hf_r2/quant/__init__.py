@@ -20,6 +20,8 @@ from .api import quantize_ as quantize_
 from .bn import fold_bn as fold_bn
 from .bn import fold_bn_ as fold_bn_
 from .bn import reestimate_bn_stats as reestimate_bn_stats
+from .coreml_export import compare_coreml_weights as compare_coreml_weights
+from .coreml_export import export_coreml as export_coreml
 from .dkm import DKMParametrization as DKMParametrization
 from .dkm import finalize_dkm as finalize_dkm
 from .dkm import is_dkm_prepared as is_dkm_prepared
@@ -128,6 +130,8 @@ __all__ = [
     "size_report",
     "export_onnx",
     "compare_onnx",
+    "export_coreml",
+    "compare_coreml_weights",
     # results
     "LOW_BIT_RESULTS_NAME",
     "parse_setting",

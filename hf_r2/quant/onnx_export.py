@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from .._targets import TARGET_LAYER_TYPES
-from ..models import forward_logits, is_transformers_model
+from ..models import forward_logits, input_shape
 from ..version import __version__
 from ._onnx_graph import (
     MARKER_DOMAIN,
@@ -236,24 +236,6 @@ def _placeholders(model: nn.Module, opset: int, palette_lookup: bool) -> Iterato
             step()
 
 
-def _input_shape(model: nn.Module, input_size: int | tuple[int, ...] | None) -> tuple[int, int, int]:
-    """`(C, H, W)` from `input_size`, else from the model's config (timm's `pretrained_cfg`, transformers'
-    `config.image_size` / `num_channels`)."""
-    hf = is_transformers_model(model)
-    channels = int(getattr(model.config, "num_channels", 3) or 3) if hf else 3
-    if input_size is None:
-        config = getattr(model, "pretrained_cfg", None) or {}
-        input_size = getattr(model.config, "image_size", None) if hf else config.get("input_size")
-    if isinstance(input_size, int) and not isinstance(input_size, bool) and input_size > 0:
-        return channels, input_size, input_size
-    if isinstance(input_size, (tuple, list)) and len(input_size) in (2, 3) and all(
-        isinstance(v, int) and v > 0 for v in input_size
-    ):
-        return (channels, *input_size) if len(input_size) == 2 else tuple(input_size)  # type: ignore[return-value]
-    raise ValueError(f"`input_size` must be a positive int (square side), `(H, W)` or `(C, H, W)`, got "
-                     f"{input_size!r}; pass it when the model's config gives none.")
-
-
 def _bits_per_weight(model: nn.Module, weights: dict[str, UniformWeight | PaletteWeight]) -> float:
     """Stored bits per Conv/Linear weight in the file (float weights at their dtype's width)."""
     bits, count = 0, 0
@@ -310,7 +292,7 @@ def export_onnx(
 
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_ONNX_OPSET <= opset <= MAX_ONNX_OPSET:
         raise ValueError(f"`opset` must be an integer from {MIN_ONNX_OPSET} to {MAX_ONNX_OPSET}, got {opset!r}.")
-    shape = _input_shape(model, input_size)
+    shape = input_shape(model, input_size)
     parameter = next(model.parameters(), None)
     # a fixed example (the trace does not depend on its values), leaving the global random state alone
     example = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))

@@ -1,6 +1,7 @@
 """`hf-r2 export --format onnx` on saved folders: a PTQ export (the ONNX file holds the same integer codes and grids
 as exporting the in-memory model, and ONNX Runtime agrees with the folder loaded by `load_low_bit`), a palettized
-export (written into the folder by default), a float folder, and the command's errors."""
+export (written into the folder by default), a float folder, and the command's errors. `--format coreml` on a PTQ
+and a palettized folder: the package's weights, read back, are the in-memory model's codes, grids and palettes."""
 
 import os
 import subprocess
@@ -20,6 +21,7 @@ from hf_r2.hub import from_pretrained  # noqa: E402
 from hf_r2.quant import (  # noqa: E402
     PalettizeConfig,
     PTQConfig,
+    coreml_export,
     load_low_bit,
     onnx_export,
     palettize_,
@@ -95,11 +97,47 @@ def test_export_a_float_folder(tmp_path, capsys):
     assert check["max_abs_diff"] <= 1e-4 * max(1.0, check["max_abs_logit"])
 
 
+def test_export_folders_to_coreml(tmp_path, capsys):
+    pytest.importorskip("coremltools", reason="`hf-r2 export --format coreml` needs `pip install 'hf-r2[coreml]'`")
+    model = post_training_quantize_(_model(), PTQConfig(w_bits=2, a_bits=8, calibration_batches=2),
+                                    [{"pixel_values": _images(8, seed)} for seed in (1, 2)])
+    folder = str(tmp_path / "w2a8")
+    save_low_bit(model, folder, method="ptq")
+    assert main(["export", folder, "--format", "coreml"]) == 0
+    path = os.path.join(folder, "model.mlpackage")  # into the folder by default
+    printed = capsys.readouterr().out
+    count = sum(hasattr(m, "weight_quantizer") for m in model.modules())
+    assert f"Core ML package: {os.path.abspath(path)} (" in printed and "x smaller; float32, iOS18" in printed
+    assert f"Activations: float ({count} input quantizers not exported" in printed
+    assert f"{count} / {count} layers decode to hf-r2's weights bit for bit, indices and codes equal" in printed
+    # the folder's codes and grids are the in-memory model's
+    check = coreml_export.compare_coreml_weights(model, path)
+    assert check["num_layers"] == check["exact_layers"] == count and check["values_match"]
+    assert load_low_bit(folder)[1]["layers"]  # the package beside the export does not disturb loading it
+    # a palettized folder, in float16, elsewhere: its palettes and indices
+    model = palettize_(_model(), PalettizeConfig(bits=1))
+    save_low_bit(model, str(tmp_path / "p1"), method="kmeans")
+    out = str(tmp_path / "coreml" / "p1.mlpackage")
+    assert main(["export", str(tmp_path / "p1"), "--format", "coreml", "-o", out, "--precision", "float16"]) == 0
+    assert "float16, iOS18, palettized weights" in capsys.readouterr().out
+    check = coreml_export.compare_coreml_weights(model, out)
+    assert check["exact_layers"] == check["num_layers"] > 0 and check["precision"] == "float16"
+
+
 def test_export_errors(tmp_path, capsys, monkeypatch):
     folder = save_model_folder(_model(), str(tmp_path / "fp"))
     with pytest.raises(SystemExit, match="^2$"):
-        main(["export", folder, "--format", "coreml"])
-    assert "invalid choice: 'coreml'" in capsys.readouterr().err
+        main(["export", folder, "--format", "tflite"])
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["export", folder, "--format", "coreml", "--opset", "17"])
+    assert "--opset and --float-palettes apply to --format onnx only" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["export", folder, "--precision", "float16"])
+    assert "--precision applies to --format coreml only" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["export", folder, "--format", "coreml", "--precision", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="^2$"):
         main(["export", folder, "--opset", "12"])
     assert "--opset takes an integer from 13 to 23" in capsys.readouterr().err
@@ -110,6 +148,11 @@ def test_export_errors(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("hf-r2 export: error: ") and "pip install 'hf-r2[onnx]'" in err
     assert not os.path.exists(os.path.join(folder, "model.onnx"))
+    monkeypatch.setitem(sys.modules, "coremltools", None)
+    assert main(["export", folder, "--format", "coreml"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hf-r2 export: error: ") and "pip install 'hf-r2[coreml]'" in err
+    assert not os.path.exists(os.path.join(folder, "model.mlpackage"))
 
 
 def test_command_constants_match_the_library():
@@ -117,11 +160,14 @@ def test_command_constants_match_the_library():
     assert (export_command._MIN_OPSET, export_command._MAX_OPSET) == (
         onnx_export.MIN_ONNX_OPSET, onnx_export.MAX_ONNX_OPSET)
     assert export_command.default_output("org/name") == "name.onnx"
+    assert export_command._PRECISIONS == coreml_export.COREML_PRECISIONS
+    assert export_command.default_output("org/name", "coreml") == "name.mlpackage"
 
 
 def test_help_stays_light():
-    """`hf-r2 --help` lists `export` and imports neither torch nor onnx (a fresh process)."""
-    code = "import sys, hf_r2.cli; print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))"
+    """`hf-r2 --help` lists `export` and imports neither torch, onnx nor coremltools (a fresh process)."""
+    code = ("import sys, hf_r2.cli; "
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'coremltools') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
     with pytest.raises(SystemExit, match="^0$"):
