@@ -10,10 +10,13 @@ import pytest
 
 from hf_r2 import LoopConfig, R2Config
 from hf_r2._utils import JsonConfigMixin
-from hf_r2.quant import AdaRoundConfig, PalettizeConfig, PTQConfig, QATConfig
+from hf_r2.quant import AdaRoundConfig, EqualizeConfig, MagRConfig, PalettizeConfig, PTQConfig, QATConfig
 from hf_r2.reproduce import ReproduceConfig
 
 EXAMPLES = {
+    EqualizeConfig: dict(iterations=3, tolerance=1e-3, fold_bn=False, relu6="skip", calibration_batches=2,
+                         include=["conv"], exclude=["fc"]),
+    MagRConfig: dict(alpha=0.1, damping=0.0, iterations=7, calibration_batches=2, include=["conv"], exclude=["fc"]),
     R2Config: dict(loss="margin", weight=0.5, per_channel=True, margin_penalty=0.25, include=["conv"],
                    exclude=["fc$"], skip_first_last=True, skip_frozen=False, warmup_steps=7),
     LoopConfig: dict(output_dir="somewhere", num_epochs=3, seed=5, per_device_batch_size=8, optimizer="adamw",

@@ -115,8 +115,8 @@ def _add_grid_args(parser: argparse.ArgumentParser, a_bits: int) -> None:
 def ptq_command_parser(subparsers=None) -> argparse.ArgumentParser:
     description = (
         "Post-training quantization of a saved model: weights to --w-bits (per channel, MSE range by default), "
-        "inputs of quantized layers to --a-bits, round to nearest or AdaRound, BN re-estimated or folded; "
-        "evaluates FP and the quantized model, exports integer codes + scales."
+        "inputs of quantized layers to --a-bits, round to nearest or AdaRound, BN re-estimated or folded, after "
+        "optional range reduction (--pre); evaluates FP and the quantized model, exports integer codes + scales."
     )
     parser = _subparser(subparsers, "ptq", description, "Post-training quantization.")
     _add_data_args(parser)
@@ -135,6 +135,10 @@ def ptq_command_parser(subparsers=None) -> argparse.ArgumentParser:
     parser.add_argument("--bn", default="reestimate", choices=["reestimate", "fold", "keep"],
                         help="Batch norm after quantizing: reestimate its statistics on the calibration images, fold "
                         "it into the preceding conv before quantizing, or keep it as trained.")
+    parser.add_argument("--pre", nargs="+", default=[], choices=["cle", "magr"],
+                        help="Range reduction of the float model before quantizing, in the order given: cle "
+                        "(cross-layer equalization; folds the batch norms first) and / or magr (weight magnitude "
+                        "reduction on the calibration images), e.g. `--pre cle magr`.")
     parser.set_defaults(func=ptq_command)
     return parser
 
@@ -156,9 +160,10 @@ def ptq_command(args: argparse.Namespace) -> int:
         calibration_batches=10**6,
     )
     setting = format_setting(config.w_bits, config.a_bits)
-    tag = f"{setting.lower()}-ptq" + ("-adaround" if config.rounding == "adaround" else "")
-    return run_step(args, "ptq", config, setting=setting, tag=tag, method=f"ptq-{config.rounding}",
-                    w_bits=config.w_bits, a_bits=config.a_bits)
+    pre = "".join(f"-{step}" for step in args.pre)
+    tag = f"{setting.lower()}-ptq" + ("-adaround" if config.rounding == "adaround" else "") + pre
+    return run_step(args, "ptq", config, setting=setting, tag=tag, method=f"ptq-{config.rounding}{pre}",
+                    pre=args.pre, w_bits=config.w_bits, a_bits=config.a_bits)
 
 
 # ----------------------------------------------------------------------------------------------------------------

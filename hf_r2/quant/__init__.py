@@ -20,6 +20,10 @@ from .api import quantize_ as quantize_
 from .bn import fold_bn as fold_bn
 from .bn import fold_bn_ as fold_bn_
 from .bn import reestimate_bn_stats as reestimate_bn_stats
+from .cle import EQUALIZE_CONFIG_NAME as EQUALIZE_CONFIG_NAME
+from .cle import EqualizeConfig as EqualizeConfig
+from .cle import correct_bias_ as correct_bias_
+from .cle import equalize_ as equalize_
 from .coreml_export import compare_coreml_weights as compare_coreml_weights
 from .coreml_export import export_coreml as export_coreml
 from .dkm import DKMParametrization as DKMParametrization
@@ -40,6 +44,9 @@ from .layers import QuantConv3d as QuantConv3d
 from .layers import QuantLinear as QuantLinear
 from .layers import dequantize_layers_ as dequantize_layers_
 from .layers import quantized_layers as quantized_layers
+from .magr import MAGR_CONFIG_NAME as MAGR_CONFIG_NAME
+from .magr import MagRConfig as MagRConfig
+from .magr import magr_ as magr_
 from .observers import RangeObserver as RangeObserver
 from .onnx_export import compare_onnx as compare_onnx
 from .onnx_export import export_onnx as export_onnx
@@ -89,6 +96,14 @@ __all__ = [
     "reestimate_bn_stats",
     "fold_bn",
     "fold_bn_",
+    # range reduction before PTQ, and bias correction after it
+    "EqualizeConfig",
+    "EQUALIZE_CONFIG_NAME",
+    "equalize_",
+    "correct_bias_",
+    "MagRConfig",
+    "MAGR_CONFIG_NAME",
+    "magr_",
     # QAT
     "QATConfig",
     "QAT_CONFIG_NAME",
