@@ -17,7 +17,6 @@ __all__ = [
     "load_eval_data",
     "export_dir_for",
     "finish",
-    "run_pre_steps",
     "run_step",
     "setting_of",
     "data_fields",
@@ -130,34 +129,17 @@ def _finetune_kwargs(train_ds, args, folder: str) -> dict[str, Any]:
             "seed": args.seed, "r2_config": r2}
 
 
-def run_pre_steps(model: Any, steps: list[str], calibration: list[Any]) -> list[dict[str, Any]]:
-    """`ptq --pre`: the range reductions, on the float model and the calibration batches, in the order given:
-    `"cle"` ([`~hf_r2.quant.equalize_`], batch norms folded first) and `"magr"` ([`~hf_r2.quant.magr_`]), each
-    with its config's defaults. Returns what the export records: `{"step", "config"}` per step."""
-    from ..quant import EqualizeConfig, MagRConfig, equalize_, magr_
-
-    steps_of = {"cle": (EqualizeConfig, equalize_), "magr": (MagRConfig, magr_)}
-    done = []
-    for step in steps:
-        if step not in steps_of:
-            raise ValueError(f"`--pre` takes {', '.join(map(repr, steps_of))}, got {step!r}.")
-        config_class, verb = steps_of[step]
-        config = config_class()
-        verb(model, config, calibration)
-        done.append({"step": step, "config": config.to_dict()})
-    return done
-
-
 def run_step(args: argparse.Namespace, command: str, config: Any, *, setting: str, tag: str, method: str,
              train: bool = False, pre: list[str] | None = None, **row_fields: Any) -> int:
     """What `ptq`, `qat` and `compress` share: load the model and data (any user error is raised before work
-    starts), measure FP, run the `pre` range reductions ([`run_pre_steps`]) and apply `config`
+    starts), measure FP, run the `pre` range reductions
+    ([`~hf_r2.reproduce.apply.apply_pre_steps`]) and apply `config`
     ([`~hf_r2.reproduce.apply.apply_low_bit_`], with the fine-tune if `train`; both timed), export (the `pre` steps
     recorded in the method config), measure the low-bit model, record and print both rows."""
     from ..metrics import evaluate_accuracy
     from ..quant.export import save_low_bit
     from ..quant.results import float_row
-    from ..reproduce.apply import apply_low_bit_
+    from ..reproduce.apply import apply_low_bit_, apply_pre_steps
 
     model, folder, _ = load_any(args.model)
     eval_ds, calibration, train_ds = load_eval_data(args, model, train=train)
@@ -167,7 +149,7 @@ def run_step(args: argparse.Namespace, command: str, config: Any, *, setting: st
     finetune = _finetune_kwargs(train_ds, args, folder) if train else None
     method_config = config.to_dict()
     if pre:
-        method_config["pre"] = run_pre_steps(model, pre, calibration)
+        method_config["pre"] = apply_pre_steps(model, pre, calibration)
     apply_low_bit_(model, config, calibration, train_dataset=train_ds, finetune=finetune,
                    bn_reestimate=getattr(args, "bn_reestimate", True))
     seconds = time.perf_counter() - start

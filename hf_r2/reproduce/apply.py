@@ -13,7 +13,28 @@ if TYPE_CHECKING:
     from ..quant import PalettizeConfig, PTQConfig, QATConfig
     from .config import ReproduceConfig
 
-__all__ = ["apply_low_bit_", "apply_setting"]
+__all__ = ["PRE_STEPS", "apply_pre_steps", "apply_low_bit_", "apply_setting"]
+
+#: The range reductions a float model can get before quantization (`hf-r2 ptq --pre`, a setting's `pre`).
+PRE_STEPS = ("cle", "magr")
+
+
+def apply_pre_steps(model: nn.Module, steps: list[str], calibration: list[Any]) -> list[dict[str, Any]]:
+    """Range reductions of a float model before it is quantized, in place, in the order given: `"cle"`
+    ([`~hf_r2.quant.equalize_`], batch norms folded first) and `"magr"` ([`~hf_r2.quant.magr_`]), each with its
+    config's defaults, on the calibration batches. Returns what an export records: `{"step", "config"}` per step."""
+    from ..quant import EqualizeConfig, MagRConfig, equalize_, magr_
+
+    steps_of = {"cle": (EqualizeConfig, equalize_), "magr": (MagRConfig, magr_)}
+    done = []
+    for step in steps:
+        if step not in steps_of:
+            raise ValueError(f"The range reductions are {', '.join(map(repr, PRE_STEPS))}, got {step!r}.")
+        config_class, verb = steps_of[step]
+        config = config_class()
+        verb(model, config, calibration)
+        done.append({"step": step, "config": config.to_dict()})
+    return done
 
 
 def apply_low_bit_(
@@ -81,7 +102,8 @@ def apply_setting(
     calibration: list[Any],
     train_dataset: Any = None,
 ) -> nn.Module:
-    """Make `model` the low-bit model of one `hf-r2 reproduce` setting, in place: [`apply_low_bit_`] with
+    """Make `model` the low-bit model of one `hf-r2 reproduce` setting, in place: its `pre` range reductions
+    ([`apply_pre_steps`]), then [`apply_low_bit_`] with
     [`~hf_r2.reproduce.variants.quant_config`] and the config's fixed fine-tune (AdamW, cosine, no weight decay, R2
     off, the same for every variant: `batch_size`, `finetune_lr`, `finetune_epochs`, `finetune_max_steps`).
 
@@ -104,4 +126,5 @@ def apply_setting(
     finetune = {"learning_rate": config.finetune_lr, "per_device_batch_size": config.batch_size,
                 "num_epochs": config.finetune_epochs, "max_steps": config.finetune_max_steps or -1, "seed": seed}
     qconfig = quant_config(setting, config.adaround_iters)
+    apply_pre_steps(model, setting.get("pre") or [], calibration)
     return apply_low_bit_(model, qconfig, calibration, train_dataset=train_dataset, finetune=finetune)

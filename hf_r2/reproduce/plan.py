@@ -136,7 +136,8 @@ def row_spec(setting: dict[str, Any] | None, config: ReproduceConfig) -> dict[st
         spec["validation_size"] = config.validation_size
     if setting is None:
         return jsonable(spec)
-    spec["setting"] = {k: v for k, v in setting.items() if k not in SCOPE_KEYS}
+    # `pre` enters only when set, so rows cached before it existed stay valid
+    spec["setting"] = {k: v for k, v in setting.items() if k not in SCOPE_KEYS and not (k == "pre" and v is None)}
     if setting["name"] in (config.onnx_settings or []):  # measured in ONNX Runtime too, once the extra is there
         spec["onnx"] = onnx_check_available()
     spec["calibration_samples"] = config.calibration_samples

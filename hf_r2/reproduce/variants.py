@@ -38,7 +38,7 @@ VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2", "init_from", "epo
                 "models")
 #: The variant keys that change its training beyond the loss (a variant without them trains with the config's recipe).
 TRAINING_KEYS = ("init_from", "epochs", "lr")
-SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "headline",
+SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "pre", "headline",
                 "variants", "models")
 #: The keys of a setting that say where it is measured, not how (left out of its cache spec).
 SCOPE_KEYS = ("name", "headline", "variants", "models")
@@ -174,6 +174,12 @@ def resolve_weight(variant: dict[str, Any], model: str, chosen: dict[str, dict[s
 
 
 def setting_name(s: dict[str, Any]) -> str:
+    """`"W2A8 per-channel mse"`, `"W2A2 QAT"`, `"W1 k-means"`, ...; `" + CLE"` / `" + MagR"` for its `pre` steps."""
+    pre = "".join(f" + {'CLE' if step == 'cle' else 'MagR'}" for step in s.get("pre") or [])
+    return _base_name(s) + pre
+
+
+def _base_name(s: dict[str, Any]) -> str:
     from ..quant import format_setting
 
     if s["method"] == "ptq":
@@ -207,6 +213,15 @@ def normalise_setting(item: Any, index: int) -> dict[str, Any]:
             raise ValueError(f"{what}: {method!r} clusters the weights only (one palette per tensor); it takes no "
                              f"{extra}.")
         s.update(a_bits=None, per_channel=None, weight_range=None, rounding=None)
+    pre = item.get("pre")
+    if pre is not None:
+        if isinstance(pre, str):
+            pre = [pre]
+        if method not in ("ptq", "kmeans") or not pre or any(step not in ("cle", "magr") for step in pre):
+            raise ValueError(f"{what}: `pre` is a list of range reductions run on the float model before a 'ptq' or "
+                             f"'kmeans' row, from ['cle', 'magr'], got {item.get('pre')!r} (method {method!r}).")
+        pre = list(pre)
+    s["pre"] = pre
     cheap = (method == "ptq" and s["rounding"] == "nearest") or method == "kmeans"
     s["headline"] = bool(item.get("headline", cheap))
     s["name"] = str(item.get("name") or setting_name(s))

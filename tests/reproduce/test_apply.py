@@ -100,3 +100,31 @@ def test_apply_setting_uses_the_settings_quant_config(model):
     torch.manual_seed(0)
     applied = apply_setting(copy.deepcopy(model), setting, config, 0, calibration=calibration)
     torch.testing.assert_close(_logits(applied, calibration[0]), _logits(by_hand, calibration[0]), rtol=0, atol=0)
+
+
+def test_a_settings_pre_steps_run_first_in_their_order(model):
+    """`pre: [cle, magr]`: equalize_ then magr_ on the float model, then the PTQ, as done by hand; named after them."""
+    from hf_r2.quant import EqualizeConfig, MagRConfig, equalize_, magr_
+    from hf_r2.reproduce.plan import row_spec
+
+    ptq = {"method": "ptq", "w_bits": 2, "a_bits": 8, "per_channel": False, "weight_range": "maxabs"}
+    config = ReproduceConfig(models=["x"], variants=["baseline"], seeds=[0], lambda_sweep=None,
+                             low_bit=[ptq, {**ptq, "pre": ["cle", "magr"]}, {"method": "kmeans", "w_bits": 1,
+                                                                             "pre": "magr"}])
+    plain, both, kmeans = config.low_bit
+    assert (plain["name"], both["name"], kmeans["name"]) == (
+        "W2A8 per-tensor maxabs", "W2A8 per-tensor maxabs + CLE + MagR", "W1 k-means + MagR")
+    assert "pre" not in row_spec(plain, config)["setting"]  # rows cached before `pre` existed stay valid
+    assert row_spec(both, config)["setting"]["pre"] == ["cle", "magr"]
+    calibration = _batches()
+    by_hand = copy.deepcopy(model)
+    equalize_(by_hand, EqualizeConfig(), calibration)
+    magr_(by_hand, MagRConfig(), calibration)
+    by_hand = apply_low_bit_(by_hand, quant_config(both), calibration)
+    applied = apply_setting(copy.deepcopy(model), both, config, 0, calibration=calibration)
+    torch.testing.assert_close(_logits(applied, calibration[0]), _logits(by_hand, calibration[0]), rtol=0, atol=0)
+    without = apply_setting(copy.deepcopy(model), plain, config, 0, calibration=calibration)
+    assert not torch.equal(_logits(without, calibration[0]), _logits(applied, calibration[0]))
+    for bad in ({**ptq, "pre": ["awq"]}, {"method": "qat", "w_bits": 2, "pre": ["cle"]}):
+        with pytest.raises(ValueError, match="`pre` is a list of range reductions"):
+            ReproduceConfig(models=["x"], variants=["baseline"], lambda_sweep=None, low_bit=[bad])
