@@ -36,7 +36,8 @@ def demo_config(**overrides: Any) -> ReproduceConfig:
 
     One model, two variants (`baseline`, and `r2_loss` at `r2_weight`), one seed, no lambda sweep; the low-bit rows
     are FP, W8A8 and W4A8 (per channel, MSE), then at `bits` bits: per tensor and per channel with max-abs and MSE
-    ranges, and k-means. `bn_samples` training images calibrate the activations and re-estimate batch norm.
+    ranges, k-means, and, on the baseline only, MagR before the per-channel MSE PTQ (the post-training alternative to
+    R2). `bn_samples` training images calibrate the activations and re-estimate batch norm.
     """
     unknown = sorted(set(overrides) - set(DEMO_DEFAULTS))
     if unknown:
@@ -53,6 +54,9 @@ def demo_config(**overrides: Any) -> ReproduceConfig:
         for weight_range in ("maxabs", "mse")
     ]
     low_bit.append({"method": "kmeans", "w_bits": bits})
+    # the post-training alternative to retraining with R2: MagR on the baseline, then the same per-channel PTQ
+    low_bit.append({"method": "ptq", "w_bits": bits, "a_bits": 8, "per_channel": True, "weight_range": "mse",
+                    "pre": ["magr"], "variants": ["baseline"]})
     return ReproduceConfig(
         output_dir=s["output_dir"],
         dataset=s["dataset"],

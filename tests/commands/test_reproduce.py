@@ -23,9 +23,13 @@ def test_demo_runs_on_tiny_settings(data_dir, tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert [v["name"] for v in results["config"]["variants"]] == ["baseline", "linf"]
-    table = results["summary"]["test_resnet"]
+    table = dict(results["summary"]["test_resnet"])
     assert list(table) == ["FP", "W8A8 per-channel mse", "W4A8 per-channel mse", "W2A8 per-tensor maxabs",
-                           "W2A8 per-tensor mse", "W2A8 per-channel maxabs", "W2A8 per-channel mse", "W2 k-means"]
+                           "W2A8 per-tensor mse", "W2A8 per-channel maxabs", "W2A8 per-channel mse", "W2 k-means",
+                           "W2A8 per-channel mse + MagR"]
+    magr = table.pop("W2A8 per-channel mse + MagR")  # the post-training alternative, on the baseline only
+    assert set(magr) == {"baseline"} and 0.0 <= magr["baseline"]["mean"] <= 1.0
+    assert f"| W2A8 per-channel mse + MagR | {100 * magr['baseline']['mean']:.2f} | - |" in text
     for setting, cells in table.items():
         assert set(cells) == {"baseline", "linf"}
         assert all(0.0 <= cell["mean"] <= 1.0 for cell in cells.values())
