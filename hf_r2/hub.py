@@ -25,6 +25,12 @@ from .saving import R2_STATS_NAME, save_model_folder
 __all__ = ["HubPushError", "R2Pretrained", "download", "from_pretrained", "push_folder", "push_to_hub"]
 
 
+# Left out of an upload: Trainer checkpoints and TensorBoard runs, hidden files, and the partial files of a write
+# that was interrupted (`*.tmp` from the atomic writes; `model.onnx.tmp<pid>`, `model.tmp<pid>.mlpackage/` from
+# `hf-r2 export`). An exported `model.onnx` and `model.mlpackage/` (a folder) go up with the rest.
+_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", "runs/**", "*.tmp", "*.tmp[0-9]*"]
+
+
 class HubPushError(RuntimeError):
     """An upload to the Hub failed; the local folder is complete and the push can be retried."""
 
@@ -81,7 +87,8 @@ def push_folder(
     license: str | None = None,
     write_card: bool = True,
 ) -> str:
-    """Upload a saved model folder to the Hub repo `repo_id`, after writing its model card into the folder.
+    """Upload a saved model folder to the Hub repo `repo_id`, after writing its model card into the folder. The
+    files `hf-r2 export` wrote into it (`model.onnx`, `model.mlpackage/`) go up too, described on the card.
 
     Args:
         folder (`str`):
@@ -142,7 +149,7 @@ def push_folder(
             commit_message=commit_message,
             revision=revision,
             create_pr=create_pr,
-            ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*", "runs/**", "*.tmp"],
+            ignore_patterns=_IGNORE_PATTERNS,
         )
     except FileExistsError:
         raise

@@ -1,13 +1,16 @@
 """The model card of an hf-r2 model folder: Hub metadata (`library_name`, tags, datasets, base model, the measured
 accuracy as model-index `eval_results`) plus a body with the R2 settings, the per-layer weight ranges, how to load the
-model, and the citation.
+model, how to deploy the files `hf-r2 export` wrote (ONNX, Core ML), and the citation.
 
 Only numbers measured and saved in the folder (`eval_results.json` / `all_results.json`, as
-`Trainer.save_metrics("eval", ...)` writes them) or passed explicitly go on the card.
+`Trainer.save_metrics("eval", ...)` writes them; `low_bit_results.json`; `export_results.json`, as `hf-r2 export`
+writes it) or passed explicitly go on the card.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import os
 from typing import Any
@@ -20,8 +23,10 @@ from .data import hub_dataset_id
 from .models import is_timm_config
 from .saving import R2_STATS_NAME, read_training_info
 
-__all__ = ["MODEL_CARD_TAGS", "R2_CITATION", "build_model_card", "folder_library", "read_measured_accuracy",
-           "write_model_card"]
+__all__ = ["EXPORT_RESULTS_NAME", "MODEL_CARD_TAGS", "R2_CITATION", "build_model_card", "folder_library",
+           "read_export_results", "read_measured_accuracy", "weights_digest", "write_model_card"]
+
+logger = logging.getLogger(__name__)
 
 MODEL_CARD_TAGS = ["r2-loss", "quantization", "image-classification", "hf-r2"]
 
@@ -35,6 +40,10 @@ R2_CITATION = """@article{kundu2023r2,
 # Rows of the per-layer range table; larger models list the layers with the largest max/std first, then stop.
 _MAX_LAYER_ROWS = 60
 _RESULT_FILES = ("eval_results.json", "all_results.json")
+#: What `hf-r2 export` wrote into a model folder and measured: `{"format_version", "hf_r2_version", "exports":
+#: {"onnx": {...}, "coreml": {...}}}`, one entry per format (see `hf_r2.commands.export`).
+EXPORT_RESULTS_NAME = "export_results.json"
+_TARGETS = {"iOS18": "iOS 18 / macOS 15"}  # Core ML deployment targets, as Apple names the systems
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
@@ -64,6 +73,30 @@ def read_measured_accuracy(folder: str) -> float | None:
             if isinstance(value, (int, float)) and math.isfinite(value):
                 return float(value)
     return None
+
+
+def weights_digest(folder: str) -> str | None:
+    """The sha256 of the folder's weights: its top-level `*.safetensors` files, each name then its bytes, in name
+    order (`None` when it has none). `export_results.json` records it, so that a card describes an exported file
+    only as long as the folder still holds the weights it was exported from."""
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")
+                   and os.path.isfile(os.path.join(folder, n)))
+    if not names:
+        return None
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        with open(os.path.join(folder, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_export_results(folder: str) -> dict[str, dict[str, Any]]:
+    """`{format: entry}` from the folder's `export_results.json` (`{}` when there is none): what `hf-r2 export`
+    wrote (`path` relative to the folder, `file_bytes`, `bits_per_weight`, ...) and measured (`check`, `accuracy`)."""
+    exports = (_read_json(os.path.join(folder, EXPORT_RESULTS_NAME)) or {}).get("exports")
+    return {k: v for k, v in exports.items() if isinstance(v, dict)} if isinstance(exports, dict) else {}
 
 
 def _fmt(value: Any) -> str:
@@ -172,6 +205,103 @@ def _data_section(data: dict[str, Any]) -> str:
             + (f", at {data['input_size']} pixels" if data.get("input_size") else "") + ".\n")
 
 
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB" if num_bytes >= 2**20 else f"{num_bytes / 1024:.1f} KiB"
+
+
+def _preprocessing(steps: list[dict[str, Any]]) -> str:
+    """The evaluation transform `hf-r2 export` recorded, in words."""
+    words = []
+    for step in steps:
+        op, size = step.get("op"), step.get("size")
+        if op == "resize":
+            to = f"the shorter side to {size}" if isinstance(size, int) else f"to {size[0]} x {size[1]}"
+            words.append(f"resize {to} pixels ({step.get('interpolation')})")
+        elif op == "center_crop":
+            words.append(f"center-crop {size[0]} x {size[1]}")
+        elif op == "to_tensor":
+            words.append("convert to float in [0, 1] (RGB, channels first)")
+        elif op == "normalize":
+            words.append(f"normalize with mean {tuple(step['mean'])} and std {tuple(step['std'])}")
+        else:
+            words.append(f"`{step.get('repr', op)}`")
+    return ", ".join(words)
+
+
+def _deploy_entry(fmt: str, entry: dict[str, Any], repo_id: str) -> list[str]:
+    """The lines of one exported file: size, bits, what was checked and measured, and how to run it."""
+    path, size, float_bytes = entry["path"], entry["file_bytes"], entry.get("float_bytes")
+    shape, check, acc = list(entry.get("input_size") or [3, 224, 224]), entry.get("check"), entry.get("accuracy")
+    vs = f", against {_size(float_bytes)} of float weights ({float_bytes / size:.1f}x smaller)" if float_bytes else ""
+    bits = f"{entry['bits_per_weight']:.2f} bits per Conv/Linear weight ({entry.get('weights')} weights"
+    x = f"x = np.zeros(({', '.join(map(str, [1, *shape]))}), dtype=np.float32)  # your images, preprocessed as above"
+    steps = _preprocessing(entry.get("preprocessing") or [])
+    batch = "1" if fmt == "coreml" else "batch"
+    given = (f"- Input: `pixel_values`, float32 ({batch}, {', '.join(map(str, shape))}), preprocessed as for the "
+             "PyTorch model (its own preprocessing, not part of the file)" + (f": {steps}." if steps else "."))
+    if fmt == "onnx":
+        lines = [f"### ONNX: `{path}`\n", f"- Size: {_size(size)}{vs}; {bits}, opset {entry.get('opset')})."]
+        if check:
+            lines.append(f"- Checked: ONNX Runtime and hf-r2 give the same top-1 class on "
+                         f"{100 * check['top1_agreement']:.1f}% of {check['num_images']} random inputs (largest "
+                         f"logit difference {check['max_abs_diff']:.3g}, largest logit {check['max_abs_logit']:.3g}).")
+        else:
+            lines.append("- Not checked against hf-r2 (exported with `--check-samples 0`).")
+        if acc:
+            lines.append(f"- Top-1 accuracy on `{acc['dataset']}` ({acc['num_images']} images of the "
+                         f"`{acc['split']}` split, {acc['input_size']} pixels): {acc['onnxruntime']:.4f} in ONNX "
+                         f"Runtime, {acc['hf_r2']:.4f} in hf-r2 (PyTorch) on the same images.")
+        lines.append(given)
+        code = ("import numpy as np\nimport onnxruntime\nfrom huggingface_hub import hf_hub_download\n\n"
+                f'session = onnxruntime.InferenceSession(hf_hub_download("{repo_id}", "{path}"))\n{x}\n'
+                'logits = session.run(None, {"pixel_values": x})[0]  # (batch, classes)')
+    else:
+        float_file = entry.get("float_file_bytes")
+        if float_file:
+            vs = (f", against {_size(float_file)} for the same network converted with float weights "
+                  f"({float_file / size:.1f}x smaller)")
+        target = entry.get("deployment_target")
+        lines = [f"### Core ML: `{path}`\n", f"- Size: {_size(size)}{vs}; {bits}, {entry.get('precision')}, "
+                 f"{_TARGETS.get(target, target)} or later; activations in float)."]
+        if check:
+            rounded = "" if entry.get("precision") == "float32" else f" rounded to {entry.get('precision')}"
+            same = "equal" if check.get("values_match") else "do NOT equal"
+            lines.append(f"- Checked: the weights read back from the package decode to hf-r2's{rounded} bit for bit "
+                         f"in {check['exact_layers']} / {check['num_layers']} low-bit layers (indices and codes "
+                         f"{same} hf-r2's).")
+        elif entry.get("low_bit_layers"):
+            lines.append("- The weights were not read back (exported with `--check-samples 0`).")
+        lines += ["- Not run: hf-r2 made no prediction with Core ML (which runs on Apple systems only), so no "
+                  "accuracy was measured in Core ML.", given]
+        code = ("import coremltools as ct  # predictions need macOS\nimport numpy as np\n"
+                f'from huggingface_hub import snapshot_download\n\nfolder = snapshot_download("{repo_id}", '
+                f'allow_patterns=["{path}/*"])\nmodel = ct.models.MLModel(f"{{folder}}/{path}")\n{x}\n'
+                'logits = model.predict({"pixel_values": x})["logits"]  # (1, classes)')
+    return lines + [f"\n```python\n{code}\n```\n"]
+
+
+def _deploy_section(folder: str, exports: dict[str, dict[str, Any]], repo_id: str) -> tuple[str, list[str]]:
+    """`## Deploy` for the exported files that `export_results.json` describes and `folder` holds, exported from
+    its present weights; and those files' formats. `("", [])` when there is none."""
+    out, shown, digest = [], [], weights_digest(folder)
+    for fmt in [f for f in ("onnx", "coreml") if f in exports]:
+        entry = exports[fmt]
+        path = os.path.join(folder, *str(entry.get("path", "")).split("/"))
+        if not (os.path.isfile(path) if fmt == "onnx" else os.path.isdir(path)):
+            continue
+        if entry.get("weights_sha256") not in (None, digest):
+            logger.warning("%s in %s was exported from other weights than the folder's: left off the card. Run "
+                           "`hf-r2 export` again.", entry["path"], folder)
+            out.append(f"`{entry['path']}` was exported from earlier weights than these, so it is not described "
+                       "here.\n")
+            continue
+        out += _deploy_entry(fmt, entry, repo_id)
+        shown.append(fmt)
+    if not out:
+        return "", []
+    return "## Deploy\n\nWritten and checked by `hf-r2 export` (`export_results.json`).\n\n" + "\n".join(out), shown
+
+
 def build_model_card(
     folder: str,
     repo_id: str | None = None,
@@ -183,7 +313,8 @@ def build_model_card(
     accuracy: float | None = None,
     training: dict[str, Any] | None = None,
 ) -> ModelCard:
-    """The [`~huggingface_hub.ModelCard`] of a saved hf-r2 model folder.
+    """The [`~huggingface_hub.ModelCard`] of a saved hf-r2 model folder. Its `## Deploy` section describes the files
+    `hf-r2 export` recorded (`export_results.json`) that the folder holds, exported from its present weights.
 
     Args:
         folder (`str`):
@@ -259,6 +390,8 @@ def build_model_card(
     extra = {"base_model_relation": "quantized"} if low_bit is not None and base_model else {}
     if low_bit is not None:
         all_tags.append("low-bit")
+    deploy, formats = _deploy_section(folder, read_export_results(folder), repo_id)
+    all_tags += [tag for tag in formats if tag not in all_tags]
     data = ModelCardData(
         library_name="hf-r2" if low_bit is not None else library,
         tags=all_tags,
@@ -303,6 +436,8 @@ def build_model_card(
         rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in training.items())
         body.append(f"## Training\n\n| hyperparameter | value |\n|---|---|\n{rows}\n")
     body.append(_usage_section(library, repo_id, low_bit=low_bit is not None))
+    if deploy:
+        body.append(deploy)
     body.append(f"## Citation\n\n```bibtex\n{R2_CITATION}\n```\n")
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
     return ModelCard(content)

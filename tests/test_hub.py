@@ -1,4 +1,5 @@
-"""Push to and download from the Hub (full precision): a round trip against a local Hub on 127.0.0.1.
+"""Push to and download from the Hub (full precision, low-bit, and a folder with ONNX / Core ML exports): a round trip
+against a local Hub on 127.0.0.1.
 
 The local Hub (../shared/tools/local_hub: olah for reads, a receiver for writes) runs for this module only. The hub
 scenarios run in subprocesses (tests/_hub_worker.py), because huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE at
@@ -37,7 +38,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_worker(scenario: str, work: Path, endpoint: str, home: Path, offline: bool = False, timeout: int = 120):
+def _hub_env(endpoint: str, home: Path, offline: bool = False) -> dict[str, str]:
+    """The environment of a subprocess that talks to the Hub at `endpoint` only (HF_HOME `home`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     env.update(
         HF_ENDPOINT=endpoint, HF_HUB_DISABLE_XET="1", HF_TOKEN="x", HF_HOME=str(home),
@@ -45,8 +47,12 @@ def _run_worker(scenario: str, work: Path, endpoint: str, home: Path, offline: b
         HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")]),
     )
-    proc = subprocess.run([sys.executable, str(WORKER), scenario, str(work)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return env
+
+
+def _run_worker(scenario: str, work: Path, endpoint: str, home: Path, offline: bool = False, timeout: int = 120):
+    proc = subprocess.run([sys.executable, str(WORKER), scenario, str(work)], env=_hub_env(endpoint, home, offline),
+                          capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"hub worker {scenario!r} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     with open(work / f"{scenario}.json") as f:
@@ -54,30 +60,35 @@ def _run_worker(scenario: str, work: Path, endpoint: str, home: Path, offline: b
 
 
 @pytest.fixture(scope="module")
-def hub_runs(tmp_path_factory):
-    """Start the local Hub, run push -> load (fresh HF_HOME) -> offline load -> failing pushes; stop the Hub."""
+def local_hub(tmp_path_factory):
+    """Start the local Hub on free ports for this module; yields its endpoint; stops it."""
     if not (LOCAL_HUB / "start.sh").is_file():
         raise AssertionError(f"the local Hub is missing: {LOCAL_HUB}/start.sh")
-    work = tmp_path_factory.mktemp("hub")
-    state = work / "state"
+    state = tmp_path_factory.mktemp("hub_state")
     port, olah_port = _free_port(), _free_port()
     started = subprocess.run(["bash", str(LOCAL_HUB / "start.sh"), str(state), str(port), str(olah_port)],
                              capture_output=True, text=True, timeout=180)
     try:
         if started.returncode != 0:
             raise AssertionError(f"local Hub did not start:\n{started.stdout}\n{started.stderr}")
-        endpoint = f"http://127.0.0.1:{port}"
-        runs = {}
-        runs["push"], _ = _run_worker("push", work, endpoint, work / "home_push")
-        runs["load"], _ = _run_worker("load", work, endpoint, work / "home_load")
-        # offline, from the cache `load` filled; the endpoint is a closed port, so any network use would fail
-        runs["offline"], _ = _run_worker("offline", work, f"http://127.0.0.1:{_free_port()}", work / "home_load",
-                                         offline=True)
-        runs["fail"], runs["fail_stderr"] = _run_worker("fail", work, f"http://127.0.0.1:{_free_port()}",
-                                                        work / "home_fail")
-        yield runs
+        yield f"http://127.0.0.1:{port}"
     finally:
         subprocess.run(["bash", str(LOCAL_HUB / "stop.sh"), str(state)], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def hub_runs(local_hub, tmp_path_factory):
+    """Run push -> load (fresh HF_HOME) -> offline load -> failing pushes against the local Hub."""
+    work = tmp_path_factory.mktemp("hub")
+    runs = {}
+    runs["push"], _ = _run_worker("push", work, local_hub, work / "home_push")
+    runs["load"], _ = _run_worker("load", work, local_hub, work / "home_load")
+    # offline, from the cache `load` filled; the endpoint is a closed port, so any network use would fail
+    runs["offline"], _ = _run_worker("offline", work, f"http://127.0.0.1:{_free_port()}", work / "home_load",
+                                     offline=True)
+    runs["fail"], runs["fail_stderr"] = _run_worker("fail", work, f"http://127.0.0.1:{_free_port()}",
+                                                    work / "home_fail")
+    return runs
 
 
 # ---- round trip against the local Hub ----
@@ -183,6 +194,63 @@ def test_failed_push_is_clear_fast_and_keeps_folder(hub_runs):
     assert fail["unchanged"] and fail["unchanged_after_no_token"] and fail["unchanged_after_cli"]
     assert fail["no_token_error_type"] == "ValueError" and "HF_TOKEN" in fail["no_token_error"]
     assert fail["cli_push_rc"] == 1 and "hf-r2 push: error: Uploading" in hub_runs["fail_stderr"]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.relative_to(folder).parts[0].startswith(".")}
+
+
+def test_push_an_exported_folder(local_hub, tmp_path, data_dir):
+    """`hf-r2 export` of a W2A8 export to ONNX (top-1 measured on cifar10-tiny) and, where coremltools is installed,
+    to Core ML, then `hf-r2 push`: the repo holds the folder's files byte for byte (model.onnx, the model.mlpackage
+    folder, export_results.json), its README has the Deploy section, and the card's ONNX snippet runs as written
+    (hf_hub_download from the Hub, then ONNX Runtime)."""
+    pytest.importorskip("onnxruntime", reason="`hf-r2 export` needs `pip install 'hf-r2[onnx]'`")
+    import importlib.util
+
+    from huggingface_hub import ModelCard
+
+    from hf_r2.cli import main
+    from hf_r2.quant import PTQConfig, quantize_, save_low_bit
+
+    repo = "r2-tests/timm-resnet-r2-w2a8-deploy"
+    model = make_timm("test_resnet").eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0}
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    folder = tmp_path / "w2a8"
+    save_low_bit(quantize_(model, PTQConfig(w_bits=2, a_bits=8, bn="keep"), [{"pixel_values": x}]), str(folder),
+                 method="ptq")
+    assert main(["export", str(folder), "--dataset", "cifar10-tiny", "--data-dir", str(data_dir),
+                 "--max-eval-samples", "32"]) == 0
+    coreml = importlib.util.find_spec("coremltools") is not None
+    if coreml:
+        assert main(["export", str(folder), "--format", "coreml"]) == 0
+    local = tmp_path / "downloaded"
+    code = ("import sys; from hf_r2.cli import main; "
+            "sys.exit(main(['push', sys.argv[1], sys.argv[2]]) or main(['download', sys.argv[2], '--local-dir', "
+            "sys.argv[3]]))")
+    done = subprocess.run([sys.executable, "-c", code, str(folder), repo, str(local)],
+                          env=_hub_env(local_hub, tmp_path / "home"), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-4000:]
+    pushed, sent = _files(local), _files(folder)
+    assert {"README.md", "model.onnx", "export_results.json", "low_bit.safetensors"} <= set(pushed)
+    assert pushed == sent  # every file, the card hf-r2 push wrote included, byte for byte
+    assert coreml == any(name.startswith("model.mlpackage/") for name in pushed)
+    card = ModelCard.load(local / "README.md")
+    exports = json.loads(pushed["export_results.json"])["exports"]
+    accuracy = exports["onnx"]["accuracy"]
+    assert "## Deploy" in card.text and "onnx" in card.data.tags and ("coreml" in card.data.tags) == coreml
+    assert (f"- Top-1 accuracy on `cifar10-tiny` (32 images of the `test` split, 32 pixels): "
+            f"{accuracy['onnxruntime']:.4f} in ONNX Runtime, {accuracy['hf_r2']:.4f} in hf-r2") in card.text
+    assert f'hf_hub_download("{repo}", "model.onnx")' in card.text
+    assert ("### Core ML: `model.mlpackage`" in card.text) == coreml
+    # the card's ONNX snippet, as a reader would run it (a fresh cache)
+    snippet = card.text.split("### ONNX")[1].split("```python\n")[1].split("```")[0]
+    done = subprocess.run([sys.executable, "-c", snippet + "print(list(logits.shape))"],
+                          env=_hub_env(local_hub, tmp_path / "reader"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.strip() == "[1, 10]"
 
 
 # ---- no Hub needed ----

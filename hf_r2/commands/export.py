@@ -5,6 +5,30 @@ the float graph for a float one; ONNX Runtime's logits are compared with hf-r2's
 ([`~hf_r2.quant.coreml_export.export_coreml`]): an `.mlpackage` whose palettized and quantized weights are Core ML
 compressed weights holding hf-r2's palettes, indices and codes (activations stay float); Core ML runs on Apple
 systems only, so the check reads the weights back from the package and compares them with hf-r2's.
+
+With `--dataset` (ONNX only), the file's top-1 accuracy is measured in ONNX Runtime on the evaluation split
+([`~hf_r2.quant.onnx_export.onnx_accuracy`]) beside hf-r2's own top-1 of the same model on the same images. A file
+written inside the model folder is recorded in the folder's `export_results.json` (one entry per format, replaced
+by the next export in that format), which the model card's Deploy section reads
+([`hf_r2.model_card.build_model_card`]):
+
+```json
+{"format_version": 1, "hf_r2_version": "...", "exports": {"onnx": {
+  "format": "onnx", "path": "model.onnx", "file_bytes": 48310, "float_bytes": 312464, "bits_per_weight": 2.31,
+  "weights": "quantized", "low_bit_layers": 21, "opset": 21, "input_size": [3, 32, 32],
+  "preprocessing": [{"op": "resize", "size": 32, "interpolation": "bilinear"}, ...],
+  "check": {"kind": "logits", "num_images": 8, "seed": 0, "max_abs_diff": 1e-06, "max_abs_logit": 3.1,
+            "top1_agreement": 1.0},
+  "accuracy": {"onnxruntime": 0.25, "hf_r2": 0.25, "dataset": "cifar10-tiny", "split": "test", "num_images": 200,
+               "input_size": 32},
+  "weights_sha256": "..."}}}
+```
+
+A Core ML entry has `precision`, `deployment_target`, `float_file_bytes` (the same network converted with float
+weights), `activations` and `input_quantizers_dropped` instead of `opset`, a `check` of `kind` `"weights"`
+(`num_layers`, `exact_layers`, `values_match`, `max_abs_diff`, `max_rel_diff`, `missing`) and `accuracy` `null`.
+`check` is `null` when no check ran; `float_bytes` is the float model's weights (the low-bit export's size report, or
+the state dict); `weights_sha256` is [`hf_r2.model_card.weights_digest`] of the folder at export time.
 """
 
 from __future__ import annotations
@@ -48,7 +72,9 @@ def export_command_parser(subparsers=None) -> argparse.ArgumentParser:
         "With `--format coreml`, writes a Core ML package (iOS 18 / macOS 15) instead: palettized weights and 1- to "
         "3-bit grids as lookup tables with hf-r2's palettes and indices, 4- to 8-bit grids as linear-quantized "
         "weights with hf-r2's codes, scales and zero points, activations in float; then reads the weights back from "
-        "the package and compares them with hf-r2's. Needs `pip install 'hf-r2[coreml]'`."
+        "the package and compares them with hf-r2's. Needs `pip install 'hf-r2[coreml]'`. With --dataset (onnx "
+        "only), also measures the file's top-1 in ONNX Runtime beside hf-r2's on the same images. A file written "
+        "inside the model folder is recorded in its export_results.json, which the model card (`hf-r2 push`) shows."
     )
     formatter = argparse.ArgumentDefaultsHelpFormatter
     if subparsers is None:
@@ -73,7 +99,17 @@ def export_command_parser(subparsers=None) -> argparse.ArgumentParser:
     parser.add_argument("--check-samples", "--check_samples", type=_Int(0), default=8,
                         help="Random inputs on which ONNX Runtime's logits are compared with hf-r2's (0: no check). "
                         "A Core ML package is checked by reading its weights back instead (0: no check).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the random check inputs.")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seed of the random check inputs (and of the --max-eval-samples subset).")
+    parser.add_argument("--dataset", default=None,
+                        help="ONNX only: also measure the file's top-1 accuracy in ONNX Runtime on this dataset's "
+                        "evaluation split (a name as for `hf-r2 evaluate`, e.g. cifar10, or a local path), beside "
+                        "hf-r2's top-1 of the same model on the same images; both are recorded.")
+    parser.add_argument("--data-dir", "--data_dir", default=None, help="Folder of the local CIFAR-10 copies.")
+    parser.add_argument("--max-eval-samples", "--max_eval_samples", type=_Int(1), default=None,
+                        help="With --dataset: evaluate on a seeded random subset of this many images.")
+    parser.add_argument("--batch-size", "--batch_size", type=_Int(1), default=128,
+                        help="With --dataset: the batch size of both evaluations.")
     parser.set_defaults(func=export_command)
     return parser
 
@@ -97,6 +133,12 @@ def export_command(args: argparse.Namespace) -> int:
         raise UsageError("--opset and --float-palettes apply to --format onnx only.", prog="hf-r2 export")
     if not coreml and args.precision != _PRECISIONS[0]:
         raise UsageError("--precision applies to --format coreml only.", prog="hf-r2 export")
+    if coreml and args.dataset is not None:
+        raise UsageError("--dataset applies to --format onnx only: hf-r2 cannot run a Core ML package (Apple "
+                         "systems only); its weights are checked instead.", prog="hf-r2 export")
+    if args.dataset is None and (args.max_eval_samples is not None or args.data_dir is not None):
+        raise UsageError("--max-eval-samples and --data-dir need --dataset, e.g. `--dataset cifar10`.",
+                         prog="hf-r2 export")
     try:  # before the model loads: a missing package is one line, as the other user errors
         if coreml:
             from ..quant.coreml_export import require_coremltools
@@ -105,7 +147,7 @@ def export_command(args: argparse.Namespace) -> int:
         else:
             from ..quant.onnx_export import require_onnx
 
-            require_onnx(runtime=args.check_samples > 0)
+            require_onnx(runtime=args.check_samples > 0 or args.dataset is not None)
     except ImportError as err:
         print(f"hf-r2 export: error: {err}", file=sys.stderr)
         return 1
@@ -116,11 +158,37 @@ def export_command(args: argparse.Namespace) -> int:
     if description is not None:
         restore_low_bit_weights_(model, folder)
     output = args.output or default_output(args.model, args.format)
-    (_export_coreml if coreml else _export_onnx)(model, output, args)
+    data = _eval_data(model, args) if args.dataset is not None else None  # before the export: a bad name fails fast
+    entry = (_export_coreml if coreml else _export_onnx)(model, output, args, data)
+    if os.path.isdir(args.model):
+        entry["float_bytes"] = _float_bytes(model, description)
+        entry["preprocessing"] = _preprocessing(model, args.input_size)
+        recorded = _record(args.model, output, args.format, entry)
+        if recorded:
+            print(f"Recorded in {recorded}")
     return 0
 
 
-def _export_onnx(model, output: str, args: argparse.Namespace) -> None:
+def _eval_data(model, args: argparse.Namespace) -> tuple[object, dict]:
+    """`(batches, what they are)`: the evaluation split of `--dataset` in the model's preprocessing, as a
+    `DataLoader` both evaluations iterate in the same order, and its [`data_fields`]."""
+    import torch
+
+    from ..data import collate_fn
+    from ..models import input_shape
+    from .quant_steps import data_fields, load_eval_data
+
+    eval_ds, _, _ = load_eval_data(args, model, calibrate=False)
+    on = data_fields(args, eval_ds)
+    side = input_shape(model, args.input_size)[-1]
+    if len(eval_ds) and on["input_size"] != side:
+        raise ValueError(f"The model's preprocessing gives {on['input_size']}-pixel images, but the ONNX file is "
+                         f"exported at {side} pixels: pass `--input-size {on['input_size']}` (or the size you want).")
+    loader = torch.utils.data.DataLoader(eval_ds, batch_size=args.batch_size, shuffle=False, collate_fn=collate_fn)
+    return loader, on
+
+
+def _export_onnx(model, output: str, args: argparse.Namespace, data: tuple | None) -> dict:
     import torch
 
     from ..quant.onnx_export import compare_onnx, export_onnx
@@ -133,6 +201,9 @@ def _export_onnx(model, output: str, args: argparse.Namespace) -> None:
     print(f"Bits per Conv/Linear weight: {report['bits_per_weight']:.2f}; low-bit layers: {report['low_bit_layers']} "
           f"({types}); QuantizeLinear / DequantizeLinear nodes: {report['quantize_linear']} / "
           f"{report['dequantize_linear']}")
+    entry = {key: report[key] for key in ("file_bytes", "bits_per_weight", "weights", "low_bit_layers", "opset",
+                                          "input_size")}
+    entry.update(check=None, accuracy=None)
     if args.check_samples:
         generator = torch.Generator().manual_seed(args.seed)
         images = torch.randn(args.check_samples, *report["input_size"], generator=generator)
@@ -140,9 +211,26 @@ def _export_onnx(model, output: str, args: argparse.Namespace) -> None:
         print(f"ONNX Runtime vs hf-r2 on {check['num_images']} random inputs: max |logit difference| "
               f"{check['max_abs_diff']:.3g} (largest |logit| {check['max_abs_logit']:.3g}), top-1 agreement "
               f"{100 * check['top1_agreement']:.1f}%")
+        entry["check"] = {"kind": "logits", "num_images": check["num_images"], "seed": args.seed,
+                          **{k: check[k] for k in ("max_abs_diff", "max_abs_logit", "top1_agreement")}}
+    if data is not None:
+        entry["accuracy"] = _accuracy(model, report["path"], *data)
+    return entry
 
 
-def _export_coreml(model, output: str, args: argparse.Namespace) -> None:
+def _accuracy(model, path: str, batches, on: dict) -> dict:
+    """Top-1 of the file in ONNX Runtime and of `model` in hf-r2 on the same `batches`; printed and returned."""
+    from ..metrics import evaluate_accuracy
+    from ..quant.onnx_export import onnx_accuracy
+
+    ort = onnx_accuracy(path, batches)
+    ours = evaluate_accuracy(model, batches)
+    print(f"Top-1 on {ort['num_images']} images ({on['split']} split of {on['dataset']}, {on['input_size']} pixels): "
+          f"ONNX Runtime {100 * ort['accuracy']:.2f}%, hf-r2 {100 * ours['accuracy']:.2f}% (the same images)")
+    return {"onnxruntime": ort["accuracy"], "hf_r2": ours["accuracy"], **on}
+
+
+def _export_coreml(model, output: str, args: argparse.Namespace, data: tuple | None = None) -> dict:
     from collections import Counter
 
     from ..quant.coreml_export import compare_coreml_weights, export_coreml
@@ -158,6 +246,10 @@ def _export_coreml(model, output: str, args: argparse.Namespace) -> None:
     if report["input_quantizers_dropped"]:
         print(f"Activations: float ({report['input_quantizers_dropped']} input quantizers not exported: Core ML "
               "stores compressed weights only)")
+    entry = {key: report[key] for key in ("file_bytes", "float_file_bytes", "bits_per_weight", "weights",
+                                          "low_bit_layers", "precision", "deployment_target", "activations",
+                                          "input_quantizers_dropped", "input_size")}
+    entry.update(check=None, accuracy=None)
     if args.check_samples and report["low_bit_layers"]:
         check = compare_coreml_weights(model, report["path"])
         codes = "equal hf-r2's" if check["values_match"] else "DIFFER from hf-r2's"
@@ -165,3 +257,60 @@ def _export_coreml(model, output: str, args: argparse.Namespace) -> None:
         print(f"Weights read back from the package: {check['exact_layers']} / {check['num_layers']} layers decode to "
               f"hf-r2's weights bit for bit, indices and codes {codes}; max |difference| {check['max_abs_diff']:.3g} "
               f"(relative {check['max_rel_diff']:.3g}){missing}")
+        entry["check"] = {"kind": "weights", **{k: check[k] for k in ("num_layers", "exact_layers", "values_match",
+                                                                       "max_abs_diff", "max_rel_diff", "missing")}}
+    return entry
+
+
+def _float_bytes(model, description: dict | None) -> int:
+    """The float model's weights in bytes: the low-bit export's own figure (its size report), else the state dict."""
+    size = (description or {}).get("size") or {}
+    if size.get("float_bytes"):
+        return int(size["float_bytes"])
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _preprocessing(model, input_size: int | None) -> list[dict]:
+    """The model's evaluation transform ([`hf_r2.data.build_transform`], what hf-r2 measures with) as plain data."""
+    from torchvision import transforms as T
+
+    from ..data import build_transform
+
+    steps: list[dict] = []
+    for step in build_transform(model, train=False, input_size=input_size).transforms:
+        if isinstance(step, T.Resize):
+            size = step.size if isinstance(step.size, int) else list(step.size)
+            steps.append({"op": "resize", "size": size, "interpolation": str(getattr(step.interpolation, "value",
+                                                                                      step.interpolation))})
+        elif isinstance(step, T.CenterCrop):
+            steps.append({"op": "center_crop", "size": list(step.size)})
+        elif isinstance(step, T.ToTensor):
+            steps.append({"op": "to_tensor"})
+        elif isinstance(step, T.Normalize):
+            steps.append({"op": "normalize", "mean": [round(float(v), 4) for v in step.mean],
+                          "std": [round(float(v), 4) for v in step.std]})
+        else:
+            steps.append({"op": type(step).__name__, "repr": repr(step)})
+    return steps
+
+
+def _record(folder: str, output: str, fmt: str, entry: dict) -> str | None:
+    """Put `entry` under `fmt` in `folder`'s `export_results.json` (atomically) when `output` lies inside `folder`;
+    returns the JSON's path, or `None` for a file written elsewhere (which a push of the folder would not carry)."""
+    from .._utils import read_json, write_json_atomic
+    from ..model_card import EXPORT_RESULTS_NAME, weights_digest
+    from ..version import __version__
+
+    relative = os.path.relpath(os.path.abspath(output), os.path.abspath(folder))
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        return None
+    path = os.path.join(folder, EXPORT_RESULTS_NAME)
+    try:
+        data = read_json(path)
+    except ValueError:  # not JSON (a hand edit gone wrong): this export starts the file afresh
+        data = None
+    exports = data.get("exports") if isinstance(data, dict) else None
+    exports = dict(exports) if isinstance(exports, dict) else {}
+    exports[fmt] = {"format": fmt, "path": relative.replace(os.sep, "/"), **entry,
+                    "weights_sha256": weights_digest(folder)}
+    return write_json_atomic(path, {"format_version": 1, "hf_r2_version": __version__, "exports": exports})

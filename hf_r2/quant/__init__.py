@@ -50,6 +50,7 @@ from .magr import magr_ as magr_
 from .observers import RangeObserver as RangeObserver
 from .onnx_export import compare_onnx as compare_onnx
 from .onnx_export import export_onnx as export_onnx
+from .onnx_export import onnx_accuracy as onnx_accuracy
 from .palettize import PALETTIZE_CONFIG_NAME as PALETTIZE_CONFIG_NAME
 from .palettize import PalettizeConfig as PalettizeConfig
 from .palettize import PalettizeMethod as PalettizeMethod
@@ -145,6 +146,7 @@ __all__ = [
     "size_report",
     "export_onnx",
     "compare_onnx",
+    "onnx_accuracy",
     "export_coreml",
     "compare_coreml_weights",
     # results

@@ -2,11 +2,14 @@
 [`encode_palette`], [`encode_input`]: codes, scales, zero points, palettes, in the forms tabled there), and
 [`rewrite_markers`], which turns the placeholder nodes the TorchScript exporter leaves in the graph (`hf_r2::Weight`,
 `hf_r2::Input`) into standard QuantizeLinear / DequantizeLinear / Gather nodes with those arrays as initializers.
-Imports `onnx` inside the functions only, so this module loads without it.
+Imports `onnx` inside the functions only, so this module loads without it; [`require_module`] imports `onnx` /
+`onnxruntime` at a supported version or names the install line.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +24,9 @@ from .palettize import palette_indices
 from .uniform import quantize_tensor
 
 __all__ = [
+    "ONNX_MIN_VERSIONS",
+    "is_onnx_available",
+    "require_module",
     "MARKER_DOMAIN",
     "UniformWeight",
     "PaletteWeight",
@@ -36,6 +42,9 @@ __all__ = [
 #: The domain of the placeholder nodes; none is left in the saved file.
 MARKER_DOMAIN = "hf_r2"
 
+#: The oldest `onnx` / `onnxruntime` hf-r2 supports (setup.cfg's `onnx` extra).
+ONNX_MIN_VERSIONS = {"onnx": "1.17", "onnxruntime": "1.20"}
+_INSTALL = "pip install 'hf-r2[onnx]'"
 _TYPE_BITS = {"INT4": 4, "UINT4": 4, "INT8": 8, "UINT8": 8}
 _NUMPY_TYPES = {"INT8": np.int8, "UINT8": np.uint8}
 
@@ -90,6 +99,35 @@ class InputGrid:
     scale: float
     zero_point: int
     bits: int
+
+
+# ---- the optional packages ---------------------------------------------------------------------------------------
+
+
+def is_onnx_available() -> bool:
+    """Whether `onnx` (needed to export) and `onnxruntime` (needed to run a file) are installed."""
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in ONNX_MIN_VERSIONS)
+    except ValueError:  # a module set to None in sys.modules (blocked)
+        return False
+
+
+def require_module(name: str, what: str) -> Any:
+    """Import `name` (`"onnx"` / `"onnxruntime"`), or raise an `ImportError` that says `what` needs it, at which
+    version, and the install line."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(
+            f"{what} needs `{name}>={ONNX_MIN_VERSIONS[name]}`, which is not installed. Install the ONNX extra with "
+            f"`{_INSTALL}` (or `pip install onnx onnxruntime`)."
+        ) from err
+    version = tuple(int(p) for p in module.__version__.split(".")[:2] if p.isdigit())
+    if version < tuple(int(p) for p in ONNX_MIN_VERSIONS[name].split(".")):
+        raise ImportError(
+            f"{what} needs `{name}>={ONNX_MIN_VERSIONS[name]}`, found {module.__version__}. Upgrade with `{_INSTALL}`."
+        )
+    return module
 
 
 # ---- from a layer to arrays ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """ONNX export: [`export_onnx`] writes an hf-r2 model as a file ONNX Runtime (or any ONNX backend) runs, computing
-what hf-r2 measured, and [`compare_onnx`] checks that it does.
+what hf-r2 measured, [`compare_onnx`] checks that it does, and [`onnx_accuracy`] counts the file's top-1 in ONNX
+Runtime on labelled images (the one place hf-r2 does: `hf-r2 export --dataset` and `hf-r2 reproduce` both call it).
 
 - A PTQ / QAT model ([`~hf_r2.quant.layers`], BN folded or not) becomes a standard QDQ graph: each quantized
   layer's weight is a `DequantizeLinear` of integer codes with hf-r2's scales, and its input passes through
@@ -56,12 +57,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import io
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -79,7 +79,9 @@ from ._onnx_graph import (
     encode_input,
     encode_palette,
     encode_uniform,
+    is_onnx_available,
     prune_initializers,
+    require_module,
     rewrite_markers,
 )
 from ._palette import learned_palette_modules, set_palette
@@ -94,6 +96,7 @@ __all__ = [
     "require_onnx",
     "export_onnx",
     "compare_onnx",
+    "onnx_accuracy",
     "restore_low_bit_weights_",
 ]
 
@@ -101,41 +104,14 @@ DEFAULT_ONNX_OPSET = 21  # the first opset with INT4 (and UINT4) Q/DQ
 MIN_ONNX_OPSET = 13  # per-channel (axis) DequantizeLinear
 MAX_ONNX_OPSET = 23
 _TRACE_MAX_OPSET = 20  # the TorchScript exporter's newest opset; later ones come from onnx.version_converter
-_INSTALL = "pip install 'hf-r2[onnx]'"
-_MIN_VERSIONS = {"onnx": "1.17", "onnxruntime": "1.20"}  # setup.cfg's `onnx` extra
-
-
-def is_onnx_available() -> bool:
-    """Whether `onnx` (needed by [`export_onnx`]) and `onnxruntime` (needed by [`compare_onnx`]) are installed."""
-    try:
-        return all(importlib.util.find_spec(name) is not None for name in _MIN_VERSIONS)
-    except ValueError:  # a module set to None in sys.modules (blocked)
-        return False
-
-
-def _require(name: str, what: str) -> Any:
-    """Import `name` (`onnx` / `onnxruntime`) or raise an `ImportError` with the install line."""
-    try:
-        module = importlib.import_module(name)
-    except ImportError as err:
-        raise ImportError(
-            f"{what} needs `{name}>={_MIN_VERSIONS[name]}`, which is not installed. Install the ONNX extra with "
-            f"`{_INSTALL}` (or `pip install onnx onnxruntime`)."
-        ) from err
-    version = tuple(int(p) for p in module.__version__.split(".")[:2] if p.isdigit())
-    if version < tuple(int(p) for p in _MIN_VERSIONS[name].split(".")):
-        raise ImportError(
-            f"{what} needs `{name}>={_MIN_VERSIONS[name]}`, found {module.__version__}. Upgrade with `{_INSTALL}`."
-        )
-    return module
 
 
 def require_onnx(runtime: bool = False) -> None:
     """Raise an `ImportError` naming `pip install 'hf-r2[onnx]'` unless `onnx` (and, with `runtime=True`,
     `onnxruntime`) is installed at a version hf-r2 supports."""
-    _require("onnx", "ONNX export")
+    require_module("onnx", "ONNX export")
     if runtime:
-        _require("onnxruntime", "Checking an ONNX file")
+        require_module("onnxruntime", "Checking an ONNX file")
 
 
 # ---- placeholders in the trace ------------------------------------------------------------------------------------
@@ -248,6 +224,15 @@ def _bits_per_weight(model: nn.Module, weights: dict[str, UniformWeight | Palett
     return bits / max(1, count)
 
 
+def _session(path: str | os.PathLike, session_config: dict[str, str] | None, what: str) -> Any:
+    """An ONNX Runtime session (CPU) of the file `path`, with the session config entries `session_config`."""
+    ort = require_module("onnxruntime", what)
+    options = ort.SessionOptions()
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
 # ---- public entry points ------------------------------------------------------------------------------------------
 
 
@@ -287,7 +272,7 @@ def export_onnx(
         float weights at 32), `code_types` (layers per integer type), `quantize_linear` / `dequantize_linear`
         (node counts), `input_size`.
     """
-    onnx = _require("onnx", "`export_onnx`")
+    onnx = require_module("onnx", "`export_onnx`")
     from onnx import version_converter
 
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_ONNX_OPSET <= opset <= MAX_ONNX_OPSET:
@@ -370,11 +355,7 @@ def compare_onnx(
         `dict`: `max_abs_diff` and `mean_abs_diff` of the logits, `max_abs_logit` (PyTorch's, for scale),
         `top1_agreement` (the fraction of images with the same argmax) and `num_images`.
     """
-    ort = _require("onnxruntime", "`compare_onnx`")
-    options = ort.SessionOptions()
-    for key, value in (session_config or {}).items():
-        options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    session = _session(path, session_config, "`compare_onnx`")
     was_training = model.training
     model.eval()
     try:
@@ -392,6 +373,35 @@ def compare_onnx(
         "top1_agreement": float((got.argmax(-1) == expected.argmax(-1)).float().mean()),
         "num_images": int(pixel_values.shape[0]),
     }
+
+
+def onnx_accuracy(
+    path: str | os.PathLike, batches: Iterable[dict[str, Any]], *, session_config: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Top-1 accuracy of the ONNX file `path` run by ONNX Runtime (CPU) on labelled `batches`:
+    `accuracy = #(argmax logits == label) / N` over all `N` images.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            An ONNX file written by [`export_onnx`] (input `pixel_values`, output `logits`).
+        batches (iterable of `dict`):
+            `{"pixel_values": (B, C, H, W), "labels": (B,)}` batches in the model's own preprocessing, e.g. a
+            `DataLoader` with [`hf_r2.data.collate_fn`] or a list of such dicts (what
+            [`~hf_r2.metrics.evaluate_accuracy`] takes, so both can count on the very same images).
+        session_config (`dict[str, str]`, *optional*):
+            ONNX Runtime session config entries (see [`compare_onnx`]); the defaults otherwise.
+
+    Returns:
+        `dict`: `accuracy` (a fraction, `0.0` without images), `correct` and `num_images`.
+    """
+    session = _session(path, session_config, "`onnx_accuracy`")
+    correct = total = 0
+    for batch in batches:
+        logits = session.run(None, {"pixel_values": batch["pixel_values"].float().cpu().numpy()})[0]
+        labels = batch["labels"].cpu().numpy()
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += int(labels.size)
+    return {"accuracy": correct / max(total, 1), "correct": correct, "num_images": total}
 
 
 @torch.no_grad()

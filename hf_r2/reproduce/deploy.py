@@ -22,23 +22,16 @@ def onnx_check_available() -> bool:
 
 def onnx_check(model: Any, batches: list[dict[str, Any]], path: str, input_size: int) -> dict[str, Any]:
     """Export `model` (quantized, palettized or float) to the ONNX file `path` and count its correct top-1 answers
-    on `batches` (`{"pixel_values", "labels"}`) in ONNX Runtime (CPU, default session options).
+    on `batches` (`{"pixel_values", "labels"}`) in ONNX Runtime (CPU, default session options), with
+    [`~hf_r2.quant.onnx_export.onnx_accuracy`] (what `hf-r2 export --dataset` records too).
 
     Returns:
         `dict`: `path`, `accuracy` (ONNX Runtime's top-1, a fraction), `file_bytes`, `bits_per_weight`, `weights`
         (what [`~hf_r2.quant.export_onnx`] stored) and `opset`.
     """
-    import onnxruntime as ort
-
-    from ..quant.onnx_export import export_onnx
+    from ..quant.onnx_export import export_onnx, onnx_accuracy
 
     report = export_onnx(model, path, input_size=input_size)
-    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-    correct = total = 0
-    for batch in batches:
-        logits = session.run(None, {"pixel_values": batch["pixel_values"].float().cpu().numpy()})[0]
-        labels = batch["labels"].cpu().numpy()
-        correct += int((logits.argmax(-1) == labels).sum())
-        total += int(labels.size)
-    return {"path": os.fspath(path), "accuracy": correct / max(total, 1), "file_bytes": report["file_bytes"],
+    accuracy = onnx_accuracy(path, batches)["accuracy"]
+    return {"path": os.fspath(path), "accuracy": accuracy, "file_bytes": report["file_bytes"],
             "bits_per_weight": report["bits_per_weight"], "weights": report["weights"], "opset": report["opset"]}

@@ -1,8 +1,12 @@
 """`hf-r2 export --format onnx` on saved folders: a PTQ export (the ONNX file holds the same integer codes and grids
 as exporting the in-memory model, and ONNX Runtime agrees with the folder loaded by `load_low_bit`), a palettized
 export (written into the folder by default), a float folder, and the command's errors. `--format coreml` on a PTQ
-and a palettized folder: the package's weights, read back, are the in-memory model's codes, grids and palettes."""
+and a palettized folder: the package's weights, read back, are the in-memory model's codes, grids and palettes.
+What the command records in the folder (`export_results.json`, one entry per format) and `--dataset`, which measures
+the file's top-1 in ONNX Runtime beside hf-r2's on the same images ([`onnx_accuracy`], shared with `hf-r2
+reproduce`)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -18,16 +22,20 @@ ort = pytest.importorskip("onnxruntime", reason="`hf-r2 export` tests need `pip 
 from hf_r2.cli import main  # noqa: E402
 from hf_r2.commands import export as export_command  # noqa: E402
 from hf_r2.hub import from_pretrained  # noqa: E402
+from hf_r2.metrics import evaluate_accuracy  # noqa: E402
+from hf_r2.model_card import EXPORT_RESULTS_NAME, build_model_card, weights_digest  # noqa: E402
 from hf_r2.quant import (  # noqa: E402
     PalettizeConfig,
     PTQConfig,
     coreml_export,
     load_low_bit,
+    onnx_accuracy,
     onnx_export,
     palettize_,
     post_training_quantize_,
     save_low_bit,
 )
+from hf_r2.reproduce.deploy import onnx_check  # noqa: E402
 from hf_r2.saving import save_model_folder  # noqa: E402
 
 SIZE = 32
@@ -69,6 +77,8 @@ def test_export_a_ptq_folder(tmp_path, capsys):
     check = onnx_export.compare_onnx(loaded, out, _images(32))
     assert check["top1_agreement"] == 1.0
     assert not any(m.weight_quantizer is not None for m in loaded.modules() if hasattr(m, "weight_quantizer"))
+    assert not os.path.exists(os.path.join(folder, EXPORT_RESULTS_NAME))  # a file outside the folder: not recorded
+    assert "Recorded in" not in printed
 
 
 def test_export_a_palettized_folder_into_itself(tmp_path, capsys):
@@ -114,6 +124,21 @@ def test_export_folders_to_coreml(tmp_path, capsys):
     check = coreml_export.compare_coreml_weights(model, path)
     assert check["num_layers"] == check["exact_layers"] == count and check["values_match"]
     assert load_low_bit(folder)[1]["layers"]  # the package beside the export does not disturb loading it
+    # recorded in the folder, then an ONNX export beside it: one entry per format
+    coreml_entry = _exports(folder)["coreml"]
+    assert coreml_entry["path"] == "model.mlpackage" and coreml_entry["format"] == "coreml"
+    files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+    assert coreml_entry["file_bytes"] == sum(map(os.path.getsize, files)) and coreml_entry["accuracy"] is None
+    assert coreml_entry["check"] == {"kind": "weights", "num_layers": count, "exact_layers": count,
+                                     "values_match": True, "max_abs_diff": 0.0, "max_rel_diff": 0.0, "missing": []}
+    assert coreml_entry["precision"] == "float32" and coreml_entry["deployment_target"] == "iOS18"
+    assert main(["export", folder, "--check-samples", "0"]) == 0
+    exports = _exports(folder)
+    assert exports["coreml"] == coreml_entry and exports["onnx"]["check"] is None
+    card = build_model_card(folder, "me/w2a8")
+    assert "### ONNX: `model.onnx`" in card.text and "### Core ML: `model.mlpackage`" in card.text
+    assert "- Not checked against hf-r2 (exported with `--check-samples 0`)." in card.text
+    assert {"onnx", "coreml"} <= set(card.data.tags)
     # a palettized folder, in float16, elsewhere: its palettes and indices
     model = palettize_(_model(), PalettizeConfig(bits=1))
     save_low_bit(model, str(tmp_path / "p1"), method="kmeans")
@@ -122,6 +147,77 @@ def test_export_folders_to_coreml(tmp_path, capsys):
     assert "float16, iOS18, palettized weights" in capsys.readouterr().out
     check = coreml_export.compare_coreml_weights(model, out)
     assert check["exact_layers"] == check["num_layers"] > 0 and check["precision"] == "float16"
+
+
+def _exports(folder: str) -> dict:
+    with open(os.path.join(folder, EXPORT_RESULTS_NAME)) as f:
+        data = json.load(f)
+    assert set(data) == {"format_version", "hf_r2_version", "exports"} and data["format_version"] == 1
+    return data["exports"]
+
+
+def test_export_records_the_file_and_its_accuracy(tmp_path, data_dir, capsys):
+    """`--dataset`: the ONNX file's top-1 in ONNX Runtime beside hf-r2's top-1 of the same model on the same images
+    (the number `hf-r2 evaluate` gives); both recorded in `export_results.json`, replaced by the next ONNX export."""
+    model = post_training_quantize_(_model(), PTQConfig(w_bits=2, a_bits=8, calibration_batches=2),
+                                    [{"pixel_values": _images(8, seed)} for seed in (1, 2)])
+    folder = str(tmp_path / "w2a8")
+    description = save_low_bit(model, folder, method="ptq")
+    assert main(["export", folder, "--dataset", "cifar10-tiny", "--data-dir", str(data_dir),
+                 "--max-eval-samples", "48", "--batch-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    entry = _exports(folder)["onnx"]
+    accuracy = entry.pop("accuracy")
+    assert accuracy.keys() == {"onnxruntime", "hf_r2", "dataset", "split", "num_images", "input_size"}
+    assert (accuracy["dataset"], accuracy["split"], accuracy["num_images"], accuracy["input_size"]) == (
+        "cifar10-tiny", "test", 48, SIZE)
+    assert (f"Top-1 on 48 images (test split of cifar10-tiny, 32 pixels): ONNX Runtime "
+            f"{100 * accuracy['onnxruntime']:.2f}%, hf-r2 {100 * accuracy['hf_r2']:.2f}% (the same images)") in printed
+    assert f"Recorded in {os.path.join(folder, EXPORT_RESULTS_NAME)}" in printed
+    # hf-r2's number is `hf-r2 evaluate`'s on the same subset; ONNX Runtime's is within a rounding of it
+    assert main(["evaluate", folder, "--dataset", "cifar10-tiny", "--data-dir", str(data_dir),
+                 "--max-eval-samples", "48"]) == 0
+    with open(os.path.join(folder, "low_bit_results.json")) as f:
+        (row,) = json.load(f)["rows"]
+    assert accuracy["hf_r2"] == row["accuracy"] and row["num_images"] == 48
+    assert abs(accuracy["onnxruntime"] - accuracy["hf_r2"]) <= 1 / 48
+    path = os.path.join(folder, "model.onnx")
+    check = entry.pop("check")
+    assert check["kind"] == "logits" and check["num_images"] == 8 and check["seed"] == 0
+    assert check["top1_agreement"] == 1.0 and check["max_abs_diff"] <= 1e-2 * check["max_abs_logit"]
+    preprocessing = entry.pop("preprocessing")
+    assert [step["op"] for step in preprocessing] == ["resize", "center_crop", "to_tensor", "normalize"]
+    assert preprocessing[1]["size"] == [SIZE, SIZE]
+    assert 0 < entry.pop("bits_per_weight") < 32
+    assert entry == {"format": "onnx", "path": "model.onnx", "file_bytes": os.path.getsize(path),
+                     "float_bytes": description["size"]["float_bytes"], "weights": "quantized",
+                     "low_bit_layers": description["size"]["low_bit_layers"], "opset": 21,
+                     "input_size": [3, SIZE, SIZE], "weights_sha256": weights_digest(folder)}
+    card = build_model_card(folder, "me/w2a8").text
+    assert (f"- Top-1 accuracy on `cifar10-tiny` (48 images of the `test` split, 32 pixels): "
+            f"{accuracy['onnxruntime']:.4f} in ONNX Runtime, {accuracy['hf_r2']:.4f} in hf-r2 (PyTorch)") in card
+    # the next ONNX export replaces the entry (here: no check, no accuracy)
+    assert main(["export", folder, "--check-samples", "0", "--opset", "17"]) == 0
+    entry = _exports(folder)["onnx"]
+    assert entry["opset"] == 17 and entry["check"] is None and entry["accuracy"] is None
+    assert "Top-1 accuracy" not in build_model_card(folder, "me/w2a8").text
+
+
+def test_onnx_accuracy_counts_what_hf_r2_counts(tmp_path):
+    """`onnx_accuracy` (and `hf-r2 reproduce`'s `onnx_check`, which calls it) on labelled batches: a float model's
+    file gets hf-r2's top-1 exactly."""
+    model = _model()
+    generator = torch.Generator().manual_seed(5)
+    batches = [{"pixel_values": _images(16, seed), "labels": torch.randint(0, 10, (16,), generator=generator)}
+               for seed in (5, 6, 7)]
+    with torch.no_grad():  # labels = the model's own answers on half the images: a top-1 well away from 0
+        batches[0]["labels"][:8] = model(batches[0]["pixel_values"][:8]).argmax(-1)
+    expected = evaluate_accuracy(model, batches)["accuracy"]
+    done = onnx_check(model, batches, str(tmp_path / "fp.onnx"), SIZE)
+    assert done["accuracy"] == expected >= 8 / 48 and done["weights"] == "float"
+    got = onnx_accuracy(done["path"], iter(batches))
+    assert got == {"accuracy": expected, "correct": round(expected * 48), "num_images": 48}
+    assert onnx_accuracy(done["path"], [])["accuracy"] == 0.0
 
 
 def test_export_errors(tmp_path, capsys, monkeypatch):
@@ -141,6 +237,12 @@ def test_export_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit, match="^2$"):
         main(["export", folder, "--opset", "12"])
     assert "--opset takes an integer from 13 to 23" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["export", folder, "--format", "coreml", "--dataset", "cifar10"])
+    assert "--dataset applies to --format onnx only" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["export", folder, "--max-eval-samples", "8"])
+    assert "--max-eval-samples and --data-dir need --dataset" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nosuch")]) == 1
     assert capsys.readouterr().err.startswith("hf-r2 export: error: ")
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if the extra were not installed
