@@ -141,9 +141,11 @@ def _interrupted(argv: Sequence[str], output_dir: str) -> int:
 
 
 def _help_cache_path() -> str:
-    """Where the help text of this hf-r2 (its flag-defining sources) and transformers version is cached."""
+    """Where the help text of this hf-r2 (its flag-defining sources), transformers version and terminal width (which
+    argparse wraps the text to) is cached."""
     import hashlib
     import os
+    import shutil
     from importlib.metadata import PackageNotFoundError, version
 
     from ..version import __version__
@@ -153,7 +155,8 @@ def _help_cache_path() -> str:
     except PackageNotFoundError:  # pragma: no cover - transformers is a dependency
         transformers_version = "none"
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    digest = hashlib.sha1(f"{__version__} {transformers_version}".encode())
+    width = shutil.get_terminal_size().columns
+    digest = hashlib.sha1(f"{__version__} {transformers_version} {width}".encode())
     for source in ("commands/train.py", "commands/parsing.py", "data/arguments.py", "training_args.py"):
         with open(os.path.join(package, source), "rb") as f:
             digest.update(f.read())

@@ -97,6 +97,11 @@ def test_help_lists_hf_r2_flags_first_in_their_groups(capsys, tmp_path, monkeypa
     assert heads[0] < out.index("  --model_name_or_path") < heads[1] < out.index("  --input_size") < heads[2]
     assert heads[2] < out.index("  --r2_weight") < heads[3] < out.index("  --learning_rate")
     assert len(out.split("\n\n", 1)[0].splitlines()) == 1  # a one-line usage, not 100 lines of flags
+    # another terminal width: argparse wraps to it, so it has its own cached text
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["train", "-h"]) == 0
+    wide = capsys.readouterr().out
+    assert len(list(tmp_path.glob("train-help-*.txt"))) == 2 and max(map(len, wide.splitlines())) > 120
 
 
 @pytest.mark.parametrize("flag", ["--max_train_samples", "--input_size"])
