@@ -153,6 +153,8 @@ def format_report(results: dict[str, Any]) -> str:
             lines.append("| mean max abs(w)/std | " + " | ".join(
                 f"{stats[v['name']]['mean_max_over_std']:.2f}" if v["name"] in stats else "-" for v in variants)
                 + " |")
+            lines.append("| mean kurtosis | " + " | ".join(
+                f"{stats[v['name']]['mean_kurtosis']:.2f}" if v["name"] in stats else "-" for v in variants) + " |")
         lines += _onnx_lines(results, model)
         plots = results.get("plots", {}).get(model, {})
         if plots:

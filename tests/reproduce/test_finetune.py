@@ -161,6 +161,8 @@ def test_weight_chosen_trains_each_seed_at_the_sweeps_choice(tmp_path, data_dir)
     report = open(os.path.join(config.output_dir, "results.md")).read()
     assert f"linf-ft (fine-tune 1 ep, λ={lam:g} chosen, per channel)" in report
     assert "linf-scratch (λ=0.5, per channel, seed 0)" in report
+    stats = results["weight_stats"]["test_resnet"]  # the range statistics of every column, kurtosis included
+    assert "| mean kurtosis | " + " | ".join(f"{stats[v['name']]['mean_kurtosis']:.2f}" for v in variants) in report
     # a rerun reuses everything
     again = run_reproduce(config, progress=False, print_fn=None)
     assert again["timing"]["trained_now"] == 0 and again["timing"]["rows_computed"] == 0
