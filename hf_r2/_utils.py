@@ -61,6 +61,14 @@ def check_choice(name: str, value: Any, enum_cls: type[enum.Enum]) -> str:
     return value
 
 
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    """A `ValueError` naming `name` unless `value` is an `int` >= 1 (not a `bool`), or `None` with `allow_none`."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer{' or `None`' if allow_none else ''}, got {value!r}.")
+
+
 def check_patterns(name: str, value: Any) -> list[str] | None:
     """`value` (`None`, one regex or a list of them) as a list of valid regular expressions, or a `ValueError`."""
     if value is None:

@@ -21,6 +21,7 @@ __all__ = [
     "forward_logits",
     "classification_loss",
     "input_shape",
+    "LogitsModule",
 ]
 
 
@@ -211,3 +212,15 @@ def input_shape(model: nn.Module, input_size: int | tuple[int, ...] | None = Non
         return (channels, *input_size) if len(input_size) == 2 else tuple(input_size)  # type: ignore[return-value]
     raise ValueError(f"`input_size` must be a positive int (square side), `(H, W)` or `(C, H, W)`, got "
                      f"{input_size!r}; pass it when the model's config gives none.")
+
+
+class LogitsModule(nn.Module):
+    """`pixel_values -> logits` for a timm or transformers classifier ([`forward_logits`]): the one-tensor signature
+    the ONNX and Core ML exports trace."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return forward_logits(self.model, pixel_values)

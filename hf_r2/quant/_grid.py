@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._utils import check_choice, check_patterns
+from .._utils import check_choice, check_patterns, check_positive_int
 from .observers import ObserverType
 
 __all__ = ["check_bits", "check_grid", "check_grid_fields", "layer_bits"]
@@ -41,9 +41,7 @@ def check_grid_fields(config: Any) -> None:
     if not isinstance(config.per_channel, bool):
         raise ValueError(f"`per_channel` must be `True` or `False`, got {config.per_channel!r}.")
     config.act_observer = check_choice("act_observer", config.act_observer, ObserverType)
-    bad = isinstance(config.calibration_batches, bool) or not isinstance(config.calibration_batches, int)
-    if bad or config.calibration_batches < 1:
-        raise ValueError(f"`calibration_batches` must be a positive integer, got {config.calibration_batches!r}.")
+    check_positive_int("calibration_batches", config.calibration_batches)
     config.include = check_patterns("include", config.include)
     config.exclude = check_patterns("exclude", config.exclude)
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .._targets import TARGET_LAYER_TYPES
-from .._utils import JsonConfigMixin
+from .._utils import JsonConfigMixin, check_positive_int
 from ..models import forward_logits
 from ._adaround_rows import UnsupportedLayer, apply_weight, cache_rows, grouped_weight
 from ._batches import image_batches, model_device
@@ -120,12 +120,8 @@ class AdaRoundConfig(JsonConfigMixin):
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch_size", "num_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        bad = isinstance(self.num_batches, bool) or not isinstance(self.num_batches, int) or self.num_batches < 1
-        if self.num_batches is not None and bad:
-            raise ValueError(f"`num_batches` must be a positive integer or `None`, got {self.num_batches!r}.")
+            check_positive_int(name, getattr(self, name))
+        check_positive_int("num_batches", self.num_batches, allow_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
         for name in ("lr", "reg_weight", "beta_start", "beta_end", "warmup"):

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._targets import TARGET_LAYER_TYPES
-from .._utils import JsonConfigMixin, check_choice, check_patterns
+from .._utils import JsonConfigMixin, check_choice, check_patterns, check_positive_int
 from ..models import forward_logits
 from ._batches import first_batches, model_device, pixel_values
 from .bn import fold_bn_
@@ -99,9 +99,7 @@ class EqualizeConfig(JsonConfigMixin):
 
     def __post_init__(self) -> None:
         for name in ("iterations", "calibration_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            check_positive_int(name, getattr(self, name))
         if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or self.tolerance <= 0:
             raise ValueError(f"`tolerance` must be a positive number, got {self.tolerance!r}.")
         self.relu6 = check_choice("relu6", self.relu6, ReLU6Handling)

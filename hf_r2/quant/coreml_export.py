@@ -75,7 +75,7 @@ import torch
 from torch import Tensor, nn
 
 from .._targets import TARGET_LAYER_TYPES
-from ..models import forward_logits, input_shape
+from ..models import LogitsModule, input_shape
 from ..version import __version__
 from ._coreml_weights import (
     CoreMLWeight,
@@ -127,17 +127,6 @@ def require_coremltools() -> Any:
         raise ImportError(f"Core ML export needs `coremltools>={_MIN_VERSION}`, found {ct.__version__}. Upgrade with "
                           f"`{_INSTALL}`.")
     return ct
-
-
-class _Logits(nn.Module):
-    """`pixel_values -> logits` for a timm or transformers classifier (the traced program's signature)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        return forward_logits(self.model, pixel_values)
 
 
 def _low_bit_weights(model: nn.Module) -> dict[str, CoreMLWeight]:
@@ -269,7 +258,7 @@ def export_coreml(
         with _quantizers_off(model) as dropped, torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*torch.jit.trace.*deprecated", category=FutureWarning)
-            traced = torch.jit.trace(_Logits(model).eval(), example, check_trace=False)
+            traced = torch.jit.trace(LogitsModule(model).eval(), example, check_trace=False)
     finally:
         model.train(was_training)
     target = getattr(ct.target, COREML_DEPLOYMENT_TARGET)

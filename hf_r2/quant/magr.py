@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._targets import find_target_modules
-from .._utils import JsonConfigMixin, check_patterns
+from .._utils import JsonConfigMixin, check_patterns, check_positive_int
 from ..models import forward_logits
 from ._adaround_rows import UnsupportedLayer, check_rows, grouped_weight, row_source
 from ._batches import first_batches, model_device, pixel_values
@@ -101,9 +101,7 @@ class MagRConfig(JsonConfigMixin):
 
     def __post_init__(self) -> None:
         for name in ("iterations", "calibration_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            check_positive_int(name, getattr(self, name))
         for name in ("alpha", "damping"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from .._targets import TARGET_LAYER_TYPES
-from ..models import forward_logits, input_shape
+from ..models import LogitsModule, forward_logits, input_shape
 from ..version import __version__
 from ._onnx_graph import (
     MARKER_DOMAIN,
@@ -142,17 +142,6 @@ class _InputMark(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return _Marked.apply(x, "Input", self.key, self.fns[0])
-
-
-class _Logits(nn.Module):
-    """`pixel_values -> logits` for a timm or transformers classifier (the exported graph's signature)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        return forward_logits(self.model, pixel_values)
 
 
 def _frozen(quantizer: FakeQuantizer) -> FakeQuantizer:
@@ -291,7 +280,7 @@ def export_onnx(
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*(TorchScript-based ONNX export|will be removed).*")
             torch.onnx.export(
-                _Logits(model), (example,), buffer, dynamo=False, opset_version=min(opset, _TRACE_MAX_OPSET),
+                LogitsModule(model), (example,), buffer, dynamo=False, opset_version=min(opset, _TRACE_MAX_OPSET),
                 input_names=["pixel_values"], output_names=["logits"],
                 custom_opsets={MARKER_DOMAIN: 1} if weights or inputs else None,
                 dynamic_axes={"pixel_values": {0: "batch_size"}, "logits": {0: "batch_size"}},
