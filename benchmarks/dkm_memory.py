@@ -29,26 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
+
+from _peak_memory import ALLOCATORS, peak_kib, reset_peak, run_json_worker
 
 __all__ = ["main"]
 
 _VARIANTS = ("none", "dkm", "naive")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
 def _worker(variant: str, size: int, batch: int, bits: int, repeats: int) -> dict:
-    import ctypes
-    import gc
-
     import timm
     import torch
     import torch.nn.functional as F
@@ -78,13 +70,9 @@ def _worker(variant: str, size: int, batch: int, bits: int, repeats: int) -> dic
         return time.perf_counter() - t0
 
     step()  # warm-up: lazy initialisations, allocator state
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set size (VmHWM)
-    before = _status_kib("VmRSS")
+    before = reset_peak()
     first = step()
-    peak = _status_kib("VmHWM")
+    peak = peak_kib()
     times = [first] + [step() for _ in range(repeats - 1)]
     weights = sum(m.weight.numel() for m in model.modules() if hasattr(m, "parametrizations")) or sum(
         m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
@@ -102,17 +90,9 @@ def _worker(variant: str, size: int, batch: int, bits: int, repeats: int) -> dic
 
 
 def _run(variant: str, size: int, batch: int, args: argparse.Namespace) -> dict:
-    env = dict(os.environ)
-    if args.allocator == "exact":
-        env["GLIBC_TUNABLES"] = "glibc.malloc.mmap_threshold=131072"
-    else:
-        env.pop("GLIBC_TUNABLES", None)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["OMP_NUM_THREADS"] = str(args.threads)
     cmd = [sys.executable, __file__, "--worker", variant, "--sizes", f"{size}x{batch}"]
     cmd += ["--bits", str(args.bits), "--repeats", str(args.repeats)]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_json_worker(cmd, threads=args.threads, allocator=args.allocator)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="steps timed per variant (median)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--allocator", choices=("exact", "default"), default="exact", help="see the module docstring")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="exact", help="see the module docstring")
     parser.add_argument("--naive-sizes", default="32x8", help="sizes at which the naive variant runs")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
