@@ -60,7 +60,9 @@ def _format_gains(config: ReproduceConfig, gains: dict[str, Any]) -> list[str]:
         lines += [f"### {model}", "", "| setting | target | " + " | ".join(v["name"] for v in variants) + " |",
                   "|---|---|" + "---|" * len(variants)]
         for setting, cells in rows.items():
-            target = next(iter(cells.values()))["target"] if cells else None
+            if not cells:  # measured on no R2 variant (e.g. a post-training row on the baseline only)
+                continue
+            target = next(iter(cells.values()))["target"]
             texts = []
             for v in variants:
                 cell = cells.get(v["name"])

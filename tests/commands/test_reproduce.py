@@ -30,6 +30,7 @@ def test_demo_runs_on_tiny_settings(data_dir, tmp_path, monkeypatch, capsys):
     magr = table.pop("W2A8 per-channel mse + MagR")  # the post-training alternative, on the baseline only
     assert set(magr) == {"baseline"} and 0.0 <= magr["baseline"]["mean"] <= 1.0
     assert f"| W2A8 per-channel mse + MagR | {100 * magr['baseline']['mean']:.2f} | - |" in text
+    assert "| W2A8 per-channel mse + MagR | +8" not in text and "| W2A8 per-channel mse + MagR |  |" not in text
     for setting, cells in table.items():
         assert set(cells) == {"baseline", "linf"}
         assert all(0.0 <= cell["mean"] <= 1.0 for cell in cells.values())
