@@ -369,7 +369,9 @@ def run_reproduce(
         `dict`: the contents of `output_dir/results.json`: `config`, `data`, `runs` (one per training: model,
         variant, seed, `run_dir`, `trained_now`, `train_seconds`, `stats` and `rows` = `{setting: {accuracy,
         seconds, cached, ...}}`), `summary` (`[model][setting][variant]` = `{seeds, values, mean, std,
-        headline}`), `weight_stats`, `lambda_sweep`, `timing`, `plots`.
+        headline}`), `weight_stats`, `lambda_sweep`, `chosen_lambdas` (the `weight: chosen` variants' lambda per
+        model), `timing`, `plots`. With `weight: chosen` variants the sweeps are trained and measured first, then
+        the chosen variants' other seeds.
     """
     from ..data import label_names, load_image_dataset
 
