@@ -21,7 +21,7 @@ import enum
 import torch
 from torch import Tensor
 
-from .._utils import check_choice
+from .._utils import check_choice, check_positive_int
 from ._affine import grid_qparams, mse_clip_ratio
 
 __all__ = ["ObserverType", "RangeObserver"]
@@ -55,8 +55,7 @@ class RangeObserver:
         self.method = check_choice("method", method, ObserverType)
         if not 50 < percentile <= 100:
             raise ValueError(f"`percentile` must be in (50, 100], got {percentile!r}.")
-        if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
-            raise ValueError(f"`sample_size` must be a positive integer, got {sample_size!r}.")
+        check_positive_int("sample_size", sample_size)
         self.percentile = float(percentile)
         self.sample_size = sample_size
         self.min: Tensor | None = None

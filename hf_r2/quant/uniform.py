@@ -62,7 +62,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._utils import check_choice
+from .._utils import check_choice, check_positive_int
 from ._affine import grid_qparams, mse_clip_ratio
 from ._grid import check_bits, check_grid
 
@@ -159,8 +159,7 @@ def compute_qparams(
     check_grid(bits, symmetric)
     method = _check_scale_method(scale_method)
     if method == ScaleMethod.MSE.value:
-        if isinstance(mse_ratios, bool) or not isinstance(mse_ratios, int) or mse_ratios < 1:
-            raise ValueError(f"`mse_ratios` must be a positive integer, got {mse_ratios!r}.")
+        check_positive_int("mse_ratios", mse_ratios)
         if not 0 < mse_min_ratio <= 1:
             raise ValueError(f"`mse_min_ratio` must be in (0, 1], got {mse_min_ratio!r}.")
     if not w.is_floating_point():
