@@ -394,7 +394,11 @@ def run_reproduce(
     if any(v["weight"] == CHOSEN for v in config.variants):  # the sweeps first: they choose those variants' lambdas
         first_phase = plan(config)
         _train_all(first_phase, data, config, progress, trained_now)
-        measured, *_ = _measure_all(first_phase, data, config, progress, None, plots=False)
+        # the choice reads the sweeps' runs and their references' first-seed runs; the rest is measured once, below
+        references = {config.reference_of(v) for v in config.variants if v["weight"] == CHOSEN}
+        needed = [r for r in first_phase if any(role.startswith("sweep:") for role in r.roles)
+                  or (r.seed == config.seeds[0] and r.variant["name"] in references)]
+        measured, *_ = _measure_all(needed, data, config, progress, None, plots=False)
         chosen = chosen_lambdas(config, sweep_tables(config, measured))
     runs_planned = plan(config, chosen)
     _train_all(runs_planned, data, config, progress, trained_now)

@@ -80,8 +80,8 @@ def _format_gains(config: ReproduceConfig, gains: dict[str, Any]) -> list[str]:
 def _onnx_lines(results: dict[str, Any], model: str) -> list[str]:
     """One line per ONNX check of `model`'s runs: the file, its size, and ONNX Runtime's top-1 beside hf-r2's."""
     lines = []
-    for run in results["runs"]:
-        for setting, row in run["rows"].items() if run["model"] == model else ():
+    for run in (r for r in results["runs"] if r["model"] == model):
+        for setting, row in run["rows"].items():
             check = row.get("onnx")
             if check:
                 name = ", ".join(run["variant_names"]) or run["variant"]["name"]
