@@ -29,6 +29,7 @@ of R2's time; `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.mallo
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -98,7 +99,9 @@ def _naive_total(reg: R2Regularizer) -> torch.Tensor:
     return total
 
 
-def _overhead(model, loss: str, per_channel: bool, state: str, repeats: int, naive: bool) -> tuple[float, ...]:
+def _overhead(
+    model, loss: str, per_channel: bool, state: str, repeats: int, naive: bool, floor: bool
+) -> tuple[float, ...]:
     reg = R2Regularizer(model, R2Config(loss=loss, per_channel=per_channel))
     _set_state(reg, state)
     weights = reg.weights()
@@ -117,9 +120,62 @@ def _overhead(model, loss: str, per_channel: bool, state: str, repeats: int, nai
     if naive:
         t_sgd2, t_naive = _interleaved(sgd.step, naive_step, max(3, repeats // 3))
         ratio_naive = t_naive / t_sgd2
+    extra = ""
+    if floor and loss == "soft_min_max":
+        t_floor, frac = _smm_floor(reg, repeats)
+        extra = (f"  floor {t_floor * 1e3:.2f} ms = {t_floor / t_sgd:.2f}x sgd ({frac:.2%} of weights within reach); "
+                 f"kernel {t_r2 / t_floor:.1f}x the floor; where the time goes:\n{_profile(reg)}")
     for w in weights:
         w.grad = None
-    return t_sgd, t_r2, t_r2 / t_sgd, ratio_naive
+    return t_sgd, t_r2, t_r2 / t_sgd, ratio_naive, extra
+
+
+def _smm_floor(reg: R2Regularizer, repeats: int) -> tuple[float, float]:
+    """The Soft-Min-Max floor: one read pass over every weight, plus two exponentials and one gradient write for
+    each weight within `(ln n + 24) / alpha` of its extreme (the only ones that count at float32 precision).
+    Returns (floor seconds, fraction of weights within reach), timed with the same primitives the kernel uses."""
+    per_channel = reg.config.per_channel
+    alpha, offset, near = reg.log_alpha.detach().exp(), 0, 0
+    weights = [w.detach() for w in reg.weights()]
+    for w in weights:
+        rows = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+        a = alpha[offset : offset + rows.shape[0]][:, None]
+        offset += rows.shape[0]
+        reach = (math.log(rows.shape[1]) + 24.0) / a
+        hi, lo = rows.amax(1, keepdim=True), rows.amin(1, keepdim=True)
+        near += int(((rows >= hi - reach) | (rows <= lo + reach)).sum())
+    total = sum(w.numel() for w in weights)
+    sample = torch.randn(max(near, 1))
+    out = torch.empty_like(sample)
+
+    def read():
+        torch._foreach_max(weights)
+
+    def near_work():  # two exponentials and one gradient write per weight within reach
+        torch.exp(sample, out=out)
+        torch.exp(sample, out=out)
+        out.copy_(sample)
+
+    t_read, t_near = _interleaved(read, near_work, repeats)
+    return t_read + t_near, near / total
+
+
+def _profile(reg: R2Regularizer, rows: int = 8) -> str:
+    """The kernel's top operations by self CPU time over 5 forward + backward passes (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        reg().backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            reg().backward()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = [f"    {'op':34s} {'ms/step':>8s} {'share':>6s} {'calls/step':>10s}"]
+    for e in events[:rows]:
+        lines.append(f"    {e.key[:34]:34s} {e.self_cpu_time_total / 5e3:8.2f} {e.self_cpu_time_total / total:6.1%} "
+                     f"{e.count / 5:10.0f}")
+    return "\n".join(lines)
 
 
 def _step_ratio(model, loss: str, per_channel: bool, batch: int, size: int, repeats: int) -> tuple[float, float]:
@@ -153,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-naive", action="store_true", help="skip the naive per-layer loop")
     p.add_argument("--no-step", action="store_true", help="skip the whole-training-step ratios")
     p.add_argument("--quick", action="store_true", help="fewer repeats, 32x32 step only")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip Soft-Min-Max's floor analysis and profile table")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,11 +230,15 @@ def main(argv: list[str] | None = None) -> None:
             states = ("init", "trained") if loss in ("margin", "soft_min_max") else ("-",)
             for per_channel in (False, True):
                 for state in states:
-                    t_sgd, t_r2, ratio, naive = _overhead(model, loss, per_channel, state, repeats, not args.no_naive)
+                    t_sgd, t_r2, ratio, naive, extra = _overhead(
+                        model, loss, per_channel, state, repeats, not args.no_naive, state != "init" and args.floor
+                    )
                     mode = "per-channel" if per_channel else "per-tensor"
                     target = R2_TARGETS[loss]
                     print(f"{loss:14s} {mode:12s} {state:8s} {t_sgd * 1e3:8.2f} {t_r2 * 1e3:8.2f} {ratio:7.2f} "
                           f"{target:6.2f} {_verdict(ratio, target):6s} {naive:9.2f}", flush=True)
+                    if extra:
+                        print(extra, flush=True)
         if args.no_step:
             continue
         model.train()

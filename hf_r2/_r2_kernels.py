@@ -17,8 +17,14 @@ of distinct row lengths, not of layers:
   differentiated, and handed back as sparse rows (dense when every row of a group has an excess, the forward's
   excess buffer becoming the gradient); a group with no excess gets no gradient at all;
 - Soft-Min-Max: softmax weights below `exp(-(ln n + 24))` are below float32 resolution in the sum, so per
-  tensor only blocks of weights within `(ln n + 24) / alpha` of the layer's extreme enter the softmax; per
-  channel every row is dense. Exponents are clamped at -60 to keep the tail out of (slow) denormals.
+  tensor only blocks of weights within `(ln n + 24) / alpha` of the layer's extreme enter the softmax, and only
+  the rows holding such a block get a (sparse) gradient; per channel every row is dense. Exponents are clamped
+  at -60 to keep the tail out of (slow) denormals;
+- KURE: two passes forward (the mean, then the centred weights and their square, with row dot products for the
+  moments), two fused passes backward.
+
+Dense intermediates and dense gradients live in buffers that [`GroupPlan.scratch`] keeps from step to step: a
+fresh weight-sized CPU tensor page-faults on first touch, which measured costlier than the pass that fills it.
 
 Why sparse gradients: added to the task loss's dense gradient, autograd absorbs a sparse one in place, where a
 dense one costs a weight-sized buffer per layer and step; on the CPU such fresh buffers page-fault on first touch,
@@ -34,7 +40,7 @@ from torch import Tensor
 
 from ._r2_plan import GroupPlan, row_extremes, segment, to_f32
 
-__all__ = ["LinfR2Function", "MarginR2Function", "SoftMinMaxR2Function"]
+__all__ = ["KurtosisR2Function", "LinfR2Function", "MarginR2Function", "SoftMinMaxR2Function"]
 
 # Soft-Min-Max: elements farther than (ln n + _SMM_TAIL) / alpha from the extreme carry total softmax mass
 # below n * exp(-(ln n + _SMM_TAIL)) = exp(-_SMM_TAIL) ~ 4e-11, far below float32 resolution.
@@ -80,13 +86,16 @@ class LinfR2Function(torch.autograd.Function):
         if ctx.per_channel:
             # 1 where w equals its row's target, else 0, written straight into the gradient's buffer (no bool mask)
             grads = [
-                torch.eq(x, t[:, None].to(x.dtype), out=torch.empty_like(x))
-                for x, t in zip(ctx.mats, plan.chunks(target))
+                torch.eq(x, t[:, None].to(x.dtype), out=_grad_out(plan, ctx, i, x))
+                for i, (x, t) in enumerate(zip(ctx.mats, plan.chunks(target)))
             ]
             counts = torch.cat([h.sum(1, dtype=torch.float32) for h in grads])
             share = torch.sign(target) * (g / plan.channels)[plan.row_layer] / counts.clamp_min(1)
             for h, c in zip(grads, plan.chunks(share)):
                 h.mul_(c[:, None].to(h.dtype))
+            out = plan.split(ctx.shapes, grads)
+            plan.release(ctx)  # autograd takes (copies or adds) the kept views before any other forward
+            return None, None, *out
         else:  # sparse: only the few rows holding their layer's target are compared, counted and scaled
             local = [idx - start for idx, start in zip(ctx.hits, plan.group_offsets)]
             layer = plan.row_layer[torch.cat(ctx.hits)]
@@ -98,8 +107,7 @@ class LinfR2Function(torch.autograd.Function):
             counts = torch.zeros_like(g).index_add_(0, layer, torch.cat([r.sum(1) for r in rows]))
             coef = (torch.sign(target) * g / counts.clamp_min(1))[layer].split([len(i) for i in local])
             items = [(i, r.mul_(c[:, None])) for i, r, c in zip(local, rows, coef)]
-            return None, None, *plan.split_sparse(ctx.shapes, items)
-        return None, None, *plan.split(ctx.shapes, grads)
+        return None, None, *plan.split_sparse(ctx.shapes, items)
 
 
 class MarginR2Function(torch.autograd.Function):
@@ -117,16 +125,17 @@ class MarginR2Function(torch.autograd.Function):
         excess_sq = torch.zeros_like(bound)
         excess_abs = torch.zeros_like(bound)  # sum over the row of |d|, for the margin's gradient
         saved: list[tuple[Tensor | None, Tensor] | None] = []
-        for x, start, rows, count in zip(mats, plan.group_offsets, plan.group_rows, n_rows):
+        for i, (x, start, rows, count) in enumerate(zip(mats, plan.group_offsets, plan.group_rows, n_rows)):
             if count == 0:  # no weight beyond its margin: no gradient, and no dense work
                 saved.append(None)
                 continue
-            if count == rows:
+            if count == rows:  # d becomes the gradient
                 idx, y, b = None, to_f32(x), bound[start : start + rows, None]
+                d = torch.maximum(y, -b, out=_grad_out(plan, ctx, i, x))
             else:
                 idx = exceed[start : start + rows].nonzero().flatten()
                 y, b = to_f32(x.index_select(0, idx)), bound[start + idx, None]
-            d = torch.maximum(y, -b)
+                d = torch.maximum(y, -b)
             torch.minimum(d, b, out=d)
             torch.sub(y, d, out=d)  # = sign(w) * relu(|w| - |m|)
             sq = torch.linalg.vector_norm(d, dim=1).square()
@@ -186,7 +195,14 @@ class MarginR2Function(torch.autograd.Function):
             s if s is not None else d
             for s, d in zip(plan.split_sparse(ctx.shapes, sparse), plan.split(ctx.shapes, dense))
         ]
+        plan.release(ctx)
         return None, None, None, grad_margin.to(margin.dtype), *grads
+
+
+def _grad_out(plan: GroupPlan, ctx, group: int, x: Tensor) -> Tensor:
+    """Where a group's dense gradient is written: the plan's reused buffer for float32 weights (its per-layer views
+    go out through `plan.split`), a fresh tensor otherwise."""
+    return plan.grad_buffer(ctx, group, x) if x.dtype == torch.float32 else torch.empty(x.shape, device=x.device)
 
 
 def _softmax_sum(y: Tensor, ref: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -202,11 +218,13 @@ def _softmax_sum(y: Tensor, ref: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Ten
     return e, ed, s0, s1, dy.mul_(ed).sum(1)
 
 
-def _dense_softmax_sums(y: Tensor, ref: Tensor, a: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Like [`_softmax_sum`] over whole rows, allocating only `e`: `scratch` holds `d = y - ref`, then `e d`,
-    then `(e d)^2 / e = e d^2` (`e >= exp(-60) > 0`), all in place."""
+def _dense_softmax_sums(
+    y: Tensor, ref: Tensor, a: Tensor, scratch: Tensor, out: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Like [`_softmax_sum`] over whole rows, in two buffers: `out` gets `e`; `scratch` holds `d = y - ref`,
+    then `e d`, then `(e d)^2 / e = e d^2` (`e >= exp(-60) > 0`), all in place."""
     d = torch.sub(y, ref[:, None], out=scratch)
-    e = torch.mul(d, a[:, None]).clamp_min_(-_EXP_FLOOR).exp_()
+    e = torch.mul(d, a[:, None], out=out).clamp_min_(-_EXP_FLOOR).exp_()
     s0, s1 = e.sum(1), d.mul_(e).sum(1)
     return e, s0, s1, d.mul_(d).div_(e).sum(1)
 
@@ -256,13 +274,15 @@ class SoftMinMaxR2Function(torch.autograd.Function):
         thr_hi, thr_lo = hi - reach, lo + reach
         sums = torch.zeros(6, rmax.shape[0], dtype=torch.float32, device=rmax.device)
         parts = []
-        for x, b, bx, bn, start, rows in zip(mats, blocks, bmax, bmin, plan.group_offsets, plan.group_rows):
+        for i, (x, b, bx, bn, start, rows) in enumerate(
+            zip(mats, blocks, bmax, bmin, plan.group_offsets, plan.group_rows)
+        ):
             sl = slice(start, start + rows)
             if b is None:  # dense rows: three weight-sized buffers (scratch, e, f), e becomes the gradient
                 y = to_f32(x)
-                scratch = torch.empty_like(y)
-                e, *sp = _dense_softmax_sums(y, hi[sl], a_row[sl], scratch)
-                f, *sq = _dense_softmax_sums(y, lo[sl], -a_row[sl], scratch)
+                scratch, f = (plan.scratch(ctx, ("smm", i, j), y) for j in range(2))
+                e, *sp = _dense_softmax_sums(y, hi[sl], a_row[sl], scratch, _grad_out(plan, ctx, i, y))
+                f, *sq = _dense_softmax_sums(y, lo[sl], -a_row[sl], scratch, f)
                 sums[:3, sl], sums[3:, sl] = torch.stack(sp), torch.stack(sq)
                 parts.append((None, None, e, scratch, None, None, f, None))
                 continue
@@ -306,27 +326,113 @@ class SoftMinMaxR2Function(torch.autograd.Function):
         c_f0, c_f1 = -g_r * (1 + a_r * mf_r) / zf_r, g_r * a_r / zf_r
         fresh = not getattr(ctx, "used", False)
         ctx.used = True
-        grads: list[Tensor | None] = []
-        for (rp, jp, e, ed, rq, jq, f, fd), g_size, start, rows, dtype in zip(
-            ctx.parts, plan.group_block, plan.group_offsets, plan.group_rows, ctx.dtypes
+        grads: list[Tensor | None] = []  # dense groups
+        rows_grads: list[tuple[Tensor, Tensor] | None] = []  # block groups: only the rows that hold a block
+        for i, ((rp, jp, e, ed, rq, jq, f, fd), g_size, start, rows, dtype) in enumerate(
+            zip(ctx.parts, plan.group_block, plan.group_offsets, plan.group_rows, ctx.dtypes)
         ):
             if rp is None:  # dense rows: grad = e (c_e0 + c_e1 (w - hi)) + f (c_f0 + c_f1 (w - lo)), in e
                 sl, scratch = slice(start, start + rows), ed
                 mats, hi, lo, a_row = ctx.inputs
-                y = to_f32(mats[len(grads)])
-                if not fresh:  # a second backward (retain_graph): e was handed out, rebuild e and f
-                    e = _dense_softmax_sums(y, hi[sl], a_row[sl], scratch)[0]
-                    f = _dense_softmax_sums(y, lo[sl], -a_row[sl], scratch)[0]
+                y = to_f32(mats[i])
+                if not fresh:  # a second backward (retain_graph): the buffers were given back, rebuild in new ones
+                    scratch = torch.empty_like(y)
+                    e = _dense_softmax_sums(y, hi[sl], a_row[sl], scratch, torch.empty_like(y))[0]
+                    f = _dense_softmax_sums(y, lo[sl], -a_row[sl], scratch, torch.empty_like(y))[0]
                 for buf, c0, c1, ref in ((e, c_e0, c_e1, hi), (f, c_f0, c_f1, lo)):
                     torch.sub(y, ref[sl, None], out=scratch).mul_(c1[sl, None]).add_(c0[sl, None])
                     buf.mul_(scratch)
                 grads.append(e.add_(f).to(dtype))
+                rows_grads.append(None)
                 continue
             ip, iq = start + rp, start + rq
-            grad = torch.zeros(rows, g_size, plan.group_k[len(grads)] // g_size, device=e.device)
-            view = grad.permute(0, 2, 1)  # (R, K / g, g): the layout of the gathered blocks
-            view.index_put_((rp, jp), torch.mul(e, c_e0[ip, None]).addcmul_(ed, c_e1[ip, None]), accumulate=True)
-            view.index_put_((rq, jq), torch.mul(f, c_f0[iq, None]).addcmul_(fd, c_f1[iq, None]), accumulate=True)
-            grads.append(grad.view(rows, -1).to(dtype))
-        grads = plan.split(ctx.shapes, grads)
+            hit = torch.cat([rp, rq]).unique()  # sorted
+            k = plan.group_k[i]
+            vals = torch.zeros(len(hit), g_size, k // g_size, device=e.device)
+            view = vals.permute(0, 2, 1)  # (n, K / g, g): the layout of the gathered blocks
+            lp, lq = torch.searchsorted(hit, rp), torch.searchsorted(hit, rq)
+            view.index_put_((lp, jp), torch.mul(e, c_e0[ip, None]).addcmul_(ed, c_e1[ip, None]), accumulate=True)
+            view.index_put_((lq, jq), torch.mul(f, c_f0[iq, None]).addcmul_(fd, c_f1[iq, None]), accumulate=True)
+            grads.append(None)
+            rows_grads.append((hit, vals.view(len(hit), k)))
+        grads = [
+            r if r is not None else d
+            for r, d in zip(plan.split_sparse(ctx.shapes, rows_grads), plan.split(ctx.shapes, grads))
+        ]
+        plan.release(ctx)
         return None, None, None, grad_log_alpha.to(log_alpha.dtype), *grads
+
+
+class KurtosisR2Function(torch.autograd.Function):
+    """Per-layer KURE values `(L,)`; see [`hf_r2.losses.kurtosis_r2`].
+
+    With `d = w - mu`, the central moments `m_k = mean(d^k)` over the `n` reduced elements and
+    `kurt = m4 / m2^2`, `R = (kurt - target)^2` and
+
+        d kurt / d w_i = 4 / (n m2^2) * (d_i^3 - m3 - (m4 / m2) d_i)
+
+    (`mu`'s own gradient gives the `-m3`: it sums `-4 d_j^3 / n^2` over `j`; the `m2` term's sums to zero).
+    Forward: one pass for the sums, one for `d` (in a reused buffer) and one for `d^2`, three row dot products
+    for `m2`, `m3`, `m4`; backward: two fused passes, `c (d^2 - q)` then `- c m3 + (.) d`, written into the
+    `d^2` buffer, which becomes the gradient. A per-layer autograd loop costs 8-18x an SGD step.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: GroupPlan, per_channel: bool, target: float, *weights: Tensor) -> Tensor:
+        mats = plan.matrices(weights)
+        s1 = torch.cat([to_f32(x).sum(1) for x in mats])
+        if per_channel:
+            n = plan.row_len[plan.row_layer]  # per row
+            mu = s1 / n
+        else:
+            n = plan.numel  # per layer
+            mu = (segment(s1, plan.channels, "sum") / n)[plan.row_layer]
+        parts, sums = [], []
+        for i, (x, start, rows) in enumerate(zip(mats, plan.group_offsets, plan.group_rows)):
+            d = torch.sub(to_f32(x), mu[start : start + rows, None], out=plan.scratch(ctx, ("kure", i, 0), x))
+            d2 = torch.mul(d, d, out=_grad_out(plan, ctx, i, x))  # becomes the gradient
+            sums.append(torch.stack([d2.sum(1), torch.linalg.vecdot(d2, d), torch.linalg.vecdot(d2, d2)]))
+            parts.append((d, d2))
+        s2, s3, s4 = torch.cat(sums, 1)
+        if not per_channel:
+            s2, s3, s4 = (segment(v, plan.channels, "sum") for v in (s2, s3, s4))
+        m2, m3, m4 = s2 / n, s3 / n, s4 / n
+        var2 = m2 * m2
+        # as the reference: kurt = m4 / max(m2^2, tiny); where clamped, m2 passes no gradient
+        kurt = m4 / var2.clamp_min(torch.finfo(torch.float32).tiny)
+        r = (kurt - target).square()
+        values = segment(r, plan.channels, "mean") if per_channel else r
+        ctx.plan, ctx.per_channel, ctx.target, ctx.parts, ctx.mats = plan, per_channel, target, parts, mats
+        ctx.shapes, ctx.dtypes = weights, [x.dtype for x in mats]
+        ctx.save_for_backward(n, mu, m2, m3, m4, var2, kurt)
+        return values[plan.inv]
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor):
+        n, mu, m2, m3, m4, var2, kurt = ctx.saved_tensors
+        plan = ctx.plan
+        g = grad_values.float()[plan.order_t]
+        if ctx.per_channel:
+            g = (g / plan.channels)[plan.row_layer]
+        tiny = torch.finfo(torch.float32).tiny
+        # grad = c (d^3 - q d - m3), c = 2 (kurt - target) g * 4 / (n max(m2^2, tiny)), q = m4 / m2 (0 if clamped)
+        c = 8 * (kurt - ctx.target) * g / (n * var2.clamp_min(tiny))
+        q = torch.where(var2 > tiny, m4 / m2, torch.zeros_like(m2))
+        c_m3 = c * m3
+        if not ctx.per_channel:
+            c, q, c_m3 = c[plan.row_layer], q[plan.row_layer], c_m3[plan.row_layer]
+        fresh = not getattr(ctx, "used", False)
+        ctx.used = True
+        grads = []
+        layout = zip(ctx.parts, ctx.mats, ctx.dtypes, plan.group_offsets, plan.group_rows)
+        for (d, d2), x, dtype, start, rows in layout:
+            sl = slice(start, start + rows)
+            if not fresh:  # a second backward (retain_graph): the buffers were given back, rebuild in new ones
+                d = to_f32(x) - mu[sl, None]
+                d2 = d * d
+            torch.addcmul(-(q[sl] * c[sl])[:, None], d2, c[sl, None], out=d2)  # c (d^2 - q)
+            torch.addcmul(-c_m3[sl, None], d2, d, out=d2)  # c (d^3 - q d) - c m3
+            grads.append(d2.to(dtype))
+        out = plan.split(ctx.shapes, grads)
+        plan.release(ctx)
+        return None, None, None, *out

@@ -5,6 +5,7 @@ keeps the kernels' sparse gradients away from optimizers ([`ensure_dense_grads`]
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import Any
 
 import torch
@@ -67,8 +68,48 @@ class GroupPlan:
         self.row_inv[self.row_perm] = torch.arange(len(self.row_perm), device=device)
         row_len = torch.tensor([w.numel() // max(w.shape[0], 1) for w in weights], dtype=torch.float32)
         layer_len = torch.tensor([w.numel() for w in weights], dtype=torch.float32)
-        self.log_k = row_len.log()[self.order_t.cpu()].to(device)  # ln n per channel, per layer (group order)
-        self.log_numel = layer_len.log()[self.order_t.cpu()].to(device)  # ln n per tensor
+        self.row_len = row_len[self.order_t.cpu()].to(device)  # n per channel, per layer (group order)
+        self.numel = layer_len[self.order_t.cpu()].to(device)  # n per tensor, per layer (group order)
+        self.log_k, self.log_numel = self.row_len.log(), self.numel.log()
+        self._scratch: dict[Any, tuple[Tensor, Any]] = {}
+        self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}
+
+    def scratch(self, owner: Any, key: Any, like: Tensor) -> Tensor:
+        """A float32 buffer shaped like `like`, kept from step to step under `key`.
+
+        A fresh weight-sized tensor page-faults on its first touch on the CPU (glibc hands big freed chunks back
+        to the OS), which measured 3-7x the arithmetic of the pass that fills it. A buffer is lent to one
+        autograd node (`owner`, the Function's `ctx`) until [`release`] or until that node is freed; a call
+        while it is lent gets a fresh tensor. A borrower must not use it after releasing it, nor return it (or a
+        view of it) as a gradient except through [`grad_buffer`] and [`split`]: autograd may keep a returned
+        gradient as `.grad` without copying it.
+        """
+        slot = self._scratch.get(key)
+        if slot is not None:
+            buf, holder = slot
+            if holder is not None and holder() is not None:  # lent out: fall back to a fresh tensor
+                return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+            if buf.shape != like.shape or buf.device != like.device:
+                slot = None
+        if slot is None:
+            buf = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+        self._scratch[key] = (buf, weakref.ref(owner))
+        return buf
+
+    def grad_buffer(self, owner: Any, group: int, like: Tensor) -> Tensor:
+        """[`scratch`] for group `group`'s `(R, K)` gradient matrix, to be returned through [`split`] (which keeps
+        its views: a gradient autograd could keep as `.grad` must not be a buffer that is written again)."""
+        return self.scratch(owner, ("grad", group), like)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy, pickle) gets its own buffers: sharing them would let two models overwrite each other's
+        return {**self.__dict__, "_scratch": {}, "_views": {}}
+
+    def release(self, owner: Any) -> None:
+        """Give back every buffer lent to `owner` (see [`scratch`])."""
+        for key, (buf, holder) in self._scratch.items():
+            if holder is not None and holder() is owner:
+                self._scratch[key] = (buf, None)
 
     def matrices(self, weights: tuple[Tensor, ...]) -> list[Tensor]:
         """One `(R, K)` matrix per group (a view of a contiguous single layer, else a concatenation)."""
@@ -77,14 +118,25 @@ class GroupPlan:
         ]
 
     def split(self, weights: tuple[Tensor, ...], grads: list[Tensor | None]) -> list[Tensor | None]:
-        """Per-layer gradients (layer order) from per-group `(R, K)` gradients (`None`: no gradient)."""
+        """Per-layer gradients (layer order) from per-group `(R, K)` gradients (`None`: no gradient).
+
+        For a group's [`grad_buffer`], the views are made once and kept here: autograd keeps a returned gradient
+        as `.grad` (or adds into it in place) only when nothing else holds it, so a kept view is copied into
+        `.grad`, or added into the task's gradient, and the buffer stays this plan's."""
         out: list[Tensor | None] = [None] * len(weights)
-        for g, sizes, grad in zip(self.groups, self.group_channels, grads):
+        for gi, (g, sizes, grad) in enumerate(zip(self.groups, self.group_channels, grads)):
             if grad is None:
                 continue
-            parts = (grad,) if len(g) == 1 else grad.split(sizes)
+            slot = self._scratch.get(("grad", gi))
+            kept = self._views.get(gi)
+            if slot is not None and grad is slot[0] and kept is not None and kept[0] is grad:
+                parts = kept[1]
+            else:
+                parts = [p.view(weights[i].shape) for i, p in zip(g, (grad,) if len(g) == 1 else grad.split(sizes))]
+                if slot is not None and grad is slot[0]:
+                    self._views[gi] = (grad, parts)
             for i, part in zip(g, parts):
-                out[i] = part.view(weights[i].shape)
+                out[i] = part
         return out
 
     def split_sparse(

@@ -7,7 +7,6 @@ The total is `sum_l R(W_l)` over the target layers `l` (Conv1d/2d/3d, depthwise 
 type so that timm and transformers layers alike are covered), with `R` one of the functions of
 [`hf_r2.losses`]. The batched autograd Functions that compute it, at a fraction of a plain per-layer loop's cost,
 live in `hf_r2/_r2_kernels.py`; they match the functional losses to float32 rounding (tested against them).
-KURE (`loss="kurtosis"`) needs every weight's moments and is computed with plain autograd per layer.
 """
 
 from __future__ import annotations
@@ -19,11 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._r2_kernels import LinfR2Function, MarginR2Function, SoftMinMaxR2Function
+from ._r2_kernels import KurtosisR2Function, LinfR2Function, MarginR2Function, SoftMinMaxR2Function
 from ._r2_plan import GroupPlan, as_rows, ensure_dense_grads
 from ._targets import find_target_modules
 from .config import R2Config, R2LossType
-from .losses import kurtosis_r2, soft_min_max_init_alpha
+from .losses import soft_min_max_init_alpha
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +123,16 @@ class R2Regularizer(nn.Module):
     def layer_values(self) -> Tensor:
         """`R(W_l)` for every target layer, a float32 vector of shape `(L,)` in the order of `names`."""
         weights = self.weights()
+        ids = tuple(map(id, weights))
+        if self.__dict__.get("_hooked") != ids:  # a reassigned weight, or a deep copy's: it needs the hook too
+            ensure_dense_grads(weights)
+            self.__dict__["_hooked"] = ids
         loss, c = self.config.loss_type, self.config
         device_type = weights[0].device.type
         with torch.autocast(device_type, enabled=False):
-            if loss is R2LossType.KURTOSIS:
-                return torch.stack([kurtosis_r2(w, c.kurtosis_target, c.per_channel) for w in weights])
             plan = self._plan(weights)
+            if loss is R2LossType.KURTOSIS:
+                return KurtosisR2Function.apply(plan, c.per_channel, c.kurtosis_target, *weights)
             if loss is R2LossType.LINF:
                 return LinfR2Function.apply(plan, c.per_channel, *weights)
             if loss is R2LossType.MARGIN:
