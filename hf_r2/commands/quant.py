@@ -135,6 +135,10 @@ def ptq_command_parser(subparsers=None) -> argparse.ArgumentParser:
     parser.add_argument("--bn", default="reestimate", choices=["reestimate", "fold", "keep"],
                         help="Batch norm after quantizing: reestimate its statistics on the calibration images, fold "
                         "it into the preceding conv before quantizing, or keep it as trained.")
+    parser.add_argument("--bias-correction", "--bias_correction", action="store_true",
+                        help="Correct each quantized layer's bias for the mean shift its quantization causes, last, "
+                        "on the calibration images (what a BN-folded model has instead of BN re-estimation: with "
+                        "`--pre cle` or `--bn fold`).")
     parser.add_argument("--pre", nargs="+", default=[], choices=["cle", "magr"],
                         help="Range reduction of the float model before quantizing, in the order given: cle "
                         "(cross-layer equalization; folds the batch norms first) and / or magr (weight magnitude "
@@ -155,12 +159,13 @@ def ptq_command(args: argparse.Namespace) -> int:
         act_observer=args.act_observer,
         rounding=args.rounding,
         bn=args.bn,
+        bias_correction=args.bias_correction,
         first_last_bits=args.first_last_bits,
         adaround={"iters": args.adaround_iters} if args.adaround_iters else None,
         calibration_batches=10**6,
     )
     setting = format_setting(config.w_bits, config.a_bits)
-    pre = "".join(f"-{step}" for step in args.pre)
+    pre = "".join(f"-{step}" for step in args.pre) + ("-bc" if config.bias_correction else "")
     tag = f"{setting.lower()}-ptq" + ("-adaround" if config.rounding == "adaround" else "") + pre
     return run_step(args, "ptq", config, setting=setting, tag=tag, method=f"ptq-{config.rounding}{pre}",
                     pre=args.pre, w_bits=config.w_bits, a_bits=config.a_bits)

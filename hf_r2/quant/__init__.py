@@ -17,12 +17,12 @@ from .adaround import AdaRoundConfig as AdaRoundConfig
 from .adaround import adaround as adaround
 from .adaround import adaround_ as adaround_
 from .api import quantize_ as quantize_
+from .bias_correction import correct_bias_ as correct_bias_
 from .bn import fold_bn as fold_bn
 from .bn import fold_bn_ as fold_bn_
 from .bn import reestimate_bn_stats as reestimate_bn_stats
 from .cle import EQUALIZE_CONFIG_NAME as EQUALIZE_CONFIG_NAME
 from .cle import EqualizeConfig as EqualizeConfig
-from .cle import correct_bias_ as correct_bias_
 from .cle import equalize_ as equalize_
 from .coreml_export import compare_coreml_weights as compare_coreml_weights
 from .coreml_export import export_coreml as export_coreml

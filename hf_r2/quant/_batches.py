@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["pixel_values", "model_device", "first_batches", "image_batches"]
+from ..models import forward_logits
+
+__all__ = ["pixel_values", "model_device", "first_batches", "image_batches", "run_logits", "output_channels"]
 
 
 def pixel_values(batch: Any) -> Tensor:
@@ -75,3 +77,26 @@ def image_batches(
     if first is None:
         raise ValueError("`calibration_data` gave no batch: AdaRound needs calibration inputs.")
     return batches, first
+
+
+def output_channels(module: nn.Module, t: Tensor) -> Tensor:
+    """A layer output as `(channels, -1)` (dim 1 of a conv output, the last dim of a Linear one), float64."""
+    t = t.detach().double()
+    t = t.movedim(-1, 1) if isinstance(module, nn.Linear) and t.dim() > 1 else t
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def run_logits(model: nn.Module, batches: list[Any], hooks: dict, pre_hooks: dict | None = None, grad=False) -> list:
+    """The logits of `batches` in eval mode (modes restored after), with forward `hooks` and `pre_hooks` on."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    handles += [module.register_forward_pre_hook(hook) for module, hook in (pre_hooks or {}).items()]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.set_grad_enabled(grad):
+            return [forward_logits(model, pixel_values(b).to(model_device(model))) for b in batches]
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training

@@ -1,4 +1,5 @@
-"""Cross-layer equalization (CLE) and bias correction: `EqualizeConfig`, `equalize_` and `correct_bias_`.
+"""Cross-layer equalization (CLE): `EqualizeConfig` and `equalize_` (its companion, bias correction, is in
+`hf_r2.quant.bias_correction`).
 
 "Data-Free Quantization Through Weight Equalization and Bias Correction", Nagel et al., 2019,
 https://huggingface.co/papers/1906.04721 (sections 4.1, 4.2); AIMET and Brevitas (`brevitas.graph.equalize`) ship it.
@@ -18,9 +19,6 @@ first, which changes the model (and would not survive the low-bit export, which 
 `relu6="bounded"`, a channel is rescaled only as far as its pre-activation maximum on the calibration data, `m_i`,
 stays in the linear range: `s_i = 1` where `m_i > 6`, else `s_i >= m_i / 6`. The model is then unchanged on that
 data (and wherever channels stay below the clip); with `relu6="skip"`, or without data, such pairs are left alone.
-
-Bias correction. Quantizing `W` to `Q(W)` shifts a layer's mean output by `E[(W - Q(W)) x]`; [`correct_bias_`]
-measures it on calibration data and adds it to the bias (section 4.2's empirical variant, not the data-free one).
 """
 
 from __future__ import annotations
@@ -39,13 +37,11 @@ from torch.nn.utils import parametrize
 
 from .._targets import TARGET_LAYER_TYPES
 from .._utils import JsonConfigMixin, check_choice, check_patterns, check_positive_int
-from ..models import forward_logits
-from ._batches import first_batches, model_device, pixel_values
+from ._batches import first_batches, model_device, output_channels, pixel_values, run_logits
 from .bn import fold_bn_
-from .layers import quantized_layers
 
 __all__ = ["EQUALIZE_CONFIG_NAME", "ReLU6Handling", "EqualizeConfig", "EqualizationPair", "find_equalization_pairs",
-           "equalize_", "correct_bias_"]
+           "equalize_"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,29 +114,6 @@ class EqualizationPair(NamedTuple):
 
 
 # ---- running the model --------------------------------------------------------------------------------------------
-
-
-def _per_channel(module: nn.Module, t: Tensor) -> Tensor:
-    """A layer output as `(channels, -1)` (dim 1 of a conv output, the last dim of a Linear one), float64."""
-    t = t.detach().double()
-    t = t.movedim(-1, 1) if isinstance(module, nn.Linear) and t.dim() > 1 else t
-    return t.transpose(0, 1).reshape(t.shape[1], -1)
-
-
-def _run(model: nn.Module, batches: list[Any], hooks: dict, pre_hooks: dict | None = None, grad=False) -> list:
-    """The logits of `batches` in eval mode (modes restored after), with forward `hooks` and `pre_hooks` on."""
-    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
-    handles += [module.register_forward_pre_hook(hook) for module, hook in (pre_hooks or {}).items()]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.set_grad_enabled(grad):
-            return [forward_logits(model, pixel_values(b).to(model_device(model))) for b in batches]
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
 
 
 # ---- finding the pairs --------------------------------------------------------------------------------------------
@@ -271,7 +244,8 @@ def find_equalization_pairs(
             first_of[output.grad_fn] = module
 
     x = pixel_values(example_inputs).to(model_device(model)).detach().clone().requires_grad_(True)
-    counts = _consumers(_run(model, [x], dict.fromkeys(names, hook), dict.fromkeys(names, pre_hook), grad=True)[0])
+    logits = run_logits(model, [x], dict.fromkeys(names, hook), dict.fromkeys(names, pre_hook), grad=True)[0]
+    counts = _consumers(logits)
 
     def selected(module: nn.Module) -> bool:
         name = names[module]
@@ -374,11 +348,11 @@ def equalize_(
     maxima: dict[nn.Module, Tensor] = {}  # per output channel of a layer before a ReLU6, over the batches
 
     def keep_max(module: nn.Module, args: Any, output: Tensor) -> None:
-        top = _per_channel(module, output).amax(1)
+        top = output_channels(module, output).amax(1)
         maxima[module] = torch.maximum(maxima[module], top) if module in maxima else top
 
-    before = _run(model, [images], {})[0].double()
-    _run(model, batches, {layers[p.first]: keep_max for p in pairs if p.clip is not None})
+    before = run_logits(model, [images], {})[0].double()
+    run_logits(model, batches, {layers[p.first]: keep_max for p in pairs if p.clip is not None})
     for sweeps in range(1, config.iterations + 1):
         change = 0.0
         for pair in pairs:
@@ -392,57 +366,7 @@ def equalize_(
             change = max(change, float((s - 1).abs().max()))
         if change <= config.tolerance:
             break
-    deviation = float((_run(model, [images], {})[0].double() - before).norm() / before.norm().clamp_min(1e-30))
+    deviation = float((run_logits(model, [images], {})[0].double() - before).norm() / before.norm().clamp_min(1e-30))
     log = logger.warning if deviation > 1e-3 else logger.info
     log("Equalized %d layer pairs in %d sweeps; the output changed by %.1e (relative)", len(pairs), sweeps, deviation)
-    return model
-
-
-# ---- bias correction ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def correct_bias_(model: nn.Module, calibration_data: Iterable[Any], num_batches: int = 16) -> nn.Module:
-    """Empirical bias correction of a quantized `model`, in place: each quantized layer's bias `b` becomes
-
-        b + E[W x] - E[Q(W) x]        (per output channel; mean over the batches and positions)
-
-    with `x` the layer's input in the quantized model (through its input quantizer, if any) on the first
-    `num_batches` batches, `Q(W)` its fake-quantized weight. One pass measures every layer (the corrections of earlier
-    layers are not yet in the inputs: a second-order effect). Layers without a bias are skipped: a batch norm after
-    them, re-estimated ([`~hf_r2.quant.bn.reestimate_bn_stats`]), takes the shift. E.g. after
-    `post_training_quantize_(model, PTQConfig(w_bits=4, bn="fold"), data)`, `correct_bias_(model, data)`.
-
-    Args:
-        model (`torch.nn.Module`):
-            A model quantized by [`~hf_r2.quant.post_training_quantize_`] or [`~hf_r2.quant.prepare_qat`].
-        calibration_data (iterable of batches):
-            Batches as dicts with `"pixel_values"` (or `(images, labels)` pairs).
-        num_batches (`int`, *optional*, defaults to `16`):
-            How many batches are used.
-
-    Returns:
-        `torch.nn.Module`: `model`.
-    """
-    batches = first_batches(calibration_data, num_batches, "Bias correction")
-    layers = [m for _, m in quantized_layers(model) if m.bias is not None and m.weight_quantizer is not None]
-    skipped = [name for name, m in quantized_layers(model) if m.bias is None]
-    if skipped:
-        logger.info("Bias correction skips %d quantized layers without a bias: %s", len(skipped), skipped)
-    sums: dict[nn.Module, tuple[Tensor, int]] = {}
-
-    def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-        enabled, module.weight_quantizer.enabled = module.weight_quantizer.enabled, False
-        try:
-            reference = module.forward(*args)  # the same input, the float weight (`forward` runs no hooks)
-        finally:
-            module.weight_quantizer.enabled = enabled
-        diff = _per_channel(module, reference - output)
-        total, count = sums.get(module, (0, 0))
-        sums[module] = (total + diff.sum(1), count + diff.shape[1])
-
-    _run(model, batches, {module: hook for module in layers})
-    for module, (total, count) in sums.items():
-        module.bias.add_((total / count).to(module.bias.dtype))
-    logger.info("Corrected the biases of %d quantized layers on %d batches", len(sums), len(batches))
     return model

@@ -37,6 +37,7 @@ from ..models import forward_logits
 from ._batches import first_batches, model_device, pixel_values
 from ._grid import check_grid_fields, layer_bits
 from .adaround import AdaRoundConfig, adaround_
+from .bias_correction import correct_bias_
 from .bn import fold_bn_, reestimate_bn_stats
 from .layers import FakeQuantizer, quantize_layer_, quantized_layers
 from .uniform import ScaleMethod
@@ -104,6 +105,10 @@ class PTQConfig(JsonConfigMixin):
     bn (`str`, *optional*, defaults to `"reestimate"`):
         `"fold"` (fold conv+BN pairs before quantizing), `"reestimate"` (recompute BN statistics after) or
         `"keep"`.
+    bias_correction (`bool`, *optional*, defaults to `False`):
+        Correct each quantized layer's bias for the mean shift its quantization causes, as the last step
+        ([`~hf_r2.quant.correct_bias_`], on the calibration batches): what a BN-folded model (`bn="fold"`, or
+        after [`~hf_r2.quant.equalize_`]) has instead of BN re-estimation.
     calibration_batches (`int`, *optional*, defaults to `16`):
         How many batches of the calibration data are used (by AdaRound, BN re-estimation and observers).
 
@@ -127,6 +132,8 @@ class PTQConfig(JsonConfigMixin):
     rounding: str = field(default="nearest", metadata={"help": "'nearest' or 'adaround'."})
     adaround: dict[str, Any] | None = field(default=None, metadata={"help": "AdaRoundConfig fields."})
     bn: str = field(default="reestimate", metadata={"help": "'fold', 'reestimate' or 'keep'."})
+    bias_correction: bool = field(default=False, metadata={"help": "Correct the biases for the quantization's mean "
+                                                           "shift, last (correct_bias_)."})
     calibration_batches: int = field(default=16, metadata={"help": "Calibration batches used."})
     include: list[str] | None = field(default=None, metadata={"help": "Regexes of the layers to quantize."})
     exclude: list[str] | None = field(default=None, metadata={"help": "Regexes of layers to leave in float."})
@@ -137,6 +144,8 @@ class PTQConfig(JsonConfigMixin):
         self.weight_range = check_choice("weight_range", self.weight_range, ScaleMethod)
         self.rounding = check_choice("rounding", self.rounding, Rounding)
         self.bn = check_choice("bn", self.bn, BNHandling)
+        if not isinstance(self.bias_correction, bool):
+            raise ValueError(f"`bias_correction` must be True or False, got {self.bias_correction!r}.")
         if not 50 < self.act_percentile <= 100:
             raise ValueError(f"`act_percentile` must be in (50, 100], got {self.act_percentile!r}.")
         if self.adaround is not None:
@@ -252,8 +261,10 @@ def post_training_quantize_(
         for _, module in quantized_layers(model):
             if module.input_quantizer is not None:
                 module.input_quantizer.enabled = True
+    if config.bias_correction:
+        correct_bias_(model, batches, num_batches=len(batches))
     logger.info(
-        "Quantized %d layers: W%d%s, %s, %s range, %s rounding, bn=%s",
+        "Quantized %d layers: W%d%s, %s, %s range, %s rounding, bn=%s%s",
         len(targets),
         config.w_bits,
         f"A{config.a_bits}" if config.a_bits else "",
@@ -261,5 +272,6 @@ def post_training_quantize_(
         config.weight_range,
         config.rounding,
         config.bn,
+        ", biases corrected" if config.bias_correction else "",
     )
     return model

@@ -128,9 +128,10 @@ class ReproduceConfig(JsonConfigMixin):
     low_bit (`list[dict]`, *optional*, defaults to [`DEFAULT_LOW_BIT`]):
         One entry per row: `{"method": "ptq" | "qat" | "kmeans" | "dkm", "w_bits": int, "a_bits": int or None
         (ptq, qat), "per_channel": bool (ptq, qat), "weight_range": "maxabs" | "mse" (ptq), "rounding": "nearest"
-        | "adaround" (ptq), "pre": ["cle", "magr"] (ptq, kmeans), "headline": bool, "name": label, "variants" /
-        "models": [names]}`. PTQ rows re-estimate BN; `pre` runs range reductions on the float model first
-        (cross-layer equalization, MagR: the post-training alternatives to R2); `headline` defaults to true for
+        | "adaround" (ptq), "pre": ["cle", "magr"] (ptq, kmeans), "bias_correction": bool (ptq), "headline": bool,
+        "name": label, "variants" / "models": [names]}`. PTQ rows re-estimate BN; `pre` runs range reductions on
+        the float model first (cross-layer equalization, MagR: the post-training alternatives to R2);
+        `bias_correction` corrects the biases last (what CLE's folded BN needs); `headline` defaults to true for
         round-to-nearest PTQ and k-means (cheap), false for AdaRound, QAT and DKM; `variants` / `models` measure an
         expensive row (QAT, DKM) on those columns / models only.
     calibration_samples (`int`, *optional*, defaults to `512`):

@@ -38,8 +38,8 @@ VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2", "init_from", "epo
                 "models")
 #: The variant keys that change its training beyond the loss (a variant without them trains with the config's recipe).
 TRAINING_KEYS = ("init_from", "epochs", "lr")
-SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "pre", "headline",
-                "variants", "models")
+SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "pre",
+                "bias_correction", "headline", "variants", "models")
 #: The keys of a setting that say where it is measured, not how (left out of its cache spec).
 SCOPE_KEYS = ("name", "headline", "variants", "models")
 SWEEP_KEYS = ("variant", "lambdas", "models", "settings")
@@ -174,9 +174,10 @@ def resolve_weight(variant: dict[str, Any], model: str, chosen: dict[str, dict[s
 
 
 def setting_name(s: dict[str, Any]) -> str:
-    """`"W2A8 per-channel mse"`, `"W2A2 QAT"`, `"W1 k-means"`, ...; `" + CLE"` / `" + MagR"` for its `pre` steps."""
+    """`"W2A8 per-channel mse"`, `"W2A2 QAT"`, `"W1 k-means"`, ...; `" + CLE"` / `" + MagR"` for its `pre` steps,
+    `" + BC"` with bias correction."""
     pre = "".join(f" + {'CLE' if step == 'cle' else 'MagR'}" for step in s.get("pre") or [])
-    return _base_name(s) + pre
+    return _base_name(s) + pre + (" + BC" if s.get("bias_correction") else "")
 
 
 def _base_name(s: dict[str, Any]) -> str:
@@ -222,6 +223,11 @@ def normalise_setting(item: Any, index: int) -> dict[str, Any]:
                              f"'kmeans' row, from ['cle', 'magr'], got {item.get('pre')!r} (method {method!r}).")
         pre = list(pre)
     s["pre"] = pre
+    bias_correction = item.get("bias_correction")
+    if bias_correction is not None and (method != "ptq" or not isinstance(bias_correction, bool)):
+        raise ValueError(f"{what}: `bias_correction` (true / false) corrects the biases of a 'ptq' row after "
+                         f"quantization, got {bias_correction!r} (method {method!r}).")
+    s["bias_correction"] = bias_correction or None  # None: left out of the cache spec, as before the key existed
     cheap = (method == "ptq" and s["rounding"] == "nearest") or method == "kmeans"
     s["headline"] = bool(item.get("headline", cheap))
     s["name"] = str(item.get("name") or setting_name(s))
@@ -280,6 +286,7 @@ def quant_config(
             rounding=setting["rounding"],
             adaround={"iters": adaround_iters} if adaround and adaround_iters else None,
             bn="reestimate",
+            bias_correction=bool(setting.get("bias_correction")),
             calibration_batches=10**6,  # all of them: their number is set by `calibration_samples`
         )
     if method == "qat":

@@ -50,3 +50,15 @@ def test_ptq_pre_rejects_unknown_steps(model_dir, data_dir, capsys):
     with pytest.raises(SystemExit, match="^2$"):
         main(["ptq", model_dir, *_flags(data_dir), "--pre", "awq"])
     assert "invalid choice: 'awq'" in capsys.readouterr().err
+
+
+def test_ptq_bias_correction_after_cle(model_dir, data_dir, tmp_path):
+    """`--pre cle --bias-correction`: recorded in the export's config, a row of its own, reloads to its accuracy."""
+    out = str(tmp_path / "w2a8-cle-bc")
+    assert main(["ptq", model_dir, *_flags(data_dir), "--pre", "cle", "--bias-correction", "--output-dir", out]) == 0
+    rows = {(r["setting"], r["method"]): r for r in read_results(model_dir)}
+    row = rows[("W2A8", "ptq-nearest-cle-bc")]
+    model, description = load_low_bit(out)
+    assert description["method_config"]["bias_correction"] is True
+    assert row["accuracy"] == pytest.approx(_accuracy(model, data_dir), abs=1e-9)
+

@@ -128,3 +128,31 @@ def test_a_settings_pre_steps_run_first_in_their_order(model):
     for bad in ({**ptq, "pre": ["awq"]}, {"method": "qat", "w_bits": 2, "pre": ["cle"]}):
         with pytest.raises(ValueError, match="`pre` is a list of range reductions"):
             ReproduceConfig(models=["x"], variants=["baseline"], lambda_sweep=None, low_bit=[bad])
+
+
+def test_a_settings_bias_correction_runs_last_and_is_named(model):
+    """`bias_correction: true` on a PTQ row: the same model as the PTQ with `PTQConfig(bias_correction=True)`; named
+    " + BC"; absent from the cache spec when unset; rejected on other methods and for non-bool values."""
+    from hf_r2.reproduce.plan import row_spec
+
+    ptq = {"method": "ptq", "w_bits": 2, "a_bits": 8, "per_channel": False, "weight_range": "maxabs"}
+    config = ReproduceConfig(models=["x"], variants=["baseline"], seeds=[0], lambda_sweep=None,
+                             low_bit=[ptq, {**ptq, "pre": ["cle"], "bias_correction": True}])
+    plain, corrected = config.low_bit
+    assert corrected["name"] == "W2A8 per-tensor maxabs + CLE + BC"
+    assert "bias_correction" not in row_spec(plain, config)["setting"]
+    assert row_spec(corrected, config)["setting"]["bias_correction"] is True
+    qconfig = quant_config(corrected)
+    assert qconfig.bias_correction and not quant_config(plain).bias_correction
+    calibration = _batches()
+    from hf_r2.quant import EqualizeConfig, equalize_
+
+    by_hand = copy.deepcopy(model)
+    equalize_(by_hand, EqualizeConfig(), calibration)
+    by_hand = apply_low_bit_(by_hand, qconfig, calibration)
+    applied = apply_setting(copy.deepcopy(model), corrected, config, 0, calibration=calibration)
+    torch.testing.assert_close(_logits(applied, calibration[0]), _logits(by_hand, calibration[0]), rtol=0, atol=0)
+    for bad in ({**ptq, "bias_correction": "yes"}, {"method": "kmeans", "w_bits": 1, "bias_correction": True}):
+        with pytest.raises(ValueError, match="`bias_correction` \\(true / false\\) corrects the biases"):
+            ReproduceConfig(models=["x"], variants=["baseline"], lambda_sweep=None, low_bit=[bad])
+
