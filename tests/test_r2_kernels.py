@@ -83,6 +83,40 @@ def test_a_gradient_is_never_the_reused_buffer(loss, per_channel):
 
 
 @pytest.mark.parametrize("loss,per_channel", DENSE_CASES)
+def test_with_a_task_gradient_over_steps(loss, per_channel):
+    """R2 and a task loss on the same weights, two steps with `.grad` reset and one accumulated: each `.grad` is the
+    task's gradient plus R2's reference gradient, and a later step never writes into an earlier `.grad`."""
+    reg = _reg(loss, per_channel, _model())
+    weights = reg.weights()
+    slopes = [torch.randn_like(w) for w in weights]
+
+    def step():
+        task = sum((w * k).sum() for w, k in zip(reg.weights(), slopes))
+        (task + reg()).backward()
+
+    expected = [k + r for k, r in zip(slopes, _grads(copy.deepcopy(reg)))]
+    for w in weights:
+        w.grad = None
+    step()
+    first = [w.grad for w in weights]
+    for g, e in zip(first, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    step()  # accumulates into the same .grad
+    for w, e in zip(weights, expected):
+        torch.testing.assert_close(w.grad, 2 * e, rtol=1e-5, atol=1e-6)
+    kept = [g.clone() for g in first]
+    for w in weights:
+        w.grad = None
+    with torch.no_grad():
+        for w in weights:
+            w.mul_(1.3)
+    step()  # a fresh .grad, on other weights: the earlier ones stay as they were
+    for g, k in zip(first, kept):
+        torch.testing.assert_close(g, k, rtol=0, atol=0)
+    assert all(w.grad.data_ptr() != g.data_ptr() for w in weights for g in first)
+
+
+@pytest.mark.parametrize("loss,per_channel", DENSE_CASES)
 def test_two_live_graphs_and_a_second_backward(loss, per_channel):
     model = _model()
     reg = _reg(loss, per_channel, model)
