@@ -296,10 +296,10 @@ def magr_(
         for name, gram in grams.items():
             module = layers[name]
             w0 = grouped_weight(module, module.weight.detach()).to(gram.dtype)
+            before += float(w0.abs().amax(-1).sum())  # now: w0 may be a view of the weight, overwritten below
             w = _solve(w0, gram, config)
-            module.weight.copy_(w.reshape(module.weight.shape))
-            before += float(w0.abs().amax(-1).sum())
             after += float(w.abs().amax(-1).sum())
+            module.weight.copy_(w.reshape(module.weight.shape))
     logger.info("MagR on %d layers: the mean of the per-channel max |w| went down by %.1f%%", len(grams),
                 100 * (1 - after / max(before, 1e-30)))
     return model
