@@ -36,6 +36,11 @@ def _variant_label(variant: dict[str, Any], model: str, chosen: dict[str, dict[s
     return f"{variant['name']} ({', '.join(how)})"
 
 
+def _model_variants(variants: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+    """The variants trained on `model` (a variant's `models` limits it to those)."""
+    return [v for v in variants if v.get("models") is None or model in v["models"]]
+
+
 def _cell(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "-"
@@ -48,7 +53,6 @@ def _format_gains(config: ReproduceConfig, gains: dict[str, Any]) -> list[str]:
     """The section comparing R2's gains with the paper's (markdown lines; none without gains)."""
     if not any(gains.values()):
         return []
-    variants = [v for v in config.variants if v["loss"] != BASELINE]
     lines = ["## R2 minus its reference, against the paper's gains", "",
              "Top-1 points of each R2 variant over its reference (the baseline, or the variant named by its "
              "`compare_to`, e.g. the same-length fine-tune without R2; mean over the seeds both ran; ± the sample "
@@ -57,6 +61,7 @@ def _format_gains(config: ReproduceConfig, gains: dict[str, Any]) -> list[str]:
     for model, rows in gains.items():
         if not rows:
             continue
+        variants = [v for v in _model_variants(config.variants, model) if v["loss"] != BASELINE]
         lines += [f"### {model}", "", "| setting | target | " + " | ".join(v["name"] for v in variants) + " |",
                   "|---|---|" + "---|" * len(variants)]
         for setting, cells in rows.items():
@@ -137,14 +142,17 @@ def format_report(results: dict[str, Any]) -> str:
         _low_bit_line(config, data["calibration_images"], finetune),
         "",
     ]
-    variants = config.variants
     for model, table in results["summary"].items():
+        variants = _model_variants(config.variants, model)
         kwargs = ", ".join(f"{k}={v}" for k, v in config.model_kwargs.get(model, {}).items())
         lines += [f"## {model}" + (f" ({kwargs})" if kwargs else ""), "",
                   "| setting | " + " | ".join(_variant_label(v, model, results.get("chosen_lambdas") or {})
                                              for v in variants) + " |",
                   "|---|" + "---|" * len(variants)]
         for setting, cells in table.items():
+            models = None if setting == "FP" else config.setting(setting)["models"]
+            if models is not None and model not in models:
+                continue  # a row measured on other models only
             headline = setting == "FP" or config.setting(setting)["headline"]
             label = setting if headline else f"{setting} †"
             lines.append(f"| {label} | " + " | ".join(_cell(cells.get(v["name"])) for v in variants) + " |")

@@ -257,3 +257,19 @@ def test_a_baseline_of_another_task_is_refused(tmp_path, data_dir):
                      variants=VARIANTS[:2], seeds=[0])
     with pytest.raises(ValueError, match=r"does not fit this config: its classes \['class0'"):
         run_reproduce(config, progress=False, print_fn=None)
+
+
+def test_the_report_shows_each_model_only_its_own_columns_and_rows(tmp_path, data_dir):
+    """A variant or a setting limited to one model (`models`) gets no column / row in the other model's tables."""
+    variants = ["baseline", {"name": "m", "loss": "margin", "weight": 0.1, "seeds": [0], "models": ["test_vit"]}]
+    low_bit = [{"method": "kmeans", "w_bits": 1},
+               {"method": "kmeans", "w_bits": 2, "models": ["test_vit"]}]
+    config = _config(tmp_path / "out", data_dir, models=["test_resnet", "test_vit"], variants=variants,
+                     seeds=[0], lambda_sweep=None, low_bit=low_bit, recipes={}, validation_size=None,
+                     model_kwargs={"test_vit": {"img_size": 32}})
+    run_reproduce(config, progress=False, print_fn=None)
+    report = open(os.path.join(config.output_dir, "results.md")).read()
+    resnet, vit = report.split("## test_vit")[0].split("## test_resnet")[1], report.split("## test_vit")[1]
+    assert "m (λ=0.1" not in resnet and "m (λ=0.1, per channel, seed 0)" in vit
+    assert "| W2 k-means" not in resnet and "| W2 k-means" in vit
+    assert resnet.count("|---|") == 1 and "| setting | baseline (no R2) |\n" in resnet
