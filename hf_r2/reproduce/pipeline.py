@@ -58,7 +58,9 @@ def _training_done(run: Run, config: ReproduceConfig) -> bool:
     """Whether `run` is trained already (and with the same settings); removes an interrupted training's folder."""
     info = read_json(os.path.join(run.run_dir, RUN_INFO_NAME))
     if info is None:
-        if os.path.isdir(run.run_dir):
+        if _resumable(run, config):
+            logger.warning("%s holds an unfinished training: resuming it from its last epoch.", run.run_dir)
+        elif os.path.isdir(run.run_dir):
             logger.warning("%s holds an unfinished training (no %s): training it again.", run.run_dir, RUN_INFO_NAME)
             shutil.rmtree(run.run_dir)
         return False
@@ -71,6 +73,18 @@ def _training_done(run: Run, config: ReproduceConfig) -> bool:
             f"delete that folder to train it again."
         )
     return True
+
+
+#: Written when a training starts: its spec, so that an interrupted training resumes only with the same settings.
+_STARTED_NAME = "reproduce_run.started.json"
+
+
+def _resumable(run: Run, config: ReproduceConfig) -> bool:
+    """Whether `run` holds an interrupted training of the same spec with a complete epoch checkpoint."""
+    from ..checkpoints import latest_checkpoint
+
+    started = read_json(os.path.join(run.run_dir, _STARTED_NAME))
+    return started == train_spec(run, config) and latest_checkpoint(run.run_dir) is not None
 
 
 #: The files of a trained folder that a copied baseline keeps (the weights, how to build them, what they were
@@ -157,7 +171,9 @@ def _train(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> di
         warmup_steps=config.warmup_ratio,
         logging_steps=50,
         eval_strategy="epoch" if validate else "no",  # the validation curve (plateau plot)
-        save_strategy="no",
+        save_strategy="epoch",  # one checkpoint, the last epoch's: an interrupted training resumes from it
+        save_total_limit=1,
+        resume_from_checkpoint="latest",
         report_to="none",
         seed=run.seed,
         dataloader_pin_memory=False,
@@ -171,10 +187,15 @@ def _train(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> di
     size = {"input_size": config.input_size}
     train_ds = with_transforms(data.raw["train"], model, train=True, seed=run.seed, **size)
     val_ds = with_transforms(data.val, model, train=False, **size) if validate else None
+    os.makedirs(run.run_dir, exist_ok=True)
+    write_json_atomic(os.path.join(run.run_dir, _STARTED_NAME), train_spec(run, config))
     start = time.perf_counter()
     trainer, result = train_model(model, args, train_ds, val_ds, dataset=config.dataset,
                                   compute_metrics=compute_accuracy if validate else None)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start  # this session's part, when resumed
+    for name in os.listdir(run.run_dir):  # the model is saved: the epoch checkpoints have done their job
+        if name.startswith("checkpoint-"):
+            shutil.rmtree(os.path.join(run.run_dir, name))
     if validate:
         trainer.save_state()  # trainer_state.json: the validation top-1 per epoch
     info = {
@@ -185,6 +206,7 @@ def _train(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> di
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     write_json_atomic(os.path.join(run.run_dir, RUN_INFO_NAME), info)
+    os.remove(os.path.join(run.run_dir, _STARTED_NAME))
     return info
 
 

@@ -5,6 +5,7 @@ per-model weight decay; and baselines trained elsewhere (`baselines`), copied in
 
 import hashlib
 import json
+import logging
 import os
 
 import pytest
@@ -273,3 +274,42 @@ def test_the_report_shows_each_model_only_its_own_columns_and_rows(tmp_path, dat
     assert "m (λ=0.1" not in resnet and "m (λ=0.1, per channel, seed 0)" in vit
     assert "| W2 k-means" not in resnet and "| W2 k-means" in vit
     assert resnet.count("|---|") == 1 and "| setting | baseline (no R2) |\n" in resnet
+
+
+def test_an_interrupted_training_resumes_from_its_last_epoch(tmp_path, data_dir, monkeypatch, caplog):
+    """A training stopped after its first epoch's checkpoint continues from it on the next run (same settings),
+    to the same weights as an uninterrupted one; a finished run keeps no checkpoint."""
+    import safetensors.torch
+
+    from hf_r2.trainer import R2Trainer
+
+    def config(out):
+        return _config(out, data_dir, variants=["baseline"], seeds=[0], epochs=2, lambda_sweep=None,
+                       low_bit=[{"method": "kmeans", "w_bits": 1}])
+
+    whole = config(tmp_path / "whole")
+    run_reproduce(whole, progress=False, print_fn=None)
+    run_dir = os.path.join(whole.output_dir, "runs", "test_resnet", "baseline", "seed0")
+    assert not [n for n in os.listdir(run_dir) if n.startswith("checkpoint-")]
+    expected = safetensors.torch.load_file(os.path.join(run_dir, "model.safetensors"))
+
+    original = R2Trainer._save_checkpoint
+
+    def save_then_stop(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise KeyboardInterrupt  # the session ends after the first epoch's checkpoint
+
+    cut = config(tmp_path / "cut")
+    monkeypatch.setattr(R2Trainer, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_reproduce(cut, progress=False, print_fn=None)
+    monkeypatch.setattr(R2Trainer, "_save_checkpoint", original)
+    cut_dir = os.path.join(cut.output_dir, "runs", "test_resnet", "baseline", "seed0")
+    assert [n for n in os.listdir(cut_dir) if n.startswith("checkpoint-")]
+    with caplog.at_level(logging.WARNING):
+        results = run_reproduce(cut, progress=False, print_fn=None)
+    assert "resuming it from its last epoch" in caplog.text
+    assert results["timing"]["trained_now"] == 1
+    resumed = safetensors.torch.load_file(os.path.join(cut_dir, "model.safetensors"))
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6)
