@@ -136,8 +136,9 @@ def _copy_baseline(run: Run, config: ReproduceConfig, data: _Data) -> dict[str, 
 
 
 def _train(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> dict[str, Any]:
-    """Train `run` with R2Trainer (from random init, or from its baseline for a fine-tune), save it, then write
-    `reproduce_run.json` (last: it marks the training done). A copied baseline is copied instead."""
+    """Train `run` with R2Trainer (from random init, or from its baseline for a fine-tune; an interrupted training
+    of the same spec from its last epoch checkpoint), save it, then write `reproduce_run.json` (last: it marks the
+    training done). A copied baseline is copied instead."""
     if run.copy_from:
         return _copy_baseline(run, config, data)
     from transformers import set_seed
