@@ -1,5 +1,6 @@
-"""The batched R2 kernels' edge paths: KURE against float64, and the reused buffers (never aliased to a `.grad`,
-never shared between two live graphs, a second backward, copies)."""
+"""The batched R2 kernels' edge paths: KURE against float64, Soft-Min-Max's truncated blocks against the full softmax,
+and the reused buffers (never aliased to a `.grad`, beside a task gradient over steps, never shared between two live
+graphs, a second backward, copies)."""
 
 import copy
 
