@@ -174,7 +174,7 @@ def _train(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> di
         eval_strategy="epoch" if validate else "no",  # the validation curve (plateau plot)
         save_strategy="epoch",  # one checkpoint, the last epoch's: an interrupted training resumes from it
         save_total_limit=1,
-        resume_from_checkpoint="latest",
+        resume_from_checkpoint="latest" if _resumable(run, config) else None,
         report_to="none",
         seed=run.seed,
         dataloader_pin_memory=False,
