@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import ReproduceConfig
 from .deploy import onnx_check_available
-from .variants import BASELINE, SCOPE_KEYS, TRAINING_KEYS, resolve_weight, slug
+from .variants import BASELINE, SCOPE_KEYS, TRAINING_KEYS, on_model, resolve_weight, slug
 
 __all__ = ["Run", "plan", "variant_dir", "train_spec", "row_spec"]
 
@@ -62,8 +62,7 @@ def plan(config: ReproduceConfig, chosen: dict[str, dict[str, float | None]] | N
         if role == "headline":  # a setting with `variants` / `models` is measured on those only
             settings = [name for name in settings if config.setting(name)["variants"] is None
                         or variant["name"] in config.setting(name)["variants"]]
-            settings = [name for name in settings if config.setting(name)["models"] is None
-                        or model in config.setting(name)["models"]]
+            settings = [name for name in settings if on_model(config.setting(name), model)]
         run.settings = [s["name"] for s in config.low_bit if s["name"] in set(run.settings) | set(settings)]
         run.roles.append(role)
         if variant["name"] == baseline and model in config.baselines:

@@ -9,7 +9,7 @@ from typing import Any
 from .config import ReproduceConfig
 from .summary import gains, summarise, summarise_stats
 from .sweep import SWEEP_RULE, sweep_tables
-from .variants import BASELINE, CHOSEN, slug
+from .variants import BASELINE, CHOSEN, on_model, slug
 
 __all__ = ["assemble_results", "format_report"]
 
@@ -36,11 +36,6 @@ def _variant_label(variant: dict[str, Any], model: str, chosen: dict[str, dict[s
     return f"{variant['name']} ({', '.join(how)})"
 
 
-def _model_variants(variants: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
-    """The variants trained on `model` (a variant's `models` limits it to those)."""
-    return [v for v in variants if v.get("models") is None or model in v["models"]]
-
-
 def _cell(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "-"
@@ -61,7 +56,7 @@ def _format_gains(config: ReproduceConfig, gains: dict[str, Any]) -> list[str]:
     for model, rows in gains.items():
         if not rows:
             continue
-        variants = [v for v in _model_variants(config.variants, model) if v["loss"] != BASELINE]
+        variants = [v for v in config.variants if on_model(v, model) and v["loss"] != BASELINE]
         lines += [f"### {model}", "", "| setting | target | " + " | ".join(v["name"] for v in variants) + " |",
                   "|---|---|" + "---|" * len(variants)]
         for setting, cells in rows.items():
@@ -143,15 +138,14 @@ def format_report(results: dict[str, Any]) -> str:
         "",
     ]
     for model, table in results["summary"].items():
-        variants = _model_variants(config.variants, model)
+        variants = [v for v in config.variants if on_model(v, model)]
         kwargs = ", ".join(f"{k}={v}" for k, v in config.model_kwargs.get(model, {}).items())
         lines += [f"## {model}" + (f" ({kwargs})" if kwargs else ""), "",
                   "| setting | " + " | ".join(_variant_label(v, model, results.get("chosen_lambdas") or {})
                                              for v in variants) + " |",
                   "|---|" + "---|" * len(variants)]
         for setting, cells in table.items():
-            models = None if setting == "FP" else config.setting(setting)["models"]
-            if models is not None and model not in models:
+            if setting != "FP" and not on_model(config.setting(setting), model):
                 continue  # a row measured on other models only
             headline = setting == "FP" or config.setting(setting)["headline"]
             label = setting if headline else f"{setting} †"

@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_LOW_BIT",
     "normalise_variant",
     "resolve_weight",
+    "on_model",
     "normalise_setting",
     "setting_name",
     "quant_config",
@@ -161,11 +162,16 @@ def normalise_variant(item: Any, index: int) -> dict[str, Any]:
     return out
 
 
+def on_model(item: dict[str, Any], model: str) -> bool:
+    """Whether a variant or a low-bit setting is trained / measured on `model`: its `models`, `None` for all."""
+    return item.get("models") is None or model in item["models"]
+
+
 def resolve_weight(variant: dict[str, Any], model: str, chosen: dict[str, dict[str, float | None]] | None
                    ) -> dict[str, Any] | None:
     """`variant` as trained on `model`: a `weight: chosen` variant gets the lambda `chosen[name][model]` (its sweep's
     choice); `None` when the variant does not run on `model` (its `models`), or its lambda is not chosen (yet)."""
-    if variant.get("models") is not None and model not in variant["models"]:
+    if not on_model(variant, model):
         return None
     if variant["weight"] != CHOSEN:
         return variant
