@@ -41,6 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from hf_r2 import R2Config, R2Regularizer, losses  # noqa: E402
+from hf_r2._r2_kernels import SMM_TAIL  # noqa: E402  (the kernel's own truncation: the floor follows it)
 
 __all__ = ["main"]
 
@@ -141,7 +142,7 @@ def _smm_floor(reg: R2Regularizer, repeats: int) -> tuple[float, float]:
         rows = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
         a = alpha[offset : offset + rows.shape[0]][:, None]
         offset += rows.shape[0]
-        reach = (math.log(rows.shape[1]) + 24.0) / a
+        reach = (math.log(rows.shape[1]) + SMM_TAIL) / a
         hi, lo = rows.amax(1, keepdim=True), rows.amin(1, keepdim=True)
         near += int(((rows >= hi - reach) | (rows <= lo + reach)).sum())
     total = sum(w.numel() for w in weights)

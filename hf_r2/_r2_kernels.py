@@ -39,11 +39,11 @@ from torch import Tensor
 
 from ._r2_plan import GroupPlan, row_extremes, segment, to_f32
 
-__all__ = ["KurtosisR2Function", "LinfR2Function", "MarginR2Function", "SoftMinMaxR2Function"]
+__all__ = ["SMM_TAIL", "KurtosisR2Function", "LinfR2Function", "MarginR2Function", "SoftMinMaxR2Function"]
 
-# Soft-Min-Max: elements farther than (ln n + _SMM_TAIL) / alpha from the extreme carry total softmax mass
-# below n * exp(-(ln n + _SMM_TAIL)) = exp(-_SMM_TAIL) ~ 4e-11, far below float32 resolution.
-_SMM_TAIL = 24.0
+# Soft-Min-Max: elements farther than (ln n + SMM_TAIL) / alpha from the extreme carry total softmax mass
+# below n * exp(-(ln n + SMM_TAIL)) = exp(-SMM_TAIL) ~ 4e-11, far below float32 resolution.
+SMM_TAIL = 24.0
 _SMM_BLOCK_MIN_K = 1 << 14
 _EXP_FLOOR = 60.0
 _ALPHA_MAX = 1e30
@@ -236,7 +236,7 @@ class SoftMinMaxR2Function(torch.autograd.Function):
     `d (smax - smin) / d alpha = Var_p(w) + Var_q(w)` and `d bound / d alpha = -bound / alpha`.
 
     Each row of a group matrix is cut into `K / g` blocks of `g` strided elements (`(R, g, K / g)` view); only
-    the blocks whose extreme lies within `(ln n + _SMM_TAIL) / alpha` of the softmax's extreme (the row's, or
+    the blocks whose extreme lies within `(ln n + SMM_TAIL) / alpha` of the softmax's extreme (the row's, or
     the layer's) enter the softmax, gathered into an `(n_blocks, g)` matrix. The softmax is shifted by that
     extreme, so the per-tensor form is a sum of per-row partial sums.
     """
@@ -269,7 +269,7 @@ class SoftMinMaxR2Function(torch.autograd.Function):
             a_row, hi, lo = a_s[plan.row_layer], hi_s[plan.row_layer], lo_s[plan.row_layer]
             log_n = plan.log_numel
             log_n_row = log_n[plan.row_layer]
-        reach = (log_n_row + _SMM_TAIL) / a_row
+        reach = (log_n_row + SMM_TAIL) / a_row
         thr_hi, thr_lo = hi - reach, lo + reach
         sums = torch.zeros(6, rmax.shape[0], dtype=torch.float32, device=rmax.device)
         parts = []
