@@ -8,7 +8,8 @@ of distinct row lengths, not of layers:
 
 - layers are grouped by row length `K = numel / C_out`; the small layers of a group are concatenated into one
   `(sum C, K)` matrix (big layers stay views), and one `amax`/`amin` pass per group gives every row's
-  extremes; all further bookkeeping runs on the small vector of all rows, a fixed number of kernels;
+  extremes; all further bookkeeping runs on the small vector of all rows, a fixed number of kernels; per tensor,
+  L-inf and Margin cut the small layers into equal rows instead ([`GroupPlan`] with `blocks`): one group for all;
 - L-inf: the gradient sits on the elements equal to each row's (per channel) or layer's extreme, shared among
   ties. Per tensor only the few rows holding a layer's extreme are compared, and the gradient is handed to
   autograd as a sparse tensor of those rows; per channel every row has one, written by one compare into a
@@ -58,7 +59,7 @@ class LinfR2Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: GroupPlan, per_channel: bool, *weights: Tensor) -> Tensor:
-        mats = plan.matrices(weights)
+        mats = plan.matrices(weights, ctx)
         rmax, rmin = row_extremes(mats)
         if per_channel:
             target = torch.where(rmax >= -rmin, rmax, rmin)  # per row
@@ -114,7 +115,7 @@ class MarginR2Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: GroupPlan, per_channel: bool, penalty: float, margin: Tensor, *weights: Tensor) -> Tensor:
-        mats = plan.matrices(weights)
+        mats = plan.matrices(weights, ctx)
         rmax, rmin = row_extremes(mats)
         m = margin.detach().float()
         m_g = m[plan.row_perm] if per_channel else m[plan.order_t]
@@ -245,7 +246,7 @@ class SoftMinMaxR2Function(torch.autograd.Function):
     def forward(
         ctx, plan: GroupPlan, per_channel: bool, penalty: float, log_alpha: Tensor, *weights: Tensor
     ) -> Tensor:
-        mats = plan.matrices(weights)
+        mats = plan.matrices(weights, ctx)
         # per tensor, only a few blocks of a few rows come near the layer's extremes; per channel, a row of
         # K >= _SMM_BLOCK_MIN_K may be sparse enough, but rows of a few thousand weights were measured a third
         # within reach (after gathering, slower than dense rows)
@@ -372,7 +373,7 @@ class KurtosisR2Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: GroupPlan, per_channel: bool, target: float, *weights: Tensor) -> Tensor:
-        mats = plan.matrices(weights)
+        mats = plan.matrices(weights, ctx)
         s1 = torch.cat([to_f32(x).sum(1) for x in mats])
         if per_channel:
             n = plan.row_len[plan.row_layer]  # per row

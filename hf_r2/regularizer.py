@@ -130,7 +130,8 @@ class R2Regularizer(nn.Module):
         loss, c = self.config.loss_type, self.config
         device_type = weights[0].device.type
         with torch.autocast(device_type, enabled=False):
-            plan = self._plan(weights)
+            # per tensor, L-inf and Margin need each layer's extremes only: rows of ROW_BLOCK weights, not channels
+            plan = self._plan(weights, blocks=not c.per_channel and loss in (R2LossType.LINF, R2LossType.MARGIN))
             if loss is R2LossType.KURTOSIS:
                 return KurtosisR2Function.apply(plan, c.per_channel, c.kurtosis_target, *weights)
             if loss is R2LossType.LINF:
@@ -139,12 +140,12 @@ class R2Regularizer(nn.Module):
                 return MarginR2Function.apply(plan, c.per_channel, c.margin_penalty, self.margin, *weights)
             return SoftMinMaxR2Function.apply(plan, c.per_channel, c.soft_min_max_penalty, self.log_alpha, *weights)
 
-    def _plan(self, weights: list[Tensor]) -> GroupPlan:
+    def _plan(self, weights: list[Tensor], blocks: bool) -> GroupPlan:
         """The batched layout for these weights, rebuilt only when a shape, dtype or device changes."""
-        key = tuple((w.shape, w.dtype, w.device) for w in weights)
+        key = (blocks, *((w.shape, w.dtype, w.device) for w in weights))
         cached = self.__dict__.get("_plan_cache")
         if cached is None or cached[0] != key:
-            cached = (key, GroupPlan(weights))
+            cached = (key, GroupPlan(weights, blocks=blocks))
             self.__dict__["_plan_cache"] = cached
         return cached[1]
 

@@ -141,10 +141,10 @@ def test_two_live_graphs_and_a_second_backward(loss, per_channel):
 def test_a_copy_gets_its_own_buffers():
     reg = _reg("kurtosis", False, _model())
     _grads(reg)
-    plan = reg._plan(reg.weights())
+    plan = reg._plan(reg.weights(), False)
     assert plan._scratch
     clone = copy.deepcopy(reg)
-    assert clone._plan(clone.weights())._scratch == {}
+    assert clone._plan(clone.weights(), False)._scratch == {}
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -175,3 +175,58 @@ def test_soft_min_max_blocks_match_the_reference(per_channel, shift):
     for w, ref in zip(reg.weights(), refs):
         torch.testing.assert_close(w.grad, ref.grad, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(reg.log_alpha.grad, log_alpha.grad, rtol=1e-3, atol=1e-6)
+
+
+def _linf64(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor L-inf written out in float64: |t| with t the max, or the min when -min is larger; its gradient
+    sign(t) / (number of weights equal to t) on those weights."""
+    x = w.detach().double()
+    t = x.max() if x.max() >= -x.min() else x.min()
+    hit = x == t
+    return t.abs(), torch.where(hit, torch.sign(t) / hit.sum(), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("loss", ["linf", "margin"])
+def test_per_tensor_blocks_match_float64(loss):
+    """Per tensor, L-inf and Margin cut the small layers into zero-padded rows of ROW_BLOCK weights in one float32
+    buffer (big layers keep their channel rows): a layer smaller than a row, one not a multiple of it, an
+    all-negative and an all-zero layer, a bf16 layer beside float32 ones, a tie in a padded row; values and
+    gradients against float64, over two steps (the buffer is reused)."""
+    from hf_r2._r2_plan import ROW_BLOCK
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 520, bias=False), nn.Conv2d(8, 16, 3), nn.Linear(5, 3), nn.Linear(4, 4),
+                          nn.Conv2d(3, 4, 3))
+    model[4].to(torch.bfloat16)
+    with torch.no_grad():
+        model[2].weight.copy_(-model[2].weight.abs() - 0.1)  # all negative: the padding's 0 must not be its max
+        model[3].weight.zero_()
+        w = model[1].weight.view(-1)
+        w[3] = w[-1] = w.abs().max() + 0.5  # a tie, one of them in the last (padded) row
+    assert model[0].weight.numel() >= 1 << 18 and model[1].weight.numel() % ROW_BLOCK
+    reg = R2Regularizer(model, R2Config(loss=loss, per_channel=False, margin_penalty=0.5))
+    assert reg._plan(reg.weights(), True).flat_group is not None
+    for step in range(2):
+        with torch.no_grad():
+            if loss == "margin":
+                reg.margin.copy_(torch.stack([w.detach().float().abs().amax() * 0.6 for w in reg.weights()]))
+            for w in reg.weights():
+                w.mul_(1.1)
+                w.grad = None
+        value = reg()
+        value.backward()
+        if loss == "linf":
+            refs = [_linf64(w) for w in reg.weights()]
+            expected, grads = sum(r[0] for r in refs), [r[1] for r in refs]
+        else:
+            ws = [w.detach().double().requires_grad_() for w in reg.weights()]
+            m = reg.margin.detach().double()
+            expected = sum(((w.abs() - mi.abs()).clamp_min(0) ** 2).sum() + 0.5 * mi**2 for w, mi in zip(ws, m))
+            grads = torch.autograd.grad(expected, ws)
+        assert value.item() == pytest.approx(expected.item(), rel=1e-5), step
+        for w, ref in zip(reg.weights(), grads):
+            got = torch.zeros_like(w) if w.grad is None else w.grad
+            assert got.layout == torch.strided
+            tol = dict(rtol=1e-2, atol=1e-2) if w.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got.double(), ref, **tol)
+    assert model[1].weight.grad.view(-1)[[3, -1]].tolist() == [0.5, 0.5] or loss == "margin"
