@@ -63,6 +63,9 @@ def reproduce_command_parser(subparsers=None) -> argparse.ArgumentParser:
                         help="Run only these of the config's models (e.g. one process per model in parallel, into "
                              "the same output_dir; a last run without --models then reuses everything and reports "
                              "all).")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="Run only these of the config's variants, with the baseline and the variant each is "
+                             "compared to (same cache: a last run without --variants reuses them).")
     parser.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false",
                         help="Hide the progress bars.")
     parser.set_defaults(func=reproduce_command)
@@ -79,6 +82,8 @@ def reproduce_command(args: argparse.Namespace) -> int:
             config = ReproduceConfig.from_dict({**config.to_dict(), **overrides})
         if args.models:
             config = config.select_models(args.models)
+        if getattr(args, "variants", None):
+            config = config.select_variants(args.variants)
         results = run_reproduce(config, progress=args.progress)
     except (ValueError, OSError) as err:
         print(f"hf-r2 reproduce: error: {err}", file=sys.stderr)

@@ -392,6 +392,31 @@ class ReproduceConfig(JsonConfigMixin):
         data["lambda_sweep"] = [sweep for sweep in sweeps if sweep["models"]] or None
         return type(self).from_dict(data)
 
+    def select_variants(self, names: list[str]) -> ReproduceConfig:
+        """A copy with only the variants `names` and those they need: the baseline they start from (`init_from`)
+        and the variant they are compared to (`compare_to`, else the baseline). Settings limited to `variants` keep
+        those among them (or are dropped), sweeps of dropped variants go; the cache is the same, so a last run of
+        the whole config reuses every training."""
+        known = [v["name"] for v in self.variants]
+        if not names or any(n not in known for n in names):
+            raise ValueError(f"Variants to select must be a non-empty subset of the variants {known}, got {names}.")
+        keep, todo = set(), list(names)
+        while todo:
+            name = todo.pop()
+            v = next(v for v in self.variants if v["name"] == name)
+            keep.add(v["name"])
+            needs = (v["init_from"] and self.baseline_variant, self.reference_of(v))
+            todo += [n for n in needs if n and n not in keep]
+        data = self.to_dict()
+        data["variants"] = [v for v in data["variants"] if v["name"] in keep]
+        limited = [s if s.get("variants") is None else {**s, "variants": [n for n in s["variants"] if n in keep]}
+                   for s in data["low_bit"]]
+        data["low_bit"] = [s for s in limited if s.get("variants") is None or s["variants"]]
+        names_left = [s["name"] for s in data["low_bit"]]
+        data["onnx_settings"] = [n for n in self.onnx_settings or [] if n in names_left] or None
+        data["lambda_sweep"] = [sw for sw in self.lambda_sweep or [] if sw["variant"] in keep] or []
+        return type(self).from_dict(data)
+
     def setting(self, name: str) -> dict[str, Any]:
         """The low-bit setting called `name`."""
         for s in self.low_bit:

@@ -107,6 +107,9 @@ def test_config_file_errors(tmp_path):
         ReproduceConfig.from_file(tmp_path / "d.yaml")
     args = reproduce_command_parser().parse_args([str(tmp_path / "d.yaml"), "--no-progress"])
     assert reproduce_command(args) == 1
+    args = reproduce_command_parser().parse_args([str(TINY), "--variants", "nope", "--output-dir", str(tmp_path)])
+    assert reproduce_command(args) == 1  # a clear error naming the variants, nothing trained
+    assert not (tmp_path / "runs").exists()
 
 
 def test_onnx_settings(monkeypatch):

@@ -206,6 +206,38 @@ def test_a_setting_with_variants_or_models_is_measured_on_those_only():
                         low_bit=[{**qat, "variants": ["nope"], "models": None}])
 
 
+def test_select_variants_keeps_what_they_need_and_the_same_cache():
+    """`--variants`: a subset of the variants with the baseline they start from and the variant they are compared to;
+    every training and row it plans is planned (same folder, same spec, same rows) by the whole config."""
+    from hf_r2.reproduce.plan import train_spec
+
+    config = ReproduceConfig.from_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "evidence.yaml"))
+    names = lambda c: [v["name"] for v in c.variants]  # noqa: E731
+    assert names(config.select_variants(["linf_scratch"])) == ["baseline", "linf_scratch"]
+    sub = config.select_variants(["linf"])
+    assert names(sub) == ["baseline", "control", "linf"] and [s["variant"] for s in sub.lambda_sweep] == ["linf"]
+    assert names(config.select_variants(["control"])) == ["baseline", "control"]
+    chosen = {"linf": {"mobilenetv2_100": 3.0, "resnet18": 3.0}}
+    whole = {r.run_dir: (train_spec(r, config), r.settings) for r in plan(config, chosen)}
+    for sub in (config.select_variants(["linf_scratch"]), config.select_variants(["linf"]),
+                config.select_variants(["linf_scratch_03"]).select_models(["mobilenetv2_100"])):
+        runs = plan(sub, chosen)
+        assert runs and all(r.run_dir in whole for r in runs)
+        for r in runs:
+            spec, settings = whole[r.run_dir]
+            assert train_spec(r, sub) == spec and set(r.settings) <= set(settings), r.run_dir
+    # a setting limited to variants keeps the kept ones among them; one limited to dropped variants goes
+    sub = config.select_variants(["linf_scratch"])
+    assert sub.setting("W2A2 QAT")["variants"] == ["baseline"] and sub.setting("W1 k-means")["variants"] is None
+    data = config.to_dict()
+    data["low_bit"] = [*data["low_bit"], {"method": "kmeans", "w_bits": 2, "variants": ["control", "linf"]}]
+    two = ReproduceConfig.from_dict(data)
+    assert "W2 k-means" in [s["name"] for s in two.select_variants(["control"]).low_bit]
+    assert "W2 k-means" not in [s["name"] for s in two.select_variants(["linf_scratch"]).low_bit]
+    with pytest.raises(ValueError, match=r"non-empty subset of the variants .* got \['nope'\]"):
+        config.select_variants(["nope"])
+
+
 def test_choose_lambda_rule():
     ref = {"lambda": 0.0, "val_accuracy": {"FP": 0.80, "W2": 0.50}}
     rows = [ref,
