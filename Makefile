@@ -9,7 +9,7 @@ CONSTRAINTS := requirements/constraints.txt
 # unless already set. Without a local copy the cifar10 names load uoft-cs/cifar10 from the Hub.
 export HF_R2_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: demo test reproduce evidence-baselines evidence install install-test bench clean
+.PHONY: demo test reproduce evidence-baselines evidence install install-test bench gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,12 @@ evidence: install
 
 bench: install
 	$(PY) benchmarks/r2_overhead.py
+
+# On a machine with a CUDA GPU and PyTorch (its own packages, nothing installed): the device tests and the R2
+# overhead benchmark on the GPU, logged to $(GPU_CHECK_OUT)/gpu_check.txt (README, Results).
+GPU_CHECK_OUT ?= outputs/gpu_check
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) outputs runs

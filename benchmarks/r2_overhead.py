@@ -24,6 +24,7 @@ of R2's time; `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.mallo
 
     python benchmarks/r2_overhead.py --threads 1
     python benchmarks/r2_overhead.py --quick --models mobilenetv2_100 --losses linf,margin
+    python benchmarks/r2_overhead.py --device cuda --no-naive     # on a GPU (see benchmarks/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -55,16 +56,23 @@ def _verdict(ratio: float, target: float) -> str:
     return "met" if ratio <= target else "MISSED"
 
 
+#: Waits for the device's queued work before a clock is read (`torch.cuda.synchronize` on a GPU; see `--device`).
+_sync = lambda: None  # noqa: E731
+
+
 def _interleaved(fa, fb, repeats: int, warmup: int = 2) -> tuple[float, float]:
     """Median seconds of `fa` and `fb`, run alternately."""
     for _ in range(warmup):
         fa(), fb()
     ta, tb = [], []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fa()
+        _sync()
         t1 = time.perf_counter()
         fb()
+        _sync()
         t2 = time.perf_counter()
         ta.append(t1 - t0)
         tb.append(t2 - t1)
@@ -184,8 +192,9 @@ def _step_ratio(model, loss: str, per_channel: bool, batch: int, size: int, repe
     _set_state(reg, "trained")
     params = list(model.parameters()) + list(reg.parameters())
     opt = torch.optim.SGD(params, lr=1e-12, momentum=0.9, foreach=True)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, model.num_classes, (batch,))
+    device = next(model.parameters()).device
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, model.num_classes, (batch,), device=device)
 
     def step(with_r2: bool):
         opt.zero_grad(set_to_none=True)
@@ -212,7 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats, 32x32 step only")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip Soft-Min-Max's floor analysis and profile table")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the floor analysis and profile are CPU-only)")
     args = p.parse_args(argv)
+    global _sync
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        _sync = torch.cuda.synchronize
+        args.floor = False
+        print(f"device: {torch.cuda.get_device_name(device)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 7 if args.quick else args.repeats
@@ -221,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
           f"medians of {repeats} interleaved repeats, load average {os.getloadavg()[0]:.2f}")
     for name in args.models.split(","):
         torch.manual_seed(0)
-        model = timm.create_model(name, num_classes=args.num_classes)
+        model = timm.create_model(name, num_classes=args.num_classes).to(device)
         reg = R2Regularizer(model)
         n_w = sum(w.numel() for w in reg.weights())
         print(f"\n{name}: {len(reg.names)} target layers, {n_w / 1e6:.2f}M weights")
