@@ -12,8 +12,8 @@ of distinct row lengths, not of layers:
   L-inf and Margin cut the small layers into equal rows instead ([`GroupPlan`] with `blocks`): one group for all;
 - L-inf: the gradient sits on the elements equal to each row's (per channel) or layer's extreme, shared among
   ties. Per tensor only the few rows holding a layer's extreme are compared, and the gradient is handed to
-  autograd as a sparse tensor of those rows; per channel every row has one, written by one compare into a
-  dense buffer and scaled in place;
+  autograd as a sparse tensor of those rows (of its entries, for the small layers' shared buffer); per channel
+  every row has one, written by one compare into a dense buffer and scaled in place;
 - Margin: only rows whose extreme passes their margin can have an excess, so only those rows are gathered and
   differentiated, and handed back as sparse rows (dense when every row of a group has an excess, the forward's
   excess buffer becoming the gradient); a group with no excess gets no gradient at all;
