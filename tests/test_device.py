@@ -20,9 +20,13 @@ DEVICE = torch.device(os.environ.get("HF_R2_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture
-def device() -> torch.device:
-    if DEVICE.type == "cuda" and not torch.cuda.is_available():
-        pytest.fail("HF_R2_TEST_DEVICE=cuda but torch.cuda.is_available() is False")
+def device(monkeypatch) -> torch.device:
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.fail("HF_R2_TEST_DEVICE=cuda but torch.cuda.is_available() is False")
+        # full float32 convolutions and matmuls: the comparisons with the CPU test hf-r2's code, not TF32
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     return DEVICE
 
 
@@ -79,7 +83,7 @@ def test_a_bf16_training_step_on_device(device):
         model = make_timm("test_resnet").to(dev)
         reg = R2Regularizer(model, R2Config(loss="linf", per_channel=True, weight=0.5)).to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        x, y = torch.randn(4, 3, 32, 32, device=dev), torch.arange(4, device=dev)
+        x, y = torch.randn(4, 3, 32, 32).to(dev), torch.arange(4, device=dev)  # the same images on both
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             r2 = reg()
             loss = F.cross_entropy(forward_logits(model, x).float(), y) + 0.5 * r2
