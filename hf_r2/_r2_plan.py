@@ -162,7 +162,8 @@ class GroupPlan:
         return out
 
     def _layer_views(self, key: Any, buf: Tensor, weights: tuple[Tensor, ...], g: list[int]) -> list[Tensor]:
-        """Each layer of group `g` as a view (its own shape) of its rows of `buf`, kept while `buf` is."""
+        """Each layer of group `g` as a view (its own shape) of its rows of `buf` (a layer's last row may be padded);
+        kept while `buf` is the plan's buffer under `key`."""
         kept = self._views.get(key)
         if kept is not None and kept[0] is buf:
             return kept[1]
@@ -179,20 +180,10 @@ class GroupPlan:
         as `.grad` (or adds into it in place) only when nothing else holds it, so a kept view is copied into
         `.grad`, or added into the task's gradient, and the buffer stays this plan's."""
         out: list[Tensor | None] = [None] * len(weights)
-        for gi, (g, sizes, grad) in enumerate(zip(self.groups, self.group_channels, grads)):
-            if grad is None:
-                continue
-            slot = self._scratch.get(("grad", gi))
-            kept = self._views.get(gi)
-            if slot is not None and grad is slot[0] and kept is not None and kept[0] is grad:
-                parts = kept[1]
-            else:  # (with `blocks`: rows of ROW_BLOCK, a layer's last one padded)
-                parts = [p.reshape(-1)[: weights[i].numel()].view(weights[i].shape)
-                         for i, p in zip(g, (grad,) if len(g) == 1 else grad.split(sizes))]
-                if slot is not None and grad is slot[0]:
-                    self._views[gi] = (grad, parts)
-            for i, part in zip(g, parts):
-                out[i] = part
+        for gi, (g, grad) in enumerate(zip(self.groups, grads)):
+            if grad is not None:
+                for i, part in zip(g, self._layer_views(("grad", gi), grad, weights, g)):
+                    out[i] = part
         return out
 
     def split_sparse(
@@ -206,7 +197,7 @@ class GroupPlan:
         for gi, (g, sizes, item) in enumerate(zip(self.groups, self.group_channels, items)):
             if item is None:
                 continue
-            if self.blocks and gi == self.flat_group:
+            if gi == self.flat_group:
                 self._split_elements(weights, gi, item, out)
                 continue
             rows, vals = item
