@@ -142,3 +142,45 @@ def model_dir(tmp_path, data_dir) -> str:
     names = label_names(load_image_dataset("cifar10-tiny", data_dir=data_dir, max_eval_samples=8))
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0, "label_names": names}
     return str(save_model_folder(model, str(tmp_path / "model")))
+
+
+def r2_reference_total(
+    reg: torch.nn.Module, weights: list[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """Sum of the functional losses of `hf_r2.losses` over `reg`'s layers, on detached copies of its weights unless
+    `weights` are given (e.g. float64 CPU copies); returns (total, the weights used, the copy of R2's own parameter
+    on their device and dtype, or None)."""
+    from hf_r2.losses import kurtosis_r2, linf_r2, margin_r2, soft_min_max_r2
+
+    c = reg.config
+    if weights is None:
+        weights = [w.detach().clone().requires_grad_() for w in reg.weights()]
+    param = None
+    if c.loss in ("margin", "soft_min_max"):  # on the reference weights' device and dtype
+        learned = reg.margin if c.loss == "margin" else reg.log_alpha
+        param = learned.detach().to(weights[0].device, weights[0].dtype).clone().requires_grad_()
+    total, offset = 0.0, 0
+    for w in weights:
+        k = w.shape[0] if c.per_channel else 1
+        p = None if param is None else param[offset : offset + k]
+        if p is not None and not c.per_channel:
+            p = p.reshape(())
+        offset += k
+        if c.loss == "linf":
+            total = total + linf_r2(w, c.per_channel)
+        elif c.loss == "margin":
+            total = total + margin_r2(w, p, c.margin_penalty)
+        elif c.loss == "soft_min_max":
+            total = total + soft_min_max_r2(w, p.exp(), c.soft_min_max_penalty)
+        else:
+            total = total + kurtosis_r2(w, c.kurtosis_target, c.per_channel)
+    return total, weights, param
+
+
+def perturb_r2_params(reg: torch.nn.Module) -> None:
+    """Move R2's learnable parameters off their initial values, so that margins have excess."""
+    with torch.no_grad():
+        if reg.config.loss == "margin":
+            reg.margin.mul_(0.8)
+        if reg.config.loss == "soft_min_max":
+            reg.log_alpha.sub_(0.7)

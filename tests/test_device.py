@@ -9,10 +9,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyImages, conv_net, make_timm
+from conftest import TinyImages, conv_net, make_timm, perturb_r2_params, r2_reference_total
 
 from hf_r2 import R2Config, R2Regularizer, R2Trainer, R2TrainingArguments
-from hf_r2.losses import kurtosis_r2, linf_r2, margin_r2, soft_min_max_r2
 from hf_r2.models import forward_logits
 from hf_r2.quant import PalettizeConfig, PTQConfig, prepare_dkm, quantize_
 
@@ -30,39 +29,16 @@ def device(monkeypatch) -> torch.device:
     return DEVICE
 
 
-def _reference(reg: R2Regularizer) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """`sum_l R(W_l)` with the functional losses, layer by layer, on float64 CPU copies; and its weight gradients."""
-    c = reg.config
-    ws = [w.detach().cpu().double().requires_grad_() for w in reg.weights()]
-    total, offset = 0.0, 0
-    for w in ws:
-        k = w.shape[0] if c.per_channel else 1
-        sl = slice(offset, offset + k)
-        offset += k
-        if c.loss == "linf":
-            total = total + linf_r2(w, c.per_channel)
-        elif c.loss == "margin":
-            m = reg.margin.detach().cpu().double()[sl]
-            total = total + margin_r2(w, m if c.per_channel else m.reshape(()), c.margin_penalty)
-        elif c.loss == "soft_min_max":
-            a = reg.log_alpha.detach().cpu().double()[sl].exp()
-            total = total + soft_min_max_r2(w, a if c.per_channel else a.reshape(()), c.soft_min_max_penalty)
-        else:
-            total = total + kurtosis_r2(w, c.kurtosis_target, c.per_channel)
-    return total, list(torch.autograd.grad(total, ws))
-
-
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("loss", ["linf", "margin", "soft_min_max", "kurtosis"])
 def test_regularizer_on_device_matches_the_functional_losses(device, loss, per_channel):
     model = make_timm("test_efficientnet").to(device)  # many small layers: every kernel path
     reg = R2Regularizer(model, R2Config(loss=loss, per_channel=per_channel, margin_penalty=0.5)).to(device)
-    with torch.no_grad():  # margins with excess, temperatures off their start
-        if loss == "margin":
-            reg.margin.mul_(0.8)
-        if loss == "soft_min_max":
-            reg.log_alpha.sub_(0.7)
-    expected, grads = _reference(reg)
+    perturb_r2_params(reg)
+    # the functional losses, layer by layer, on float64 CPU copies
+    ref_weights = [w.detach().cpu().double().requires_grad_() for w in reg.weights()]
+    expected, _, _ = r2_reference_total(reg, ref_weights)
+    grads = torch.autograd.grad(expected, ref_weights)
     value = reg()
     value.backward()
     assert value.device.type == device.type and value.dtype == torch.float32

@@ -2,53 +2,13 @@
 
 import pytest
 import torch
-from conftest import make_timm
+from conftest import make_timm, perturb_r2_params, r2_reference_total
 from torch import nn
 
 from hf_r2 import R2Config, R2Regularizer, find_target_modules
-from hf_r2.losses import kurtosis_r2, linf_r2, margin_r2, soft_min_max_r2
+from hf_r2.losses import kurtosis_r2, linf_r2
 
 LOSSES = ["linf", "margin", "soft_min_max", "kurtosis"]
-
-
-def _reference_total(
-    reg: R2Regularizer, weights: list[torch.Tensor] | None = None
-) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
-    """Sum of the functional losses over layers, on detached copies of the weights unless `weights` are given;
-    returns (total, the weights used, param copy)."""
-    c = reg.config
-    if weights is None:
-        weights = [w.detach().clone().requires_grad_() for w in reg.weights()]
-    param = None
-    if c.loss == "margin":
-        param = reg.margin.detach().clone().requires_grad_()
-    elif c.loss == "soft_min_max":
-        param = reg.log_alpha.detach().clone().requires_grad_()
-    total, offset = 0.0, 0
-    for w in weights:
-        k = w.shape[0] if c.per_channel else 1
-        p = None if param is None else param[offset : offset + k]
-        if p is not None and not c.per_channel:
-            p = p.reshape(())
-        offset += k
-        if c.loss == "linf":
-            total = total + linf_r2(w, c.per_channel)
-        elif c.loss == "margin":
-            total = total + margin_r2(w, p, c.margin_penalty)
-        elif c.loss == "soft_min_max":
-            total = total + soft_min_max_r2(w, p.exp(), c.soft_min_max_penalty)
-        else:
-            total = total + kurtosis_r2(w, c.kurtosis_target, c.per_channel)
-    return total, weights, param
-
-
-def _perturb(reg: R2Regularizer) -> None:
-    """Move the learnable parameters off their initial values, so that margins have excess."""
-    with torch.no_grad():
-        if reg.config.loss == "margin":
-            reg.margin.mul_(0.8)
-        if reg.config.loss == "soft_min_max":
-            reg.log_alpha.sub_(0.7)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -57,8 +17,8 @@ def _perturb(reg: R2Regularizer) -> None:
 def test_matches_functional_losses(loss, per_channel, model_name):
     model = make_timm(model_name, **({"img_size": 32} if "vit" in model_name else {}))
     reg = R2Regularizer(model, R2Config(loss=loss, per_channel=per_channel, margin_penalty=0.5))
-    _perturb(reg)
-    expected, ref_weights, ref_param = _reference_total(reg)
+    perturb_r2_params(reg)
+    expected, ref_weights, ref_param = r2_reference_total(reg)
     expected.backward()
     value = reg()
     value.backward()
@@ -87,9 +47,9 @@ def test_parametrized_weights_match_functional_losses(loss, per_channel, wrap):
         getattr(parametrizations, wrap)(model[i])
     model.eval()  # spectral_norm's power iteration would change the weight between the two evaluations
     reg = R2Regularizer(model, R2Config(loss=loss, per_channel=per_channel, margin_penalty=0.5))
-    _perturb(reg)
+    perturb_r2_params(reg)
     originals = [p for n, p in model.named_parameters() if "original" in n]
-    expected, _, ref_param = _reference_total(reg, [model[i].weight for i in (0, 2, 4)])
+    expected, _, ref_param = r2_reference_total(reg, [model[i].weight for i in (0, 2, 4)])
     ref_grads = torch.autograd.grad(expected, originals + ([ref_param] if ref_param is not None else []))
     x = torch.randn(2, 3, 8, 8)
     task = model(x).sum()
@@ -206,8 +166,8 @@ def test_conv1d_conv3d_linear_channels_last_and_bf16(loss):
     model[2].to(memory_format=torch.channels_last)
     for per_channel in (False, True):
         reg = R2Regularizer(model, loss=loss, per_channel=per_channel)
-        _perturb(reg)
-        expected, ref_weights, _ = _reference_total(reg)
+        perturb_r2_params(reg)
+        expected, ref_weights, _ = r2_reference_total(reg)
         expected.backward()
         reg().backward()
         for w, ref in zip(reg.weights(), ref_weights):
@@ -267,12 +227,12 @@ def test_r2_gradient_adds_into_the_task_gradient(loss):
     first micro-batch (`.grad` is None) and when accumulating into an existing `.grad`."""
     model = make_timm("test_resnet")
     reg = R2Regularizer(model, loss=loss)
-    _perturb(reg)
+    perturb_r2_params(reg)
     x = torch.randn(2, 3, 32, 32)
     model(x).square().mean().backward()
     task = [w.grad.clone() for w in reg.weights()]
     model.zero_grad()
-    expected, ref_weights, _ = _reference_total(reg)
+    expected, ref_weights, _ = r2_reference_total(reg)
     expected.backward()
     for accumulate in (False, True):
         model.zero_grad(set_to_none=not accumulate)
@@ -308,7 +268,7 @@ def test_frozen_layers_are_left_out_unless_asked(loss):
     assert reg.names == ["2", "4"] and reg.skipped_frozen == ["0"]
     stats = reg.stats()
     assert stats["skipped_frozen"] == ["0"] and set(stats["per_layer"]) == {"2", "4"}
-    expected, _, _ = _reference_total(reg)  # the functional losses over the two trainable layers only
+    expected, _, _ = r2_reference_total(reg)  # the functional losses over the two trainable layers only
     assert reg().item() == pytest.approx(expected.item(), rel=1e-5)
     kept = R2Regularizer(model, R2Config(loss=loss, skip_frozen=False))
     assert kept.names == ["0", "2", "4"] and kept.skipped_frozen == []
