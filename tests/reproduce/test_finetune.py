@@ -213,22 +213,25 @@ def test_select_variants_keeps_what_they_need_and_the_same_cache():
 
     config = ReproduceConfig.from_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "evidence.yaml"))
     names = lambda c: [v["name"] for v in c.variants]  # noqa: E731
-    assert names(config.select_variants(["linf_scratch"])) == ["baseline", "linf_scratch"]
+    scratch = config.select_variants(["linf_scratch"])
+    assert names(scratch) == ["baseline", "linf_scratch"]
+    assert [s["variant"] for s in scratch.lambda_sweep] == ["linf_scratch"]
     sub = config.select_variants(["linf"])
     assert names(sub) == ["baseline", "control", "linf"] and [s["variant"] for s in sub.lambda_sweep] == ["linf"]
     assert names(config.select_variants(["control"])) == ["baseline", "control"]
-    chosen = {"linf": {"mobilenetv2_100": 3.0, "resnet18": 3.0}}
+    chosen = {"linf": {"mobilenetv2_100": 3.0, "resnet18": 3.0},
+              "linf_scratch": {"mobilenetv2_100": 0.3, "resnet18": 1.0}}
     whole = {r.run_dir: (train_spec(r, config), r.settings) for r in plan(config, chosen)}
     for sub in (config.select_variants(["linf_scratch"]), config.select_variants(["linf"]),
-                config.select_variants(["linf_scratch_03"]).select_models(["mobilenetv2_100"])):
+                scratch.select_models(["mobilenetv2_100"])):
         runs = plan(sub, chosen)
         assert runs and all(r.run_dir in whole for r in runs)
         for r in runs:
             spec, settings = whole[r.run_dir]
             assert train_spec(r, sub) == spec and set(r.settings) <= set(settings), r.run_dir
     # a setting limited to variants keeps the kept ones among them; one limited to dropped variants goes
-    sub = config.select_variants(["linf_scratch"])
-    assert sub.setting("W2A2 QAT")["variants"] == ["baseline"] and sub.setting("W1 k-means")["variants"] is None
+    assert scratch.setting("W2A2 QAT")["variants"] == ["baseline", "linf_scratch"]
+    assert scratch.setting("W1 k-means")["variants"] is None
     data = config.to_dict()
     data["low_bit"] = [*data["low_bit"], {"method": "kmeans", "w_bits": 2, "variants": ["control", "linf"]}]
     two = ReproduceConfig.from_dict(data)
