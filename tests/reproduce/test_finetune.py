@@ -220,7 +220,7 @@ def test_select_variants_keeps_what_they_need_and_the_same_cache():
     assert names(sub) == ["baseline", "control", "linf"] and [s["variant"] for s in sub.lambda_sweep] == ["linf"]
     assert names(config.select_variants(["control"])) == ["baseline", "control"]
     chosen = {"linf": {"mobilenetv2_100": 3.0, "resnet18": 3.0},
-              "linf_scratch": {"mobilenetv2_100": 0.3, "resnet18": 1.0}}
+              "linf_scratch": {"mobilenetv2_100": 1.0, "resnet18": 0.3}}
     whole = {r.run_dir: (train_spec(r, config), r.settings) for r in plan(config, chosen)}
     for sub in (config.select_variants(["linf_scratch"]), config.select_variants(["linf"]),
                 scratch.select_models(["mobilenetv2_100"])):
