@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 
+from hf_r2.plots import plot_curves
 from hf_r2.reproduce.sweep import choose_lambda
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,22 +69,11 @@ def main() -> None:
 
 
 def plot(model: str, base: dict, runs: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for run, label in [(base, "baseline (no R2)"), *((r, f"L-inf from scratch, lambda {r['variant']['weight']:g}")
-                                                     for r in runs)]:
-        curve = sorted((int(e), 100 * a) for e, a in run["val_curve"].items())
-        ax.plot([e for e, _ in curve], [a for _, a in curve], label=label, marker=".")
-    ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title=f"{model}: R2 from scratch, validation split")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "plots", f"{model}_validation_vs_baseline.png"), dpi=110)
-    plt.close(fig)
+    curves = {"baseline (no R2)": base["val_curve"],
+              **{f"L-inf from scratch, lambda {r['variant']['weight']:g}": r["val_curve"] for r in runs}}
+    plot_curves({label: {int(e): 100 * a for e, a in curve.items()} for label, curve in curves.items()},
+                os.path.join(HERE, "plots", f"{model}_validation_vs_baseline.png"),
+                title=f"{model}: R2 from scratch, validation split")
 
 
 if __name__ == "__main__":
