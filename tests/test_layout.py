@@ -2,7 +2,7 @@
 own layer or below, there is no import cycle, nothing imports the command line, no module takes another module's
 private (`_name`) names, no file grows past ~450 lines, and each module's docstring says what it owns.
 
-The layers, bottom to top (README, Development):
+The layers, bottom to top (docs/development.md):
 
 0. `version`, `_utils`, `_targets`: no hf_r2 imports but each other
 1. `config`, `losses`, `models`, `_r2_plan`, `_r2_kernels`: the R2 vocabulary and the model factory

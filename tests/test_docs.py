@@ -1,0 +1,98 @@
+"""The README and docs/ as a reader meets them: every relative link resolves (file and heading), no internal issue
+number appears where a user reads, the README keeps its two commands and stays a product page, and its headline
+table's figures are those of the committed results under docs/results/ (retention computed from them)."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped (but `-`), spaces to `-`."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    for url in re.findall(r"\]\(([^)\s]+)\)", text):
+        if url.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = url.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        assert target.exists(), f"{page.name}: {url} does not exist"
+        if anchor:
+            assert anchor in _anchors(target), f"{page.name}: no heading #{anchor} in {target.name}"
+
+
+def test_no_internal_issue_numbers():
+    for path in [*PAGES, *sorted((ROOT / "configs").glob("*.yaml"))]:
+        hits = re.findall(r"\bissues? \d+", path.read_text(encoding="utf-8"), flags=re.I)
+        assert not hits, f"{path.relative_to(ROOT)} cites {hits}: name the section or config instead"
+
+
+def test_readme_is_a_product_page_with_its_two_commands():
+    text = README.read_text(encoding="utf-8")
+    assert re.search(r"^make demo\b", text, flags=re.M) and re.search(r"^make test\b", text, flags=re.M)
+    assert len(text.splitlines()) <= 350, "the README is the first screen: details go to docs/"
+    for page in ("docs/cli.md", "docs/results.md", "docs/decisions.md", "docs/development.md"):
+        assert f"]({page})" in text
+
+
+def _runs(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8"))["runs"]
+
+
+def test_headline_table_matches_the_committed_results():
+    evidence = _runs(ROOT / "docs/results/evidence/results.json")
+    scratch = _runs(ROOT / "docs/results/evidence-scratch/results.json")
+
+    def pick(runs, model, variant, seed=None):
+        found = [r for r in runs if r["model"] == model and r["variant"]["name"] == variant
+                 and (seed is None or r["seed"] == seed)]
+        assert found, (model, variant, seed)
+        return found
+
+    def cells(reference, r2, row):
+        """The README's cells for one headline row: top-1, gain, retention and FP, reference -> R2."""
+        def mean(runs, f):
+            return statistics.mean(f(r) for r in runs)
+
+        acc = lambda r, k: 100 * r["rows"][k]["accuracy"]  # noqa: E731
+        low = [mean(runs, lambda r: acc(r, row)) for runs in (reference, r2)]
+        ret = [mean(runs, lambda r: acc(r, row) / acc(r, "FP")) for runs in (reference, r2)]
+        fp = [mean(runs, lambda r: acc(r, "FP")) for runs in (reference, r2)]
+        return [f"{low[0]:.2f} -> {low[1]:.2f} (", f"{low[1] - low[0]:+.2f}",
+                f"{100 * ret[0]:.1f} % -> {100 * ret[1]:.1f} %", f"{fp[0]:.2f} -> {fp[1]:.2f}"]
+
+    mnv2, r18 = "mobilenetv2_100", "resnet18"
+    expected = [
+        (pick(evidence, mnv2, "baseline"), pick(scratch, mnv2, "linf_scratch_1"), "W2A8 per-tensor maxabs"),
+        (pick(evidence, mnv2, "baseline"), pick(scratch, mnv2, "linf_scratch_1"), "W2A8 per-channel mse"),
+        (pick(evidence, mnv2, "control"), pick(evidence, mnv2, "linf"), "W2A8 per-tensor maxabs"),
+        (pick(evidence, mnv2, "baseline"), pick(scratch, mnv2, "linf_scratch_1"), "W2A2 QAT"),
+        (pick(evidence, mnv2, "control", 0), pick(evidence, mnv2, "linf", 0), "W2A2 QAT"),
+        (pick(evidence, r18, "baseline"), pick(scratch, r18, "linf_scratch_03_r18"), "W1 k-means"),
+        (pick(evidence, r18, "control"), pick(evidence, r18, "soft_min_max"), "W1 k-means"),
+    ]
+    table = [line for line in README.read_text(encoding="utf-8").splitlines()
+             if line.startswith("|") and " -> " in line and "%" in line]
+    assert len(table) == len(expected), "one README line per headline row"
+    for line, (reference, r2, row) in zip(table, expected):
+        for cell in cells(reference, r2, row):
+            assert cell in line, f"{row}: {cell!r} not in {line!r}"
+        assert line.rstrip(" |").endswith(f"| {min(len(reference), len(r2))}"), f"seeds column: {line!r}"
