@@ -242,8 +242,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
 
 def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> str:
     """Write `data` as indented JSON to `path` atomically ([`write_text_atomic`]); nothing is written if `data`
-    does not serialise."""
-    return write_text_atomic(path, json.dumps(data, indent=2, **dump_kwargs) + "\n")
+    does not serialise. NaN and infinite floats are written as `null` ([`hf_r2._finite.json_safe`]): Python's
+    `NaN` / `Infinity` are not JSON, and most readers (jq, JavaScript, pandas' strict mode) refuse them."""
+    from ._finite import json_safe
+
+    return write_text_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False, **dump_kwargs) + "\n")
 
 
 class JsonConfigMixin:

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from ._finite import check_finite_number
 from ._utils import JsonConfigMixin, check_choice, check_patterns, format_choices
 
 __all__ = ["R2Config", "R2LossType", "R2_CONFIG_NAME"]
@@ -35,7 +36,8 @@ class R2Config(JsonConfigMixin):
         Which R2 variant: `"linf"` (largest absolute weight), `"margin"` (learnable margin), `"soft_min_max"`
         (smooth max minus min, learnable temperature) or `"kurtosis"` (KURE, the comparison regulariser).
     weight (`float`, *optional*, defaults to `0.01`):
-        The coefficient lambda of the R2 term in the total loss.
+        The coefficient lambda of the R2 term in the total loss: a finite number >= 0 (NaN, inf and strings are
+        refused, as are NaN / inf in the other numbers).
     warmup_steps (`int`, *optional*, defaults to `0`):
         Optimizer steps over which lambda ramps linearly from 0 to `weight`.
     per_channel (`bool`, *optional*, defaults to `False`):
@@ -105,13 +107,15 @@ class R2Config(JsonConfigMixin):
 
     def __post_init__(self) -> None:
         self.loss = check_choice("loss", self.loss, R2LossType)
-        if self.weight < 0:
-            raise ValueError(f"`weight` must be >= 0, got {self.weight}.")
+        # NaN passes every `< 0` test and would train (and be saved) as lambda = NaN: each number is checked finite
+        for name in ("weight", "margin_penalty", "soft_min_max_penalty"):
+            setattr(self, name, check_finite_number(name, getattr(self, name), minimum=0))
+        self.kurtosis_target = check_finite_number("kurtosis_target", self.kurtosis_target)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
+            raise ValueError(f"`warmup_steps` must be an integer, got {type(self.warmup_steps).__name__} "
+                             f"{self.warmup_steps!r}.")
         if self.warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {self.warmup_steps}.")
-        for name in ("margin_penalty", "soft_min_max_penalty"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         self.include = check_patterns("include", self.include)
         self.exclude = check_patterns("exclude", self.exclude)
 

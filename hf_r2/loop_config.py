@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from ._finite import check_finite_number
 from ._utils import JsonConfigMixin, check_choice, format_choices
 from .checkpoints import publish_folder, resolve_resume, staging_folder
 
@@ -190,6 +191,8 @@ class LoopConfig(JsonConfigMixin):
         for name in ("dataloader_num_workers", "lr_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        for name in ("learning_rate", "weight_decay", "momentum"):  # NaN passes `x < 0`; NaN / inf would train
+            check_finite_number(name, getattr(self, name))
         if not self.learning_rate > 0:
             raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
         if self.weight_decay < 0:

@@ -7,6 +7,7 @@ Paper: "R2 Loss: Range Restriction Loss for Model Compression and Quantization",
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -174,6 +175,10 @@ class R2TrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # NaN passes every range check (`x < 0` is False) and trains as NaN
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"`{f.name}` must be a finite number, got {value!r}.")
         super().__post_init__()
         if self.dataloader_pin_memory and not _has_accelerator():
             self.dataloader_pin_memory = False  # nothing to pin for: torch would warn at every DataLoader

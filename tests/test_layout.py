@@ -4,7 +4,7 @@ private (`_name`) names, no file grows past ~450 lines, and each module's docstr
 
 The layers, bottom to top (docs/development.md):
 
-0. `version`, `_utils`, `_targets`: no hf_r2 imports but each other
+0. `version`, `_utils`, `_targets`, `_finite`: no hf_r2 imports but each other
 1. `config`, `losses`, `models`, `_r2_plan`, `_r2_kernels`: the R2 vocabulary and the model factory
 2. `regularizer`, `metrics`, `data`, `saving`, `plots`: the building blocks
 3. `quant`: low-bit methods and export
@@ -24,7 +24,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_r2"
 LAYERS = [
-    {"version", "_utils", "_targets"},
+    {"version", "_utils", "_targets", "_finite"},
     {"config", "losses", "models", "_r2_plan", "_r2_kernels"},
     {"regularizer", "metrics", "data", "saving", "plots"},
     {"quant"},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 from .quant_steps import data_fields, load_any, load_eval_data, run_step, setting_of
 
@@ -30,18 +31,36 @@ _FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 
 class _Bits:
-    """argparse type of a bit width: an integer in `[low, high]`, or `none` (`fp`, `0`) when `optional`."""
+    """argparse type of a bit width: an integer in `[low, high]`, or `None` for one of `none_words` (when
+    `optional`): `none`, `fp`, `0` (float) for an activation width; `none` alone where it means "like the others"."""
 
-    def __init__(self, low: int, high: int, optional: bool):
-        self.low, self.high, self.optional = low, high, optional
+    def __init__(self, low: int, high: int, optional: bool, none_words: tuple[str, ...] = ("none", "null", "0", "fp",
+                                                                                          "float")):
+        self.low, self.high, self.optional, self.none_words = low, high, optional, none_words
         self.takes = f"{low} to {high}" + (" or 'none'" if optional else "")
         self.__name__ = "bit width"
 
     def __call__(self, text: str) -> int | None:
-        if self.optional and text.lower() in ("none", "null", "0", "fp", "float"):
+        if self.optional and text.lower() in self.none_words:
             return None
         value = int(text)  # ValueError -> argparse's "invalid value", told as "--x takes 2 to 8"
         if not self.low <= value <= self.high:
+            raise ValueError(text)
+        return value
+
+
+class _Number:
+    """argparse type of a finite real number `>= low` (`> low` when `strict`): NaN and inf are refused, as they pass
+    every range check and would train as NaN."""
+
+    def __init__(self, low: float = 0.0, strict: bool = False):
+        self.low, self.strict = low, strict
+        self.takes = f"a finite number {'>' if strict else '>='} {low:g}"
+        self.__name__ = "number"
+
+    def __call__(self, text: str) -> float:
+        value = float(text)
+        if not (math.isfinite(value) and (value > self.low if self.strict else value >= self.low)):
             raise ValueError(text)
         return value
 
@@ -88,12 +107,12 @@ def _add_data_args(parser: argparse.ArgumentParser, train: bool = False, calibra
         help="Where the low-bit export goes (default: beside the model, <model>-<setting>)." if calibrate else
         "For a Hub id: the folder low_bit_results.json goes to (default: not recorded).")
     if train:
-        add("--epochs", type=float, default=1.0, help="Fine-tuning epochs.")
+        add("--epochs", type=_Number(strict=True), default=1.0, help="Fine-tuning epochs.")
         add("--max-train-samples", "--max_train_samples", type=positive, default=None,
             help="Fine-tune on a seeded random subset of this many training images.")
-        add("--learning-rate", "--learning_rate", type=float, default=1e-3, help="Peak LR (AdamW).")
-        add("--weight-decay", "--weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-        add("--r2-weight", "--r2_weight", type=float, default=0.0,
+        add("--learning-rate", "--learning_rate", type=_Number(strict=True), default=1e-3, help="Peak LR (AdamW).")
+        add("--weight-decay", "--weight_decay", type=_Number(), default=0.0, help="AdamW weight decay.")
+        add("--r2-weight", "--r2_weight", type=_Number(), default=0.0,
             help="Keep R2-Loss on during fine-tuning with this lambda (the model's own R2 loss).")
 
 
@@ -104,7 +123,7 @@ def _add_grid_args(parser: argparse.ArgumentParser, a_bits: int) -> None:
                         help="Activation bits, 2 to 8, or 'none' for weight-only.")
     parser.add_argument("--per-tensor", "--per_tensor", action="store_true",
                         help="One weight scale per tensor (default: one per output channel).")
-    parser.add_argument("--first-last-bits", "--first_last_bits", type=_Bits(2, 8, True), default=8,
+    parser.add_argument("--first-last-bits", "--first_last_bits", type=_Bits(2, 8, True, ("none",)), default=8,
                         help="Bits of the first and last layer, 2 to 8 ('none': like the others).")
 
 
