@@ -13,6 +13,7 @@ from .variants import (
     BASELINE,
     CHOSEN,
     SWEEP_KEYS,
+    WEIGHT_DECAY_SWEEP_KEYS,
     check_keys,
     check_unique,
     default_low_bit,
@@ -20,6 +21,7 @@ from .variants import (
     normalise_setting,
     normalise_variant,
     quant_config,
+    resolve_weight,
 )
 
 __all__ = [
@@ -45,7 +47,9 @@ class ReproduceConfig(JsonConfigMixin):
 
     output_dir (`str`, *optional*, defaults to `"outputs/reproduce"`):
         Where the runs (`runs/`), `results.json`, `results.md` and the plots (`plots/`) go; a rerun with the same
-        folder continues the run.
+        folder continues the run, and several processes of one config may share it (each trains what no other is
+        training). `~` is the user's home: long studies keep their cache outside the work tree
+        (`~/.cache/hf-r2/...`).
 
     > Parameters of the data
 
@@ -83,8 +87,10 @@ class ReproduceConfig(JsonConfigMixin):
         from-scratch baseline variant's first-seed training), `"epochs"` / `"lr"` (their own, shorter recipe) and
         `"compare_to"` (the variant their gains are measured against, e.g. the same-length fine-tune without R2).
         `"weight": "chosen"` takes each model's lambda from the variant's `lambda_sweep` (chosen on the validation
-        split; the variant's other seeds train after the sweep), and `"seeds"` / `"models"` restrict a variant to
-        some of the config's (e.g. one seed of an expensive from-scratch run).
+        split; the variant's other seeds train after the sweep), `"weight_decay"` overrides the recipe's for the
+        variant (`"chosen"`: the one `weight_decay_sweep` chooses for the model, e.g. the tuned baseline and R2
+        trained at it), and `"seeds"` / `"models"` restrict a variant to some of the config's (e.g. one seed of an
+        expensive from-scratch run).
     baselines (`dict[str, str]`, *optional*):
         A trained folder per model name (e.g. saved by `hf-r2 train`): that model's baseline is this folder, copied
         into the run instead of trained, and its fine-tunes start from it.
@@ -122,6 +128,14 @@ class ReproduceConfig(JsonConfigMixin):
         the first model), "settings": [setting names] (default: the headline settings)}`: that variant trained
         at each lambda on the first seed; a list sweeps several variants. `None` runs no sweep. With a
         `validation_size`, each sweep chooses its lambda by [`SWEEP_RULE`].
+
+    weight_decay_sweep (`dict`, *optional*):
+        `{"factors": [at least 3 multiples of the recipe's weight decay, 1 among them], "models": [...] (default:
+        all), "settings": [setting names] (default: the headline settings)}`: the baseline variant trained at each
+        factor times its model's weight decay on the first seed (factor 1 is the baseline itself), so that R2 is
+        compared with a tuned baseline, not only the default one. With a `validation_size` it chooses by
+        [`WEIGHT_DECAY_RULE`]; variants with `weight_decay: chosen` train at the choice (their lambda sweeps too).
+        The sweep runs before the lambda sweeps.
 
     > Parameters of the low-bit rows
 
@@ -200,6 +214,10 @@ class ReproduceConfig(JsonConfigMixin):
         default_factory=lambda: {"variant": "linf", "lambdas": [1.0, 3.0, 10.0]},
         metadata={"help": "{variant, lambdas (>= 3), models, settings}: a variant at several lambdas, first seed."},
     )
+    weight_decay_sweep: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "{factors (>= 3, with 1), models, settings}: the baseline at several weight decays."},
+    )
     # low-bit rows
     low_bit: list[dict[str, Any]] = field(default_factory=default_low_bit,
                                           metadata={"help": "Low-bit rows (ptq / qat / kmeans / dkm settings)."})
@@ -215,7 +233,7 @@ class ReproduceConfig(JsonConfigMixin):
     version: int = field(default=1, metadata={"help": "Format version of this config."})
 
     def __post_init__(self) -> None:
-        self.output_dir = os.fspath(self.output_dir)
+        self.output_dir = os.path.expanduser(os.fspath(self.output_dir))  # `~/.cache/...`: outside the work tree
         if not self.output_dir:
             raise ValueError("`output_dir` must be a non-empty path, got ''.")
         if isinstance(self.models, str):
@@ -300,6 +318,7 @@ class ReproduceConfig(JsonConfigMixin):
         self.lambda_sweep = [self._normalise_sweep(sweep) for sweep in sweeps] or None
         if self.lambda_sweep:
             check_unique("lambda_sweep.variant", [sweep["variant"] for sweep in self.lambda_sweep])
+        self.weight_decay_sweep = self._normalise_weight_decay_sweep(self.weight_decay_sweep)
         for v in self.variants:
             self._check_variant_scope(v)
         self.onnx_settings = None if self.onnx_settings is None else list(self.onnx_settings)
@@ -321,6 +340,14 @@ class ReproduceConfig(JsonConfigMixin):
             if unknown:
                 raise ValueError(f"Variant {v['name']!r} has `{key}` {unknown}, which are not in the config's "
                                  f"`{key}` {allowed}.")
+        if v["weight_decay"] == CHOSEN:
+            swept = self.weight_decay_sweep["models"] if self.weight_decay_sweep else []
+            missing = [m for m in (self.models if v["models"] is None else v["models"]) if m not in swept]
+            if not self.validation_size or missing:
+                raise ValueError(f"Variant {v['name']!r} has `weight_decay: chosen`: it trains at the weight decay "
+                                 f"the baseline's `weight_decay_sweep` chooses on the validation split, so the config "
+                                 f"needs a `validation_size` and a `weight_decay_sweep` {{'factors': [1, 3, 10]}} on "
+                                 f"each of its models" + (f" (none on {missing})." if missing else "."))
         if v["weight"] != CHOSEN:
             return
         sweep = next((s for s in self.lambda_sweep or [] if s["variant"] == v["name"]), None)
@@ -360,6 +387,41 @@ class ReproduceConfig(JsonConfigMixin):
             raise ValueError(f"`lambda_sweep.settings` {unknown} are not low-bit settings; they are {names}.")
         return {"variant": sweep["variant"], "lambdas": lambdas, "models": list(models), "settings": settings}
 
+    def _normalise_weight_decay_sweep(self, sweep: Any) -> dict[str, Any] | None:
+        if sweep is None:
+            return None
+        if not isinstance(sweep, dict):
+            raise ValueError(f"`weight_decay_sweep` must be a mapping {{'factors': [1, 3, 10, 30]}} or None, got "
+                             f"{sweep!r}.")
+        check_keys("`weight_decay_sweep`", sweep, WEIGHT_DECAY_SWEEP_KEYS)
+        if self.baseline_variant is None:
+            raise ValueError("`weight_decay_sweep` sweeps the baseline's weight decay, but the config has no "
+                             "from-scratch `{'loss': 'baseline'}` variant.")
+        factors = sweep.get("factors")
+        if not isinstance(factors, (list, tuple)) or len(factors) < 3 or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in factors
+        ) or 1 not in factors:
+            raise ValueError(f"`weight_decay_sweep.factors` must be a list of at least 3 positive multiples of the "
+                             f"recipe's weight decay with 1 among them (the default, the sweep's reference), e.g. "
+                             f"[1, 3, 10, 30], got {factors!r}.")
+        factors = [float(x) for x in factors]
+        check_unique("weight_decay_sweep.factors", factors)
+        models = list(sweep.get("models") or self.models)
+        unknown = [m for m in models if m not in self.models]
+        if unknown:
+            raise ValueError(f"`weight_decay_sweep.models` {unknown} are not in `models` {self.models}.")
+        zero = [m for m in models if self.recipe(m, {})["weight_decay"] == 0]
+        if zero:
+            raise ValueError(f"`weight_decay_sweep` multiplies the recipe's weight decay, which is 0 for {zero}: set "
+                             "a `weight_decay` (or `recipes[model].weight_decay`) > 0.")
+        names = [s["name"] for s in self.low_bit]
+        settings = sweep.get("settings")
+        settings = [s["name"] for s in self.low_bit if s["headline"]] if settings is None else list(settings)
+        unknown = [s for s in settings if s not in names]
+        if unknown:
+            raise ValueError(f"`weight_decay_sweep.settings` {unknown} are not low-bit settings; they are {names}.")
+        return {"factors": factors, "models": models, "settings": settings}
+
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> ReproduceConfig:
         """Load a config from a YAML (`.yaml`, `.yml`) or JSON (`.json`) file of the fields above; a folder loads
@@ -390,6 +452,9 @@ class ReproduceConfig(JsonConfigMixin):
         sweeps = [{**sweep, "models": [m for m in sweep["models"] if m in models]}
                   for sweep in self.lambda_sweep or []]
         data["lambda_sweep"] = [sweep for sweep in sweeps if sweep["models"]] or None
+        if self.weight_decay_sweep:
+            kept = [m for m in self.weight_decay_sweep["models"] if m in models]
+            data["weight_decay_sweep"] = {**self.weight_decay_sweep, "models": kept} if kept else None
         return type(self).from_dict(data)
 
     def select_variants(self, names: list[str]) -> ReproduceConfig:
@@ -405,7 +470,7 @@ class ReproduceConfig(JsonConfigMixin):
             name = todo.pop()
             v = next(v for v in self.variants if v["name"] == name)
             keep.add(v["name"])
-            needs = (v["init_from"] and self.baseline_variant, self.reference_of(v))
+            needs = ((v["init_from"] or v["weight_decay"] == CHOSEN) and self.baseline_variant, self.reference_of(v))
             todo += [n for n in needs if n and n not in keep]
         data = self.to_dict()
         data["variants"] = [v for v in data["variants"] if v["name"] in keep]
@@ -435,10 +500,26 @@ class ReproduceConfig(JsonConfigMixin):
 
     def recipe(self, model: str, variant: dict[str, Any]) -> dict[str, float]:
         """`{lr, weight_decay, epochs}` of `variant`'s training of `model`: the config's, then `recipes[model]`'s,
-        then the variant's own `epochs` / `lr`."""
+        then the variant's own `epochs` / `lr` / `weight_decay` (resolved: a number)."""
         out = {"lr": self.lr, "weight_decay": self.weight_decay, "epochs": self.epochs, **self.recipes.get(model, {})}
-        out.update({k: variant[k] for k in ("epochs", "lr") if variant.get(k) is not None})
+        out.update({k: variant[k] for k in ("epochs", "lr", "weight_decay")
+                    if variant.get(k) is not None and variant.get(k) != CHOSEN})
         return out
+
+    def resolve(self, variant: dict[str, Any], model: str, chosen: dict[str, dict[str, float | None]] | None = None,
+                chosen_weight_decay: dict[str, float | None] | None = None) -> dict[str, Any] | None:
+        """`variant` as trained on `model`, its chosen values filled in ([`resolve_weight`]; `None`: not on that
+        model, or not chosen yet). A `weight_decay` equal to the model's recipe is dropped, so that a variant at the
+        default weight decay is the same training (the same folder) as one without the key."""
+        resolved = resolve_weight(variant, model, chosen, chosen_weight_decay)
+        if resolved is not None and resolved.get("weight_decay") is not None and resolved["weight_decay"] == (
+                self.recipe(model, {**resolved, "weight_decay": None})["weight_decay"]):
+            resolved = {**resolved, "weight_decay": None}
+        return resolved
+
+    def weight_decay_of(self, model: str, factor: float) -> float:
+        """The weight decay of `model`'s baseline at `factor` times its recipe's (a `weight_decay_sweep` point)."""
+        return float(f"{factor * self.recipe(model, {})['weight_decay']:.12g}")  # 1.2e-4, not 1.2000000000000002e-4
 
     @property
     def headline_settings(self) -> list[str]:

@@ -3,6 +3,7 @@ rows with their caches, and [`run_reproduce`], which ties them to the report."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -17,8 +18,8 @@ from .config import REPORT_NAME, RESULTS_NAME, RUN_INFO_NAME, ReproduceConfig
 from .deploy import onnx_check
 from .plan import Run, plan, row_spec, train_spec, variant_dir
 from .report import assemble_results, format_report
-from .sweep import chosen_lambdas, sweep_tables
-from .variants import BASELINE, CHOSEN, resolve_weight, slug
+from .sweep import chosen_lambdas, chosen_weight_decays, sweep_tables, weight_decay_tables
+from .variants import BASELINE, CHOSEN, slug
 
 __all__ = ["run_reproduce"]
 
@@ -52,6 +53,32 @@ class _ModelData:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
+
+
+@contextlib.contextmanager
+def _run_lock(run: Run, *, wait: bool = True):
+    """Hold the lock of `run` (the file `<run_dir>.lock`, beside its folder) while training or measuring it, so that
+    several `hf-r2 reproduce` processes of one config share its work: each trains the runs no other holds, then
+    waits for the others' (see [`_train_all`]). Yields whether the lock is held (always, with `wait`). The lock is
+    the operating system's (`flock`): it goes with its process, so a killed run never leaves a stale one. Without
+    `fcntl` (Windows) there is no lock: run one process per output folder there."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield True
+        return
+    path = run.run_dir.rstrip("/\\") + ".lock"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _training_done(run: Run, config: ReproduceConfig) -> bool:
@@ -314,18 +341,44 @@ def _measure(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> 
 
 def _train_all(runs_planned: list[Run], data: _Data, config: ReproduceConfig, progress: bool,
                trained_now: set[str]) -> None:
-    """Train every planned run not trained yet (adding its folder to `trained_now`)."""
+    """Train every planned run not trained yet (adding its folder to `trained_now`). A run another process is
+    training (its lock is held) is passed over, and waited for once this process has trained the rest; if that
+    process ended without finishing it, this one trains it (from its last epoch)."""
     from tqdm.auto import tqdm
 
-    for run in tqdm(runs_planned, desc="trainings", disable=not progress):
-        if not _training_done(run, config):
+    def train_if_needed(run: Run) -> None:
+        if not _training_done(run, config):  # under the lock: another process may be writing the folder
             _train(run, data, config, progress)
             trained_now.add(run.run_dir)
+
+    elsewhere = []
+    for run in tqdm(runs_planned, desc="trainings", disable=not progress):
+        with _run_lock(run, wait=False) as held:
+            if held:
+                train_if_needed(run)
+            else:
+                elsewhere.append(run)
+    for run in elsewhere:
+        logger.info("%s is being trained by another process: waiting for it.", run.run_dir)
+        with _run_lock(run):
+            train_if_needed(run)
+
+
+def _variant_names(run: Run, config: ReproduceConfig, chosen: dict[str, dict[str, float | None]] | None,
+                   chosen_weight_decay: dict[str, float | None] | None) -> list[str]:
+    """The configured variants `run` is a headline training of, their chosen values resolved (one training can be
+    several: the tuned baseline is the default one when the sweep keeps the default weight decay)."""
+    if "headline" not in run.roles:
+        return []
+    resolved = [(v["name"], config.resolve(v, run.model, chosen, chosen_weight_decay)) for v in config.variants]
+    return [name for name, v in resolved if v is not None and variant_dir(v) == variant_dir(run.variant)
+            and (v["seeds"] is None or run.seed in v["seeds"])]
 
 
 def _measure_all(
     runs_planned: list[Run], data: _Data, config: ReproduceConfig, progress: bool,
     chosen: dict[str, dict[str, float | None]] | None, plots: bool = True,
+    chosen_weight_decay: dict[str, float | None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """The measured runs (rows, stats, curves; `variant_names`: the configured variants each run is, with their
     `chosen` lambdas resolved) and, with `plots`, what the plots need from the first seed's models."""
@@ -341,10 +394,9 @@ def _measure_all(
     layer_stats: dict[str, dict[str, Any]] = {}
     plot_layers: dict[str, list[str]] = {}
     for run in tqdm(runs_planned, desc="low-bit rows", disable=not progress):
-        measured = _measure(run, data, config, progress)
-        resolved = [(v["name"], resolve_weight(v, run.model, chosen)) for v in config.variants]
-        names = [name for name, v in resolved if v is not None and variant_dir(v) == variant_dir(run.variant)
-                 and "headline" in run.roles]
+        with _run_lock(run):  # another process measuring it writes the same cache: its rows are then reused
+            measured = _measure(run, data, config, progress)
+        names = _variant_names(run, config, chosen, chosen_weight_decay)
         info = read_json(os.path.join(run.run_dir, RUN_INFO_NAME))
         runs.append({
             "model": run.model, "variant": run.variant, "variant_names": names, "seed": run.seed,
@@ -413,19 +465,26 @@ def run_reproduce(
         raw["train"], val = held_out["train"], held_out["test"]
     data = _Data(raw, label_names(raw), val)
     chosen: dict[str, dict[str, float | None]] | None = None
+    chosen_wd: dict[str, float | None] | None = None
     trained_now: set[str] = set()
+    if config.weight_decay_sweep:  # the baseline's weight decay first: the lambda sweeps may train at its choice
+        wd_phase = [r for r in plan(config) if any(role.startswith("wd_sweep:") for role in r.roles)]
+        _train_all(wd_phase, data, config, progress, trained_now)
+        measured, *_ = _measure_all(wd_phase, data, config, progress, None, plots=False)
+        chosen_wd = chosen_weight_decays(weight_decay_tables(config, measured))
     if any(v["weight"] == CHOSEN for v in config.variants):  # the sweeps first: they choose those variants' lambdas
-        first_phase = plan(config)
+        first_phase = plan(config, None, chosen_wd)
         _train_all(first_phase, data, config, progress, trained_now)
         # the choice reads the sweeps' runs and their references' first-seed runs; the rest is measured once, below
         references = {config.reference_of(v) for v in config.variants if v["weight"] == CHOSEN}
         needed = [r for r in first_phase if any(role.startswith("sweep:") for role in r.roles)
-                  or (r.seed == config.seeds[0] and r.variant["name"] in references)]
-        measured, *_ = _measure_all(needed, data, config, progress, None, plots=False)
+                  or (r.seed == config.seeds[0] and references & set(_variant_names(r, config, None, chosen_wd)))]
+        measured, *_ = _measure_all(needed, data, config, progress, None, plots=False, chosen_weight_decay=chosen_wd)
         chosen = chosen_lambdas(config, sweep_tables(config, measured))
-    runs_planned = plan(config, chosen)
+    runs_planned = plan(config, chosen, chosen_wd)
     _train_all(runs_planned, data, config, progress, trained_now)
-    runs, weights, layer_stats = _measure_all(runs_planned, data, config, progress, chosen)
+    runs, weights, layer_stats = _measure_all(runs_planned, data, config, progress, chosen,
+                                              chosen_weight_decay=chosen_wd)
     for run in runs:
         run["trained_now"] = run["run_dir"] in trained_now
 
@@ -436,7 +495,7 @@ def run_reproduce(
     if val is not None:
         data_info["validation_images"] = val.num_rows
     timing = {"seconds": time.perf_counter() - start, "trainings": len(runs_planned), "trained_now": len(trained_now)}
-    results = assemble_results(config, runs, data_info, timing, weights, layer_stats, chosen)
+    results = assemble_results(config, runs, data_info, timing, weights, layer_stats, chosen, chosen_wd)
     write_json_atomic(os.path.join(config.output_dir, RESULTS_NAME), results)
     report = format_report(results)
     write_text_atomic(os.path.join(config.output_dir, REPORT_NAME), report)

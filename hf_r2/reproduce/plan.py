@@ -11,7 +11,8 @@ from typing import Any
 
 from .config import ReproduceConfig
 from .deploy import onnx_check_available
-from .variants import BASELINE, SCOPE_KEYS, TRAINING_KEYS, on_model, resolve_weight, slug
+from .sweep import weight_decay_role
+from .variants import BASELINE, SCOPE_KEYS, TRAINING_KEYS, on_model, slug
 
 __all__ = ["Run", "plan", "variant_dir", "train_spec", "row_spec"]
 
@@ -26,18 +27,21 @@ class Run:
     seed: int
     run_dir: str
     settings: list[str]
-    roles: list[str]  # "headline" and / or "sweep:<variant>:<lambda>"
+    roles: list[str]  # "headline", "sweep:<variant>:<lambda>" and / or "wd_sweep:<factor>"
     init_dir: str | None = None
     copy_from: str | None = None
 
 
 def variant_dir(variant: dict[str, Any]) -> str:
-    """The folder name of a variant's trainings: its loss, lambda and a digest of its other settings."""
+    """The folder name of a variant's trainings: its loss, lambda, weight decay (when not the recipe's) and a digest of
+    its other settings."""
     name = BASELINE if variant["loss"] == BASELINE else (
         f"{variant['loss']}{'-pc' if variant['per_channel'] else ''}-w{variant['weight']:g}")
     training = {k: variant[k] for k in TRAINING_KEYS if variant.get(k) is not None}
     if training:
         name += "-ft" if variant.get("init_from") else "-own"
+        if variant.get("weight_decay") is not None:
+            name += f"-wd{variant['weight_decay']:g}"
         digest = hashlib.sha1(json.dumps({"r2": variant["r2"], **training}, sort_keys=True).encode()).hexdigest()
         name += f"-{digest[:8]}"
     elif variant["r2"]:
@@ -46,12 +50,15 @@ def variant_dir(variant: dict[str, Any]) -> str:
     return slug(name)
 
 
-def plan(config: ReproduceConfig, chosen: dict[str, dict[str, float | None]] | None = None) -> list[Run]:
+def plan(config: ReproduceConfig, chosen: dict[str, dict[str, float | None]] | None = None,
+         chosen_weight_decay: dict[str, float | None] | None = None) -> list[Run]:
     """Every training, once, with the union of the rows it needs, in a stable order: trainings from random init (and
     copied baselines) first, then the fine-tunes that start from them.
 
-    `chosen` (`{variant: {model: lambda or None}}`, the sweeps' choices) resolves the `weight: chosen` variants;
-    without it (before the sweeps have run) those variants are left out."""
+    `chosen` (`{variant: {model: lambda or None}}`, the lambda sweeps' choices) resolves the `weight: chosen`
+    variants and `chosen_weight_decay` (`{model: weight decay or None}`, the weight-decay sweep's) the
+    `weight_decay: chosen` ones (and their lambda sweeps); without them (before the sweeps have run) those variants
+    are left out. The weight-decay sweep's trainings are always planned."""
     runs: dict[str, Run] = {}
     first = config.seeds[0]
     baseline = config.baseline_variant
@@ -77,15 +84,26 @@ def plan(config: ReproduceConfig, chosen: dict[str, dict[str, float | None]] | N
             for variant in config.variants:
                 if variant["name"] == baseline and model in config.baselines and seed != first:
                     continue  # one trained folder: the same model for every seed
-                resolved = resolve_weight(variant, model, chosen)
+                resolved = config.resolve(variant, model, chosen, chosen_weight_decay)
                 if resolved is not None and (variant["seeds"] is None or seed in variant["seeds"]):
                     add(model, resolved, seed, settings, "headline")
+    sweep = config.weight_decay_sweep
+    if sweep:
+        base = next(v for v in config.variants if v["name"] == baseline)
+        for model in sweep["models"]:
+            for factor in sweep["factors"]:  # factor 1 is the baseline itself (same folder, same name)
+                variant = base if factor == 1 else {
+                    **base, "name": f"{base['name']} wd={config.weight_decay_of(model, factor):g}",
+                    "weight_decay": config.weight_decay_of(model, factor)}
+                add(model, config.resolve(variant, model), first, sweep["settings"], weight_decay_role(factor))
     for sweep in config.lambda_sweep or []:
         base = next(v for v in config.variants if v["name"] == sweep["variant"])
         for model in sweep["models"]:
             for lam in sweep["lambdas"]:
-                variant = {**base, "name": f"{base['name']} lambda={lam:g}", "weight": lam}
-                add(model, variant, first, sweep["settings"], f"sweep:{base['name']}:{lam:g}")
+                variant = config.resolve({**base, "name": f"{base['name']} lambda={lam:g}", "weight": lam}, model,
+                                         None, chosen_weight_decay)
+                if variant is not None:  # at a weight decay not chosen yet: planned once it is
+                    add(model, variant, first, sweep["settings"], f"sweep:{base['name']}:{lam:g}")
     return sorted(runs.values(), key=lambda run: run.init_dir is not None)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .config import ReproduceConfig
 from .summary import gains, summarise, summarise_stats
-from .sweep import SWEEP_RULE, sweep_tables
+from .sweep import SWEEP_RULE, WEIGHT_DECAY_RULE, sweep_tables, weight_decay_tables
 from .variants import BASELINE, CHOSEN, on_model, slug
 
 __all__ = ["assemble_results", "format_report"]
@@ -18,8 +18,14 @@ __all__ = ["assemble_results", "format_report"]
 # Report
 
 
-def _variant_label(variant: dict[str, Any], model: str, chosen: dict[str, dict[str, float | None]]) -> str:
+def _variant_label(variant: dict[str, Any], model: str, chosen: dict[str, dict[str, float | None]],
+                   chosen_weight_decay: dict[str, float | None] | None = None) -> str:
     how = []
+    if variant.get("weight_decay") == CHOSEN:
+        wd = (chosen_weight_decay or {}).get(model)
+        how.append("wd " + ("not chosen" if wd is None else f"{wd:g} chosen"))
+    elif variant.get("weight_decay") is not None:
+        how.append(f"wd {variant['weight_decay']:g}")
     if variant.get("init_from"):
         how.append("fine-tune" + (f" {variant['epochs']:g} ep" if variant.get("epochs") else ""))
     if variant["loss"] == BASELINE:
@@ -42,6 +48,38 @@ def _cell(entry: dict[str, Any] | None) -> str:
     if entry["std"] is None:
         return f"{100 * entry['mean']:.2f}"
     return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}"
+
+
+def _sweep_cells(row: dict[str, Any], columns: list[str]) -> list[str]:
+    """A sweep row's cells: test top-1 (%), the validation top-1 in parentheses where measured."""
+    cells = []
+    for c in columns:
+        text = f"{100 * row['accuracy'][c]:.2f}" if c in row["accuracy"] else "-"
+        if c in row.get("val_accuracy", {}):
+            text += f" ({100 * row['val_accuracy'][c]:.2f})"
+        cells.append(text)
+    return cells
+
+
+def _format_weight_decay_sweep(table: dict[str, Any] | None) -> list[str]:
+    """The weight-decay sweep of the baseline, one table per model (markdown lines; none without a sweep)."""
+    lines: list[str] = []
+    for model, sweep in ((table or {}).get("models") or {}).items():
+        columns = ["FP", *table["settings"]]
+        validation = any(row.get("val_accuracy") for row in sweep["rows"])
+        lines += [f"## Weight-decay sweep: {table['variant']} on {model} (seed {table['seed']})", "",
+                  "Top-1 (%) on the test images" + (" (validation in parentheses)" if validation else "")
+                  + "; the weight decay as a multiple of the recipe's (1: the default).", "",
+                  "| weight decay | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for row in sweep["rows"]:
+            label = f"{row['weight_decay']:g} (x{row['factor']:g}" + (", default)" if row["factor"] == 1 else ")")
+            lines.append(f"| {label} | " + " | ".join(_sweep_cells(row, columns)) + " |")
+        if validation:
+            chosen = sweep.get("chosen")
+            lines += ["", f"Chosen on the validation split ({WEIGHT_DECAY_RULE}): "
+                      + (f"{chosen['weight_decay']:g} (x{chosen['factor']:g})." if chosen else "none yet.")]
+        lines.append("")
+    return lines
 
 
 def _format_gains(config: ReproduceConfig, gains: dict[str, Any]) -> list[str]:
@@ -141,7 +179,8 @@ def format_report(results: dict[str, Any]) -> str:
         variants = [v for v in config.variants if on_model(v, model)]
         kwargs = ", ".join(f"{k}={v}" for k, v in config.model_kwargs.get(model, {}).items())
         lines += [f"## {model}" + (f" ({kwargs})" if kwargs else ""), "",
-                  "| setting | " + " | ".join(_variant_label(v, model, results.get("chosen_lambdas") or {})
+                  "| setting | " + " | ".join(_variant_label(v, model, results.get("chosen_lambdas") or {},
+                                                            results.get("chosen_weight_decays"))
                                              for v in variants) + " |",
                   "|---|" + "---|" * len(variants)]
         for setting, cells in table.items():
@@ -166,6 +205,7 @@ def format_report(results: dict[str, Any]) -> str:
                              for kind, path in plots.items()]
         lines.append("")
     lines += _format_gains(config, results.get("gains") or {})
+    lines += _format_weight_decay_sweep(results.get("weight_decay_sweep"))
     for sweep in results.get("lambda_sweep") or []:
         for model, table in sweep["models"].items():
             columns = ["FP", *sweep["settings"]]
@@ -175,13 +215,7 @@ def format_report(results: dict[str, Any]) -> str:
                       "", "| λ | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
             for row in table["rows"]:
                 lam = f"0 ({sweep['reference']})" if row["lambda"] == 0 else f"{row['lambda']:g}"
-                cells = []
-                for c in columns:
-                    text = f"{100 * row['accuracy'][c]:.2f}" if c in row["accuracy"] else "-"
-                    if c in row.get("val_accuracy", {}):
-                        text += f" ({100 * row['val_accuracy'][c]:.2f})"
-                    cells.append(text)
-                lines.append(f"| {lam} | " + " | ".join(cells) + " |")
+                lines.append(f"| {lam} | " + " | ".join(_sweep_cells(row, columns)) + " |")
             if validation:
                 chosen = table.get("chosen")
                 lines += ["", f"Chosen on the validation split ({SWEEP_RULE}): "
@@ -263,13 +297,14 @@ def assemble_results(
     weights: dict[str, Any],
     layer_stats: dict[str, Any],
     chosen: dict[str, dict[str, float | None]] | None = None,
+    chosen_weight_decay: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """The contents of `results.json` from the measured `runs` (see [`run_reproduce`]): the config, the data, the
     runs, the summaries over seeds, the range statistics, the lambda sweep, the gains against the paper's
     ([`~hf_r2.reproduce.summary.PAPER_TARGETS`]), the lambdas of the `weight: chosen` variants (`chosen`,
-    `{variant: {model: lambda}}`), the plots (written here, from `weights` / `layer_stats` of the first seed's
-    models) and the timing (`timing`
-    holds `seconds`, `trainings` and `trained_now`; the row counts and summed times are added here)."""
+    `{variant: {model: lambda}}`), the weight-decay sweep and its choice per model (`chosen_weight_decay`), the
+    plots (written here, from `weights` / `layer_stats` of the first seed's models) and the timing (`timing` holds
+    `seconds`, `trainings` and `trained_now`; the row counts and summed times are added here)."""
     rows_all = [row for r in runs for row in r["rows"].values()]
     results: dict[str, Any] = {
         "config": config.to_dict(),
@@ -281,6 +316,9 @@ def assemble_results(
         "lambda_sweep": sweep_tables(config, runs),
         "chosen_lambdas": chosen or {},
     }
+    if config.weight_decay_sweep:
+        results["weight_decay_sweep"] = weight_decay_tables(config, runs)
+        results["chosen_weight_decays"] = chosen_weight_decay or {}
     if config.validation_size:
         results["val_summary"] = summarise(config, runs, key="val_accuracy")
     results["gains"] = gains(config, results["summary"])

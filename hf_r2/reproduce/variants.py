@@ -20,6 +20,7 @@ __all__ = [
     "CHOSEN",
     "SCOPE_KEYS",
     "TRAINING_KEYS",
+    "WEIGHT_DECAY_SWEEP_KEYS",
     "LowBitMethod",
     "DEFAULT_VARIANTS",
     "DEFAULT_LOW_BIT",
@@ -35,15 +36,16 @@ __all__ = [
 BASELINE = "baseline"
 #: A variant's `weight` that takes, per model, the lambda its `lambda_sweep` chooses on the validation split.
 CHOSEN = "chosen"
-VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2", "init_from", "epochs", "lr", "compare_to", "seeds",
-                "models")
+VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2", "init_from", "epochs", "lr", "weight_decay",
+                "compare_to", "seeds", "models")
 #: The variant keys that change its training beyond the loss (a variant without them trains with the config's recipe).
-TRAINING_KEYS = ("init_from", "epochs", "lr")
+TRAINING_KEYS = ("init_from", "epochs", "lr", "weight_decay")
 SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "pre",
                 "bias_correction", "headline", "variants", "models")
 #: The keys of a setting that say where it is measured, not how (left out of its cache spec).
 SCOPE_KEYS = ("name", "headline", "variants", "models")
 SWEEP_KEYS = ("variant", "lambdas", "models", "settings")
+WEIGHT_DECAY_SWEEP_KEYS = ("factors", "models", "settings")
 INIT_FROM = ("baseline",)
 # The R2Config fields a variant's `r2` may set (the loss, weight and per_channel are the variant's own keys).
 R2_EXTRA_KEYS = ("warmup_steps", "include", "exclude", "skip_first_last", "margin_penalty", "soft_min_max_penalty",
@@ -98,12 +100,13 @@ def check_keys(what: str, item: dict[str, Any], valid: tuple[str, ...]) -> None:
 
 
 def normalise_variant(item: Any, index: int) -> dict[str, Any]:
-    """A variant as a full dict `{name, loss, weight, per_channel, r2, init_from, epochs, lr, compare_to, seeds,
-    models}`; a plain string is a loss name. `weight: chosen` takes each model's lambda from the variant's sweep,
-    `init_from="baseline"` makes it a fine-tune of the model's trained baseline, `epochs` / `lr` override the
-    config's recipe for it, `compare_to` names the variant its gains are measured against, and `seeds` / `models`
-    restrict it to some of the config's (e.g. one seed of an expensive from-scratch run); checked by
-    [`ReproduceConfig`]."""
+    """A variant as a full dict `{name, loss, weight, per_channel, r2, init_from, epochs, lr, weight_decay,
+    compare_to, seeds, models}`; a plain string is a loss name. `weight: chosen` takes each model's lambda from the
+    variant's sweep, `init_from="baseline"` makes it a fine-tune of the model's trained baseline, `epochs` / `lr` /
+    `weight_decay` override the config's recipe for it (`weight_decay: chosen`: the one the config's
+    `weight_decay_sweep` of the baseline chooses per model), `compare_to` names the variant its gains are measured
+    against, and `seeds` / `models` restrict it to some of the config's (e.g. one seed of an expensive from-scratch
+    run); checked by [`ReproduceConfig`]."""
     what = f"`variants[{index}]`"
     if isinstance(item, str):
         item = {"loss": item}
@@ -151,6 +154,13 @@ def normalise_variant(item: Any, index: int) -> dict[str, Any]:
             raise ValueError(f"{what}: `{key}` must be a positive number (or left out for the config's), got "
                              f"{value!r}.")
         out[key] = None if value is None else float(value)
+    weight_decay = item.get("weight_decay")
+    if weight_decay is not None and weight_decay != CHOSEN and (
+            isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0):
+        raise ValueError(f"{what}: `weight_decay` must be a number >= 0, {CHOSEN!r} (the one the config's "
+                         f"`weight_decay_sweep` chooses on the validation split) or left out for the config's, got "
+                         f"{weight_decay!r}.")
+    out["weight_decay"] = weight_decay if weight_decay in (None, CHOSEN) else float(weight_decay)
     out["compare_to"] = item.get("compare_to")
     for key, kind in (("seeds", int), ("models", str)):
         value = item.get(key)
@@ -167,12 +177,19 @@ def on_model(item: dict[str, Any], model: str) -> bool:
     return item.get("models") is None or model in item["models"]
 
 
-def resolve_weight(variant: dict[str, Any], model: str, chosen: dict[str, dict[str, float | None]] | None
-                   ) -> dict[str, Any] | None:
+def resolve_weight(variant: dict[str, Any], model: str, chosen: dict[str, dict[str, float | None]] | None,
+                   chosen_weight_decay: dict[str, float | None] | None = None) -> dict[str, Any] | None:
     """`variant` as trained on `model`: a `weight: chosen` variant gets the lambda `chosen[name][model]` (its sweep's
-    choice); `None` when the variant does not run on `model` (its `models`), or its lambda is not chosen (yet)."""
+    choice), a `weight_decay: chosen` one the weight decay `chosen_weight_decay[model]` (the baseline's weight-decay
+    sweep's choice); `None` when the variant does not run on `model` (its `models`), or a value it takes from a sweep
+    is not chosen (yet)."""
     if not on_model(variant, model):
         return None
+    if variant.get("weight_decay") == CHOSEN:
+        weight_decay = (chosen_weight_decay or {}).get(model)
+        if weight_decay is None:
+            return None
+        variant = {**variant, "weight_decay": float(weight_decay)}
     if variant["weight"] != CHOSEN:
         return variant
     weight = (chosen or {}).get(variant["name"], {}).get(model)

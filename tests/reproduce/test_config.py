@@ -45,8 +45,8 @@ def test_config_files_load_and_round_trip(tmp_path):
     path.write_text(json.dumps({"models": ["test_resnet"], "variants": ["baseline", "linf"]}))
     config = ReproduceConfig.from_file(path)
     assert config.variants[1] == {"name": "linf", "loss": "linf", "weight": 3.0, "per_channel": True, "r2": {},
-                                  "init_from": None, "epochs": None, "lr": None, "compare_to": None, "seeds": None,
-                                  "models": None}
+                                  "init_from": None, "epochs": None, "lr": None, "weight_decay": None,
+                                  "compare_to": None, "seeds": None, "models": None}
 
 
 def test_setting_names_and_defaults():
