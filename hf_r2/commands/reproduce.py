@@ -68,6 +68,10 @@ def reproduce_command_parser(subparsers=None) -> argparse.ArgumentParser:
                              "compared to (same cache: a last run without --variants reuses them).")
     parser.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false",
                         help="Hide the progress bars.")
+    parser.add_argument("--status", action="store_true",
+                        help="Print where the run stands, from its cache, and return at once: per training done, "
+                             "running (epoch k of n, in another process), interrupted or missing, and the choices "
+                             "made so far. Trains and measures nothing.")
     parser.set_defaults(func=reproduce_command)
     return parser
 
@@ -84,6 +88,11 @@ def reproduce_command(args: argparse.Namespace) -> int:
             config = config.select_models(args.models)
         if getattr(args, "variants", None):
             config = config.select_variants(args.variants)
+        if getattr(args, "status", False):
+            from ..reproduce.status import format_status, run_states
+
+            print(format_status(config, run_states(config)))
+            return 0
         results = run_reproduce(config, progress=args.progress)
     except (ValueError, OSError) as err:
         print(f"hf-r2 reproduce: error: {err}", file=sys.stderr)

@@ -145,3 +145,43 @@ def test_two_processes_share_the_trainings(tmp_path, data_dir):
     assert sum(trained) == 3, outputs
     again = run_reproduce(config, progress=False, print_fn=None)
     assert again["timing"]["trained_now"] == 0 and again["timing"]["rows_computed"] == 0
+
+
+def test_status_reads_the_cache_without_training(tmp_path, data_dir, capsys):
+    """`hf-r2 reproduce CONFIG --status`: missing before, done after (with the rows measured and the choices the run
+    made), interrupted with the epoch of its last checkpoint, running while another process holds its lock; it
+    trains and measures nothing."""
+    import fcntl
+
+    from hf_r2.cli import main
+    from hf_r2.reproduce.status import run_states
+
+    config = _config(tmp_path / "out", data_dir, seeds=[0])
+    states = run_states(config)
+    assert {r["state"] for r in states["runs"]} == {"missing"} and len(states["runs"]) == 3
+    assert states["chosen_weight_decays"] == {"test_resnet": None}
+    assert states["waiting"] == ["baseline_tuned on test_resnet", "linf_tuned on test_resnet"]
+    assert not os.path.exists(os.path.join(config.output_dir, "runs"))  # nothing trained or written
+
+    results = run_reproduce(config, progress=False, print_fn=None)
+    states = run_states(config)
+    assert len(states["runs"]) == len(results["runs"]) and {r["state"] for r in states["runs"]} == {"done"}
+    assert all(r["rows"] == r["rows_total"] for r in states["runs"])
+    assert states["chosen_weight_decays"] == results["chosen_weight_decays"]
+    assert states["chosen_lambdas"] == results["chosen_lambdas"] and not states["waiting"]
+
+    run = next(r for r in states["runs"] if r["roles"] == ["wd_sweep:3"])
+    os.remove(os.path.join(run["run_dir"], "reproduce_run.json"))  # as if cut after its first epoch
+    os.makedirs(os.path.join(run["run_dir"], "checkpoint-2"))
+    with open(os.path.join(run["run_dir"], "checkpoint-2", "trainer_state.json"), "w") as f:
+        json.dump({"epoch": 1.0}, f)
+    state = next(r for r in run_states(config)["runs"] if r["run_dir"] == run["run_dir"])
+    assert (state["state"], state["epoch"]) == ("interrupted", 1.0)
+    with open(run["run_dir"] + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process training it
+        config_path = tmp_path / "config.json"
+        config_path.write_text(json.dumps(config.to_dict()))
+        assert main(["reproduce", str(config_path), "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline wd=0.0003" in out and "running (epoch 1 of 1 done)" in out
+    assert "5 done, 1 running, 0 interrupted, 0 missing of 6 trainings" in out
