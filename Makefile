@@ -9,7 +9,8 @@ CONSTRAINTS := requirements/constraints.txt
 # unless already set. Without a local copy the cifar10 names load uoft-cs/cifar10 from the Hub.
 export HF_R2_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: demo test reproduce evidence-baselines evidence install install-test bench gpu-check clean
+.PHONY: demo test reproduce evidence-baselines evidence evidence-headline evidence-status install install-test bench \
+	gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,42 +32,74 @@ demo: install
 test: install-test
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
-# The full comparison (configs/reproduce.yaml, about an hour on 2 cores): one single-threaded process per model in
-# parallel, each logging to outputs/reproduce/<model>.log, then one run that reuses both and writes the report.
-REPRODUCE_CONFIG ?= configs/reproduce.yaml
-REPRODUCE_MODELS ?= mobilenetv3_small_100 resnet10t
-REPRODUCE_OUT ?= outputs/reproduce
-reproduce: install
-	mkdir -p $(REPRODUCE_OUT)
-	for m in $(REPRODUCE_MODELS); do \
-	  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/hf-r2 reproduce $(REPRODUCE_CONFIG) \
-	    --output-dir $(REPRODUCE_OUT) --models $$m --no-progress > $(REPRODUCE_OUT)/$$m.log 2>&1 & \
-	done; wait
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 reproduce $(REPRODUCE_CONFIG) --output-dir $(REPRODUCE_OUT)
+# The long runs (hours) never hold the terminal: each target starts its workers detached (nohup, nice 19, one thread
+# each), prints where each logs, and returns at once; `make evidence-status` says where they stand. Several workers of
+# one config share its trainings (each trains what no other holds; hf_r2/reproduce/pipeline.py) and resume per epoch,
+# so rerunning a target after a reboot continues. Their caches live outside the work tree, under ~/.cache/hf-r2.
+CACHE ?= $(HOME)/.cache/hf-r2
+HF_R2 := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 nohup nice -n 19 $(abspath $(VENV))/bin/hf-r2
+# $(call start_workers,FOLDER,NAMES,COMMAND): one detached COMMAND per name in NAMES, logging to FOLDER/<name>.log;
+# refuses while a worker started there before still runs.
+define start_workers
+	@mkdir -p $(1)
+	@for f in $(1)/*.pid; do \
+	  if [ -f "$$f" ] && kill -0 "$$(cat "$$f")" 2>/dev/null; then \
+	    echo "a worker of $(1) still runs (pid $$(cat "$$f")): make evidence-status; stop it with kill $$(cat "$$f")"; \
+	    exit 1; fi; done
+	@for name in $(2); do \
+	  $(3) > $(1)/$$name.log 2>&1 < /dev/null & echo $$! > $(1)/$$name.pid; \
+	  echo "started $$name (pid $$!, nice 19, one thread); follow: tail -f $(1)/$$name.log"; done
+endef
 
-# The converged-model comparison (README, Results). Stage 1: each model trained to a plateau with its family's
-# standard recipe (SGD momentum 0.9, cosine, 30 epochs, 45k CIFAR-10 images, 5k held out for validation), one
-# single-threaded process per model, resumable (rerun to continue from the last epoch's checkpoint); about 70 min
-# (mobilenetv2_100) and 2 h (resnet18) of one core each. Stage 2 (`make evidence`, configs/evidence.yaml): R2
-# fine-tunes against the same-length control, lambdas chosen on validation, R2 from scratch, W2A2 PTQ and QAT.
-EVIDENCE_OUT ?= outputs/evidence
-EVIDENCE_TRAIN = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/hf-r2 train --dataset cifar10 \
+# The paper side by side (configs/reproduce.yaml, about an hour on 2 cores): two workers of the config; each ends by
+# writing the report (results.md) in $(REPRODUCE_OUT).
+REPRODUCE_CONFIG ?= configs/reproduce.yaml
+REPRODUCE_OUT ?= $(CACHE)/reproduce
+reproduce: install
+	$(call start_workers,$(REPRODUCE_OUT),worker-1 worker-2,$(HF_R2) reproduce $(REPRODUCE_CONFIG) \
+	  --output-dir $(REPRODUCE_OUT) --no-progress)
+
+# The converged-model study (docs/results.md). Stage 1: each model trained to a plateau with its family's standard
+# recipe (SGD momentum 0.9, cosine, 30 epochs, 45k CIFAR-10 images, 5k held out for validation), one worker per
+# model, resumable; about 70 min (mobilenetv2_100) and 2 h (resnet18) of one core each. Stage 2 (`make evidence`,
+# configs/evidence.yaml, once stage 1 is done): R2 fine-tunes against the same-length control, lambdas chosen on
+# validation, R2 from scratch, W2A2 PTQ and QAT.
+EVIDENCE_OUT ?= $(CACHE)/evidence
+EVIDENCE_TRAIN = $(HF_R2) train --dataset cifar10 \
 	--validation_size 5000 --input_size 32 --num_train_epochs 30 --per_device_train_batch_size 64 \
 	--per_device_eval_batch_size 500 --optim sgd --optim_args momentum=0.9 --learning_rate 0.05 \
 	--lr_scheduler_type cosine --warmup_steps 0.01 --r2_weight 0 --eval_strategy epoch --save_strategy epoch \
 	--save_total_limit 2 --logging_steps 100 --seed 0 --use_cpu --report_to none --resume_from_checkpoint latest
 evidence-baselines: install
-	mkdir -p $(EVIDENCE_OUT)/baselines
-	$(EVIDENCE_TRAIN) --model mobilenetv2_100 --weight_decay 4e-5 --output_dir $(EVIDENCE_OUT)/baselines/mobilenetv2_100 \
-	  > $(EVIDENCE_OUT)/mobilenetv2_100.log 2>&1 & \
-	$(EVIDENCE_TRAIN) --model resnet18 --weight_decay 1e-4 --output_dir $(EVIDENCE_OUT)/baselines/resnet18 \
-	  > $(EVIDENCE_OUT)/resnet18.log 2>&1 & wait
+	$(call start_workers,$(EVIDENCE_OUT)/logs,baseline-mobilenetv2_100,$(EVIDENCE_TRAIN) --model mobilenetv2_100 \
+	  --weight_decay 4e-5 --output_dir $(EVIDENCE_OUT)/baselines/mobilenetv2_100)
+	@$(EVIDENCE_TRAIN) --model resnet18 --weight_decay 1e-4 --output_dir $(EVIDENCE_OUT)/baselines/resnet18 \
+	  > $(EVIDENCE_OUT)/logs/baseline-resnet18.log 2>&1 < /dev/null & echo $$! > $(EVIDENCE_OUT)/logs/baseline-resnet18.pid; \
+	  echo "started baseline-resnet18 (pid $$!, nice 19, one thread); follow: tail -f $(EVIDENCE_OUT)/logs/baseline-resnet18.log"
 evidence: install
-	for m in mobilenetv2_100 resnet18; do \
-	  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/hf-r2 reproduce configs/evidence.yaml \
-	    --output-dir $(EVIDENCE_OUT) --models $$m --no-progress > $(EVIDENCE_OUT)/evidence-$$m.log 2>&1 & \
-	done; wait
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 reproduce configs/evidence.yaml --output-dir $(EVIDENCE_OUT)
+	$(call start_workers,$(EVIDENCE_OUT)/logs,worker-1 worker-2,$(HF_R2) reproduce configs/evidence.yaml \
+	  --output-dir $(EVIDENCE_OUT) --no-progress)
+
+# The headline study (configs/headline.yaml): the paper's claims from scratch against a tuned baseline (its weight
+# decay swept and chosen on validation, R2 trained at the choice), on three seeds. Two workers; each takes
+# MobileNetV2 through every stage before ResNet-18, then writes the report. About 10 trainings of 1.5-2 h of one core
+# per model: days on 2 cores, resumable per epoch.
+HEADLINE_OUT ?= $(CACHE)/headline
+HEADLINE = $(abspath $(VENV))/bin/hf-r2 reproduce configs/headline.yaml --output-dir $(HEADLINE_OUT) --no-progress
+evidence-headline: install
+	$(call start_workers,$(HEADLINE_OUT)/logs,worker-1 worker-2,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	  OMP_NUM_THREADS=1 nohup nice -n 19 sh -c '$(HEADLINE) --models mobilenetv2_100 && $(HEADLINE)')
+
+# Where the long runs stand, from their caches (trains nothing): each worker running or ended with its log's last
+# line, then per training done / running (epoch k of n) / interrupted / missing and the choices made so far.
+evidence-status: install
+	@for f in $(HEADLINE_OUT)/logs/*.pid $(EVIDENCE_OUT)/logs/*.pid $(REPRODUCE_OUT)/*.pid; do \
+	  [ -f "$$f" ] || continue; \
+	  if kill -0 "$$(cat "$$f")" 2>/dev/null; then state=running; else state=ended; fi; \
+	  echo "$$f: $$state; last log line: $$(tail -c 400 "$${f%.pid}.log" | tr '\r' '\n' | grep -v '^ *$$' | tail -n 1)"; \
+	done
+	@HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 reproduce configs/headline.yaml \
+	  --output-dir $(HEADLINE_OUT) --status
 
 bench: install
 	$(PY) benchmarks/r2_overhead.py

@@ -287,7 +287,7 @@ class ReproduceConfig(JsonConfigMixin):
             check_keys(f"`recipes[{model!r}]`", recipe, ("lr", "weight_decay", "epochs"))
             if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in recipe.values()):
                 raise ValueError(f"`recipes[{model!r}]` values must be numbers >= 0, got {recipe}.")
-        self.baselines = {m: os.fspath(p) for m, p in (self.baselines or {}).items()}
+        self.baselines = {m: os.path.expanduser(os.fspath(p)) for m, p in (self.baselines or {}).items()}
         unknown = [m for m in self.baselines if m not in self.models]
         if unknown:
             raise ValueError(f"`baselines` names {unknown}, which are not in `models` {self.models}.")
