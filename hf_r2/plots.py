@@ -193,6 +193,17 @@ def plot_layer_ranges(
     return _save(fig, path)
 
 
+def _consecutive_runs(points: Sequence[tuple[int, float]]) -> list[list[tuple[int, float]]]:
+    """`(position, value)` points, sorted by position, cut into runs of consecutive positions."""
+    runs: list[list[tuple[int, float]]] = []
+    for point in points:
+        if runs and point[0] == runs[-1][-1][0] + 1:
+            runs[-1].append(point)
+        else:
+            runs.append([point])
+    return runs
+
+
 def plot_accuracy_vs_bits(
     curves: Mapping[str, Mapping[str, Mapping[int, float]]],
     path: str | os.PathLike,
@@ -201,9 +212,11 @@ def plot_accuracy_vs_bits(
     title: str | None = None,
     ylabel: str = "top-1 (%)",
 ) -> str:
-    """Accuracy against weight bits: one colour per variant, one line style per family of methods.
+    """Accuracy against weight bits: one colour per variant, one line style and marker per family of methods.
 
-    The x axis is categorical: `FP` (if `fp` is given), then 8, 4, 2 and 1 bits; a missing point is skipped.
+    The x axis is categorical: `FP` (if `fp` is given), then 8, 4, 2 and 1 bits. Only measured points are drawn:
+    each one has its marker, and a line joins two points only where they are neighbours on the axis, so no segment
+    crosses a width that was not measured (a family measured at FP and 2 bits alone shows two markers, no line).
 
     Args:
         curves (`Mapping[str, Mapping[str, Mapping[int, float]]]`):
@@ -212,7 +225,8 @@ def plot_accuracy_vs_bits(
         path (`str` or `os.PathLike`):
             The PNG to write.
         fp (`Mapping[str, float]`, *optional*):
-            The float accuracy of each variant, drawn at `FP` and joined to each of its lines.
+            The float accuracy of each variant, drawn at `FP` with each of its families' markers, and joined to
+            a family's line where that family was measured at 8 bits.
         title (`str`, *optional*):
             Figure title.
         ylabel (`str`, *optional*, defaults to `"top-1 (%)"`):
@@ -221,11 +235,14 @@ def plot_accuracy_vs_bits(
     Returns:
         `str`: `path`.
     """
+    from matplotlib.lines import Line2D
+
     variants = list(curves)
     if not variants:
         raise ValueError("`curves` is empty: give at least one variant's accuracies.")
     families = list(dict.fromkeys(f for v in variants for f in curves[v]))
     fig, (ax,) = _figure(7.5, 4.8)
+    handles: list[Any] = []  # one legend entry per variant and family, with its line style and marker
     ticks = (["FP"] if fp else []) + [str(b) for b in _BITS]
     position = {b: i + (1 if fp else 0) for i, b in enumerate(_BITS)}
     for color, variant in zip(_colors(len(variants)), variants):
@@ -236,14 +253,17 @@ def plot_accuracy_vs_bits(
                 points = [(0, fp[variant])] + points
             if not points:
                 continue
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, linestyle=_LINESTYLES[j % len(_LINESTYLES)], marker=_MARKERS[j % len(_MARKERS)],
-                    color=color, label=f"{variant} ({family})")
+            style = {"marker": _MARKERS[j % len(_MARKERS)], "color": color}
+            linestyle = _LINESTYLES[j % len(_LINESTYLES)]
+            for run in _consecutive_runs(points):  # a line within each run of neighbouring widths, none across gaps
+                xs, ys = zip(*run)
+                ax.plot(xs, ys, linestyle=linestyle if len(run) > 1 else "none", **style)
+            handles.append(Line2D([], [], linestyle=linestyle, label=f"{variant} ({family})", **style))
     ax.set_xticks(range(len(ticks)), ticks)
     ax.set_xlabel("weight bits")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncols=2)
+    ax.legend(handles=handles, fontsize=7, ncols=2)
     if title:
         ax.set_title(title, fontsize=10)
     return _save(fig, path)

@@ -35,3 +35,33 @@ def test_plots_write_valid_pngs(tmp_path):
         plot_weight_histograms({}, tmp_path / "x.png")
     with pytest.raises(ValueError, match="`curves` is empty"):
         plot_accuracy_vs_bits({}, tmp_path / "x.png")
+
+
+def test_accuracy_vs_bits_draws_measured_points_only(tmp_path, monkeypatch):
+    """Markers at every measured width; a line only between neighbouring measured widths (none from FP to a 2-bit
+    k-means point across the 8 and 4 bits it never measured)."""
+    import hf_r2.plots as plots
+
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    curves = {"baseline": {"PTQ": {8: 66.0, 4: 63.0, 2: 50.0}, "k-means": {2: 60.0}},
+              "linf": {"PTQ": {8: 65.5, 2: 62.0}, "k-means": {2: 64.0, 1: 58.0}}}
+    assert_png(plot_accuracy_vs_bits(curves, tmp_path / "b.png", fp={"baseline": 66.2, "linf": 65.5}))
+    (ax,) = figures[-1].axes
+    segments = []  # x positions: FP 0, then 8, 4, 2 and 1 bits at 1 to 4
+    for line in ax.lines:
+        xs = [int(x) for x in line.get_xdata()]
+        assert line.get_marker() not in (None, "", "None", " ")  # every measured point has its marker
+        assert xs == sorted(xs) and all(b - a == 1 for a, b in zip(xs, xs[1:]))  # no segment spans a gap
+        if len(xs) == 1:
+            assert line.get_linestyle() in ("None", "none", "")  # a lone point: a marker, no line
+        segments.extend(zip(xs, xs[1:]))
+    # the lines joined exactly the measured neighbours: FP-8-4-2 (baseline PTQ), FP-8 (linf PTQ), 2-1 (linf k-means)
+    assert sorted(segments) == [(0, 1), (0, 1), (1, 2), (2, 3), (3, 4)]
+    points = sorted((int(x), float(y)) for line in ax.lines for x, y in zip(line.get_xdata(), line.get_ydata()))
+    expected = sorted([(0, 66.2), (1, 66.0), (2, 63.0), (3, 50.0), (0, 66.2), (3, 60.0),
+                       (0, 65.5), (1, 65.5), (3, 62.0), (0, 65.5), (3, 64.0), (4, 58.0)])
+    assert points == expected
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == ["baseline (PTQ)", "baseline (k-means)", "linf (PTQ)", "linf (k-means)"]
