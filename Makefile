@@ -59,7 +59,7 @@ reproduce: install
 	$(call start_workers,$(REPRODUCE_OUT),worker-1 worker-2,$(HF_R2) reproduce $(REPRODUCE_CONFIG) \
 	  --output-dir $(REPRODUCE_OUT) --no-progress)
 
-# The converged-model study (docs/results.md). Stage 1: each model trained to a plateau with its family's standard
+# The evidence study (docs/results.md). Stage 1: each model trained with its family's standard
 # recipe (SGD momentum 0.9, cosine, 30 epochs, 45k CIFAR-10 images, 5k held out for validation), one worker per
 # model, resumable; about 70 min (mobilenetv2_100) and 2 h (resnet18) of one core each. Stage 2 (`make evidence`,
 # configs/evidence.yaml, once stage 1 is done): R2 fine-tunes against the same-length control, lambdas chosen on

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_r2.reproduce.summary import claim_of, verdict
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
@@ -96,3 +98,12 @@ def test_headline_table_matches_the_committed_results():
         for cell in cells(reference, r2, row):
             assert cell in line, f"{row}: {cell!r} not in {line!r}"
         assert line.rstrip(" |").endswith(f"| {min(len(reference), len(r2))}"), f"seeds column: {line!r}"
+        # the verdict is the library's (one function for results.md and the README), and bold marks exactly "met"
+        low = [statistics.mean(100 * r["rows"][row]["accuracy"] for r in runs) for runs in (reference, r2)]
+        fp = [statistics.mean(100 * r["rows"]["FP"]["accuracy"] for r in runs) for runs in (reference, r2)]
+        claim = claim_of({"method": "qat" if "QAT" in row else "kmeans" if "k-means" in row else "ptq",
+                          "w_bits": 1 if row.startswith("W1") else 2, "a_bits": None if row.startswith("W1") else
+                          int(row[3])})
+        decided = verdict(low[1] - low[0], claim["target"], fp[1] - fp[0])
+        assert f"| {decided} |" in line, f"{row}: verdict {decided!r} not in {line!r}"
+        assert ("(**+" in line) == (decided == "met"), f"bold iff met: {line!r}"

@@ -489,8 +489,8 @@ def run_reproduce(
         run["trained_now"] = run["run_dir"] in trained_now
 
     # 3. results, report, plots
-    data_info = {"dataset": config.dataset, "train_images": raw["train"].num_rows,
-                 "test_images": raw["test"].num_rows,
+    data_info = {"dataset": config.dataset, "num_classes": len(data.label_names),
+                 "train_images": raw["train"].num_rows, "test_images": raw["test"].num_rows,
                  "calibration_images": min(config.calibration_samples, raw["train"].num_rows)}
     if val is not None:
         data_info["validation_images"] = val.num_rows

@@ -129,3 +129,41 @@ def test_onnx_settings(monkeypatch):
     with pytest.raises(ValueError, match=r"`onnx_settings` \['W3A8'\] are not low-bit settings"):
         ReproduceConfig(models=["test_resnet"], variants=["baseline"], lambda_sweep=None, low_bit=low_bit,
                         onnx_settings=["W3A8"])
+
+
+def test_one_verdict_scores_each_claim_on_its_own_method_and_the_float_rule():
+    """`met` only where the gain reaches its own claim's target AND R2's float top-1 is within a point of its
+    reference's: a model 23.6 points below in float is never counted, a W2A2 PTQ row is not the QAT claim, and a NaN
+    never meets anything."""
+    from hf_r2.reproduce.summary import claim_of, gains, verdict
+
+    config = ReproduceConfig(
+        models=["m"], seeds=[0], lambda_sweep=None,
+        variants=["baseline", {"name": "r2", "loss": "linf", "weight": 1.0}],
+        low_bit=[{"method": "ptq", "w_bits": 2, "a_bits": 8, "per_channel": False, "weight_range": "maxabs"},
+                 {"method": "ptq", "w_bits": 2, "a_bits": 2}, {"method": "qat", "w_bits": 2, "a_bits": 2},
+                 {"method": "kmeans", "w_bits": 1}, {"method": "ptq", "w_bits": 1, "a_bits": 8}])
+
+    def cell(value):
+        return {"seeds": [0], "values": [value], "mean": value, "std": None}
+
+    def summary(fp_r2):
+        table = {"FP": {"baseline": cell(0.70), "r2": cell(fp_r2)}}
+        for name in ("W2A8 per-tensor maxabs", "W2A2 per-channel mse", "W2A2 QAT", "W1 k-means",
+                     "W1A8 per-channel mse"):
+            table[name] = {"baseline": cell(0.20), "r2": cell(0.60)}  # +40 points everywhere
+        return {"m": table}
+
+    kept = gains(config, summary(0.695))["m"]  # FP -0.5: within the rule
+    assert set(kept) == {"FP", "W2A8 per-tensor maxabs", "W2A2 QAT", "W1 k-means"}  # W2A2 / W1 PTQ: no claim
+    assert [kept[s]["r2"]["claim"] for s in ("W2A8 per-tensor maxabs", "W2A2 QAT", "W1 k-means")] == [
+        "W2A8 PTQ", "W2A2 QAT", "1-bit clustering"]
+    assert all(kept[s]["r2"]["met"] for s in kept)
+    assert kept["W2A8 per-tensor maxabs"]["r2"]["retention"] == pytest.approx([0.20 / 0.70, 0.60 / 0.695])
+    fell = gains(config, summary(0.464))["m"]  # FP -23.6: a collapsed float model
+    assert not fell["FP"]["r2"]["met"]
+    assert {fell[s]["r2"]["verdict"] for s in fell if s != "FP"} == {"outside the float rule"}
+    assert not any(fell[s]["r2"]["met"] for s in fell)
+    assert verdict(float("nan"), 8.0, 0.0) == "missed" and verdict(9.0, 8.0, float("nan")) == "outside the float rule"
+    assert verdict(9.0, 8.0, None) == "outside the float rule" and verdict(7.9, 8.0, 0.0) == "missed"
+    assert claim_of(config.setting("W2A2 per-channel mse")) is None
