@@ -105,7 +105,8 @@ def apply_setting(
     """Make `model` the low-bit model of one `hf-r2 reproduce` setting, in place: its `pre` range reductions
     ([`apply_pre_steps`]), then [`apply_low_bit_`] with
     [`~hf_r2.reproduce.variants.quant_config`] and the config's fixed fine-tune (AdamW, cosine, no weight decay, R2
-    off, the same for every variant: `batch_size`, `finetune_lr`, `finetune_epochs`, `finetune_max_steps`).
+    off, the same for every variant: `batch_size`, `finetune_lr`, `finetune_epochs`, `finetune_max_steps`, or the
+    setting's own `finetune_steps`).
 
     Args:
         model (`nn.Module`):
@@ -124,7 +125,8 @@ def apply_setting(
     from .variants import quant_config
 
     finetune = {"learning_rate": config.finetune_lr, "per_device_batch_size": config.batch_size,
-                "num_epochs": config.finetune_epochs, "max_steps": config.finetune_max_steps or -1, "seed": seed}
+                "num_epochs": config.finetune_epochs,
+                "max_steps": setting.get("finetune_steps") or config.finetune_max_steps or -1, "seed": seed}
     qconfig = quant_config(setting, config.adaround_iters)
     apply_pre_steps(model, setting.get("pre") or [], calibration)
     return apply_low_bit_(model, qconfig, calibration, train_dataset=train_dataset, finetune=finetune)

@@ -156,7 +156,8 @@ def row_spec(setting: dict[str, Any] | None, config: ReproduceConfig) -> dict[st
     # `pre` enters only when set, so rows cached before it existed stay valid
     # keys added later stay out of the spec when unset, so that runs measured before them keep their cache
     spec["setting"] = {
-        k: v for k, v in setting.items() if k not in SCOPE_KEYS and not (k in ("pre", "bias_correction") and v is None)
+        k: v for k, v in setting.items()
+        if k not in SCOPE_KEYS and not (k in ("pre", "bias_correction", "finetune_steps") and v is None)
     }
     if setting["name"] in (config.onnx_settings or []):  # measured in ONNX Runtime too, once the extra is there
         spec["onnx"] = onnx_check_available()

@@ -41,7 +41,7 @@ VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2", "init_from", "epo
 #: The variant keys that change its training beyond the loss (a variant without them trains with the config's recipe).
 TRAINING_KEYS = ("init_from", "epochs", "lr", "weight_decay")
 SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "pre",
-                "bias_correction", "headline", "variants", "models")
+                "bias_correction", "finetune_steps", "headline", "variants", "models")
 #: The keys of a setting that say where it is measured, not how (left out of its cache spec).
 SCOPE_KEYS = ("name", "headline", "variants", "models")
 SWEEP_KEYS = ("variant", "lambdas", "models", "settings")
@@ -251,6 +251,13 @@ def normalise_setting(item: Any, index: int) -> dict[str, Any]:
         raise ValueError(f"{what}: `bias_correction` (true / false) corrects the biases of a 'ptq' row after "
                          f"quantization, got {bias_correction!r} (method {method!r}).")
     s["bias_correction"] = bias_correction or None  # None: left out of the cache spec, as before the key existed
+    steps = item.get("finetune_steps")
+    if steps is not None and (method not in ("qat", "dkm") or isinstance(steps, bool) or not isinstance(steps, int)
+                              or steps < 1):
+        raise ValueError(f"{what}: `finetune_steps` (a positive integer) is the fine-tune budget of a 'qat' or 'dkm' "
+                         f"row, overriding the config's `finetune_max_steps` / `finetune_epochs`; got {steps!r} "
+                         f"(method {method!r}).")
+    s["finetune_steps"] = steps
     cheap = (method == "ptq" and s["rounding"] == "nearest") or method == "kmeans"
     s["headline"] = bool(item.get("headline", cheap))
     s["name"] = str(item.get("name") or setting_name(s))

@@ -156,3 +156,25 @@ def test_a_settings_bias_correction_runs_last_and_is_named(model):
         with pytest.raises(ValueError, match="`bias_correction` \\(true / false\\) corrects the biases"):
             ReproduceConfig(models=["x"], variants=["baseline"], lambda_sweep=None, low_bit=[bad])
 
+
+
+def test_a_settings_finetune_steps_is_its_budget_and_its_cache_key(model, monkeypatch):
+    """`finetune_steps` on a DKM / QAT row overrides the config's fine-tune length for that row only (the run's
+    `max_steps`), enters its cache spec only when set, and is refused on rows that do not fine-tune."""
+    import hf_r2.loop
+    from hf_r2.reproduce.plan import row_spec
+
+    seen = []
+    monkeypatch.setattr(hf_r2.loop, "finetune", lambda model, data, **kwargs: seen.append(kwargs["max_steps"]))
+    config = ReproduceConfig(models=["x"], variants=["baseline"], seeds=[0], lambda_sweep=None, finetune_max_steps=5,
+                             low_bit=[{"method": "dkm", "w_bits": 1, "finetune_steps": 3},
+                                      {"method": "qat", "w_bits": 2, "a_bits": 2}])
+    train = TinyImages(16, seed=1)
+    for setting in config.low_bit:
+        apply_setting(copy.deepcopy(model), setting, config, 0, calibration=_batches(), train_dataset=train)
+    assert seen == [3, 5]
+    assert row_spec(config.setting("W1 DKM"), config)["setting"]["finetune_steps"] == 3
+    assert "finetune_steps" not in row_spec(config.setting("W2A2 QAT"), config)["setting"]  # old caches stay valid
+    with pytest.raises(ValueError, match="`finetune_steps` .* is the fine-tune budget of a 'qat' or 'dkm' row"):
+        ReproduceConfig(models=["x"], lambda_sweep=None, low_bit=[{"method": "kmeans", "w_bits": 1,
+                                                                   "finetune_steps": 3}])
