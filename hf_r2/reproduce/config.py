@@ -143,9 +143,9 @@ class ReproduceConfig(JsonConfigMixin):
         One entry per row: `{"method": "ptq" | "qat" | "kmeans" | "dkm", "w_bits": int, "a_bits": int or None
         (ptq, qat), "per_channel": bool (ptq, qat), "weight_range": "maxabs" | "mse" (ptq), "rounding": "nearest"
         | "adaround" (ptq), "pre": ["cle", "magr"] (ptq, kmeans), "bias_correction": bool (ptq),
-        "finetune_steps": int (qat, dkm: this row's fine-tune budget, overriding `finetune_max_steps`), "headline": bool,
-        "name": label, "variants" / "models": [names]}`. PTQ rows re-estimate BN; `pre` runs range reductions on
-        the float model first (cross-layer equalization, MagR: the post-training alternatives to R2);
+        "finetune_steps": int (qat, dkm: this row's fine-tune budget, overriding `finetune_max_steps`),
+        "headline": bool, "name": label, "variants" / "models": [names]}`. PTQ rows re-estimate BN; `pre` runs range
+        reductions on the float model first (cross-layer equalization, MagR: the post-training alternatives to R2);
         `bias_correction` corrects the biases last (what CLE's folded BN needs); `headline` defaults to true for
         round-to-nearest PTQ and k-means (cheap), false for AdaRound, QAT and DKM; `variants` / `models` measure an
         expensive row (QAT, DKM) on those columns / models only.
