@@ -500,10 +500,12 @@ class ReproduceConfig(JsonConfigMixin):
         return variant["compare_to"] or self.baseline_variant
 
     def recipe(self, model: str, variant: dict[str, Any]) -> dict[str, float]:
-        """`{lr, weight_decay, epochs}` of `variant`'s training of `model`: the config's, then `recipes[model]`'s,
-        then the variant's own `epochs` / `lr` / `weight_decay` (resolved: a number)."""
-        out = {"lr": self.lr, "weight_decay": self.weight_decay, "epochs": self.epochs, **self.recipes.get(model, {})}
-        out.update({k: variant[k] for k in ("epochs", "lr", "weight_decay")
+        """`{lr, weight_decay, epochs, warmup_ratio}` of `variant`'s training of `model`: the config's, then
+        `recipes[model]`'s, then the variant's own `epochs` / `lr` / `warmup_ratio` / `weight_decay` (resolved: a
+        number)."""
+        out = {"lr": self.lr, "weight_decay": self.weight_decay, "epochs": self.epochs,
+               "warmup_ratio": self.warmup_ratio, **self.recipes.get(model, {})}
+        out.update({k: variant[k] for k in ("epochs", "lr", "warmup_ratio", "weight_decay")
                     if variant.get(k) is not None and variant.get(k) != CHOSEN})
         return out
 

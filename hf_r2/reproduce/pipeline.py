@@ -196,7 +196,7 @@ def _train(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> di
         learning_rate=recipe["lr"],
         weight_decay=recipe["weight_decay"],
         lr_scheduler_type="cosine",
-        warmup_steps=config.warmup_ratio,
+        warmup_steps=recipe["warmup_ratio"],
         logging_steps=50,
         eval_strategy="epoch" if validate else "no",  # the validation curve (plateau plot)
         save_strategy="epoch",  # one checkpoint, the last epoch's: an interrupted training resumes from it

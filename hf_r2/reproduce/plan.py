@@ -130,7 +130,7 @@ def train_spec(run: Run, config: ReproduceConfig) -> dict[str, Any]:
         "max_train_samples": config.max_train_samples, "data_seed": config.data_seed,
         "input_size": config.input_size, "epochs": recipe["epochs"], "max_steps": config.max_steps,
         "batch_size": config.batch_size, "lr": recipe["lr"], "weight_decay": recipe["weight_decay"],
-        "warmup_ratio": config.warmup_ratio,
+        "warmup_ratio": recipe["warmup_ratio"],
         **({"model_kwargs": config.model_kwargs[run.model]} if config.model_kwargs.get(run.model) else {}),
     }
     if config.optimizer != "adamw":

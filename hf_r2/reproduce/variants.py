@@ -36,10 +36,10 @@ __all__ = [
 BASELINE = "baseline"
 #: A variant's `weight` that takes, per model, the lambda its `lambda_sweep` chooses on the validation split.
 CHOSEN = "chosen"
-VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2", "init_from", "epochs", "lr", "weight_decay",
-                "compare_to", "seeds", "models")
+VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2", "init_from", "epochs", "lr", "warmup_ratio",
+                "weight_decay", "compare_to", "seeds", "models")
 #: The variant keys that change its training beyond the loss (a variant without them trains with the config's recipe).
-TRAINING_KEYS = ("init_from", "epochs", "lr", "weight_decay")
+TRAINING_KEYS = ("init_from", "epochs", "lr", "warmup_ratio", "weight_decay")
 SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "pre",
                 "bias_correction", "finetune_steps", "headline", "variants", "models")
 #: The keys of a setting that say where it is measured, not how (left out of its cache spec).
@@ -100,13 +100,13 @@ def check_keys(what: str, item: dict[str, Any], valid: tuple[str, ...]) -> None:
 
 
 def normalise_variant(item: Any, index: int) -> dict[str, Any]:
-    """A variant as a full dict `{name, loss, weight, per_channel, r2, init_from, epochs, lr, weight_decay,
-    compare_to, seeds, models}`; a plain string is a loss name. `weight: chosen` takes each model's lambda from the
-    variant's sweep, `init_from="baseline"` makes it a fine-tune of the model's trained baseline, `epochs` / `lr` /
-    `weight_decay` override the config's recipe for it (`weight_decay: chosen`: the one the config's
-    `weight_decay_sweep` of the baseline chooses per model), `compare_to` names the variant its gains are measured
-    against, and `seeds` / `models` restrict it to some of the config's (e.g. one seed of an expensive from-scratch
-    run); checked by [`ReproduceConfig`]."""
+    """A variant as a full dict `{name, loss, weight, per_channel, r2, init_from, epochs, lr, warmup_ratio,
+    weight_decay, compare_to, seeds, models}`; a plain string is a loss name. `weight: chosen` takes each model's
+    lambda from the variant's sweep, `init_from="baseline"` makes it a fine-tune of the model's trained baseline,
+    `epochs` / `lr` / `warmup_ratio` / `weight_decay` override the config's recipe for it (e.g. a re-warmed
+    fine-tune schedule; `weight_decay: chosen` is the one the config's `weight_decay_sweep` of the baseline chooses
+    per model), `compare_to` names the variant its gains are measured against, and `seeds` / `models` restrict it to
+    some of the config's (e.g. one seed of an expensive from-scratch run); checked by [`ReproduceConfig`]."""
     what = f"`variants[{index}]`"
     if isinstance(item, str):
         item = {"loss": item}
@@ -154,6 +154,12 @@ def normalise_variant(item: Any, index: int) -> dict[str, Any]:
             raise ValueError(f"{what}: `{key}` must be a positive number (or left out for the config's), got "
                              f"{value!r}.")
         out[key] = None if value is None else float(value)
+    warmup = item.get("warmup_ratio")
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, (int, float))
+                               or not 0 <= warmup < 1):
+        raise ValueError(f"{what}: `warmup_ratio` must be a fraction of the steps in [0, 1) (or left out for the "
+                         f"config's), got {warmup!r}.")
+    out["warmup_ratio"] = None if warmup is None else float(warmup)
     weight_decay = item.get("weight_decay")
     if weight_decay is not None and weight_decay != CHOSEN and (
             isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0):

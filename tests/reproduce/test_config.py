@@ -45,7 +45,8 @@ def test_config_files_load_and_round_trip(tmp_path):
     path.write_text(json.dumps({"models": ["test_resnet"], "variants": ["baseline", "linf"]}))
     config = ReproduceConfig.from_file(path)
     assert config.variants[1] == {"name": "linf", "loss": "linf", "weight": 3.0, "per_channel": True, "r2": {},
-                                  "init_from": None, "epochs": None, "lr": None, "weight_decay": None,
+                                  "init_from": None, "epochs": None, "lr": None, "warmup_ratio": None,
+                                  "weight_decay": None,
                                   "compare_to": None, "seeds": None, "models": None}
 
 
@@ -167,3 +168,24 @@ def test_one_verdict_scores_each_claim_on_its_own_method_and_the_float_rule():
     assert verdict(float("nan"), 8.0, 0.0) == "missed" and verdict(9.0, 8.0, float("nan")) == "outside the float rule"
     assert verdict(9.0, 8.0, None) == "outside the float rule" and verdict(7.9, 8.0, 0.0) == "missed"
     assert claim_of(config.setting("W2A2 per-channel mse")) is None
+
+
+def test_a_variants_own_schedule_is_its_training_and_its_folder():
+    """`lr` / `warmup_ratio` / `weight_decay` on a variant (e.g. a re-warmed fine-tune) reach its training spec and
+    give it its own folder; a variant without them trains with the config's recipe, in the folder it always had."""
+    from hf_r2.reproduce.plan import plan, train_spec
+
+    config = ReproduceConfig(
+        models=["m"], seeds=[0], lambda_sweep=None, warmup_ratio=0.01, lr=0.05, low_bit=[],
+        variants=["baseline",
+                  {"name": "control", "loss": "baseline", "init_from": "baseline", "epochs": 2, "lr": 0.005},
+                  {"name": "rewarm", "loss": "baseline", "init_from": "baseline", "epochs": 2, "lr": 0.03,
+                   "warmup_ratio": 0.1}])
+    runs = {r.variant["name"]: r for r in plan(config)}
+    assert train_spec(runs["baseline"], config)["warmup_ratio"] == 0.01
+    assert train_spec(runs["control"], config)["warmup_ratio"] == 0.01
+    spec = train_spec(runs["rewarm"], config)
+    assert (spec["warmup_ratio"], spec["lr"], spec["epochs"]) == (0.1, 0.03, 2.0)
+    assert len({r.run_dir for r in runs.values()}) == 3 and runs["baseline"].run_dir.endswith("baseline/seed0")
+    with pytest.raises(ValueError, match=r"`warmup_ratio` must be a fraction of the steps in \[0, 1\)"):
+        ReproduceConfig(models=["m"], lambda_sweep=None, variants=[{"loss": "baseline", "warmup_ratio": 2}])
