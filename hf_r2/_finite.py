@@ -60,9 +60,11 @@ def check_finite_number(name: str, value: Any, *, minimum: float | None = None) 
 
 
 def _named_tensors(obj: nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]):
+    """A module's state dict (its parameters and persistent buffers, each tensor once: not the non-persistent
+    buffers, where a model may keep an attention mask of -inf on purpose), or the given names and tensors."""
     if isinstance(obj, nn.Module):
         seen: set[int] = set()
-        for name, tensor in list(obj.named_parameters()) + list(obj.named_buffers()):
+        for name, tensor in obj.state_dict(keep_vars=True).items():
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 yield name, tensor
@@ -71,18 +73,20 @@ def _named_tensors(obj: nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, T
 
 
 def first_nonfinite(obj: nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> tuple[str, str] | None:
-    """The first floating-point tensor (parameters, then buffers, in module order; or a state dict's order) holding a
-    NaN or an infinity, as `(name, "<n> NaN and <m> inf of <numel> values")`; None when every value is finite."""
-    for name, tensor in _named_tensors(obj):
-        if not isinstance(tensor, Tensor) or not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        t = tensor.detach()
-        if bool(torch.isfinite(t).all()):
-            continue
-        n_nan = int(torch.isnan(t).sum())
-        n_inf = int(torch.isinf(t).sum())
-        return name, f"{n_nan} NaN and {n_inf} inf of {t.numel()} values"
-    return None
+    """The first floating-point tensor (in the order of the module's state dict, or of the mapping) holding a NaN or an
+    infinity, as `(name, "<n> NaN and <m> inf of <numel> values")`; None when every value is finite.
+    One device-to-host read for the whole model (not one per tensor), so it is cheap enough before every save."""
+    named = [(name, t.detach()) for name, t in _named_tensors(obj)
+             if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and not t.is_meta]
+    if not named:
+        return None
+    device = named[0][1].device
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).cpu()
+    if bool(finite.all()):
+        return None
+    name, t = named[int((~finite).nonzero()[0, 0])]
+    n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    return name, f"{n_nan} NaN and {n_inf} inf of {t.numel()} values"
 
 
 def check_finite_model(model: nn.Module | Mapping[str, Tensor], what: str = "the model") -> None:
@@ -91,10 +95,9 @@ def check_finite_model(model: nn.Module | Mapping[str, Tensor], what: str = "the
     bad = first_nonfinite(model)
     if bad is not None:
         name, counts = bad
-        raise NonFiniteError(
-            f"{what} has non-finite weights: {name} holds {counts} (the training that made it diverged; "
-            f"{DIVERGENCE_HINT}); refusing to go on with it"
-        )
+        raise NonFiniteError(f"{what} has non-finite weights: {name} holds {counts}; a training that diverged "
+                             "leaves such weights (train it again with a lower learning rate or R2 weight); refusing "
+                             "to use it")
 
 
 def json_safe(value: Any) -> Any:

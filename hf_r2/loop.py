@@ -20,6 +20,9 @@ How R2 fits into the loop:
   `accelerator.backward` applies to every micro-batch. `lambda` warms up with the optimizer-step count.
 - Without an R2 config there is no regularizer: the loss is the task loss, and the optimizer and the logs hold no
   R2 parameters or statistics (the QAT and DKM fine-tunes).
+- A NaN / inf loss stops the training before the optimizer steps on it, and non-finite weights are never written
+  as a checkpoint or the run's model ([`hf_r2.divergence`]: one line naming the step, the likely cause and the last
+  good checkpoint).
 - `accelerator.save_state` checkpoints the model, optimizer, scheduler and RNG states (into a staging folder renamed
   into place when complete); the regularizer and the step counter are registered with
   `accelerator.register_for_checkpointing`, so a resumed run continues exactly (augmentation included, with a
@@ -40,6 +43,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
 from .config import R2Config
+from .divergence import check_step_loss, check_weights
 from .loop_config import (
     LoopConfig,
     check_accelerator,
@@ -135,6 +139,9 @@ def train_one_epoch(
     # running sums: [task loss over micro-batches, micro-batches, lambda * R over steps, steps]
     window = torch.zeros(4, device=device)
     epoch_sums = torch.zeros(4, device=device)
+    step_loss = torch.zeros((), device=device)  # this step's micro-batch losses: NaN / inf stays so in the sum
+    checkpoints = os.path.join(config.output_dir, "checkpoints")
+    reduce = accelerator.reduce if accelerator.num_processes > 1 else None
     lam = regularizer.weight_at(state.global_step) if regularizer is not None else 0.0
     for batch in dataloader:
         with accelerator.accumulate(model):
@@ -150,6 +157,10 @@ def train_one_epoch(
                     # `backward` divides by `ga`; R is the same on every micro-batch, so it enters once, times `ga`
                     loss = loss + (lam * ga) * r2
             accelerator.backward(loss)
+            step_loss += loss.detach().float()
+            if step_ends:  # a NaN / inf loss stops the training before the optimizer steps on its gradient
+                check_step_loss(step_loss, state.global_step + 1, checkpoints, loop=True, reduce=reduce)
+                step_loss.zero_()
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad()
@@ -177,7 +188,8 @@ def train_one_epoch(
                     postfix["r2_max_abs"] = f"{logs['r2_max_abs']:.4g}"
                 progress_bar.set_postfix(**postfix)
         if config.checkpointing_steps and state.global_step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, os.path.join(config.output_dir, "checkpoints", f"step_{state.global_step}"))
+            check_weights(accelerator.unwrap_model(model), state.global_step, checkpoints, loop=True)
+            save_checkpoint(accelerator, os.path.join(checkpoints, f"step_{state.global_step}"))
         if stop:
             break
     epoch_sums += window
@@ -376,6 +388,8 @@ def train_with_accelerate(
         metrics.update(regularizer.logged_stats())
     accelerator.wait_for_everyone()
     if config.save_model and accelerator.is_main_process:
+        checkpoints = os.path.join(config.output_dir, "checkpoints")
+        check_weights(accelerator.unwrap_model(model), state.global_step, checkpoints, loop=True)
         save_model_folder(accelerator.unwrap_model(model), os.path.join(config.output_dir, "model"), r2_config,
                           None if regularizer is None else regularizer.stats())
     accelerator.end_training()

@@ -13,6 +13,7 @@ from typing import Any
 import safetensors.torch
 from torch import Tensor, nn
 
+from ._finite import check_finite_model
 from ._utils import give_default_modes, read_json, write_json_atomic
 from .config import R2Config
 from .models import is_transformers_model
@@ -88,8 +89,10 @@ def save_model_folder(
     """Save `model` so that it loads back with its own library, plus the R2 side files.
 
     transformers models: `save_pretrained`; timm models: timm's layout ([`save_timm_folder`]); any other module:
-    `model.safetensors` only.
+    `model.safetensors` only. A model with NaN / inf weights is refused ([`hf_r2._finite.NonFiniteError`], nothing
+    written): it is no result to keep.
     """
+    check_finite_model(model, f"the model to save to {save_directory}")
     os.makedirs(save_directory, exist_ok=True)
     if is_transformers_model(model):
         model.save_pretrained(save_directory)

@@ -8,6 +8,7 @@ The Trainer hooks overridden here, and why:
 | hook | why |
 |---|---|
 | `compute_loss` | cross-entropy (timm and transformers alike) plus `lambda * R`, scaled for gradient accumulation |
+| `training_step` | a NaN / inf loss stops the training before the optimizer uses it ([`hf_r2.divergence`]) |
 | `prediction_step` | a plain timm model returns logits, not a loss: evaluate through `compute_loss` |
 | `log` | average and log `task_loss`, `r2_loss`, `r2_lambda` and the weight-range statistics |
 | `create_optimizer` | train R2's own margins / temperatures, without weight decay |
@@ -20,6 +21,8 @@ The Trainer hooks overridden here, and why:
 plus one private callback that clears the gradients of R2's own parameters after each optimizer step (the
 Trainer's `model.zero_grad()` does not reach them), drops the R2 metrics of `predict()` (which does not log), and
 passes the epoch to a training set with `set_epoch` ([`hf_r2.data.SeededTransformDataset`]).
+
+`_save` and `_save_checkpoint` refuse a model with NaN / inf weights ([`hf_r2.divergence.check_weights`]).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .checkpoints import checkpoint_step, publish_trainer_checkpoint, resolve_resume, staging_folder
 from .config import R2Config
+from .divergence import check_step_loss, check_weights
 from .models import classification_loss, forward_logits, unwrap_model
 from .regularizer import R2Regularizer
 from .saving import R2_STATS_NAME, is_timm_model, save_r2_files, save_timm_folder, update_training_info
@@ -154,10 +158,8 @@ class R2Trainer(Trainer):
 
             args = R2TrainingArguments(output_dir="tmp_trainer")
         if args.label_smoothing_factor != 0:
-            raise ValueError(
-                f"`label_smoothing_factor={args.label_smoothing_factor}` is not supported by `R2Trainer`, which "
-                "computes the cross-entropy itself; set `label_smoothing_factor=0`."
-            )
+            raise ValueError(f"`label_smoothing_factor={args.label_smoothing_factor}` is not supported by "
+                             "`R2Trainer`, which computes the cross-entropy itself; set `label_smoothing_factor=0`.")
         if r2_config is None:
             r2_config = getattr(args, "r2_config", None) or R2Config()
         super().__init__(
@@ -174,11 +176,9 @@ class R2Trainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         if self.args.remove_unused_columns:
-            logger.warning(
-                "`remove_unused_columns=True` makes the Trainer drop the columns of a `datasets.Dataset` that the "
-                "model's forward does not name, such as the `image` column a transform reads, or `pixel_values` for a "
-                "timm model; `R2TrainingArguments` defaults to False."
-            )
+            logger.warning("`remove_unused_columns=True` makes the Trainer drop the columns of a `datasets.Dataset` "
+                           "that the model's forward does not name, such as the `image` column a transform reads, or "
+                           "`pixel_values` for a timm model; `R2TrainingArguments` defaults to False.")
         # Built after `Trainer.__init__` has moved the model to its device, so R2's parameters land there too.
         self.regularizer = R2Regularizer(unwrap_model(self.model), r2_config)
         if self.accelerator.num_processes > 1:
@@ -210,11 +210,9 @@ class R2Trainer(Trainer):
         gradient is that of the mean cross-entropy over all its examples plus `lambda * R` (see the class docstring).
         """
         if "pixel_values" not in inputs or "labels" not in inputs:
-            raise ValueError(
-                f"`R2Trainer` needs batches with `pixel_values` and `labels`, got keys {sorted(inputs)}. With a "
-                "`datasets.Dataset`, set `remove_unused_columns=False` and a transform / collator that yields them "
-                "(`hf_r2.data.with_transforms`, `hf_r2.data.collate_fn`)."
-            )
+            raise ValueError(f"`R2Trainer` needs batches with `pixel_values` and `labels`, got keys {sorted(inputs)}. "
+                             "With a `datasets.Dataset`, set `remove_unused_columns=False` and a transform / collator "
+                             "that yields them (`hf_r2.data.with_transforms`, `hf_r2.data.collate_fn`).")
         labels = inputs["labels"]
         lam = self.regularizer.weight_at(self.state.global_step)
         # a parametrized weight (DKM clustering) is computed once for the model and R2 alike
@@ -239,6 +237,14 @@ class R2Trainer(Trainer):
         if model.training:
             metrics["r2_lambda"].append(lam)
         return (loss, logits) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Tensor], *args: Any, **kwargs: Any) -> Tensor:
+        """`Trainer.training_step`, stopped by a NaN / inf loss before the optimizer steps on its gradient
+        ([`hf_r2.divergence.check_step_loss`]: one line naming the step, the likely cause, the last checkpoint)."""
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        reduce = self.accelerator.reduce if self.accelerator.num_processes > 1 else None
+        check_step_loss(loss, self.state.global_step + 1, self.args.output_dir, reduce=reduce)
+        return loss
 
     def prediction_step(
         self,
@@ -358,7 +364,8 @@ class R2Trainer(Trainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """The Trainer's checkpoint, written into `.tmp-checkpoint-<n>/` and renamed to `checkpoint-<n>` once complete
         (the best checkpoint recorded by its final path); then the rotation. With `push_to_hub` (which uploads the
-        folder in the background) it is written in place."""
+        folder in the background) it is written in place. Non-finite weights are refused first."""
+        check_weights(self.accelerator.unwrap_model(model), self.state.global_step, self.args.output_dir)
         if self.args.push_to_hub:
             return super()._save_checkpoint(model, trial)
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -380,6 +387,7 @@ class R2Trainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Tensor] | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        check_weights(model, self.state.global_step, self.args.output_dir)  # a diverged model is no result
         if not is_timm_model(model):
             super()._save(output_dir, state_dict)
         elif self.args.should_save:

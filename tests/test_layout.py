@@ -28,7 +28,7 @@ LAYERS = [
     {"config", "losses", "models", "_r2_plan", "_r2_kernels"},
     {"regularizer", "metrics", "data", "saving", "plots"},
     {"quant"},
-    {"training_args", "trainer", "loop_config", "loop", "model_card", "checkpoints"},
+    {"training_args", "trainer", "loop_config", "loop", "model_card", "checkpoints", "divergence"},
     {"hub", "train"},
     {"reproduce"},
     {"commands", "cli", "__main__"},

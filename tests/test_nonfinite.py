@@ -104,3 +104,183 @@ def test_json_files_hold_no_nan_tokens(tmp_path):
 def _nan_(model: torch.nn.Module, name: str) -> None:
     with torch.no_grad():
         dict(model.named_parameters())[name].view(-1)[0] = float("nan")
+
+
+# ---- a training that diverges ------------------------------------------------------------------------------------
+
+
+def test_train_with_a_huge_learning_rate_stops_in_one_line(data_dir, tmp_path, capsys):
+    """`hf-r2 train --learning_rate 1e30`: the loss of step 2 is NaN; the run stops there with one line naming the
+    step, the likely cause and the last checkpoint (saved at step 1, finite); no model is saved as the result."""
+    from conftest import tiny_train_argv
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    argv = tiny_train_argv(data_dir, out, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "1",
+                           "--learning_rate", "1e30")
+    assert main(["train", *argv]) == 1
+    captured = capsys.readouterr()
+    line = _one_error_line(captured.err, "train")
+    assert "Saved the model" not in captured.out
+    assert "the training diverged at step 2: the loss is nan" in line
+    assert "learning rate" in line and "R2 weight (lambda)" in line
+    assert f"the last good checkpoint is {out / 'checkpoint-1'}" in line and "the model was not saved" in line
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]  # no model.safetensors, no r2_stats.json
+    weights = load_file(out / "checkpoint-1" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_r2_trainer_stops_a_users_script_and_refuses_to_save_nan(tmp_path):
+    """The guard is R2Trainer's own: a script that builds the trainer gets the same stop, and `save_model` of a
+    model with NaN weights writes nothing."""
+    from conftest import TinyImages, make_timm
+
+    from hf_r2 import R2Trainer
+    from hf_r2.divergence import DivergedError
+
+    args = R2TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", disable_tqdm=True,
+                               save_strategy="no", per_device_train_batch_size=4, max_steps=4, learning_rate=1e30)
+    trainer = R2Trainer(make_timm("test_resnet"), args, train_dataset=TinyImages(16))
+    with pytest.raises(DivergedError, match=r"^the training diverged at step 2: the loss is nan; .* no checkpoint was "
+                                            r"saved before it; the model was not saved$") as info:
+        trainer.train()
+    assert info.value.step == 2 and info.value.checkpoint is None
+    # step 2's forward left BN's running statistics infinite (the optimizer never stepped on its NaN loss)
+    with pytest.raises(DivergedError, match=r"^the training diverged by step 1: conv1\.1\.running_var holds 0 NaN and 16 inf of 16 "
+                                            r"values; .*the model was not saved$"):
+        trainer.save_model(str(tmp_path / "saved"))
+    assert not (tmp_path / "saved" / "model.safetensors").exists()
+
+
+def test_accelerate_loop_stops_and_saves_no_model(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+    from conftest import TinyImages, make_timm
+
+    from hf_r2 import LoopConfig, train_with_accelerate
+    from hf_r2.divergence import DivergedError
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    config = LoopConfig(output_dir=str(tmp_path), max_steps=4, per_device_batch_size=4, learning_rate=1e30,
+                        checkpointing_steps=1, use_cpu=True, save_model=True)
+    try:
+        with pytest.raises(DivergedError, match=r"^the training diverged at step 2: the loss is nan; .*learning "
+                                                r"rate.*; the last good checkpoint is .*step_1; the model was not "
+                                                r"saved$"):
+            train_with_accelerate(make_timm("test_resnet"), TinyImages(16), r2_config=R2Config(), config=config)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert not (tmp_path / "model").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1"]
+
+
+def test_save_model_folder_refuses_non_finite_weights(tmp_path):
+    from conftest import make_timm
+
+    from hf_r2._finite import NonFiniteError
+    from hf_r2.saving import save_model_folder
+
+    model = make_timm("test_resnet")
+    with torch.no_grad():
+        model.fc.bias[1] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"fc\.bias holds 0 NaN and 1 inf of 10 values"):
+        save_model_folder(model, str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()
+
+
+# ---- a saved model with NaN / inf weights ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nan_model_dir(model_dir):
+    """`model_dir` with one NaN in `layer1.0.conv2.weight` (what a diverged training leaves)."""
+    from safetensors.torch import load_file, save_file
+
+    path = f"{model_dir}/model.safetensors"
+    weights = load_file(path)
+    weights["layer1.0.conv2.weight"].view(-1)[3] = float("nan")
+    save_file(weights, path, metadata={"format": "pt"})
+    return model_dir
+
+
+@pytest.mark.parametrize("command,flags", [
+    ("evaluate", []),
+    ("ptq", ["--calibration-samples", "32"]),
+    ("compress", ["--method", "kmeans", "--calibration-samples", "32"]),
+    ("qat", ["--calibration-samples", "32", "--max-train-samples", "16"]),
+    ("export", ["--format", "onnx"]),
+])
+def test_every_verb_refuses_a_model_with_nan_weights(nan_model_dir, data_dir, tmp_path, capsys, monkeypatch,
+                                                     command, flags):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    folder_before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    data = [] if command == "export" else ["--dataset", "cifar10-tiny", "--data-dir", str(data_dir), "--input-size",
+                                            "32", "--max-eval-samples", "16", "--batch-size", "16"]
+    assert main([command, nan_model_dir, *data, *flags]) == 1
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert f"the model {nan_model_dir!r} has non-finite weights: layer1.0.conv2.weight holds 1 NaN and 0 inf" in line
+    assert "lower learning rate" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no export folder
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == folder_before  # nothing recorded
+
+
+def test_library_verbs_refuse_nan_weights_naming_the_layer(tmp_path):
+    from conftest import make_timm
+
+    from hf_r2._finite import NonFiniteError
+    from hf_r2.quant import PalettizeConfig, PTQConfig, palettize_, quantize_, save_low_bit
+
+    model = make_timm("test_resnet")
+    _nan_(model, "layer2.0.conv1.weight")
+    bad = r"has non-finite weights: layer2\.0\.conv1\.weight holds 1 NaN"
+    with pytest.raises(NonFiniteError, match=rf"^the model to palettize {bad}"):
+        palettize_(model, PalettizeConfig(bits=2))
+    with pytest.raises(NonFiniteError, match=rf"^the model to quantize {bad}"):
+        quantize_(model, PTQConfig(w_bits=4, a_bits=None, bn="keep"))
+    with pytest.raises(NonFiniteError, match=rf"^the model to export {bad}"):
+        save_low_bit(model, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+# ---- numeric self-checks fail on NaN -----------------------------------------------------------------------------
+
+
+def test_onnx_check_fails_on_nan_logits(tmp_path):
+    """`compare_onnx`: a NaN logit is a disagreement and fails the check (argmax takes NaN as the largest, so both
+    runtimes' NaN rows used to "agree" at 100%)."""
+    pytest.importorskip("onnxruntime")
+    from conftest import make_timm
+
+    from hf_r2.quant.onnx_export import compare_onnx, export_onnx
+
+    model = make_timm("test_resnet").eval()
+    path = export_onnx(model, tmp_path / "m.onnx", input_size=32)["path"]
+    images = torch.randn(4, 3, 32, 32)
+    assert compare_onnx(model, path, images)["passed"]
+    with torch.no_grad():
+        model.fc.weight.fill_(float("nan"))
+    check = compare_onnx(model, path, images)
+    assert math.isnan(check["max_abs_diff"]) and check["nonfinite_logits"] == 40
+    assert check["top1_agreement"] == 0.0 and check["passed"] is False
+
+
+def test_export_writes_nothing_when_its_check_fails(model_dir, tmp_path, capsys):
+    """Weights too large for float32 (finite, so loaded) give inf / NaN logits: `hf-r2 export` used to print
+    "max |logit difference| nan ... top-1 agreement 100.0%" and record the file; now it fails in one line and neither
+    `model.onnx` nor `export_results.json` is written."""
+    pytest.importorskip("onnxruntime")
+    from safetensors.torch import load_file, save_file
+
+    path = f"{model_dir}/model.safetensors"
+    weights = load_file(path)
+    weights["fc.weight"].fill_(3e38)
+    save_file(weights, path, metadata={"format": "pt"})
+    before = sorted(p.name for p in (tmp_path / "model").iterdir())
+    assert main(["export", model_dir, "--format", "onnx"]) == 1
+    line = _one_error_line(capsys.readouterr().err, "export")
+    assert "the ONNX file does not compute what hf-r2 computes on 8 random inputs: max |logit difference| nan" in line
+    assert "top-1 agreement 0.0%" in line and f"nothing was written to {model_dir}/model.onnx" in line
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == before
+

@@ -189,12 +189,33 @@ def _eval_data(model, args: argparse.Namespace) -> tuple[object, dict]:
 
 
 def _export_onnx(model, output: str, args: argparse.Namespace, data: tuple | None) -> dict:
+    """Export, check, and only then put the file at `output`: a file that fails the check replaces nothing."""
     import torch
 
     from ..quant.onnx_export import compare_onnx, export_onnx
 
-    report = export_onnx(model, output, input_size=args.input_size, opset=args.opset,
-                         palette_lookup=not args.float_palettes)
+    staged = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.unchecked")
+    try:
+        report = export_onnx(model, staged, input_size=args.input_size, opset=args.opset,
+                             palette_lookup=not args.float_palettes)
+        check = None
+        if args.check_samples:
+            generator = torch.Generator().manual_seed(args.seed)
+            images = torch.randn(args.check_samples, *report["input_size"], generator=generator)
+            check = compare_onnx(model, staged, images)
+        if check is not None and not check["passed"]:  # NaN / inf logits fail it too
+            raise ValueError(
+                f"the ONNX file does not compute what hf-r2 computes on {check['num_images']} random inputs: max "
+                f"|logit difference| {check['max_abs_diff']:.3g} (largest |logit| {check['max_abs_logit']:.3g}), "
+                f"{check['nonfinite_logits']} NaN / inf logits, top-1 agreement "
+                f"{100 * check['top1_agreement']:.1f}%; nothing was written to {output} ("
+                + ("weights too large for float32 give NaN / inf: a diverged training" if check["nonfinite_logits"]
+                   else "an exporter or runtime mismatch: please report it with `hf-r2 env`") + ")")
+        os.replace(staged, output)
+    finally:
+        if os.path.exists(staged):
+            os.remove(staged)
+    report["path"] = os.path.abspath(output)
     types = ", ".join(f"{count} {name}" for name, count in report["code_types"].items()) or "none"
     print(f"ONNX file: {report['path']} ({report['file_bytes'] / 1024:.1f} KiB, opset {report['opset']}, "
           f"{report['weights']} weights)")
@@ -204,10 +225,7 @@ def _export_onnx(model, output: str, args: argparse.Namespace, data: tuple | Non
     entry = {key: report[key] for key in ("file_bytes", "bits_per_weight", "weights", "low_bit_layers", "opset",
                                           "input_size")}
     entry.update(check=None, accuracy=None)
-    if args.check_samples:
-        generator = torch.Generator().manual_seed(args.seed)
-        images = torch.randn(args.check_samples, *report["input_size"], generator=generator)
-        check = compare_onnx(model, report["path"], images)
+    if check is not None:
         print(f"ONNX Runtime vs hf-r2 on {check['num_images']} random inputs: max |logit difference| "
               f"{check['max_abs_diff']:.3g} (largest |logit| {check['max_abs_logit']:.3g}), top-1 agreement "
               f"{100 * check['top1_agreement']:.1f}%")

@@ -24,8 +24,10 @@ __all__ = [
 
 
 def load_any(model: str, **download_kwargs: Any):
-    """`(model, folder, low_bit_config)` for a float folder, a low-bit export, or a Hub id of either. A name that
-    looks like a path (`out/nosuch`, `./m`) and does not exist is a `FileNotFoundError`, not a Hub lookup."""
+    """`(model, folder, low_bit_config)` for a float folder, a low-bit export, or a Hub id of either: what every
+    verb on a saved model loads. A name that looks like a path (`out/nosuch`, `./m`) and does not exist is a
+    `FileNotFoundError`, not a Hub lookup; a model with a NaN / inf weight or buffer is refused, naming it."""
+    from .._finite import check_finite_model
     from .._utils import check_safetensors_files
     from ..data import check_local_path
     from ..hub import download, from_pretrained
@@ -42,11 +44,14 @@ def load_any(model: str, **download_kwargs: Any):
         except (OSError, ValueError) as err:  # not on the Hub, offline without a cached copy, network
             raise FileNotFoundError(f"{model!r} is no local folder, and the Hub model of that name could not be "
                                     f"loaded: {err}") from err
+    description = None
     if is_low_bit_folder(folder):
         check_safetensors_files(folder)
         loaded, description = load_low_bit(folder)
-        return loaded, folder, description
-    return from_pretrained(folder).model, folder, None
+    else:
+        loaded = from_pretrained(folder).model
+    check_finite_model(loaded, f"the model {model!r}")  # NaN / inf would pass every step and give a chance result
+    return loaded, folder, description
 
 
 def load_eval_data(args: argparse.Namespace, model, train: bool = False, calibrate: bool = True):

@@ -267,7 +267,7 @@ def _round_layer(
             for key, q in (("adaround_error", codes), ("nearest_error", nearest))
         }
         stats = {**errors, "flipped": (codes != nearest).double().mean().item(), "rows": float(cache.inputs.shape[0])}
-        if errors["adaround_error"] > errors["nearest_error"]:
+        if not errors["adaround_error"] <= errors["nearest_error"]:  # a NaN error (diverged) counts as worse
             # too few steps (or rows) to beat rounding to nearest on its own objective: keep that instead
             codes, stats["flipped"] = nearest, 0.0
         module.weight.copy_(((codes - zero_point) * scale).to(module.weight.dtype))
@@ -409,7 +409,7 @@ def adaround_(
                 name,
                 stats["adaround_error"],
                 stats["nearest_error"],
-                ", kept" if stats["adaround_error"] > stats["nearest_error"] else "",
+                ", kept" if not stats["adaround_error"] <= stats["nearest_error"] else "",
                 100 * stats["flipped"],
                 stats["rows"],
             )

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from .._finite import check_finite_model
 from .dkm import prepare_dkm
 from .palettize import PalettizeConfig, PalettizeMethod, palettize_
 from .ptq import PTQConfig, post_training_quantize_
@@ -61,6 +62,7 @@ def quantize_(
     Returns:
         `torch.nn.Module`: `model` itself.
     """
+    check_finite_model(model, "the model to quantize")  # NaN / inf would give NaN scales
     if isinstance(config, PTQConfig):
         return post_training_quantize_(model, config, calibration_data)
     if isinstance(config, QATConfig):

@@ -367,6 +367,6 @@ def equalize_(
         if change <= config.tolerance:
             break
     deviation = float((run_logits(model, [images], {})[0].double() - before).norm() / before.norm().clamp_min(1e-30))
-    log = logger.warning if deviation > 1e-3 else logger.info
+    log = logger.warning if not deviation <= 1e-3 else logger.info  # NaN (a NaN output) warns too
     log("Equalized %d layer pairs in %d sweeps; the output changed by %.1e (relative)", len(pairs), sweeps, deviation)
     return model

@@ -74,6 +74,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._finite import check_finite_model
 from .._targets import TARGET_LAYER_TYPES
 from ..models import LogitsModule, input_shape
 from ..version import __version__
@@ -240,6 +241,7 @@ def export_coreml(
         (stored bits per Conv/Linear weight, palettes and scales included), `activations` (`"float"`),
         `input_quantizers_dropped` and `input_size`.
     """
+    check_finite_model(model, "the model to export")
     ct = require_coremltools()
     path = os.fspath(path).rstrip("/")
     if not path.endswith(".mlpackage"):
@@ -361,9 +363,10 @@ def compare_coreml_weights(model: nn.Module, path: str | os.PathLike) -> dict[st
         "num_layers": len(layers),
         "exact_layers": sum(info["exact"] for info in layers.values()),
         "values_match": all(info["values_match"] for info in layers.values()),
-        "max_abs_diff": max((info["max_abs_diff"] for info in layers.values()), default=0.0),
-        "max_rel_diff": max((info["max_abs_diff"] / max(info["max_abs_weight"], 1e-30) for info in layers.values()),
-                            default=0.0),
+        # np.max keeps a NaN (Python's max drops it when it is not first)
+        "max_abs_diff": float(np.max([info["max_abs_diff"] for info in layers.values()], initial=0.0)),
+        "max_rel_diff": float(np.max([info["max_abs_diff"] / np.maximum(info["max_abs_weight"], 1e-30)
+                                      for info in layers.values()], initial=0.0)),
         "missing": missing,
         "precision": "float16" if dtypes == {"fp16"} else "float32" if dtypes <= {"fp32"} else "mixed",
     }

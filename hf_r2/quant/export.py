@@ -36,6 +36,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from .._finite import check_finite_model
 from .._utils import give_default_mode, give_default_modes, write_json_atomic
 from ..models import create_model, is_transformers_model
 from ..saving import is_timm_model, write_timm_config
@@ -243,6 +244,7 @@ def save_low_bit(
     Returns:
         `dict`: the contents of `low_bit_config.json`.
     """
+    check_finite_model(model, "the model to export")  # a NaN / inf model is no result to publish
     layers = low_bit_layers(model)
     save_directory = os.fspath(save_directory)
     tensors = dict(_float_state(model, layers))

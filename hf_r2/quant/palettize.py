@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._finite import check_finite_model
 from .._targets import find_target_modules
 from .._utils import JsonConfigMixin, check_choice, check_patterns
 from ._grid import check_bits, layer_bits
@@ -266,6 +267,7 @@ def palettize_(model: nn.Module, config: PalettizeConfig | None = None, **kwargs
     targets = [(i, n, m) for i, (n, m) in enumerate(all_targets) if id(m) not in done]
     for _, name, module in targets:  # check every layer before changing any
         count_groups(name, module.weight, config.group_size)
+    check_finite_model({f"{name}.weight": module.weight for _, name, module in targets}, "the model to palettize")
     for index, name, module in targets:
         _palettize_module(name, module, config, config.layer_bits(index, len(all_targets)))
     logger.info(
