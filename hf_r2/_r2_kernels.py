@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ._r2_plan import GroupPlan, row_extremes, segment, to_f32
+from .losses import has_spread
 
 __all__ = ["SMM_TAIL", "KurtosisR2Function", "LinfR2Function", "MarginR2Function", "SoftMinMaxR2Function"]
 
@@ -377,10 +378,11 @@ class KurtosisR2Function(torch.autograd.Function):
         s1 = torch.cat([to_f32(x).sum(1) for x in mats])
         if per_channel:
             n = plan.row_len[plan.row_layer]  # per row
-            mu = s1 / n
+            mu = mean = s1 / n
         else:
             n = plan.numel  # per layer
-            mu = (segment(s1, plan.channels, "sum") / n)[plan.row_layer]
+            mean = segment(s1, plan.channels, "sum") / n
+            mu = mean[plan.row_layer]
         parts, sums = [], []
         for i, (x, start, rows) in enumerate(zip(mats, plan.group_offsets, plan.group_rows)):
             d = torch.sub(to_f32(x), mu[start : start + rows, None], out=plan.scratch(ctx, ("kure", i, 0), x))
@@ -392,26 +394,27 @@ class KurtosisR2Function(torch.autograd.Function):
             s2, s3, s4 = (segment(v, plan.channels, "sum") for v in (s2, s3, s4))
         m2, m3, m4 = s2 / n, s3 / n, s4 / n
         var2 = m2 * m2
-        # as the reference: kurt = m4 / max(m2^2, tiny); where clamped, m2 passes no gradient
-        kurt = m4 / var2.clamp_min(torch.finfo(torch.float32).tiny)
+        # as the reference: a row without spread (one weight, or equal ones) has kurt = 0 and passes no gradient
+        spread = has_spread(m2, mean)
+        kurt = torch.where(spread, m4 / torch.where(spread, var2, 1.0), 0.0)
         r = (kurt - target).square()
         values = segment(r, plan.channels, "mean") if per_channel else r
         ctx.plan, ctx.per_channel, ctx.target, ctx.parts, ctx.mats = plan, per_channel, target, parts, mats
         ctx.shapes, ctx.dtypes = weights, [x.dtype for x in mats]
-        ctx.save_for_backward(n, mu, m2, m3, m4, var2, kurt)
+        ctx.save_for_backward(n, mu, m2, m3, m4, var2, kurt, spread)
         return values[plan.inv]
 
     @staticmethod
     def backward(ctx, grad_values: Tensor):
-        n, mu, m2, m3, m4, var2, kurt = ctx.saved_tensors
+        n, mu, m2, m3, m4, var2, kurt, spread = ctx.saved_tensors
         plan = ctx.plan
         g = grad_values.float()[plan.order_t]
         if ctx.per_channel:
             g = (g / plan.channels)[plan.row_layer]
-        tiny = torch.finfo(torch.float32).tiny
-        # grad = c (d^3 - q d - m3), c = 2 (kurt - target) g * 4 / (n max(m2^2, tiny)), q = m4 / m2 (0 if clamped)
-        c = 8 * (kurt - ctx.target) * g / (n * var2.clamp_min(tiny))
-        q = torch.where(var2 > tiny, m4 / m2, torch.zeros_like(m2))
+        # grad = c (d^3 - q d - m3), c = 2 (kurt - target) g * 4 / (n m2^2), q = m4 / m2; both 0 without spread
+        # (there `c` would overflow to inf for n = 1, and inf * 0 is NaN)
+        c = torch.where(spread, 8 * (kurt - ctx.target) * g / (n * torch.where(spread, var2, 1.0)), 0.0)
+        q = torch.where(spread, m4 / m2, 0.0)
         c_m3 = c * m3
         if not ctx.per_channel:
             c, q, c_m3 = c[plan.row_layer], q[plan.row_layer], c_m3[plan.row_layer]

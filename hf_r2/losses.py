@@ -28,7 +28,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["linf_r2", "margin_r2", "soft_min_max_r2", "kurtosis_r2", "soft_min_max_init_alpha"]
+__all__ = ["linf_r2", "margin_r2", "soft_min_max_r2", "kurtosis_r2", "soft_min_max_init_alpha", "has_spread",
+           "KURTOSIS_MIN_SPREAD"]
 
 # `soft_min_max_init_alpha` picks alpha so that the soft range is at least (1 - _SMM_INIT_GAP) of the true range.
 _SMM_INIT_GAP = 0.1
@@ -173,12 +174,26 @@ def soft_min_max_init_alpha(weight: Tensor, per_channel: bool = False) -> Tensor
         return alpha if per_channel else alpha.reshape(())
 
 
+#: KURE leaves out (kurtosis 0, no gradient) a row whose standard deviation is below this fraction of its root mean
+#: square: float32 rounding of its mean alone gives such a spread, whose kurtosis is noise with a huge gradient.
+KURTOSIS_MIN_SPREAD = 1e-5
+
+
+def has_spread(m2: Tensor, mean: Tensor) -> Tensor:
+    """Per row: does a row of variance `m2` and mean `mean` have a kurtosis ([`kurtosis_r2`])? `m2 > s^2 (m2 + mean^2)`
+    with `s` [`KURTOSIS_MIN_SPREAD`] (`m2 + mean^2` is the mean square), and `m2^2` a normal float32."""
+    return (m2 > KURTOSIS_MIN_SPREAD**2 * (m2 + mean * mean)) & (m2 * m2 > torch.finfo(torch.float32).tiny)
+
+
 def kurtosis_r2(weight: Tensor, target: float = 1.8, per_channel: bool = False) -> Tensor:
     """KURE: pull the kurtosis of the weights towards that of a uniform distribution.
 
     `R(W) = (kurt(W) - target)^2` with `kurt(W) = mean((w - mu)^4) / mean((w - mu)^2)^2` (population moments,
     `mu = mean(w)`). The uniform distribution has kurtosis 1.8 (the default target); a Gaussian has 3.
-    With `per_channel=True`, the per-channel terms are averaged.
+    With `per_channel=True`, the per-channel terms are averaged. A row without spread (a layer or channel of one
+    weight, or of equal weights: its standard deviation below `KURTOSIS_MIN_SPREAD` times its root mean square,
+    where float32 rounding alone sets `w - mu`, or its `m2^2` below float32's smallest normal number) has no
+    kurtosis: it counts as kurtosis 0 (a constant term `target^2`) and passes no gradient, not a NaN or huge one.
 
     Args:
         weight (`torch.Tensor` of shape `(C, ...)`):
@@ -193,7 +208,11 @@ def kurtosis_r2(weight: Tensor, target: float = 1.8, per_channel: bool = False) 
     """
     with torch.autocast(weight.device.type, enabled=False):
         w = _rows(weight, per_channel)
-        centred = w - w.mean(dim=1, keepdim=True)
-        var = centred.pow(2).mean(dim=1)
-        kurt = centred.pow(4).mean(dim=1) / var.pow(2).clamp_min(torch.finfo(torch.float32).tiny)
+        mean = w.mean(dim=1, keepdim=True)
+        centred = w - mean
+        m2 = centred.pow(2).mean(dim=1)
+        var2 = m2.pow(2)
+        spread = has_spread(m2, mean.squeeze(1))
+        # no spread: kurtosis 0, and the division never sees 0 (its gradient would be NaN even where not selected)
+        kurt = torch.where(spread, centred.pow(4).mean(dim=1) / torch.where(spread, var2, 1.0), 0.0)
         return (kurt - target).pow(2).mean()

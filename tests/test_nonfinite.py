@@ -284,3 +284,34 @@ def test_export_writes_nothing_when_its_check_fails(model_dir, tmp_path, capsys)
     assert "top-1 agreement 0.0%" in line and f"nothing was written to {model_dir}/model.onnx" in line
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == before
 
+
+# ---- KURE on a layer without spread ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_kure_on_one_weight_or_a_constant_row_gives_finite_gradients(per_channel):
+    """A layer of one weight (its variance is 0) made the batched KURE kernel's gradient NaN (`inf * 0`); a row
+    without spread now counts as kurtosis 0 and passes no gradient, in the kernel and the reference alike."""
+    from torch import nn
+
+    from hf_r2 import R2Regularizer
+    from hf_r2.losses import kurtosis_r2
+
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 1), nn.Linear(1, 1))  # the last: one weight
+    with torch.no_grad():
+        model[0].weight[2].fill_(0.3)  # a constant row
+    reg = R2Regularizer(model, R2Config(loss="kurtosis", per_channel=per_channel))
+    value = reg()
+    value.backward()
+    references = [w.detach().clone().requires_grad_() for w in reg.weights()]
+    expected = sum(kurtosis_r2(w, 1.8, per_channel) for w in references)
+    expected.backward()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    for w, ref in zip(reg.weights(), references):
+        assert torch.isfinite(w.grad).all() and torch.isfinite(ref.grad).all()
+        torch.testing.assert_close(w.grad, ref.grad, rtol=1e-4, atol=1e-6)
+    assert model[2].weight.grad.item() == 0.0  # one weight: no gradient
+    assert model[0].weight.grad.abs().sum() > 0  # the other rows still get theirs
+    if per_channel:
+        assert model[0].weight.grad[2].abs().sum() == 0.0
+
