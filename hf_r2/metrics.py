@@ -1,9 +1,12 @@
-"""The one accuracy code of hf-r2: top-1 counting, `evaluate_accuracy` (a model over data) and the Trainer's
-`compute_accuracy` (timm or transformers classifiers)."""
+"""The one accuracy code of hf-r2: top-1 counting, `evaluate_accuracy` (a model over data), the Trainer's
+`compute_accuracy` (timm or transformers classifiers), and what tells a model that learnt nothing
+(`compute_accuracy_and_chance`, `at_chance`)."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable
+
+import math
 
 import numpy as np
 import torch
@@ -12,7 +15,7 @@ from torch import nn
 
 from .models import forward_logits
 
-__all__ = ["count_correct", "evaluate_accuracy", "compute_accuracy"]
+__all__ = ["count_correct", "evaluate_accuracy", "compute_accuracy", "compute_accuracy_and_chance", "at_chance"]
 
 
 def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
@@ -116,3 +119,23 @@ def compute_accuracy(eval_pred: Any) -> dict[str, float]:
     if not labels.size:
         return {"accuracy": float("nan")}
     return {"accuracy": count_correct(torch.as_tensor(logits), torch.as_tensor(labels)) / labels.size}
+
+
+def compute_accuracy_and_chance(eval_pred: Any) -> dict[str, float]:
+    """[`compute_accuracy`] plus what tells a model that learnt nothing: `chance_accuracy` (the share of the most
+    frequent label, what always guessing that class scores) and `predicted_classes` (how many classes the model
+    predicts at all: 1 is the same class for every image). `hf-r2 train` reports a model at chance ([`at_chance`])."""
+    out = compute_accuracy(eval_pred)
+    logits, labels = eval_pred[0], np.asarray(eval_pred[1])
+    logits = np.asarray(logits[0] if isinstance(logits, (tuple, list)) else logits)
+    if labels.size:
+        out["chance_accuracy"] = float(np.unique(labels, return_counts=True)[1].max() / labels.size)
+        out["predicted_classes"] = int(np.unique(logits.argmax(-1)).size)
+    return out
+
+
+def at_chance(accuracy: float, chance_accuracy: float, num_images: int) -> bool:
+    """Whether `accuracy` on `num_images` images is no better than `chance_accuracy` (always guessing the most frequent
+    class): at most two binomial standard errors above it. False for a NaN accuracy (nothing measured)."""
+    margin = 2 * math.sqrt(chance_accuracy * (1 - chance_accuracy) / max(num_images, 1))
+    return accuracy <= chance_accuracy + margin

@@ -123,7 +123,9 @@ def run_train(
     Augmentation draws depend only on `(seed, epoch, index)`, so a resumed run ends with the same weights as an
     uninterrupted one.
 
-    Returns `{"train": train metrics, "eval": eval metrics, "trainer": the R2Trainer}`.
+    Returns `{"train": train metrics, "eval": eval metrics, "trainer": the R2Trainer}`; the eval metrics hold
+    `eval_accuracy`, `eval_chance_accuracy` and `eval_predicted_classes`
+    ([`hf_r2.metrics.compute_accuracy_and_chance`]).
 
     Writes to `training_args.output_dir`: the model (`model.safetensors` + `config.json`, loadable with
     [`hf_r2.models.create_model`]`(output_dir, pretrained=True)`), `r2_config.json`, `train_results.json`,
@@ -133,7 +135,7 @@ def run_train(
     from transformers import set_seed
 
     from .data import describe_data, label_names, load_data, record_data_config, with_transforms
-    from .metrics import compute_accuracy
+    from .metrics import compute_accuracy_and_chance
     from .models import create_model
     from .saving import update_training_info
 
@@ -152,7 +154,7 @@ def run_train(
         train_rows,
         with_transforms(ds["test"], model, train=False, **transform_kw),
         dataset=data_args.dataset_name,
-        compute_metrics=compute_accuracy,
+        compute_metrics=compute_accuracy_and_chance,
     )
     if trainer.args.should_save:  # what the data really was (source, splits, image counts), for the model card
         update_training_info(training_args.output_dir, data=describe_data(data_args, ds))

@@ -5,6 +5,7 @@ weights or in a numeric self-check is refused or reported in one line, and nothi
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -315,3 +316,36 @@ def test_kure_on_one_weight_or_a_constant_row_gives_finite_gradients(per_channel
     if per_channel:
         assert model[0].weight.grad[2].abs().sum() == 0.0
 
+
+# ---- a model that learnt nothing ---------------------------------------------------------------------------------
+
+
+def test_train_reports_a_model_at_chance_level(data_dir, tmp_path, capsys):
+    """A training that leaves the model at chance (here: learning rate 0, the random initialisation) ends with a line
+    that says so and what to try, not just "Saved the model"."""
+    from conftest import tiny_train_argv
+
+    out = tmp_path / "run"
+    assert main(["train", *tiny_train_argv(data_dir, out, "--learning_rate", "0")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"Saved the model to {out} (eval accuracy ")
+    assert ", but that is chance level: always guessing the most frequent class scores " in last
+    assert "on these 32 images" in last and "the model learnt nothing: train longer" in last
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 0 < results["eval_chance_accuracy"] < 1 and results["eval_predicted_classes"] >= 1
+    assert (out / "model.safetensors").is_file()  # a finite model at chance is still saved, and said to be at chance
+
+
+def test_chance_level_rule():
+    from transformers import EvalPrediction
+
+    from hf_r2.metrics import at_chance, compute_accuracy_and_chance
+
+    labels = np.array([0, 0, 0, 1, 2, 3, 4, 5])
+    logits = np.zeros((8, 6))
+    logits[:, 0] = 1.0  # one class for every image
+    metrics = compute_accuracy_and_chance(EvalPrediction(predictions=logits, label_ids=labels))
+    assert metrics == {"accuracy": 0.375, "chance_accuracy": 0.375, "predicted_classes": 1}
+    assert at_chance(0.375, 0.375, 8)
+    assert at_chance(0.105, 0.1, 10_000) and not at_chance(0.11, 0.1, 10_000)  # 2 standard errors: 0.006
+    assert not at_chance(0.9, 0.1, 32) and not at_chance(float("nan"), 0.1, 32)

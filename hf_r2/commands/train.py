@@ -6,7 +6,8 @@ training itself is [`hf_r2.train.run_train`].
 `--help` lists hf-r2's own flags first, in their own groups (model, data, R2-Loss), and the Trainer's after them.
 Building that parser imports transformers and torch (seconds), so the help text is cached once per hf-r2 /
 transformers version and source of the flags ([`_cached_help`]): later `--help` calls print it without importing them.
-Ctrl-C stops the training with one line: where the last complete checkpoint is, and the command that resumes.
+Ctrl-C stops the training with one line: where the last complete checkpoint is, and the command that resumes. The
+last line says where the model went, and whether its accuracy is at chance level (it learnt nothing).
 """
 
 from __future__ import annotations
@@ -195,6 +196,21 @@ def train_command(args: argparse.Namespace) -> int:
         results = run_train(model_args, data_args, training_args)
     except KeyboardInterrupt:
         return _interrupted(argv, training_args.output_dir)
-    print(f"Saved the model to {training_args.output_dir} (eval accuracy "
-          f"{results['eval'].get('eval_accuracy', float('nan')):.4f}).")
+    print(_final_line(training_args.output_dir, results["eval"]))
     return 0
+
+
+def _final_line(output_dir: str, metrics: dict) -> str:
+    """`Saved the model to ... (eval accuracy ...).`, or, for a model no better than always guessing the most frequent
+    class ([`hf_r2.metrics.at_chance`]), the line that says so and what to try."""
+    from ..metrics import at_chance
+
+    accuracy = metrics.get("eval_accuracy", float("nan"))
+    line = f"Saved the model to {output_dir} (eval accuracy {accuracy:.4f})"
+    chance, n = metrics.get("eval_chance_accuracy"), metrics.get("eval_samples", 0)
+    if chance is None or not at_chance(accuracy, chance, n):
+        return line + "."
+    one_class = " and it predicts one class for every image" if metrics.get("eval_predicted_classes") == 1 else ""
+    return (f"{line}, but that is chance level: always guessing the most frequent class scores {chance:.4f} on these "
+            f"{n} images{one_class}; the model learnt nothing: train longer (more steps or epochs), or lower the "
+            "learning rate or the R2 weight (lambda) if the loss did not fall.")
