@@ -51,9 +51,12 @@ define start_workers
 	  echo "started $$name (pid $$!, nice 19, one thread); follow: tail -f $(1)/$$name.log"; done
 endef
 
-# The paper side by side (configs/reproduce.yaml, about an hour on 2 cores): two workers of the config; each ends by
-# writing the report (results.md) in $(REPRODUCE_OUT).
-REPRODUCE_CONFIG ?= configs/reproduce.yaml
+# The long targets name the configs shipped with hf-r2 by their preset names (`hf-r2 reproduce --help` lists them;
+# the files are hf_r2/reproduce/configs/*.yaml, also reached as configs/*.yaml). REPRODUCE_CONFIG takes a preset
+# name or a path.
+# The paper side by side (preset paper: configs/reproduce.yaml, about an hour on 2 cores): two workers of the config;
+# each ends by writing the report (results.md) in $(REPRODUCE_OUT).
+REPRODUCE_CONFIG ?= paper
 REPRODUCE_OUT ?= $(CACHE)/reproduce
 reproduce: install
 	$(call start_workers,$(REPRODUCE_OUT),worker-1 worker-2,$(HF_R2) reproduce $(REPRODUCE_CONFIG) \
@@ -62,8 +65,8 @@ reproduce: install
 # The evidence study (docs/results.md). Stage 1: each model trained with its family's standard
 # recipe (SGD momentum 0.9, cosine, 30 epochs, 45k CIFAR-10 images, 5k held out for validation), one worker per
 # model, resumable; about 70 min (mobilenetv2_100) and 2 h (resnet18) of one core each. Stage 2 (`make evidence`,
-# configs/evidence.yaml, once stage 1 is done): R2 fine-tunes against the same-length control, lambdas chosen on
-# validation, R2 from scratch, W2A2 PTQ and QAT.
+# preset evidence: configs/evidence.yaml, once stage 1 is done): R2 fine-tunes against the same-length control,
+# lambdas chosen on validation, R2 from scratch, W2A2 PTQ and QAT.
 EVIDENCE_OUT ?= $(CACHE)/evidence
 EVIDENCE_TRAIN = $(HF_R2) train --dataset cifar10 \
 	--validation_size 5000 --input_size 32 --num_train_epochs 30 --per_device_train_batch_size 64 \
@@ -77,15 +80,15 @@ evidence-baselines: install
 	  > $(EVIDENCE_OUT)/logs/baseline-resnet18.log 2>&1 < /dev/null & echo $$! > $(EVIDENCE_OUT)/logs/baseline-resnet18.pid; \
 	  echo "started baseline-resnet18 (pid $$!, nice 19, one thread); follow: tail -f $(EVIDENCE_OUT)/logs/baseline-resnet18.log"
 evidence: install
-	$(call start_workers,$(EVIDENCE_OUT)/logs,worker-1 worker-2,$(HF_R2) reproduce configs/evidence.yaml \
+	$(call start_workers,$(EVIDENCE_OUT)/logs,worker-1 worker-2,$(HF_R2) reproduce evidence \
 	  --output-dir $(EVIDENCE_OUT) --no-progress)
 
-# The headline study (configs/headline.yaml): the paper's claims from scratch against a tuned baseline (its weight
-# decay swept and chosen on validation, R2 trained at the choice), on three seeds. Two workers; each takes
+# The headline study (preset headline: configs/headline.yaml): the paper's claims from scratch against a tuned
+# baseline (its weight decay swept and chosen on validation, R2 trained at the choice), on three seeds. Two workers; each takes
 # MobileNetV2 through every stage before ResNet-18, then writes the report. About 10 trainings of 1.5-2 h of one core
 # per model: days on 2 cores, resumable per epoch.
 HEADLINE_OUT ?= $(CACHE)/headline
-HEADLINE = $(abspath $(VENV))/bin/hf-r2 reproduce configs/headline.yaml --output-dir $(HEADLINE_OUT) --no-progress
+HEADLINE = $(abspath $(VENV))/bin/hf-r2 reproduce headline --output-dir $(HEADLINE_OUT) --no-progress
 evidence-headline: install
 	$(call start_workers,$(HEADLINE_OUT)/logs,worker-1 worker-2,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	  OMP_NUM_THREADS=1 nohup nice -n 19 sh -c '$(HEADLINE) --models mobilenetv2_100 && $(HEADLINE)')
@@ -98,7 +101,7 @@ evidence-status: install
 	  if kill -0 "$$(cat "$$f")" 2>/dev/null; then state=running; else state=ended; fi; \
 	  echo "$$f: $$state; last log line: $$(tail -c 400 "$${f%.pid}.log" | tr '\r' '\n' | grep -v '^ *$$' | tail -n 1)"; \
 	done
-	@HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 reproduce configs/headline.yaml \
+	@HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 reproduce headline \
 	  --output-dir $(HEADLINE_OUT) --status
 
 bench: install

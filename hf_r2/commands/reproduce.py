@@ -13,7 +13,7 @@ side by side:
 and prints the table (also `results.md`, `results.json`) and the paths of the plots (weight histograms, per-layer
 ranges, accuracy against bits). It is [`hf_r2.reproduce.run_reproduce`] on the preset
 [`~hf_r2.reproduce.presets.demo_config`], so it is resumable and its outputs have the layout of `hf-r2 reproduce`
-(see `configs/reproduce.yaml` for the full experiment).
+(`hf-r2 reproduce paper` is the full experiment; `hf-r2 reproduce --help` lists the presets).
 
 Paper: "R2 Loss: Range Restriction Loss for Model Compression and Quantization", Kundu et al., 2023
 (https://huggingface.co/papers/2303.08253).
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from typing import Any, Callable
 
 __all__ = [
@@ -46,17 +47,28 @@ __all__ = [
 
 
 def reproduce_command_parser(subparsers=None) -> argparse.ArgumentParser:
-    """The `reproduce` sub-command: `hf-r2 reproduce CONFIG.yaml [--output-dir DIR] [--no-progress]`."""
+    """The `reproduce` sub-command: `hf-r2 reproduce PRESET|CONFIG.yaml [--output-dir DIR] [--no-progress]`."""
+    from ..reproduce.presets import CONFIG_PRESETS
+
     description = (
         "Reproduce the paper's claim side by side: train baseline and R2 variants alike (models x variants x seeds, "
         "plus a lambda sweep), measure FP and every low-bit row on each, and write results.json, results.md and "
         "plots. Resumable: rerun the same command to continue."
     )
+    width = max(map(len, CONFIG_PRESETS)) + 4
+    epilog = "presets (shipped with hf-r2; try `hf-r2 reproduce tiny` first):\n" + "\n".join(
+        textwrap.fill(f"{name:<{width - 4}}  {about} [{file}]", 79, initial_indent="  ", subsequent_indent=" " * width)
+        for name, (file, about) in CONFIG_PRESETS.items())
+    kwargs = dict(description=textwrap.fill(description, 79), epilog=epilog,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)  # the presets' table as written
     if subparsers is None:
-        parser = argparse.ArgumentParser("hf-r2 reproduce", description=description)
+        parser = argparse.ArgumentParser("hf-r2 reproduce", **kwargs)
     else:
-        parser = subparsers.add_parser("reproduce", description=description, help="Baseline vs R2, end to end.")
-    parser.add_argument("config", help="A YAML or JSON file of ReproduceConfig fields (see configs/reproduce.yaml).")
+        parser = subparsers.add_parser("reproduce", help="Baseline vs R2, end to end.", **kwargs)
+    parser.add_argument("config", metavar="PRESET|CONFIG",
+                        help=f"A preset ({', '.join(CONFIG_PRESETS)}: listed below), or a YAML or JSON file of "
+                             "ReproduceConfig fields, or a run's output_dir (its reproduce_config.json). A preset "
+                             "name wins over a file of that name: write ./NAME for the file.")
     parser.add_argument("--output-dir", "--output_dir", default=None, help="Override the config's output_dir.")
     parser.add_argument("--data-dir", "--data_dir", default=None, help="Override the config's data_dir.")
     parser.add_argument("--models", nargs="+", default=None,
@@ -78,9 +90,10 @@ def reproduce_command_parser(subparsers=None) -> argparse.ArgumentParser:
 
 def reproduce_command(args: argparse.Namespace) -> int:
     from ..reproduce import REPORT_NAME, RESULTS_NAME, ReproduceConfig, run_reproduce
+    from ..reproduce.presets import load_config
 
     try:
-        config = ReproduceConfig.from_file(args.config)
+        config = load_config(args.config)
         overrides = {k: getattr(args, k) for k in ("output_dir", "data_dir") if getattr(args, k, None)}
         if overrides:
             config = ReproduceConfig.from_dict({**config.to_dict(), **overrides})

@@ -1,5 +1,5 @@
-"""`hf-r2 reproduce CONFIG.yaml`: the paper's claim side by side, baseline and R2 variants trained alike, then every
-low-bit result measured on each, in one resumable run.
+"""`hf-r2 reproduce PRESET|CONFIG.yaml`: the paper's claim side by side, baseline and R2 variants trained alike, then
+every low-bit result measured on each, in one resumable run.
 
 Paper: "R2 Loss: Range Restriction Loss for Model Compression and Quantization", Kundu et al., 2023
 (https://huggingface.co/papers/2303.08253). Its claim: a model trained with R2-Loss keeps more of its float accuracy
@@ -39,7 +39,8 @@ silently reused. Each low-bit row is cached in the run folder's `low_bit_results
 produced it and reused while they match, so an interrupted run continues where it stopped.
 
 The package: `variants` (the variants and low-bit settings: defaults, normalisers, names, [`quant_config`]),
-`config` ([`ReproduceConfig`], file names), `presets` (the demo's), `apply` ([`apply_low_bit_`]: one low-bit
+`config` ([`ReproduceConfig`], file names), `presets` (the demo's, and [`CONFIG_PRESETS`]: the YAML configs shipped
+in `configs/`, loaded by name or path with [`load_config`]), `apply` ([`apply_low_bit_`]: one low-bit
 config applied to a float model, with the fine-tune QAT / DKM need; shared with `hf-r2 ptq / qat / compress` and
 `benchmarks/quant_toolkit.py`), `plan` (which trainings and rows, and the cache specs), `pipeline` (data,
 trainings, measured rows, [`run_reproduce`]), `summary` (mean / std over seeds, gains), `sweep` (lambda sweeps and
@@ -47,8 +48,9 @@ their validation rule) and `report` ([`assemble_results`], [`format_report`], pl
 command is in `hf_r2.commands.reproduce`.
 
 ```bash
-hf-r2 reproduce configs/reproduce.yaml              # about two hours in one process (make reproduce: one hour)
-hf-r2 reproduce configs/reproduce_tiny.yaml         # seconds: a smoke run of the whole pipeline
+hf-r2 reproduce tiny             # seconds: a smoke run of the whole pipeline (configs/reproduce_tiny.yaml)
+hf-r2 reproduce paper            # about two hours in one process (make reproduce: one hour)
+hf-r2 reproduce my_config.yaml   # any file of ReproduceConfig fields; hf-r2 reproduce --help lists the presets
 ```
 """
 
@@ -60,6 +62,8 @@ from .config import RESULTS_NAME as RESULTS_NAME
 from .config import RUN_INFO_NAME as RUN_INFO_NAME
 from .config import ReproduceConfig as ReproduceConfig
 from .pipeline import run_reproduce as run_reproduce
+from .presets import CONFIG_PRESETS as CONFIG_PRESETS
+from .presets import load_config as load_config
 from .report import assemble_results as assemble_results
 from .report import format_report as format_report
 from .summary import PAPER_TARGETS as PAPER_TARGETS
@@ -70,6 +74,8 @@ from .variants import quant_config as quant_config
 
 __all__ = [
     "ReproduceConfig",
+    "CONFIG_PRESETS",
+    "load_config",
     "LowBitMethod",
     "REPRODUCE_CONFIG_NAME",
     "RUN_INFO_NAME",

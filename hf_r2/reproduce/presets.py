@@ -1,13 +1,50 @@
-"""The demo's preset (`hf-r2 demo`): [`DEMO_DEFAULTS`] and [`demo_config`], the [`ReproduceConfig`] it runs."""
+"""The configs that ship with hf-r2: the demo's ([`DEMO_DEFAULTS`], [`demo_config`], `hf-r2 demo`) and the
+`hf-r2 reproduce` presets ([`CONFIG_PRESETS`], [`load_config`]): YAML files under `hf_r2/reproduce/configs/`,
+package data, so that `hf-r2 reproduce tiny` works from a wheel as from a clone."""
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 from typing import Any
 
 from .config import ReproduceConfig
 
-__all__ = ["DEMO_DEFAULTS", "demo_config"]
+__all__ = ["CONFIG_PRESETS", "DEMO_DEFAULTS", "demo_config", "load_config", "preset_file"]
+
+#: The `hf-r2 reproduce` presets: name -> (file under `hf_r2/reproduce/configs/`, what it runs). A clone also
+#: reaches the files as `configs/<file>` (a link to that folder).
+CONFIG_PRESETS: dict[str, tuple[str, str]] = {
+    "tiny": ("reproduce_tiny.yaml", "the whole pipeline on 64 cifar10-tiny images, in seconds; measures nothing"),
+    "paper": ("reproduce.yaml", "the paper's claims side by side: baseline and four R2 variants, 3 epochs on 10k "
+              "CIFAR-10 images, 3 seeds, 2 models (about 2 h in one process on 2 CPU cores)"),
+    "long": ("reproduce_long.yaml", "`paper`'s baseline against L-inf only, trained 4x longer, one seed (about 30 "
+             "min in one process)"),
+    "evidence": ("evidence.yaml", "the evidence study's stage 2 (R2 fine-tunes and from scratch, W2A2; hours); "
+                 "needs its stage-1 baselines (make evidence-baselines, in a clone)"),
+    "headline": ("headline.yaml", "the claims from scratch against a tuned-weight-decay baseline, 3 seeds (days)"),
+}
+
+
+def preset_file(name: str) -> resources.abc.Traversable:
+    """The shipped YAML file of the preset `name` ([`CONFIG_PRESETS`]), read through `importlib.resources`."""
+    if name not in CONFIG_PRESETS:
+        raise ValueError(f"No preset {name!r}; the presets are {', '.join(CONFIG_PRESETS)}.")
+    return resources.files(__package__).joinpath("configs", CONFIG_PRESETS[name][0])
+
+
+def load_config(name_or_path: str | os.PathLike) -> ReproduceConfig:
+    """The [`ReproduceConfig`] of a preset name ([`CONFIG_PRESETS`]: `tiny`, `paper`, ...) or of a YAML / JSON file
+    or a run's `output_dir` ([`ReproduceConfig.from_file`]). A preset name wins over a file of that name in the
+    current folder: write `./paper` for the file."""
+    name = os.fspath(name_or_path)
+    if name in CONFIG_PRESETS:
+        with resources.as_file(preset_file(name)) as path:
+            return ReproduceConfig.from_file(path)
+    if not os.path.exists(name) and os.sep not in name and "." not in name:
+        raise FileNotFoundError(f"No config file or preset {name!r}; the presets are {', '.join(CONFIG_PRESETS)} "
+                                "(hf-r2 reproduce --help).")
+    return ReproduceConfig.from_file(name)
 
 #: Settings of the demo preset ([`demo_config`], `hf-r2 demo`'s flag defaults): sized to finish in under 5 minutes on
 #: 2 CPU cores.

@@ -13,9 +13,9 @@ from hf_r2.reproduce import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY = REPO_ROOT / "configs" / "reproduce_tiny.yaml"
-FULL = REPO_ROOT / "configs" / "reproduce.yaml"
-LONG = REPO_ROOT / "configs" / "reproduce_long.yaml"
+TINY = REPO_ROOT / "hf_r2" / "reproduce" / "configs" / "reproduce_tiny.yaml"
+FULL = REPO_ROOT / "hf_r2" / "reproduce" / "configs" / "reproduce.yaml"
+LONG = REPO_ROOT / "hf_r2" / "reproduce" / "configs" / "reproduce_long.yaml"
 
 
 def test_config_files_load_and_round_trip(tmp_path):

@@ -209,9 +209,10 @@ def test_a_setting_with_variants_or_models_is_measured_on_those_only():
 def test_select_variants_keeps_what_they_need_and_the_same_cache():
     """`--variants`: a subset of the variants with the baseline they start from and the variant they are compared to;
     every training and row it plans is planned (same folder, same spec, same rows) by the whole config."""
+    from hf_r2.reproduce import load_config
     from hf_r2.reproduce.plan import train_spec
 
-    config = ReproduceConfig.from_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "evidence.yaml"))
+    config = load_config("evidence")  # hf_r2/reproduce/configs/evidence.yaml
     names = lambda c: [v["name"] for v in c.variants]  # noqa: E731
     scratch = config.select_variants(["linf_scratch"])
     assert names(scratch) == ["baseline", "linf_scratch"]
