@@ -74,3 +74,39 @@ def test_reproduce_help_lists_the_presets():
     assert done.returncode == 0, done.stderr
     for name, (file, _) in CONFIG_PRESETS.items():
         assert f"\n  {name} " in done.stdout and file in done.stdout
+
+
+# ---- what `make` installs and CI tests: requirements/constraints.txt, and the README's line made from it ----------
+
+
+def _tested_with():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tested_with", ROOT / "requirements" / "tested_with.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _requirements(cfg: configparser.ConfigParser) -> list[str]:
+    """setup.cfg's install_requires and the onnx / coreml / test extras (the `%(...)s` references left out)."""
+    text = "\n".join([cfg["options"]["install_requires"],
+                      *(cfg["options.extras_require"][extra] for extra in ("onnx", "coreml", "test"))])
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("%(")]
+
+
+def test_every_direct_dependency_is_pinned_within_its_range():
+    from packaging.requirements import Requirement
+
+    pins = _tested_with().pins()
+    for line in _requirements(_setup_cfg()):
+        requirement = Requirement(line)
+        name = requirement.name.lower().replace("-", "_").replace(".", "_")
+        assert name in pins, f"{requirement.name} is not pinned in requirements/constraints.txt"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside setup.cfg's {line!r}"
+
+
+def test_readme_tested_with_line_is_the_one_made_from_the_constraints():
+    tested_with = _tested_with()
+    current = tested_with.readme_paragraph((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert current == tested_with.paragraph(), "run: python requirements/tested_with.py --write"
