@@ -11,8 +11,11 @@ loads it.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import logging
 import os
+import stat
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -22,13 +25,26 @@ from .config import R2_CONFIG_NAME, R2Config
 from .model_card import build_model_card, folder_library, write_model_card
 from .saving import R2_STATS_NAME, save_model_folder
 
-__all__ = ["HubPushError", "R2Pretrained", "download", "from_pretrained", "push_folder", "push_to_hub"]
+__all__ = ["HubPushError", "R2Pretrained", "download", "from_pretrained", "push_folder", "push_to_hub", "upload_plan"]
+
+logger = logging.getLogger(__name__)
 
 
-# Left out of an upload: Trainer checkpoints and TensorBoard runs, hidden files, and the partial files of a write
+# Left out of an upload without a word: Trainer checkpoints and TensorBoard runs, and the partial files of a write
 # that was interrupted (`*.tmp` from the atomic writes; `model.onnx.tmp<pid>`, `model.tmp<pid>.mlpackage/` from
-# `hf-r2 export`). An exported `model.onnx` and `model.mlpackage/` (a folder) go up with the rest.
-_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", "runs/**", "*.tmp", "*.tmp[0-9]*"]
+# `hf-r2 export`); patterns on the path relative to the folder, as huggingface_hub matches them. An exported
+# `model.onnx` and `model.mlpackage/` (a folder) go up with the rest. [`upload_plan`] also leaves out, and names:
+# hidden files and folders at every depth, symbolic links, anything that is not a regular file, and
+# `training_args.bin`.
+_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.tmp", "*.tmp[0-9]*"]
+_IGNORED_FOLDERS = ["checkpoint-*", "runs", "*.tmp", "*.tmp[0-9]*"]
+#: Files with these names are never uploaded, at any depth: `training_args.bin` is the pickled `TrainingArguments`
+#: of a Trainer run, which transformers saves with the `hub_token` in it.
+NEVER_PUSHED = ("training_args.bin",)
+#: A file larger than this (2 GB) gets a warning before it is uploaded: a model folder of hf-r2 rarely holds one.
+LARGE_FILE_BYTES = 2 * 10**9
+# Tokens shorter than this are not searched for in the files (a test token `x` would match everything).
+_MIN_TOKEN_CHARS = 8
 
 
 class HubPushError(RuntimeError):
@@ -72,6 +88,107 @@ def _retry_hint(folder: str, repo_id: str) -> str:
     return f"The local folder {folder!r} is complete; retry the upload with `hf-r2 push {folder} {repo_id}`."
 
 
+class UploadPlan(NamedTuple):
+    """What [`push_folder`] uploads from a folder, and what it leaves out.
+
+    files (`list[str]`):
+        The files to upload, relative to the folder, `/`-separated, sorted.
+    left_out (`list[tuple[str, str]]`):
+        `(path, why)` for each hidden file or folder, symbolic link, other non-regular file and `training_args.bin`
+        left out (a left-out folder once, with a trailing `/`). Checkpoints, TensorBoard runs and partial writes are
+        left out without being listed.
+    """
+
+    files: list[str]
+    left_out: list[tuple[str, str]]
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(rel, p) for p in patterns)
+
+
+def upload_plan(folder: str) -> UploadPlan:
+    """The files of `folder` that [`push_folder`] uploads, and those it leaves out (see [`UploadPlan`]).
+
+    Left out, at every depth: names starting with `.` (`.env`, `.ssh/`, `.git/`, `.cache/`), symbolic links to files
+    or folders wherever they point (a link can lead out of the folder, or to a hidden file in it), anything that is
+    not a regular file (FIFOs, sockets, devices), and `training_args.bin`. Links are not followed into folders.
+    """
+    folder = os.fspath(folder)
+    files: list[str] = []
+    left_out: list[tuple[str, str]] = []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        base = os.path.relpath(root, folder).replace(os.sep, "/")
+        base = "" if base == "." else base + "/"
+        keep = []
+        for name in sorted(dirs):
+            rel = base + name
+            if os.path.islink(os.path.join(root, name)):
+                left_out.append((rel + "/", "symbolic link"))
+            elif name.startswith("."):
+                left_out.append((rel + "/", "hidden"))
+            elif not _ignored(rel, _IGNORED_FOLDERS):
+                keep.append(name)
+        dirs[:] = keep
+        for name in sorted(names):
+            rel = base + name
+            mode = os.lstat(os.path.join(root, name)).st_mode
+            if stat.S_ISLNK(mode):
+                left_out.append((rel, "symbolic link"))
+            elif name.startswith("."):
+                left_out.append((rel, "hidden"))
+            elif not stat.S_ISREG(mode):
+                left_out.append((rel, "not a regular file"))
+            elif name in NEVER_PUSHED:
+                left_out.append((rel, "pickled training arguments, may hold the Hub token"))
+            elif not _ignored(rel, _IGNORE_PATTERNS):
+                files.append(rel)
+    return UploadPlan(sorted(files), sorted(left_out))
+
+
+def _holds(path: str, needle: bytes) -> bool:
+    """Whether the file at `path` contains `needle` (read in chunks, overlapping by `len(needle) - 1` bytes)."""
+    tail = b""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            if needle in tail + chunk:
+                return True
+            tail = chunk[-(len(needle) - 1):]
+    return False
+
+
+def _check_plan(folder: str, plan: UploadPlan, token: str, skip: tuple[str, ...] = ()) -> None:
+    """Refuse a push that would upload the token or lose the config; warn of large files; name what is left out."""
+    if any(path == "config.json" for path, _ in plan.left_out):
+        raise ValueError(
+            f"config.json in {folder!r} is a symbolic link, and hf-r2 push uploads no links (nor anything else it "
+            "points to): copy the folder without links (`cp -rL`, or `hf-r2 download --local-dir`) and push the copy."
+        )
+    if len(token) >= _MIN_TOKEN_CHARS:
+        needle = token.encode()
+        for rel in plan.files:
+            if rel not in skip and _holds(os.path.join(folder, *rel.split("/")), needle):
+                raise ValueError(
+                    f"{rel} in {folder!r} holds the Hub token this push uses: refused, so that the token does not "
+                    "reach the Hub; remove the token from that file (or delete it) and push again."
+                )
+    for rel in (r for r in plan.files if r not in skip):
+        size = os.path.getsize(os.path.join(folder, *rel.split("/")))
+        if size > LARGE_FILE_BYTES:
+            logger.warning("%s in %s is %.1f GB, over the %.0f GB a model folder rarely needs: uploading it anyway; "
+                           "delete it and push again if it does not belong in the repo.", rel, folder, size / 1e9,
+                           LARGE_FILE_BYTES / 1e9)
+    if plan.left_out:
+        shown = ", ".join(f"{path} ({why})" for path, why in plan.left_out[:20])
+        more = f" and {len(plan.left_out) - 20} more" if len(plan.left_out) > 20 else ""
+        logger.warning("Left out of the upload of %s: %s%s.", folder, shown, more)
+
+
+def _exact_pattern(path: str) -> str:
+    """An fnmatch pattern that matches `path` only (its `*`, `?` and `[` made literal)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
+
+
 def push_folder(
     folder: str,
     repo_id: str,
@@ -110,7 +227,14 @@ def push_folder(
         datasets, base_model, license:
             Model card metadata (see [`hf_r2.model_card.build_model_card`]).
         write_card (`bool`, *optional*, defaults to `True`):
-            Write (overwrite) the folder's `README.md` with the hf-r2 model card before uploading.
+            Write (overwrite) the folder's `README.md` with the hf-r2 model card before uploading; `False` keeps the
+            user's own `README.md` (`hf-r2 push --keep-readme`).
+
+    What goes up ([`upload_plan`]): every regular file of the folder except hidden files and folders (at every
+    depth), symbolic links (never followed), `training_args.bin`, Trainer checkpoints, TensorBoard `runs/` and
+    partial writes; what is left out for being hidden, a link or `training_args.bin` is named in a warning. A push
+    is refused (`ValueError`, nothing written, nothing uploaded) when a file to upload holds the token it pushes
+    with, or when `config.json` is a link; a file over 2 GB gets a warning.
 
     Returns:
         `str`: the URL of the commit (or pull request).
@@ -126,15 +250,25 @@ def push_folder(
             f"`folder={folder!r}` is not a folder: save the model first (`hf_r2.save_model_folder`)."
         )
     folder_library(folder)  # a clear error for a folder without config.json
-    if write_card:
-        card = build_model_card(folder, repo_id, datasets=datasets, base_model=base_model, license=license)
-        write_model_card(folder, card)
     token = token or get_token()
     if not token:
         raise ValueError(
             "No Hugging Face token found to push with. Log in with `hf auth login`, set the `HF_TOKEN` environment "
             f"variable, or pass `token=`. {_retry_hint(folder, repo_id)}"
         )
+    card = None
+    if write_card:
+        card = build_model_card(folder, repo_id, datasets=datasets, base_model=base_model, license=license)
+    plan = upload_plan(folder)
+    if card is not None:  # README.md will be the card, a regular file, whatever stands there now
+        files = sorted({*plan.files, "README.md"})
+        plan = UploadPlan(files, [(p, why) for p, why in plan.left_out if p != "README.md"])
+    _check_plan(folder, plan, token, skip=("README.md",) if card is not None else ())
+    if card is not None and len(token) >= _MIN_TOKEN_CHARS and token in str(card):
+        raise ValueError(f"The model card written for {folder!r} would hold the Hub token this push uses: refused; "
+                         "remove the token from the folder's JSON files (the card quotes them) and push again.")
+    if card is not None:
+        write_model_card(folder, card)
     api = HfApi(token=token, library_name="hf-r2", library_version=__version__)
     try:
         if not exist_ok and api.repo_exists(repo_id):
@@ -149,6 +283,7 @@ def push_folder(
             commit_message=commit_message,
             revision=revision,
             create_pr=create_pr,
+            allow_patterns=[_exact_pattern(p) for p in plan.files],  # the planned files and nothing else
             ignore_patterns=_IGNORE_PATTERNS,
         )
     except FileExistsError:
@@ -189,7 +324,7 @@ def push_to_hub(
             The weight-range statistics, `R2Regularizer(model, r2_config).stats()` (`r2_stats.json`).
         push_kwargs:
             Passed on to [`push_folder`]: `commit_message`, `token`, `revision`, `private`, `create_pr`, `exist_ok`,
-            `datasets`, `base_model`, `license`.
+            `datasets`, `base_model`, `license`, `write_card`.
 
     Returns:
         `str`: the URL of the commit (or pull request).

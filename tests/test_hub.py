@@ -384,3 +384,109 @@ def test_card_claims_a_hub_dataset_only_for_that_dataset(timm_folder):
                                        "hub_id": "uoft-cs/cifar10", "train_split": "train", "eval_split": "test",
                                        "train_images": 50000, "eval_images": 10000, "input_size": None})
     assert build_model_card(folder, "me/m").data.to_dict()["datasets"] == ["uoft-cs/cifar10"]
+
+
+# ---- what `hf-r2 push` leaves out, and what it refuses: round trips against the local Hub ----
+
+_PUSH_THEN_DOWNLOAD = """
+import sys
+import hf_r2.hub
+from hf_r2.cli import main
+hf_r2.hub.LARGE_FILE_BYTES = int(sys.argv[4])
+push = main(['push', sys.argv[1], sys.argv[2], *sys.argv[5:]])
+print('PUSH_RC', push)
+sys.exit(push or main(['download', sys.argv[2], '--local-dir', sys.argv[3]]))
+"""
+
+
+def _push_cli(endpoint: str, tmp_path: Path, folder: Path, repo: str, *flags: str, large: int = 2 * 10**9):
+    local = tmp_path / f"down-{repo.split('/')[-1]}"
+    done = subprocess.run([sys.executable, "-c", _PUSH_THEN_DOWNLOAD, str(folder), repo, str(local), str(large),
+                           *flags], env=_hub_env(endpoint, tmp_path / "home"), capture_output=True, text=True,
+                          timeout=180)
+    return done, local
+
+
+def _downloaded(local: Path) -> dict[str, bytes]:
+    return {p.relative_to(local).as_posix(): p.read_bytes() for p in sorted(local.rglob("*"))
+            if p.is_file() and not p.relative_to(local).parts[0].startswith(".")}
+
+
+def test_push_leaves_out_hidden_files_links_and_training_args(local_hub, tmp_path, timm_folder):
+    """Hidden files below the top level, links out of the folder (to /etc/passwd, to a secret, to a folder), a
+    link inside it, `training_args.bin` and checkpoints stay local and are named; the rest goes up byte for byte,
+    the user's README.md too with `--keep-readme`; a file over the size limit gets a warning."""
+    _, folder = timm_folder
+    folder = Path(folder)
+    outside = tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    (outside / "secret.txt").write_text("outside secret\n")
+    (outside / "dir" / "x.txt").write_text("outside dir\n")
+    (folder / "sub" / ".ssh").mkdir(parents=True)
+    (folder / "sub" / ".env").write_text("HF_TOKEN=hf_not_this_one\n")
+    (folder / "sub" / ".ssh" / "id_rsa").write_text("PRIVATE KEY\n")
+    (folder / "sub" / "notes.txt").write_text("goes up\n")
+    (folder / ".env").write_text("top-level hidden\n")
+    os.symlink("/etc/passwd", folder / "passwd")
+    os.symlink(outside / "secret.txt", folder / "sub" / "secret.txt")
+    os.symlink(outside / "dir", folder / "linked_dir")
+    os.symlink("../config.json", folder / "sub" / "config_link.json")
+    torch.save({"hub_token": "hf_pickled"}, folder / "training_args.bin")
+    (folder / "checkpoint-1").mkdir()
+    (folder / "checkpoint-1" / "model.safetensors").write_bytes(b"ckpt")
+    (folder / "README.md").write_text("# my own README\n")
+    done, local = _push_cli(local_hub, tmp_path, folder, "r2-tests/left-out", "--keep-readme", large=1000)
+    assert done.returncode == 0, done.stderr[-4000:]
+    pushed = _downloaded(local)
+    expected = {"README.md", "config.json", "model.safetensors", "r2_config.json", "r2_stats.json", "sub/notes.txt"}
+    assert set(pushed) == expected
+    for name in expected:
+        assert pushed[name] == (folder / name).read_bytes()
+    assert pushed["README.md"] == b"# my own README\n"  # --keep-readme: no card written
+    (warning,) = [line for line in done.stderr.splitlines() if "Left out of the upload" in line]
+    for named in (".env (hidden)", "sub/.env (hidden)", "sub/.ssh/ (hidden)", "passwd (symbolic link)",
+                  "sub/secret.txt (symbolic link)", "linked_dir/ (symbolic link)", "sub/config_link.json (symbolic link)",
+                  "training_args.bin (pickled training arguments"):
+        assert named in warning, named
+    assert "checkpoint-1" not in warning  # routine, not listed
+    large = [line for line in done.stderr.splitlines() if "model.safetensors in" in line]
+    assert len(large) == 1 and "uploading it anyway" in large[0]
+
+
+def test_push_refuses_a_file_holding_the_token_and_a_linked_config(local_hub, tmp_path, timm_folder):
+    """A text file holding the token the push uses is refused before anything is written or uploaded (one line);
+    so is a folder whose config.json is a link; the card replaces a README.md that is a link."""
+    _, folder = timm_folder
+    folder = Path(folder)
+    token = "hf_localhubtoken0123456789"
+    (folder / "notes").mkdir()
+    (folder / "notes" / "run.log").write_text(f"... login token={token} ...\n")
+    before = _files(folder)
+    done, local = _push_cli(local_hub, tmp_path, folder, "r2-tests/token-file", "--token", token)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("hf-r2 push: error:")]
+    assert len(errors) == 1 and "notes/run.log" in errors[0] and "holds the Hub token" in errors[0]
+    assert "Traceback" not in done.stderr and "PUSH_RC 1" in done.stdout
+    assert _files(folder) == before  # no card written either
+    listed = subprocess.run([sys.executable, "-c", "import sys, huggingface_hub as h; "
+                             "print(h.HfApi().repo_exists(sys.argv[1]))", "r2-tests/token-file"],
+                            env=_hub_env(local_hub, tmp_path / "home"), capture_output=True, text=True, timeout=60)
+    assert listed.stdout.strip() == "False", listed.stderr[-2000:]  # refused before create_repo
+    # the same folder pushes once the token is gone; a README.md that links out is replaced by the card
+    (folder / "notes" / "run.log").write_text("no token here\n")
+    (tmp_path / "their_readme.md").write_text("outside README\n")
+    (folder / "README.md").unlink(missing_ok=True)
+    os.symlink(tmp_path / "their_readme.md", folder / "README.md")
+    done, local = _push_cli(local_hub, tmp_path, folder, "r2-tests/token-file", "--token", token)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "notes/run.log" in _downloaded(local) and b"hf-r2" in _downloaded(local)["README.md"]
+    assert (tmp_path / "their_readme.md").read_text() == "outside README\n"
+    # config.json as a link (e.g. a Hub cache snapshot): refused in one line
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for name in os.listdir(folder):
+        if os.path.isfile(folder / name) and not os.path.islink(folder / name):
+            os.symlink(folder / name, snapshot / name)
+    done, _ = _push_cli(local_hub, tmp_path, snapshot, "r2-tests/snapshot", "--token", token)
+    assert done.returncode == 1 and "config.json in" in done.stderr and "symbolic link" in done.stderr
+    assert "Traceback" not in done.stderr

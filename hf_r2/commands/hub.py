@@ -13,8 +13,9 @@ def push_command_parser(subparsers=None) -> argparse.ArgumentParser:
     """The `push` sub-command: upload a saved model folder (with its model card) to the Hub."""
     description = (
         "Write the model card into a saved model folder (from `hf-r2 train` or `save_model`) and upload the folder "
-        "to a Hub repo; timm and transformers load it without hf-r2. A failed upload leaves the folder whole: run "
-        "the same command again."
+        "to a Hub repo; timm and transformers load it without hf-r2. Hidden files and folders (at every depth), "
+        "symbolic links, training_args.bin, checkpoint-*/ and runs/ stay local (the first three are named); a file "
+        "holding the push's token is refused. A failed upload leaves the folder whole: run the same command again."
     )
     if subparsers is None:
         parser = argparse.ArgumentParser("hf-r2 push", description=description)
@@ -34,6 +35,8 @@ def push_command_parser(subparsers=None) -> argparse.ArgumentParser:
     parser.add_argument("--no-exist-ok", "--no_exist_ok", dest="exist_ok", action="store_false",
                         help="Fail if the repo already exists.")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`'s).")
+    parser.add_argument("--keep-readme", "--keep_readme", dest="write_card", action="store_false",
+                        help="Keep the folder's own README.md: do not write the hf-r2 model card into it.")
     parser.set_defaults(func=push_command)
     return parser
 
@@ -45,7 +48,7 @@ def push_command(args: argparse.Namespace) -> int:
         url = push_folder(
             args.model_dir, args.repo_id, commit_message=args.commit_message, token=args.token,
             revision=args.revision, private=args.private, create_pr=args.create_pr, exist_ok=args.exist_ok,
-            datasets=args.datasets, base_model=args.base_model, license=args.license,
+            datasets=args.datasets, base_model=args.base_model, license=args.license, write_card=args.write_card,
         )
     except (HubPushError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"hf-r2 push: error: {err}", file=sys.stderr)
