@@ -12,6 +12,7 @@ live in `hf_r2/_r2_kernels.py`; they match the functional losses to float32 roun
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -161,6 +162,9 @@ class R2Regularizer(nn.Module):
         Per layer: `min`, `max`, `std`, `max_over_std` (`max |w| / std`, the outlier ratio that a uniform grid
         pays for) and `kurtosis`. Overall: `max_abs` (largest `|w|` of any layer), the mean and max of
         `max_over_std` and the mean `kurtosis`. `skipped_frozen`: the frozen layers left out (not in `per_layer`).
+        A constant layer (a zero-initialised head) has `std` 0: its `max_over_std` is inf and its `kurtosis` NaN,
+        which the overall figures leave out (they are means and maxima over the layers where each is defined), so
+        the logs and `trainer_state.json` stay finite; NaN only if no layer has one.
         """
         per_layer: dict[str, dict[str, float]] = {}
         for name, w in zip(self.names, self.weights()):
@@ -177,12 +181,13 @@ class R2Regularizer(nn.Module):
                 "max_over_std": (torch.maximum(hi, -lo) / std).item() if std > 0 else float("inf"),
                 "kurtosis": kurt.item(),
             }
-        ratios = [s["max_over_std"] for s in per_layer.values()]
+        ratios = [s["max_over_std"] for s in per_layer.values() if math.isfinite(s["max_over_std"])]
+        kurtoses = [s["kurtosis"] for s in per_layer.values() if math.isfinite(s["kurtosis"])]
         overall = {
             "max_abs": max(max(s["max"], -s["min"]) for s in per_layer.values()),
-            "mean_max_over_std": sum(ratios) / len(ratios),
-            "max_max_over_std": max(ratios),
-            "mean_kurtosis": sum(s["kurtosis"] for s in per_layer.values()) / len(per_layer),
+            "mean_max_over_std": sum(ratios) / len(ratios) if ratios else float("nan"),
+            "max_max_over_std": max(ratios, default=float("nan")),
+            "mean_kurtosis": sum(kurtoses) / len(kurtoses) if kurtoses else float("nan"),
         }
         return {"per_layer": per_layer, "overall": overall, "skipped_frozen": list(self.skipped_frozen)}
 

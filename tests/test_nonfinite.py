@@ -349,3 +349,27 @@ def test_chance_level_rule():
     assert at_chance(0.375, 0.375, 8)
     assert at_chance(0.105, 0.1, 10_000) and not at_chance(0.11, 0.1, 10_000)  # 2 standard errors: 0.006
     assert not at_chance(0.9, 0.1, 32) and not at_chance(float("nan"), 0.1, 32)
+
+
+def test_a_constant_layer_keeps_the_logs_and_trainer_state_finite(tmp_path):
+    """A zero-initialised head has std 0 (max |w| / std = inf, kurtosis NaN): the overall statistics R2Trainer logs
+    leave it out, so `trainer_state.json` is valid JSON; `r2_stats.json` holds null for its own entries."""
+    from conftest import TinyImages, make_timm
+
+    from hf_r2 import R2Trainer
+
+    model = make_timm("test_resnet")
+    torch.nn.init.zeros_(model.fc.weight)
+    args = R2TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", disable_tqdm=True,
+                               save_strategy="no", per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+                               learning_rate=0.0, r2_skip_frozen=False)
+    trainer = R2Trainer(model, args, train_dataset=TinyImages(8))
+    trainer.train()
+    trainer.save_model()
+    trainer.save_state()
+    strict = {"parse_constant": lambda token: pytest.fail(f"non-standard JSON token {token}")}
+    logged = [e for e in json.loads((tmp_path / "trainer_state.json").read_text(), **strict)["log_history"]
+              if "r2_mean_kurtosis" in e]
+    assert logged and all(math.isfinite(e[k]) for e in logged for k in ("r2_mean_kurtosis", "r2_mean_max_over_std"))
+    stats = json.loads((tmp_path / "r2_stats.json").read_text(), **strict)
+    assert stats["per_layer"]["fc"]["kurtosis"] is None and stats["per_layer"]["fc"]["max_over_std"] is None
