@@ -12,14 +12,15 @@ from .._utils import JsonConfigMixin
 from .variants import (
     BASELINE,
     CHOSEN,
-    SWEEP_KEYS,
-    WEIGHT_DECAY_SWEEP_KEYS,
     check_keys,
     check_unique,
+    check_variant_scope,
     default_low_bit,
     default_variants,
+    normalise_lambda_sweep,
     normalise_setting,
     normalise_variant,
+    normalise_weight_decay_sweep,
     quant_config,
     resolve_weight,
 )
@@ -316,12 +317,12 @@ class ReproduceConfig(JsonConfigMixin):
                                  f"their trained folders in `baselines`.")
         sweeps = self.lambda_sweep
         sweeps = [] if sweeps is None else (sweeps if isinstance(sweeps, (list, tuple)) else [sweeps])
-        self.lambda_sweep = [self._normalise_sweep(sweep) for sweep in sweeps] or None
+        self.lambda_sweep = [normalise_lambda_sweep(sweep, self) for sweep in sweeps] or None
         if self.lambda_sweep:
             check_unique("lambda_sweep.variant", [sweep["variant"] for sweep in self.lambda_sweep])
-        self.weight_decay_sweep = self._normalise_weight_decay_sweep(self.weight_decay_sweep)
+        self.weight_decay_sweep = normalise_weight_decay_sweep(self.weight_decay_sweep, self)
         for v in self.variants:
-            self._check_variant_scope(v)
+            check_variant_scope(v, self)
         self.onnx_settings = None if self.onnx_settings is None else list(self.onnx_settings)
         unknown = [name for name in self.onnx_settings or [] if name not in [s["name"] for s in self.low_bit]]
         if unknown:
@@ -333,95 +334,6 @@ class ReproduceConfig(JsonConfigMixin):
                 if unknown:
                     raise ValueError(f"Setting {setting['name']!r} has `{key}` {unknown}, which are not in the "
                                      f"config's {key} {allowed}.")
-
-    def _check_variant_scope(self, v: dict[str, Any]) -> None:
-        """A variant's `seeds` / `models` are the config's; a `weight: chosen` variant has a sweep to choose from."""
-        for key, allowed in (("seeds", self.seeds), ("models", self.models)):
-            unknown = [x for x in v[key] or [] if x not in allowed]
-            if unknown:
-                raise ValueError(f"Variant {v['name']!r} has `{key}` {unknown}, which are not in the config's "
-                                 f"`{key}` {allowed}.")
-        if v["weight_decay"] == CHOSEN:
-            swept = self.weight_decay_sweep["models"] if self.weight_decay_sweep else []
-            missing = [m for m in (self.models if v["models"] is None else v["models"]) if m not in swept]
-            if not self.validation_size or missing:
-                raise ValueError(f"Variant {v['name']!r} has `weight_decay: chosen`: it trains at the weight decay "
-                                 f"the baseline's `weight_decay_sweep` chooses on the validation split, so the config "
-                                 f"needs a `validation_size` and a `weight_decay_sweep` {{'factors': [1, 3, 10]}} on "
-                                 f"each of its models" + (f" (none on {missing})." if missing else "."))
-        if v["weight"] != CHOSEN:
-            return
-        sweep = next((s for s in self.lambda_sweep or [] if s["variant"] == v["name"]), None)
-        missing = [m for m in (self.models if v["models"] is None else v["models"])
-                   if sweep is None or m not in sweep["models"]]
-        if not self.validation_size or missing:
-            raise ValueError(f"Variant {v['name']!r} has `weight: chosen`: its lambda is the one its `lambda_sweep` "
-                             f"chooses on the validation split, so the config needs a `validation_size` and a sweep "
-                             f"`{{'variant': {v['name']!r}, 'lambdas': [...]}}` on each of its models"
-                             + (f" (none on {missing})." if missing else "."))
-
-    def _normalise_sweep(self, sweep: Any) -> dict[str, Any]:
-        if not isinstance(sweep, dict):
-            raise ValueError(f"`lambda_sweep` must be a mapping {{'variant': ..., 'lambdas': [...]}} or None, "
-                             f"got {sweep!r}.")
-        check_keys("`lambda_sweep`", sweep, SWEEP_KEYS)
-        r2_names = [v["name"] for v in self.variants if v["loss"] != BASELINE]
-        if sweep.get("variant") not in r2_names:
-            raise ValueError(f"`lambda_sweep.variant` must name one of the R2 variants {r2_names}, got "
-                             f"{sweep.get('variant')!r}.")
-        lambdas = sweep.get("lambdas")
-        if not isinstance(lambdas, (list, tuple)) or len(lambdas) < 3 or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in lambdas
-        ):
-            raise ValueError(f"`lambda_sweep.lambdas` must be a list of at least 3 positive numbers, got {lambdas!r}.")
-        lambdas = [float(x) for x in lambdas]
-        check_unique("lambda_sweep.lambdas", lambdas)
-        models = sweep.get("models") or self.models[:1]
-        unknown = [m for m in models if m not in self.models]
-        if unknown:
-            raise ValueError(f"`lambda_sweep.models` {unknown} are not in `models` {self.models}.")
-        names = [s["name"] for s in self.low_bit]
-        settings = sweep.get("settings")
-        settings = [s["name"] for s in self.low_bit if s["headline"]] if settings is None else list(settings)
-        unknown = [s for s in settings if s not in names]
-        if unknown:
-            raise ValueError(f"`lambda_sweep.settings` {unknown} are not low-bit settings; they are {names}.")
-        return {"variant": sweep["variant"], "lambdas": lambdas, "models": list(models), "settings": settings}
-
-    def _normalise_weight_decay_sweep(self, sweep: Any) -> dict[str, Any] | None:
-        if sweep is None:
-            return None
-        if not isinstance(sweep, dict):
-            raise ValueError(f"`weight_decay_sweep` must be a mapping {{'factors': [1, 3, 10, 30]}} or None, got "
-                             f"{sweep!r}.")
-        check_keys("`weight_decay_sweep`", sweep, WEIGHT_DECAY_SWEEP_KEYS)
-        if self.baseline_variant is None:
-            raise ValueError("`weight_decay_sweep` sweeps the baseline's weight decay, but the config has no "
-                             "from-scratch `{'loss': 'baseline'}` variant.")
-        factors = sweep.get("factors")
-        if not isinstance(factors, (list, tuple)) or len(factors) < 3 or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in factors
-        ) or 1 not in factors:
-            raise ValueError(f"`weight_decay_sweep.factors` must be a list of at least 3 positive multiples of the "
-                             f"recipe's weight decay with 1 among them (the default, the sweep's reference), e.g. "
-                             f"[1, 3, 10, 30], got {factors!r}.")
-        factors = [float(x) for x in factors]
-        check_unique("weight_decay_sweep.factors", factors)
-        models = list(sweep.get("models") or self.models)
-        unknown = [m for m in models if m not in self.models]
-        if unknown:
-            raise ValueError(f"`weight_decay_sweep.models` {unknown} are not in `models` {self.models}.")
-        zero = [m for m in models if self.recipe(m, {})["weight_decay"] == 0]
-        if zero:
-            raise ValueError(f"`weight_decay_sweep` multiplies the recipe's weight decay, which is 0 for {zero}: set "
-                             "a `weight_decay` (or `recipes[model].weight_decay`) > 0.")
-        names = [s["name"] for s in self.low_bit]
-        settings = sweep.get("settings")
-        settings = [s["name"] for s in self.low_bit if s["headline"]] if settings is None else list(settings)
-        unknown = [s for s in settings if s not in names]
-        if unknown:
-            raise ValueError(f"`weight_decay_sweep.settings` {unknown} are not low-bit settings; they are {names}.")
-        return {"factors": factors, "models": models, "settings": settings}
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> ReproduceConfig:

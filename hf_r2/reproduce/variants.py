@@ -1,6 +1,7 @@
-"""The vocabulary of a reproduce config: its variants (baseline and R2 regularisers) and low-bit settings, their
-defaults, the normalisers that turn each into a full dict, their names, and [`quant_config`], the `hf_r2.quant`
-config of a setting (used to validate a config, and to apply a setting in [`hf_r2.reproduce.apply`])."""
+"""The vocabulary of a reproduce config: its variants (baseline and R2 regularisers), low-bit settings and sweeps,
+their defaults, the normalisers that turn each into a full dict (and check it against the config), their names, and
+[`quant_config`], the `hf_r2.quant` config of a setting (used to validate a config, and to apply a setting in
+[`hf_r2.reproduce.apply`])."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ __all__ = [
     "DEFAULT_VARIANTS",
     "DEFAULT_LOW_BIT",
     "normalise_variant",
+    "normalise_lambda_sweep",
+    "normalise_weight_decay_sweep",
+    "check_variant_scope",
     "resolve_weight",
     "on_model",
     "normalise_setting",
@@ -176,6 +180,104 @@ def normalise_variant(item: Any, index: int) -> dict[str, Any]:
                              f"subset of the config's; left out: all of them), got {value!r}.")
         out[key] = None if value is None else list(value)
     return out
+
+
+# ---- sweeps, and the variants that take their choices (checked against the config being built) -------------------
+
+
+def _sweep_scope(what: str, sweep: dict[str, Any], config: Any, default_models: list[str]) -> tuple[list, list]:
+    """A sweep's `models` (default `default_models`) and `settings` (default: the headline settings), each checked
+    against the config's."""
+    models = list(sweep.get("models") or default_models)
+    unknown = [m for m in models if m not in config.models]
+    if unknown:
+        raise ValueError(f"`{what}.models` {unknown} are not in `models` {config.models}.")
+    names = [s["name"] for s in config.low_bit]
+    settings = sweep.get("settings")
+    settings = [s["name"] for s in config.low_bit if s["headline"]] if settings is None else list(settings)
+    unknown = [s for s in settings if s not in names]
+    if unknown:
+        raise ValueError(f"`{what}.settings` {unknown} are not low-bit settings; they are {names}.")
+    return models, settings
+
+
+def _positive_numbers(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) >= 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in value)
+
+
+def normalise_lambda_sweep(sweep: Any, config: Any) -> dict[str, Any]:
+    """One `lambda_sweep` entry as `{variant, lambdas, models, settings}`, checked against `config` (a
+    [`ReproduceConfig`] being built: its variants, models and low-bit settings are normalised already)."""
+    if not isinstance(sweep, dict):
+        raise ValueError(f"`lambda_sweep` must be a mapping {{'variant': ..., 'lambdas': [...]}} or None, "
+                         f"got {sweep!r}.")
+    check_keys("`lambda_sweep`", sweep, SWEEP_KEYS)
+    r2_names = [v["name"] for v in config.variants if v["loss"] != BASELINE]
+    if sweep.get("variant") not in r2_names:
+        raise ValueError(f"`lambda_sweep.variant` must name one of the R2 variants {r2_names}, got "
+                         f"{sweep.get('variant')!r}.")
+    lambdas = sweep.get("lambdas")
+    if not _positive_numbers(lambdas):
+        raise ValueError(f"`lambda_sweep.lambdas` must be a list of at least 3 positive numbers, got {lambdas!r}.")
+    lambdas = [float(x) for x in lambdas]
+    check_unique("lambda_sweep.lambdas", lambdas)
+    models, settings = _sweep_scope("lambda_sweep", sweep, config, config.models[:1])
+    return {"variant": sweep["variant"], "lambdas": lambdas, "models": models, "settings": settings}
+
+
+def normalise_weight_decay_sweep(sweep: Any, config: Any) -> dict[str, Any] | None:
+    """The `weight_decay_sweep` as `{factors, models, settings}` (`None` without one), checked against `config`."""
+    if sweep is None:
+        return None
+    if not isinstance(sweep, dict):
+        raise ValueError(f"`weight_decay_sweep` must be a mapping {{'factors': [1, 3, 10, 30]}} or None, got "
+                         f"{sweep!r}.")
+    check_keys("`weight_decay_sweep`", sweep, WEIGHT_DECAY_SWEEP_KEYS)
+    if config.baseline_variant is None:
+        raise ValueError("`weight_decay_sweep` sweeps the baseline's weight decay, but the config has no "
+                         "from-scratch `{'loss': 'baseline'}` variant.")
+    factors = sweep.get("factors")
+    if not _positive_numbers(factors) or 1 not in factors:
+        raise ValueError(f"`weight_decay_sweep.factors` must be a list of at least 3 positive multiples of the "
+                         f"recipe's weight decay with 1 among them (the default, the sweep's reference), e.g. "
+                         f"[1, 3, 10, 30], got {factors!r}.")
+    factors = [float(x) for x in factors]
+    check_unique("weight_decay_sweep.factors", factors)
+    models, settings = _sweep_scope("weight_decay_sweep", sweep, config, config.models)
+    zero = [m for m in models if config.recipe(m, {})["weight_decay"] == 0]
+    if zero:
+        raise ValueError(f"`weight_decay_sweep` multiplies the recipe's weight decay, which is 0 for {zero}: set "
+                         "a `weight_decay` (or `recipes[model].weight_decay`) > 0.")
+    return {"factors": factors, "models": models, "settings": settings}
+
+
+def check_variant_scope(v: dict[str, Any], config: Any) -> None:
+    """A variant's `seeds` / `models` are the config's; a variant that takes a value from a sweep (`weight:
+    chosen`, `weight_decay: chosen`) has that sweep on each of its models, and the config a validation split."""
+    for key, allowed in (("seeds", config.seeds), ("models", config.models)):
+        unknown = [x for x in v[key] or [] if x not in allowed]
+        if unknown:
+            raise ValueError(f"Variant {v['name']!r} has `{key}` {unknown}, which are not in the config's "
+                             f"`{key}` {allowed}.")
+    models = config.models if v["models"] is None else v["models"]
+    if v["weight_decay"] == CHOSEN:
+        swept = config.weight_decay_sweep["models"] if config.weight_decay_sweep else []
+        missing = [m for m in models if m not in swept]
+        if not config.validation_size or missing:
+            raise ValueError(f"Variant {v['name']!r} has `weight_decay: chosen`: it trains at the weight decay "
+                             f"the baseline's `weight_decay_sweep` chooses on the validation split, so the config "
+                             f"needs a `validation_size` and a `weight_decay_sweep` {{'factors': [1, 3, 10]}} on "
+                             f"each of its models" + (f" (none on {missing})." if missing else "."))
+    if v["weight"] != CHOSEN:
+        return
+    sweep = next((s for s in config.lambda_sweep or [] if s["variant"] == v["name"]), None)
+    missing = [m for m in models if sweep is None or m not in sweep["models"]]
+    if not config.validation_size or missing:
+        raise ValueError(f"Variant {v['name']!r} has `weight: chosen`: its lambda is the one its `lambda_sweep` "
+                         f"chooses on the validation split, so the config needs a `validation_size` and a sweep "
+                         f"`{{'variant': {v['name']!r}, 'lambdas': [...]}}` on each of its models"
+                         + (f" (none on {missing})." if missing else "."))
 
 
 def on_model(item: dict[str, Any], model: str) -> bool:
