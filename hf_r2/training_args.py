@@ -6,6 +6,7 @@ Paper: "R2 Loss: Range Restriction Loss for Model Compression and Quantization",
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -191,6 +192,29 @@ class R2TrainingArguments(TrainingArguments):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
         self.r2_config  # noqa: B018 - build once so that R2Config's checks run at construction
+
+    # Written without the tokens: the Trainer saves these arguments as a pickle (`torch.save(args,
+    # "training_args.bin")`, in the run and in every checkpoint), and its `push_to_hub` uploads that file. A pickle
+    # (and a process that unpickles one) gets every `*_token` field as `None`, as `to_dict` / `str` write
+    # `<HUB_TOKEN>`; copies in memory (`copy.copy`, `copy.deepcopy`) keep them, and so does this object.
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for name in state:
+            if name.endswith("_token"):
+                state[name] = None
+        return state
+
+    def __copy__(self) -> R2TrainingArguments:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> R2TrainingArguments:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     @property
     def r2_config(self) -> R2Config:

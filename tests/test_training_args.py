@@ -93,3 +93,40 @@ def test_no_pinned_memory_without_an_accelerator(tmp_path, monkeypatch):
     assert R2TrainingArguments(output_dir=str(tmp_path)).dataloader_pin_memory is False
     monkeypatch.setattr(training_args, "_has_accelerator", lambda: True)
     assert R2TrainingArguments(output_dir=str(tmp_path)).dataloader_pin_memory is True
+
+
+def test_hub_token_is_in_no_saved_file(tmp_path, data_dir):
+    """`hf-r2 train --hub_token T`: no file of the run or of its checkpoints holds T (training_args.bin is pickled
+    without it); the arguments in memory, and their copies, keep it for the Trainer's own push."""
+    import copy
+    import os
+
+    import torch
+    from conftest import tiny_train_argv
+
+    from hf_r2.cli import main
+
+    token = "hf_trainingtoken0123456789"
+    out = tmp_path / "run"
+    assert main(["train", *tiny_train_argv(data_dir, out, "--hub_token", token, "--save_strategy", "steps",
+                                           "--save_steps", "1")]) == 0
+    saved = [os.path.join(root, name) for root, _, names in os.walk(out) for name in names]
+    args_files = [p for p in saved if p.endswith("training_args.bin")]
+    assert len(args_files) >= 2  # the run's and a checkpoint's
+    for path in saved:
+        with open(path, "rb") as f:
+            assert token.encode() not in f.read(), path
+    loaded = torch.load(args_files[0], weights_only=False)  # our own file, written just now
+    assert isinstance(loaded, R2TrainingArguments) and loaded.hub_token is None
+    assert loaded.max_steps == 2 and loaded.output_dir == str(out)
+    args = R2TrainingArguments(output_dir=str(tmp_path), hub_token=token, report_to="none")
+    assert copy.deepcopy(args).hub_token == token and copy.copy(args).hub_token == token
+    assert args.hub_token == token and torch.load(_saved(args, tmp_path), weights_only=False).hub_token is None
+
+
+def _saved(args, tmp_path):
+    import torch
+
+    path = tmp_path / "args.bin"
+    torch.save(args, path)
+    return path
