@@ -106,12 +106,81 @@ def create_model(
         _set_timm_labels(model, label_names)
         return model
     if "/" in name:
+        if _is_timm_hub_repo(name, kwargs):  # timm's Hub layout: timm itself, as `hf-hub:` would
+            model = timm.create_model(f"hf-hub:{name}", pretrained=pretrained, **_num_classes_kw(num_classes),
+                                      **kwargs)
+            _set_timm_labels(model, label_names)
+            return model
         return _create_transformers(name, num_classes, pretrained, label_names, **kwargs)
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6) or timm.list_models(f"*{name}*")[:5]
     hint = f" Close timm names: {close}." if close else ""
     raise ValueError(
         f"Unknown model {name!r}: not a timm model name, an `hf-hub:` id, a local folder or a Hub id `org/name`.{hint}"
     )
+
+
+def _is_timm_hub_repo(repo_id: str, kwargs: dict[str, Any]) -> bool:
+    """Whether the Hub repo `repo_id` holds a timm model (its `config.json` in timm's layout). Reads the cache when
+    offline; `False` when the config cannot be had (transformers then gives its own error)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=kwargs.get("revision"),
+                               cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"))
+        config = _read_json(path)
+    except (OSError, ValueError, EntryNotFoundError):  # no such repo / file, offline without a copy, invalid id, JSON
+        return False
+    return isinstance(config, dict) and is_timm_config(config)
+
+
+#: `timm.create_model` / `build_model_with_cfg` arguments that are not the architecture's: where weights come from
+#: (`checkpoint_path`, `pretrained_cfg`, `cache_dir`, ...) and how the model is built. A saved `config.json` may not
+#: set them through `model_args`.
+_NOT_ARCHITECTURE = frozenset({
+    "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir", "scriptable",
+    "exportable", "no_jit", "model_cfg", "feature_cfg", "pretrained_strict", "pretrained_filter_fn", "kwargs_filter",
+    "pretrained_model_args", "device", "dtype", "variant", "model_cls", "model_name", "file", "url", "hf_hub_id",
+    "state_dict", "source", "self", "args", "kwargs",
+})
+
+
+def _architecture_keys(architecture: str) -> set[str]:
+    """The arguments a timm architecture's constructors take: every parameter of the classes and functions of the
+    module that defines its entrypoint, less [`_NOT_ARCHITECTURE`]."""
+    import inspect
+
+    import timm.models
+
+    module = inspect.getmodule(timm.models.model_entrypoint(architecture))
+    keys: set[str] = set()
+    for value in vars(module).values():
+        if inspect.isclass(value) or inspect.isfunction(value):
+            target = value.__init__ if inspect.isclass(value) else value
+            try:
+                keys.update(inspect.signature(target).parameters)
+            except (TypeError, ValueError):  # builtins without a signature
+                continue
+    return keys - _NOT_ARCHITECTURE
+
+
+def _check_model_args(folder: str, architecture: str, model_args: Any) -> dict[str, Any]:
+    """`model_args` of a saved timm `config.json`, refused unless each key is an argument of the architecture (not
+    `checkpoint_path`, `pretrained_cfg`, ...): the file may come from anyone."""
+    import timm
+
+    if not isinstance(architecture, str) or not timm.is_model(architecture):
+        raise ValueError(f"config.json in {folder!r} names the architecture {architecture!r}, which is not a timm "
+                         "model: fix `architecture` in config.json, or save the model again.")
+    if not isinstance(model_args, dict):
+        raise ValueError(f"config.json in {folder!r} has `model_args` {type(model_args).__name__}, not a mapping: "
+                         "fix it, or save the model again.")
+    unknown = sorted(set(model_args) - _architecture_keys(architecture) - {"num_classes"})
+    if unknown:
+        raise ValueError(f"config.json in {folder!r} sets `model_args` {unknown}, which are not arguments of the "
+                         f"{architecture} architecture (e.g. where weights load from): refused; remove them from "
+                         "config.json if you trust the folder.")
+    return dict(model_args)
 
 
 def _num_classes_kw(num_classes: int | None) -> dict[str, int]:
@@ -128,11 +197,14 @@ def _create_timm_from_folder(
 ) -> nn.Module:
     import timm
 
-    model_args = dict(config.get("model_args", {}))
+    model_args = _check_model_args(folder, config["architecture"], config.get("model_args", {}))
     saved_classes = config.get("num_classes")
     model_args.setdefault("num_classes", saved_classes)
     model_args.update(kwargs)
-    pretrained_cfg = dict(config.get("pretrained_cfg", {}))
+    pretrained_cfg = config.get("pretrained_cfg", {})
+    pretrained_cfg = dict(pretrained_cfg) if isinstance(pretrained_cfg, dict) else {}
+    for key in ("file", "url", "hf_hub_id", "state_dict", "source"):  # weights come from this folder, or nowhere
+        pretrained_cfg.pop(key, None)
     if pretrained:
         found = [p for p in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(folder, p))]
         if not found:
@@ -140,7 +212,6 @@ def _create_timm_from_folder(
                 f"{folder!r} has neither model.safetensors nor pytorch_model.bin to load with `pretrained=True`."
             )
         pretrained_cfg["file"] = os.path.join(folder, found[0])
-    pretrained_cfg.pop("hf_hub_id", None)
     model = timm.create_model(
         config["architecture"], pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg, **model_args
     )

@@ -490,3 +490,38 @@ def test_push_refuses_a_file_holding_the_token_and_a_linked_config(local_hub, tm
     done, _ = _push_cli(local_hub, tmp_path, snapshot, "r2-tests/snapshot", "--token", token)
     assert done.returncode == 1 and "config.json in" in done.stderr and "symbolic link" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+_REMOTE_TIMM = """
+import sys, torch
+import hf_r2
+from hf_r2.cli import main
+assert main(['push', sys.argv[1], sys.argv[2]]) == 0
+model = hf_r2.create_model(sys.argv[2], pretrained=True).eval()
+x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    torch.save({'logits': model(x), 'type': type(model).__name__}, sys.argv[3] + '/remote.pt')
+sys.exit(main(['train', '--model', sys.argv[2], '--pretrained', 'true', *sys.argv[4:]]))
+"""
+
+
+def test_train_from_a_timm_layout_hub_repo_without_hf_hub_prefix(local_hub, tmp_path, timm_folder, data_dir):
+    """`hf-r2 train --model org/name --pretrained` for a repo in timm's layout (no `hf-hub:`): timm loads it with
+    its weights (not transformers' TimmWrapper, which failed with `multiple values for keyword argument
+    'num_classes'`), and the head is resized to the data's 10 classes."""
+    from conftest import tiny_train_argv
+
+    model, folder = timm_folder
+    argv = [a for a in tiny_train_argv(data_dir, tmp_path / "run") if a != "test_resnet"]
+    argv.remove("--model")
+    done = subprocess.run([sys.executable, "-c", _REMOTE_TIMM, folder, "r2-tests/remote-timm", str(tmp_path), *argv],
+                          env=_hub_env(local_hub, tmp_path / "home"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Saved the model to" in done.stdout
+    remote = torch.load(tmp_path / "remote.pt")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(remote["logits"], model(x))
+    assert remote["type"] == type(model).__name__  # timm's own class, not a transformers wrapper
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["architecture"] == "test_resnet" and config["num_classes"] == 10

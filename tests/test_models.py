@@ -158,3 +158,33 @@ def test_unwrap_model(timm_cnn):
 
     assert unwrap_model(Wrapper(Wrapper(timm_cnn))) is timm_cnn
     assert unwrap_model(timm_cnn) is timm_cnn
+
+
+def test_saved_config_may_set_architecture_arguments_only(tmp_path, capsys):
+    """A folder's config.json (from anyone) may not set `model_args` that are not the architecture's, such as
+    `checkpoint_path` (weights from any file) or `pretrained_cfg`: one clear error through `hf_r2.from_pretrained`
+    and `hf-r2 evaluate`; architecture arguments (`drop_rate`) still load."""
+    import json
+
+    import hf_r2
+    from hf_r2.cli import main
+
+    model = create_model("test_resnet", num_classes=3).eval()
+    other = create_model("test_resnet", num_classes=3).eval()
+    hf_r2.save_model_folder(model, str(tmp_path / "m"))
+    hf_r2.save_model_folder(other, str(tmp_path / "other"))
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model_args"]["drop_rate"] = 0.1  # an architecture argument (dropout: no effect in eval)
+    config_path.write_text(json.dumps(config))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_r2.from_pretrained(str(tmp_path / "m")).model(x), model(x))
+    for bad in ({"checkpoint_path": str(tmp_path / "other" / "model.safetensors")},
+                {"pretrained_cfg": {"file": str(tmp_path / "other" / "model.safetensors")}}):
+        config_path.write_text(json.dumps({**config, "model_args": {**config["model_args"], **bad}}))
+        with pytest.raises(ValueError, match=f"sets `model_args` \\['{next(iter(bad))}'\\].*refused"):
+            hf_r2.from_pretrained(str(tmp_path / "m"))
+    assert main(["evaluate", str(tmp_path / "m"), "--dataset", "cifar10-tiny", "--input-size", "32"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("hf-r2 evaluate: error: config.json in") and "'pretrained_cfg'" in line
