@@ -106,7 +106,9 @@ def create_model(
         _set_timm_labels(model, label_names)
         return model
     if "/" in name:
-        if _is_timm_hub_repo(name, kwargs):  # timm's Hub layout: timm itself, as `hf-hub:` would
+        hub_config = _timm_hub_config(name, kwargs)
+        if hub_config is not None:  # timm's Hub layout: timm itself, as `hf-hub:` would
+            _check_model_args(name, hub_config["architecture"], hub_config.get("model_args", {}))
             model = timm.create_model(f"hf-hub:{name}", pretrained=pretrained, **_num_classes_kw(num_classes),
                                       **kwargs)
             _set_timm_labels(model, label_names)
@@ -119,9 +121,9 @@ def create_model(
     )
 
 
-def _is_timm_hub_repo(repo_id: str, kwargs: dict[str, Any]) -> bool:
-    """Whether the Hub repo `repo_id` holds a timm model (its `config.json` in timm's layout). Reads the cache when
-    offline; `False` when the config cannot be had (transformers then gives its own error)."""
+def _timm_hub_config(repo_id: str, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The `config.json` of the Hub repo `repo_id` if it is in timm's layout, else `None`. Reads the cache when
+    offline; `None` when the config cannot be had (transformers then gives its own error)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -130,8 +132,8 @@ def _is_timm_hub_repo(repo_id: str, kwargs: dict[str, Any]) -> bool:
                                cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"))
         config = _read_json(path)
     except (OSError, ValueError, EntryNotFoundError):  # no such repo / file, offline without a copy, invalid id, JSON
-        return False
-    return isinstance(config, dict) and is_timm_config(config)
+        return None
+    return config if isinstance(config, dict) and is_timm_config(config) else None
 
 
 #: `timm.create_model` / `build_model_with_cfg` arguments that are not the architecture's: where weights come from
