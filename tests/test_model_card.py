@@ -176,3 +176,26 @@ def test_weights_digest(folder, tmp_path):
         f.write(b"\0")
     assert weights_digest(folder) != digest
     assert weights_digest(str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("kind", ["traversal", "absolute", "hidden", "link"])
+def test_an_export_path_outside_the_folder_is_refused(folder, tmp_path, caplog, kind):
+    """`export_results.json` comes with the folder (from anyone): a path that leaves the folder (`../../etc/passwd`),
+    is absolute, hidden, or a link out of it is not followed, and the card says nothing of it, whether it exists or
+    not."""
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes(b"\0" * 65536)
+    if kind == "link":
+        os.remove(os.path.join(folder, "model.onnx"))
+        os.symlink(outside, os.path.join(folder, "model.onnx"))
+        path = "model.onnx"
+    else:
+        path = {"traversal": os.path.relpath(outside, folder), "absolute": str(outside), "hidden": ".x/model.onnx"}[kind]
+        os.makedirs(os.path.join(folder, ".x"), exist_ok=True)
+        os.replace(os.path.join(folder, "model.onnx"), os.path.join(folder, ".x", "model.onnx"))
+    _write(folder, onnx=_onnx_entry(folder, path=path))
+    with caplog.at_level(logging.WARNING, logger="hf_r2.model_card"):
+        card = build_model_card(folder, REPO)
+    assert "## Deploy" not in card.text and "onnx" not in card.data.tags and "outside" not in card.text
+    if kind != "link":
+        assert "not a plain file name inside the folder: refused" in caplog.text
