@@ -5,6 +5,7 @@ is in [`hf_r2.reproduce.presets`]); the variants and low-bit settings it holds a
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -242,6 +243,10 @@ class ReproduceConfig(JsonConfigMixin):
             self.models = [self.models]
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
             raise ValueError(f"`models` must be a non-empty list of model names, got {self.models!r}.")
+        odd = [m for m in self.models if not re.fullmatch(r"(hf-hub:)?\w[\w.-]*(/\w[\w.-]*)?", m, re.A) or ".." in m]
+        if odd:  # each name becomes a folder under runs/: `..` would leave it
+            raise ValueError(f"`models` holds {odd}, which are not plain model names: use a timm name (`resnet10t`) or "
+                             "a Hub id (`org/name`, `hf-hub:org/name`), without `..`, spaces or other path parts.")
         if len(set(self.models)) != len(self.models):
             raise ValueError(f"`models` lists a model twice: {self.models}.")
         self.model_kwargs = dict(self.model_kwargs or {})

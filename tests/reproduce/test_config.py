@@ -189,3 +189,23 @@ def test_a_variants_own_schedule_is_its_training_and_its_folder():
     assert len({r.run_dir for r in runs.values()}) == 3 and runs["baseline"].run_dir.endswith("baseline/seed0")
     with pytest.raises(ValueError, match=r"`warmup_ratio` must be a fraction of the steps in \[0, 1\)"):
         ReproduceConfig(models=["m"], lambda_sweep=None, variants=[{"loss": "baseline", "warmup_ratio": 2}])
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../x", "/abs/model", "a/b/c", "a\\b", "x y", "-rf", "a/..", "org/.."])
+def test_model_names_must_be_plain(tmp_path, capsys, name):
+    """Each model name becomes a folder under runs/: `hf-r2 reproduce` refuses one that is not a timm name or a Hub
+    id, in one line, before anything is written; timm names and Hub ids pass."""
+    import json
+
+    from hf_r2.cli import main
+
+    with pytest.raises(ValueError, match="not plain model names"):
+        ReproduceConfig(models=[name])
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"models": [name], "output_dir": str(tmp_path / "out")}))
+    assert main(["reproduce", str(path), "--no-progress"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("hf-r2 reproduce: error:") and "not plain model names" in line
+    assert not (tmp_path / "out").exists()
+    assert ReproduceConfig(models=["resnet10t", "vit_tiny_patch16_224.augreg_in21k", "org/name",
+                                   "hf-hub:timm/resnet18.a1_in1k"]).models[2] == "org/name"
