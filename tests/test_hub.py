@@ -414,8 +414,8 @@ def _downloaded(local: Path) -> dict[str, bytes]:
 
 def test_push_leaves_out_hidden_files_links_and_training_args(local_hub, tmp_path, timm_folder):
     """Hidden files below the top level, links out of the folder (to /etc/passwd, to a secret, to a folder), a
-    link inside it, `training_args.bin` and checkpoints stay local and are named; the rest goes up byte for byte,
-    the user's README.md too with `--keep-readme`; a file over the size limit gets a warning."""
+    link inside it, `training_args.bin` and checkpoints stay local and are named; the rest goes up byte for byte;
+    a file over the size limit gets a warning; `--keep-readme` uploads the user's README.md instead of the card."""
     _, folder = timm_folder
     folder = Path(folder)
     outside = tmp_path / "outside"
@@ -434,15 +434,13 @@ def test_push_leaves_out_hidden_files_links_and_training_args(local_hub, tmp_pat
     torch.save({"hub_token": "hf_pickled"}, folder / "training_args.bin")
     (folder / "checkpoint-1").mkdir()
     (folder / "checkpoint-1" / "model.safetensors").write_bytes(b"ckpt")
-    (folder / "README.md").write_text("# my own README\n")
-    done, local = _push_cli(local_hub, tmp_path, folder, "r2-tests/left-out", "--keep-readme", large=1000)
+    done, local = _push_cli(local_hub, tmp_path, folder, "r2-tests/left-out", large=1000)
     assert done.returncode == 0, done.stderr[-4000:]
     pushed = _downloaded(local)
     expected = {"README.md", "config.json", "model.safetensors", "r2_config.json", "r2_stats.json", "sub/notes.txt"}
     assert set(pushed) == expected
     for name in expected:
         assert pushed[name] == (folder / name).read_bytes()
-    assert pushed["README.md"] == b"# my own README\n"  # --keep-readme: no card written
     (warning,) = [line for line in done.stderr.splitlines() if "Left out of the upload" in line]
     for named in (".env (hidden)", "sub/.env (hidden)", "sub/.ssh/ (hidden)", "passwd (symbolic link)",
                   "sub/secret.txt (symbolic link)", "linked_dir/ (symbolic link)", "sub/config_link.json (symbolic link)",
@@ -451,6 +449,11 @@ def test_push_leaves_out_hidden_files_links_and_training_args(local_hub, tmp_pat
     assert "checkpoint-1" not in warning  # routine, not listed
     large = [line for line in done.stderr.splitlines() if "model.safetensors in" in line]
     assert len(large) == 1 and "uploading it anyway" in large[0]
+    # --keep-readme: the user's own README.md goes up as it is, no card written
+    (folder / "README.md").write_text("# my own README\n")
+    done, local = _push_cli(local_hub, tmp_path, folder, "r2-tests/own-readme", "--keep-readme")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert _downloaded(local)["README.md"] == b"# my own README\n" == (folder / "README.md").read_bytes()
 
 
 def test_push_refuses_a_file_holding_the_token_and_a_linked_config(local_hub, tmp_path, timm_folder):
