@@ -24,6 +24,7 @@ __all__ = [
     "give_default_mode",
     "give_default_modes",
     "format_choices",
+    "is_plain_path",
     "machine_info",
     "read_config_file",
     "read_json",
@@ -218,6 +219,17 @@ def give_default_modes(folder: str | os.PathLike, suffix: str = ".safetensors") 
     for name in os.listdir(folder):
         if name.endswith(suffix) and os.path.isfile(os.path.join(folder, name)):
             give_default_mode(os.path.join(folder, name))
+
+
+# `/`-separated plain names, none empty, hidden, `.` or `..`: a path that stays inside its folder, names nothing that
+# `hf-r2 push` leaves out, and can be quoted in a model card as it is.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+ -]*(/[A-Za-z0-9_][A-Za-z0-9_.+ -]*)*")
+
+
+def is_plain_path(name: Any) -> bool:
+    """Whether `name` (from a file that may come from anyone) is a plain relative path inside a folder: `a/b.onnx`,
+    not `../x`, `/etc/passwd`, `.x/y`, `a//b` or `` (decided on the string alone, before the file system is asked)."""
+    return isinstance(name, str) and _PLAIN_PATH.fullmatch(name) is not None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> str:

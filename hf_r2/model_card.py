@@ -13,12 +13,11 @@ import hashlib
 import logging
 import math
 import os
-import re
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ._utils import read_json, write_text_atomic
+from ._utils import is_plain_path, read_json, write_text_atomic
 from .config import R2_CONFIG_NAME
 from .data import hub_dataset_id
 from .models import is_timm_config
@@ -45,9 +44,6 @@ _RESULT_FILES = ("eval_results.json", "all_results.json")
 #: {"onnx": {...}, "coreml": {...}}}`, one entry per format (see `hf_r2.commands.export`).
 EXPORT_RESULTS_NAME = "export_results.json"
 _TARGETS = {"iOS18": "iOS 18 / macOS 15"}  # Core ML deployment targets, as Apple names the systems
-# The path of an export inside the folder, as `export_results.json` may name it: `/`-separated plain names, none
-# empty, hidden, `.` or `..` (nothing outside the folder, nothing `hf-r2 push` leaves out, nothing to quote).
-_PLAIN_PATH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+ -]*(/[A-Za-z0-9_][A-Za-z0-9_.+ -]*)*$")
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
@@ -288,15 +284,12 @@ def _deploy_section(folder: str, exports: dict[str, dict[str, Any]], repo_id: st
     """`## Deploy` for the exported files that `export_results.json` describes and `folder` holds, exported from
     its present weights; and those files' formats. `("", [])` when there is none."""
     out, shown, digest = [], [], weights_digest(folder)
-    for fmt in [f for f in ("onnx", "coreml") if f in exports]:
-        entry = exports[fmt]
-        name = entry.get("path")
-        if not isinstance(name, str) or not _PLAIN_PATH.match(name):  # checked before the file system is asked
-            logger.warning("%s in %s names %r, which is not a plain file name inside the folder: refused, left off the "
-                           "card; run `hf-r2 export` again.", EXPORT_RESULTS_NAME, folder, name)
-            continue
-        path = os.path.join(folder, *name.split("/"))
-        if os.path.islink(path) or not (os.path.isfile(path) if fmt == "onnx" else os.path.isdir(path)):
+    for fmt, entry in [(f, exports[f]) for f in ("onnx", "coreml") if f in exports]:
+        if not is_plain_path(entry.get("path")):  # refused on the name alone, before the file system is asked
+            logger.warning("%s in %s names %r, not a plain file name inside the folder: refused, left off the card.",
+                           EXPORT_RESULTS_NAME, folder, entry.get("path"))
+        path = os.path.join(folder, *entry["path"].split("/")) if is_plain_path(entry.get("path")) else ""
+        if not path or os.path.islink(path) or not (os.path.isfile(path) if fmt == "onnx" else os.path.isdir(path)):
             continue  # a link is not uploaded by `hf-r2 push` either
         if entry.get("weights_sha256") not in (None, digest):
             logger.warning("%s in %s was exported from other weights than the folder's: left off the card. Run "

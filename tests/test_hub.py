@@ -443,8 +443,8 @@ def test_push_leaves_out_hidden_files_links_and_training_args(local_hub, tmp_pat
         assert pushed[name] == (folder / name).read_bytes()
     (warning,) = [line for line in done.stderr.splitlines() if "Left out of the upload" in line]
     for named in (".env (hidden)", "sub/.env (hidden)", "sub/.ssh/ (hidden)", "passwd (symbolic link)",
-                  "sub/secret.txt (symbolic link)", "linked_dir/ (symbolic link)", "sub/config_link.json (symbolic link)",
-                  "training_args.bin (pickled training arguments"):
+                  "sub/secret.txt (symbolic link)", "linked_dir/ (symbolic link)",
+                  "sub/config_link.json (symbolic link)", "training_args.bin (pickled training arguments"):
         assert named in warning, named
     assert "checkpoint-1" not in warning  # routine, not listed
     large = [line for line in done.stderr.splitlines() if "model.safetensors in" in line]

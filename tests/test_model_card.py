@@ -190,7 +190,8 @@ def test_an_export_path_outside_the_folder_is_refused(folder, tmp_path, caplog, 
         os.symlink(outside, os.path.join(folder, "model.onnx"))
         path = "model.onnx"
     else:
-        path = {"traversal": os.path.relpath(outside, folder), "absolute": str(outside), "hidden": ".x/model.onnx"}[kind]
+        path = {"traversal": os.path.relpath(outside, folder), "absolute": str(outside),
+                "hidden": ".x/model.onnx"}[kind]
         os.makedirs(os.path.join(folder, ".x"), exist_ok=True)
         os.replace(os.path.join(folder, "model.onnx"), os.path.join(folder, ".x", "model.onnx"))
     _write(folder, onnx=_onnx_entry(folder, path=path))

@@ -245,8 +245,8 @@ class ReproduceConfig(JsonConfigMixin):
             raise ValueError(f"`models` must be a non-empty list of model names, got {self.models!r}.")
         odd = [m for m in self.models if not re.fullmatch(r"(hf-hub:)?\w[\w.-]*(/\w[\w.-]*)?", m, re.A) or ".." in m]
         if odd:  # each name becomes a folder under runs/: `..` would leave it
-            raise ValueError(f"`models` holds {odd}, which are not plain model names: use a timm name (`resnet10t`) or "
-                             "a Hub id (`org/name`, `hf-hub:org/name`), without `..`, spaces or other path parts.")
+            raise ValueError(f"`models` holds {odd}, which are not plain model names: use a timm name (`resnet10t`) "
+                             "or a Hub id (`org/name`, `hf-hub:org/name`), without `..`, spaces or other path parts.")
         if len(set(self.models)) != len(self.models):
             raise ValueError(f"`models` lists a model twice: {self.models}.")
         self.model_kwargs = dict(self.model_kwargs or {})
