@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor, nn
+if TYPE_CHECKING:  # torch is imported where a tensor is looked at: R2Config's checks and `hf-r2 --help` stay light
+    from torch import Tensor, nn
 
 __all__ = [
     "NonFiniteError",
@@ -62,6 +62,8 @@ def check_finite_number(name: str, value: Any, *, minimum: float | None = None) 
 def _named_tensors(obj: nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]):
     """A module's state dict (its parameters and persistent buffers, each tensor once: not the non-persistent
     buffers, where a model may keep an attention mask of -inf on purpose), or the given names and tensors."""
+    from torch import nn
+
     if isinstance(obj, nn.Module):
         seen: set[int] = set()
         for name, tensor in obj.state_dict(keep_vars=True).items():
@@ -76,6 +78,9 @@ def first_nonfinite(obj: nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, 
     """The first floating-point tensor (in the order of the module's state dict, or of the mapping) holding a NaN or an
     infinity, as `(name, "<n> NaN and <m> inf of <numel> values")`; None when every value is finite.
     One device-to-host read for the whole model (not one per tensor), so it is cheap enough before every save."""
+    import torch
+    from torch import Tensor
+
     named = [(name, t.detach()) for name, t in _named_tensors(obj)
              if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and not t.is_meta]
     if not named:
