@@ -14,7 +14,7 @@ from .deploy import onnx_check_available
 from .sweep import weight_decay_role
 from .variants import BASELINE, SCOPE_KEYS, TRAINING_KEYS, on_model, slug
 
-__all__ = ["Run", "plan", "variant_dir", "train_spec", "row_spec"]
+__all__ = ["Run", "plan", "variant_dir", "variant_names", "train_spec", "row_spec"]
 
 
 @dataclass
@@ -105,6 +105,17 @@ def plan(config: ReproduceConfig, chosen: dict[str, dict[str, float | None]] | N
                 if variant is not None:  # at a weight decay not chosen yet: planned once it is
                     add(model, variant, first, sweep["settings"], f"sweep:{base['name']}:{lam:g}")
     return sorted(runs.values(), key=lambda run: run.init_dir is not None)
+
+
+def variant_names(run: Run, config: ReproduceConfig, chosen: dict[str, dict[str, float | None]] | None,
+                  chosen_weight_decay: dict[str, float | None] | None) -> list[str]:
+    """The configured variants `run` is a headline training of, their chosen values resolved (one training can be
+    several: the tuned baseline is the default one when the sweep keeps the default weight decay)."""
+    if "headline" not in run.roles:
+        return []
+    resolved = [(v["name"], config.resolve(v, run.model, chosen, chosen_weight_decay)) for v in config.variants]
+    return [name for name, v in resolved if v is not None and variant_dir(v) == variant_dir(run.variant)
+            and (v["seeds"] is None or run.seed in v["seeds"])]
 
 
 def _file_digest(folder: str) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from .._utils import read_json
 from .config import RUN_INFO_NAME, ReproduceConfig
-from .plan import Run, plan, row_spec
+from .plan import Run, plan, row_spec, variant_names
 from .sweep import chosen_lambdas, chosen_weight_decays, sweep_tables, weight_decay_tables
 from .variants import CHOSEN
 
@@ -64,10 +64,8 @@ def _cached_rows(run: Run, config: ReproduceConfig) -> dict[str, Any]:
 def _as_measured(runs: list[Run], config: ReproduceConfig, chosen_wd: dict[str, float | None] | None
                  ) -> list[dict[str, Any]]:
     """The runs in the shape the sweep tables read, from the cache only."""
-    from .pipeline import _variant_names
-
     return [{"model": r.model, "variant": r.variant, "seed": r.seed, "roles": r.roles, "run_dir": r.run_dir,
-             "variant_names": _variant_names(r, config, None, chosen_wd), "rows": _cached_rows(r, config)}
+             "variant_names": variant_names(r, config, None, chosen_wd), "rows": _cached_rows(r, config)}
             for r in runs]
 
 
