@@ -11,6 +11,7 @@
 from .arguments import DataArguments as DataArguments
 from .arguments import ModelArguments as ModelArguments
 from .arguments import describe_data as describe_data
+from .arguments import fit_input_size as fit_input_size
 from .arguments import load_data as load_data
 from .arguments import record_data_config as record_data_config
 from .checks import canonical_dataset as canonical_dataset
@@ -52,6 +53,7 @@ __all__ = [
     "DataArguments",
     "load_data",
     "record_data_config",
+    "fit_input_size",
     "describe_data",
     # checks
     "canonical_dataset",

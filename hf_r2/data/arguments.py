@@ -1,6 +1,7 @@
 """The dataclasses of `hf-r2 train`'s model and data flags ([`ModelArguments`], [`DataArguments`], parsed with
-[`~transformers.HfArgumentParser`]) and what they turn into: the dataset ([`load_data`]) and the input size recorded
-in the model ([`record_data_config`]). Shared by `hf-r2 train`, `hf-r2 reproduce` and `examples/train_accelerate.py`.
+[`~transformers.HfArgumentParser`]) and what they turn into: the dataset ([`load_data`]) and the input size, which the
+model is fitted to ([`fit_input_size`]) and records ([`record_data_config`]). Shared by `hf-r2 train`,
+`hf-r2 reproduce` and `examples/train_accelerate.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 from .checks import canonical_dataset
 from .loading import HUB_FALLBACKS, LOCAL_DATASETS, find_local_data_dir, hub_dataset_id, load_image_dataset
 
-__all__ = ["ModelArguments", "DataArguments", "load_data", "record_data_config", "describe_data"]
+__all__ = ["ModelArguments", "DataArguments", "load_data", "fit_input_size", "record_data_config", "describe_data"]
 
 
 @dataclass
@@ -188,13 +189,54 @@ def describe_data(data_args: DataArguments, dataset) -> dict[str, Any]:
             "input_size": data_args.input_size}
 
 
-def record_data_config(model, data_args: DataArguments) -> None:
-    """Store the input size trained at in a timm model's `pretrained_cfg`, so that the saved folder preprocesses
-    alike (the whole image for the small-image recipe)."""
+def fit_input_size(model, input_size: int) -> None:
+    """Make `model` take `input_size` x `input_size` images, or refuse in one line before any training.
+
+    A timm model of a fixed input size (`pretrained_cfg["fixed_input_size"]`: ViT, DeiT, Swin, EVA, BEiT, MaxViT,
+    ...) is resized in place with its `set_input_size` (position embeddings resampled, pretrained ones included);
+    then one blank image of that size goes through the model (eval mode, no gradient), and a model that cannot take
+    it (a transformers ViT, a timm model without `set_input_size`, a size too small for the network) is a
+    `ValueError` naming the model's own size, instead of a traceback at the first training step.
+    """
+    import torch
+
+    from ..models import forward_logits, input_shape
+
     cfg = getattr(model, "pretrained_cfg", None)
-    if data_args.input_size is None or not isinstance(cfg, dict):
+    own = None
+    try:
+        own = input_shape(model)[1:]
+    except ValueError:  # no size in the model's config
+        pass
+    if isinstance(cfg, dict) and cfg.get("fixed_input_size") and own != (input_size, input_size) and hasattr(
+            model, "set_input_size"):
+        model.set_input_size(img_size=(input_size, input_size))
+    parameter = next(model.parameters(), None)
+    blank = torch.zeros(1, *input_shape(model, input_size), device=None if parameter is None else parameter.device)
+    training = model.training
+    try:
+        with torch.no_grad():
+            forward_logits(model.eval(), blank)
+    except Exception as err:  # noqa: BLE001 - whatever the model raises, it cannot take this size
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        usual = f" (its own size is {own[0]}: --input_size {own[0]}, or leave the flag out)" if own else ""
+        raise ValueError(f"the model does not take {input_size}x{input_size} images ({type(err).__name__}: "
+                         f"{detail}): choose another --input_size{usual}, or another model.") from None
+    finally:
+        model.train(training)
+
+
+def record_data_config(model, data_args: DataArguments) -> None:
+    """Fit `model` to the input size of `data_args` ([`fit_input_size`]: resized, or refused in one line), and store
+    that size in a timm model's `pretrained_cfg`, so that the saved folder is rebuilt at it and preprocesses alike
+    (the whole image for the small-image recipe)."""
+    if data_args.input_size is None:
         return
     size = int(data_args.input_size)
+    fit_input_size(model, size)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict):
+        return
     update: dict[str, Any] = {"input_size": (3, size, size)}
     if data_args.augment in ("cifar", "none") or (data_args.augment == "auto" and size <= 64):
         update["crop_pct"] = 1.0  # evaluated on the whole image

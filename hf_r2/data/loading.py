@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checks import check_local_path, drop_bad_images
+from .checks import check_local_path, check_parquet_rows, check_rows, drop_bad_images, plausible_column
 from .transforms import collate_fn, with_transforms
 
 __all__ = [
@@ -126,6 +126,7 @@ def _load_raw(name_or_path: str, data_dir: str | None, train_split: str | None, 
         root = find_local_data_dir(data_dir)
         if root is not None and (root / name_or_path).is_dir():
             files = _parquet_files(str(root / name_or_path))
+            check_parquet_rows(files, f"the local copy {root / name_or_path}")
             return load_dataset("parquet", data_files=files), f"local copy {root / name_or_path}", caps
         hub_id, n_train, n_test = HUB_FALLBACKS[name_or_path]
         logger.warning(
@@ -148,6 +149,7 @@ def _load_raw(name_or_path: str, data_dir: str | None, train_split: str | None, 
     if os.path.isdir(name_or_path) or glob.has_magic(name_or_path) or name_or_path.endswith(".parquet"):
         files = _parquet_files(name_or_path)
         if files:
+            check_parquet_rows(files, name_or_path)
             return load_dataset("parquet", data_files=files), f"parquet files {name_or_path}", caps
         if os.path.isdir(name_or_path) and _has_images(name_or_path):
             _check_image_folder(name_or_path)
@@ -186,12 +188,15 @@ def _pick_column(dataset, requested: str | None, kind: str) -> str:
         if name in columns:
             return name
     other = "label" if kind == "image" else "image"
+    fits = [c for c in columns if plausible_column(features[c], kind)]
+    example = (f"e.g. `{kind}_column={fits[0]!r}` (command line: `--{kind}_column {fits[0]}`)" if fits else
+               f"with `{kind}_column=` (command line: `--{kind}_column NAME`), though no column "
+               + ("holds images, file paths or bytes" if kind == "image" else "holds class indices (integers)"))
     raise ValueError(
         f"Could not find the {kind} column: the dataset's columns are "
         f"{ {c: type(features[c]).__name__ for c in columns} }, and none is a "
-        f"`datasets.{feature_type.__name__}` or named one of {list(names)}. Pass it explicitly, e.g. "
-        f"`{kind}_column={columns[0]!r}` (command line: `--{kind}_column {columns[0]}`; the {other} column can be "
-        f"given the same way with `{other}_column=`)."
+        f"`datasets.{feature_type.__name__}` or named one of {list(names)}. Pass it explicitly, {example}; the "
+        f"{other} column can be given the same way with `{other}_column=`."
     )
 
 
@@ -258,7 +263,10 @@ def load_image_dataset(
 
     Whatever the source, the result has exactly two splits, `"train"` and `"test"` (the split evaluated on, whatever
     its original name), and exactly two columns: `image` (a [`~datasets.Image`] feature, decoded to PIL) and
-    `label` (a [`~datasets.ClassLabel`], so [`label_names`] always works). Other columns are dropped.
+    `label` (a [`~datasets.ClassLabel`], so [`label_names`] always works). Other columns are dropped. Each split is
+    checked first ([`~hf_r2.data.checks.check_rows`]): no rows, null images or labels beyond the classes are a
+    `ValueError` naming the fix; rows without a label (-1) are left out of training (counted in the log) and refused
+    in the split evaluated on.
 
     `name_or_path` may be:
 
@@ -301,8 +309,9 @@ def load_image_dataset(
         seed (`int`, *optional*, defaults to `0`):
             Seed of the subsampling shuffles and of a held-out split.
         skip_bad_images (`bool`, *optional*, defaults to `False`):
-            Leave out (and count, in the log) images that do not decode. Without it an image folder with such an
-            image is an error naming the file. Checked here, so that no transform ever sees a bad image.
+            Leave out (and count, in the log) rows whose image is null or does not decode. Without it a null image
+            is an error naming its row, and an image folder's unreadable file one naming the file. Checked here, so
+            that no transform ever sees a bad image.
 
     Returns:
         [`~datasets.DatasetDict`]: with splits `"train"` and `"test"`, columns `image` and `label`.
@@ -339,6 +348,8 @@ def load_image_dataset(
     label_column = _pick_column(train, label_column, "label")
     if image_column == label_column:
         raise ValueError(f"`image_column` and `label_column` are both {image_column!r}; they must differ.")
+    columns = {"image_column": image_column, "label_column": label_column, "skip_bad_images": skip_bad_images}
+    train = check_rows(train, train_split, source, **columns)  # before any hold-out, cap or training
     if validation_size is not None:
         if validation_size >= train.num_rows:
             raise ValueError(f"`validation_size={validation_size}` leaves no training rows: the {train_split!r} split "
@@ -357,6 +368,8 @@ def load_image_dataset(
         if missing:
             raise ValueError(f"The {split_name} split of {source} lacks the columns {missing}; its columns are "
                              f"{split.column_names}.")
+    if validation_size is None and eval_split is not None:  # the source's own split (not held out of training)
+        splits["test"] = check_rows(splits["test"], eval_split, source, evaluated=True, **columns)
     names = _class_names(splits, label_column)
     caps = {"train": max_train_samples or cap_train, "test": max_eval_samples or cap_eval}
     out = {}

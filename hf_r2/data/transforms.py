@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .checks import check_classes
+
 __all__ = ["AugmentType", "SeededTransformDataset", "build_transform", "collate_fn", "sample_seed", "with_transforms"]
 
 
@@ -238,7 +240,8 @@ def with_transforms(dataset, model: nn.Module, train: bool, *, seed: int | None 
 
     With `train=False`: `dataset.with_transform` (applied on access, so nothing is stored), with
     [`build_transform`]`(model, train, **kwargs)` on the `image` column and `label` passed through as `labels`.
-    With `train=True`: a [`SeededTransformDataset`], whose augmentation depends only on `(seed, epoch, index)`.
+    With `train=True`: a [`SeededTransformDataset`], whose augmentation depends only on `(seed, epoch, index)`;
+    training rows of fewer than two classes are refused ([`~hf_r2.data.checks.check_classes`]).
     A `DatasetDict` gets the same transform on every split.
 
     Args:
@@ -267,6 +270,7 @@ def with_transforms(dataset, model: nn.Module, train: bool, *, seed: int | None 
         )
     transform = build_transform(model, train, **kwargs)
     if train:
+        check_classes(dataset)  # one class: nothing to learn, and 100 % accuracy without a word
         return SeededTransformDataset(dataset, transform, seed)
 
     def _apply(batch: dict[str, list]) -> dict[str, list]:
