@@ -61,24 +61,30 @@ def _sweep_cells(row: dict[str, Any], columns: list[str]) -> list[str]:
     return cells
 
 
+def _sweep_section(title: str, note: str, first: str, columns: list[str], rows: list[tuple[str, dict[str, Any]]],
+                   rule: str, chosen: str | None) -> list[str]:
+    """One sweep table (markdown lines): `rows` are `(label, row)`; with validation numbers, the choice (`chosen`,
+    `None`: none) and the `rule` that made it."""
+    validation = any(row.get("val_accuracy") for _, row in rows)
+    lines = [f"## {title}", "", "Top-1 (%) on the test images" + (" (validation in parentheses)" if validation else "")
+             + note + ".", "", f"| {first} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {label} | " + " | ".join(_sweep_cells(row, columns)) + " |" for label, row in rows]
+    if validation:
+        lines += ["", f"Chosen on the validation split ({rule}): {chosen or 'none'}."]
+    return [*lines, ""]
+
+
 def _format_weight_decay_sweep(table: dict[str, Any] | None) -> list[str]:
     """The weight-decay sweep of the baseline, one table per model (markdown lines; none without a sweep)."""
     lines: list[str] = []
     for model, sweep in ((table or {}).get("models") or {}).items():
-        columns = ["FP", *table["settings"]]
-        validation = any(row.get("val_accuracy") for row in sweep["rows"])
-        lines += [f"## Weight-decay sweep: {table['variant']} on {model} (seed {table['seed']})", "",
-                  "Top-1 (%) on the test images" + (" (validation in parentheses)" if validation else "")
-                  + "; the weight decay as a multiple of the recipe's (1: the default).", "",
-                  "| weight decay | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-        for row in sweep["rows"]:
-            label = f"{row['weight_decay']:g} (x{row['factor']:g}" + (", default)" if row["factor"] == 1 else ")")
-            lines.append(f"| {label} | " + " | ".join(_sweep_cells(row, columns)) + " |")
-        if validation:
-            chosen = sweep.get("chosen")
-            lines += ["", f"Chosen on the validation split ({WEIGHT_DECAY_RULE}): "
-                      + (f"{chosen['weight_decay']:g} (x{chosen['factor']:g})." if chosen else "none yet.")]
-        lines.append("")
+        chosen = sweep.get("chosen")
+        rows = [(f"{row['weight_decay']:g} (x{row['factor']:g}" + (", default)" if row["factor"] == 1 else ")"), row)
+                for row in sweep["rows"]]
+        lines += _sweep_section(f"Weight-decay sweep: {table['variant']} on {model} (seed {table['seed']})",
+                                "; the weight decay as a multiple of the recipe's (1: the default)", "weight decay",
+                                ["FP", *table["settings"]], rows, WEIGHT_DECAY_RULE,
+                                chosen and f"{chosen['weight_decay']:g} (x{chosen['factor']:g})")
     return lines
 
 
@@ -233,19 +239,12 @@ def format_report(results: dict[str, Any]) -> str:
     lines += _format_weight_decay_sweep(results.get("weight_decay_sweep"))
     for sweep in results.get("lambda_sweep") or []:
         for model, table in sweep["models"].items():
-            columns = ["FP", *sweep["settings"]]
-            validation = any(row.get("val_accuracy") for row in table["rows"])
-            lines += [f"## Lambda sweep: {sweep['variant']} on {model} (seed {sweep['seed']})", "",
-                      "Top-1 (%) on the test images" + (" (validation in parentheses)" if validation else "") + ".",
-                      "", "| λ | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-            for row in table["rows"]:
-                lam = f"0 ({sweep['reference']})" if row["lambda"] == 0 else f"{row['lambda']:g}"
-                lines.append(f"| {lam} | " + " | ".join(_sweep_cells(row, columns)) + " |")
-            if validation:
-                chosen = table.get("chosen")
-                lines += ["", f"Chosen on the validation split ({SWEEP_RULE}): "
-                          + (f"λ = {chosen['lambda']:g}." if chosen else "none.")]
-            lines.append("")
+            chosen = table.get("chosen")
+            rows = [(f"0 ({sweep['reference']})" if row["lambda"] == 0 else f"{row['lambda']:g}", row)
+                    for row in table["rows"]]
+            lines += _sweep_section(f"Lambda sweep: {sweep['variant']} on {model} (seed {sweep['seed']})", "", "λ",
+                                    ["FP", *sweep["settings"]], rows, SWEEP_RULE,
+                                    chosen and f"λ = {chosen['lambda']:g}")
     timing = results["timing"]
     lines += [
         "## Time",
