@@ -15,7 +15,8 @@ The flags are the fields of `ModelArguments` and `DataArguments` (as in `hf-r2 t
 [`R2Config`]; `--help` lists them. The trained model goes to `<output_dir>/model` (loadable with
 `hf_r2.models.create_model(path, pretrained=True)`), with `r2_config.json` and `r2_stats.json`; resumable
 checkpoints go to `<output_dir>/checkpoints/step_<n>` with `--checkpointing_steps N`, and
-`--resume_from_checkpoint latest` continues from the newest.
+`--resume_from_checkpoint latest` continues from the newest. Ctrl-C, or SIGTERM (what a cluster scheduler sends),
+stops it with one line naming the last complete checkpoint, and status 130 (143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from transformers import HfArgumentParser
 
+from hf_r2.checkpoints import interrupt_exit_code, sigterm_as_interrupt
 from hf_r2.config import R2Config
 from hf_r2.data import (
     DataArguments,
@@ -73,4 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        with sigterm_as_interrupt():  # also while the data loads
+            main(sys.argv[1:])
+    except KeyboardInterrupt as err:  # the loop has said where to resume
+        raise SystemExit(interrupt_exit_code(err)) from None

@@ -9,20 +9,34 @@
 - [`resolve_resume`]: what `resume_from_checkpoint` means: `True` / `"true"` / `"latest"` for the newest complete
   checkpoint (none: start from the beginning, with a warning), or a path that must be a complete checkpoint.
 - [`run_files`] / [`clear_run`]: what of an output folder belongs to a run (so that another run is not mixed into
-  it), and removing it for `overwrite_output_dir`.
+  it), and removing it for `overwrite_output_dir`; [`remove_if_empty`]: an output folder a failed run left empty.
+- Interruptions: [`sigterm_as_interrupt`] makes SIGTERM (what a cluster scheduler sends) raise [`Terminated`], a
+  `KeyboardInterrupt`, so that it is handled as Ctrl-C is; [`interrupted_line`] says where the run can resume and
+  [`interrupt_exit_code`] is 130 for Ctrl-C, 143 for SIGTERM; [`resumable_on_interrupt`] does all of it for the
+  accelerate loop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import re
 import shutil
-from typing import Callable
+import signal
+import threading
+from typing import Any, Callable, Iterator
 
 __all__ = [
     "LATEST",
     "STAGING_PREFIX",
+    "Terminated",
+    "interrupt_exit_code",
+    "interrupted_line",
+    "remove_if_empty",
+    "resumable_on_interrupt",
+    "sigterm_as_interrupt",
     "checkpoint_step",
     "clear_run",
     "is_complete_loop_checkpoint",
@@ -206,3 +220,83 @@ def clear_run(folder: str) -> list[str]:
         else:
             os.remove(path)
     return removed
+
+
+def remove_if_empty(folder: str) -> bool:
+    """Remove `folder` if it holds no file at any depth (only empty folders): what a run that failed before writing
+    anything left (the Trainer creates its output folder when it is built). Returns whether it was removed."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return False
+    for _, _, files in os.walk(folder):
+        if files:
+            return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return not os.path.exists(folder)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a cluster scheduler or `kill` sends), raised in the main thread by [`sigterm_as_interrupt`]:
+    a `KeyboardInterrupt`, so that every `except KeyboardInterrupt` (and every `finally`) treats it as Ctrl-C."""
+
+    exit_code = 128 + signal.SIGTERM  # 143: what the shell reports for a process that SIGTERM ended
+
+
+def interrupt_exit_code(err: BaseException) -> int:
+    """The exit status of a process stopped by `err`: 143 for [`Terminated`] (SIGTERM), 130 for Ctrl-C."""
+    return Terminated.exit_code if isinstance(err, Terminated) else 128 + signal.SIGINT
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within it, SIGTERM raises [`Terminated`] in the main thread, as Ctrl-C raises `KeyboardInterrupt`, so that a
+    run stopped by a scheduler ends as one stopped by Ctrl-C: its `finally` blocks run, staged checkpoints stay
+    complete or absent, and the command says where to resume. Only the first SIGTERM raises; later ones are ignored
+    until the block ends (SIGKILL still ends the process at once). The previous handler comes back afterwards.
+    Does nothing outside the main thread, or when SIGTERM is not at its default (ignored, or someone's handler)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+            signal.SIG_DFL, None):
+        yield
+        return
+    received = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not received:
+            received.append(signum)
+            raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def interrupted_line(err: BaseException, root: str, loop: bool = False) -> str:
+    """`interrupted` or `terminated (SIGTERM)`, then where the run stands: the last complete checkpoint of `root`
+    ([`latest_checkpoint`]), or that none was completed yet (a rerun starts over)."""
+    checkpoint = latest_checkpoint(root, loop=loop)
+    where = (f"the last complete checkpoint is {checkpoint}" if checkpoint else
+             f"no checkpoint was completed in {root} yet (it starts over)")
+    return f"{'terminated (SIGTERM)' if isinstance(err, Terminated) else 'interrupted'}; {where}"
+
+
+def resumable_on_interrupt(function: Callable) -> Callable:
+    """Decorate a training function whose keyword argument `config` has an `output_dir` (the accelerate loop's
+    `LoopConfig`): while it runs SIGTERM is an interrupt ([`sigterm_as_interrupt`]), and an interrupt (Ctrl-C or
+    SIGTERM) logs one line on the main process, with the last complete checkpoint under `output_dir/checkpoints`
+    and how to resume, then goes on up ([`Terminated`] for SIGTERM: [`interrupt_exit_code`] gives 143)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with sigterm_as_interrupt():
+            try:
+                return function(*args, **kwargs)
+            except KeyboardInterrupt as err:
+                output_dir = getattr(kwargs.get("config"), "output_dir", None)
+                if output_dir and int(os.environ.get("RANK", "0") or 0) == 0:
+                    root = os.path.join(output_dir, "checkpoints")
+                    logger.warning("%s: %s; rerun with resume_from_checkpoint='latest' (--resume_from_checkpoint "
+                                   "latest) to continue.", function.__name__, interrupted_line(err, root, loop=True))
+                raise
+
+    return wrapper

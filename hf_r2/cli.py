@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 from ._utils import UsageError
+from .checkpoints import Terminated, interrupt_exit_code, sigterm_as_interrupt
 from .commands.env import env_command_parser
 from .commands.export import export_command_parser
 from .commands.hub import download_command_parser, push_command_parser
@@ -65,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     A mistake of the user's (a bad flag or value, a missing or damaged file: see [`_is_user_error`]) is one line,
     `hf-r2 <cmd>: error: ...`, and a non-zero status (`SystemExit(2)` for a bad flag, as argparse; 1 for the rest);
     other exceptions keep their traceback. `hf-r2 --debug <cmd>` (before the command) or `HF_R2_DEBUG=1` shows the
-    traceback of user errors too. Ctrl-C is one line and status 130.
+    traceback of user errors too. Ctrl-C is one line and status 130; SIGTERM (a cluster scheduler's stop) is
+    handled as Ctrl-C ([`~hf_r2.checkpoints.sigterm_as_interrupt`]), with status 143.
     """
     parser = one_line_errors(argparse.ArgumentParser(
         prog="hf-r2", description="R2-Loss training for timm and Hugging Face vision models."
@@ -94,14 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.extra_args = extra
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.WARNING)
         logging.getLogger("hf_r2").setLevel(logging.INFO)
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:  # `hf-r2 train` says where to resume; the other commands keep what they finished
+        with sigterm_as_interrupt():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as err:  # `hf-r2 train` says where to resume; the other commands keep what they finished
         if _debug(debug):
             raise
         command = f"hf-r2 {args.command}" if getattr(args, "command", None) else "hf-r2"
-        print(f"{command}: interrupted (finished rows and trainings are kept; run it again to continue)",
-              file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"{command}: {what} (finished rows and trainings are kept; run it again to continue)", file=sys.stderr)
+        return interrupt_exit_code(err)
     except USER_ERRORS as err:
         if _debug(debug) or not _is_user_error(err):
             raise

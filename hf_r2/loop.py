@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
+from .checkpoints import resumable_on_interrupt
 from .config import R2Config
 from .divergence import check_step_loss, check_weights
 from .loop_config import (
@@ -232,6 +233,7 @@ def evaluate(model: nn.Module, dataloader: DataLoader, accelerator: Any) -> dict
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@resumable_on_interrupt  # SIGTERM as Ctrl-C; either says where the run can resume
 def train_with_accelerate(
     model: nn.Module,
     train_dataset: Dataset,
@@ -279,6 +281,9 @@ def train_with_accelerate(
         `train_r2_loss` (`lambda * R`), the last `r2_lambda`, the final range statistics `r2_max_abs`,
         `r2_mean_max_over_std`, `r2_max_max_over_std`, `r2_mean_kurtosis` (the R2 entries only with a regularizer),
         and `eval_accuracy` / `eval_loss` when `eval_dataset` is given.
+
+    Ctrl-C, or SIGTERM (a scheduler's stop, raised as [`~hf_r2.checkpoints.Terminated`], a `KeyboardInterrupt`), logs
+    one line with the last complete checkpoint and how to resume, then goes on up; no checkpoint is left half-written.
 
     ```python
     >>> # accelerate launch --multi_gpu --num_processes 2 train.py

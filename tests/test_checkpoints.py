@@ -1,5 +1,6 @@
 """Tests of `hf_r2.checkpoints`: publishing a staged checkpoint over an existing one (and an interruption between its
-two renames), and R2Trainer's staged checkpoints recording the published best checkpoint."""
+two renames), R2Trainer's staged checkpoints recording the published best checkpoint, and SIGTERM raised as an
+interrupt."""
 
 import json
 import os
@@ -111,3 +112,33 @@ def test_trainer_clears_the_staging_folder_before_any_process_writes_into_it(tmp
     first_write = events.index(("rng", False))
     assert first_write > 0 and events[first_write - 1] == ("barrier", False), events
     assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / ".tmp-checkpoint-1").exists()
+
+
+def test_sigterm_as_interrupt_raises_once_then_restores_the_default():
+    """SIGTERM within the block is a `Terminated` (a KeyboardInterrupt, status 143); a second one while the first
+    unwinds is ignored; the default handler is back afterwards, and a handler of someone's own is left alone."""
+    import signal
+    import time
+
+    from hf_r2.checkpoints import Terminated, interrupt_exit_code, sigterm_as_interrupt
+
+    with pytest.raises(Terminated) as info:
+        with sigterm_as_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)  # interrupted at once
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)  # a scheduler that insists: ignored while unwinding
+                time.sleep(0.2)
+    assert isinstance(info.value, KeyboardInterrupt) and interrupt_exit_code(info.value) == 143
+    assert interrupt_exit_code(KeyboardInterrupt()) == 130
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda *args: seen.append(1))
+    try:
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+        assert seen == [1]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,8 +1,11 @@
 """`hf-r2 train` interrupted at any moment (the real entry point, in a subprocess): SIGINT and SIGKILL at seeded random
 moments, some of them while a checkpoint is being written; each time the run is resumed with the default flags
 (`--resume_from_checkpoint latest`, the command Ctrl-C prints), and the final weights equal those of an
-uninterrupted run, bit for bit, with augmentation on."""
+uninterrupted run, bit for bit, with augmentation on. SIGTERM (a cluster scheduler's stop) is handled as Ctrl-C in
+the accelerate loop (`examples/train_accelerate.py`), `hf-r2 reproduce` and `hf-r2 demo`: one line, the last
+complete checkpoint kept, status 143."""
 
+import json
 import os
 import random
 import shlex
@@ -10,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 CLI = [sys.executable, "-m", "hf_r2", "train"]
@@ -115,3 +120,71 @@ def test_interrupt_at_any_moment_then_resume_equals_uninterrupted(data_dir, tmp_
     assert a.keys() == b.keys()
     for name in a:
         assert (a[name] == b[name]).all(), (name, history)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SIGTERM (what a cluster scheduler sends) is handled as Ctrl-C: one line, the last complete checkpoint kept, 143
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _terminate_after_first_checkpoint(cmd, checkpoints, first, timeout=120):
+    """Start `cmd`, wait (bounded) until the complete checkpoint `checkpoints/first` exists, send SIGTERM; returns
+    `(returncode, stderr)`."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (checkpoints / first).is_dir():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"no {first} after {timeout} s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
+def _slow_steps(*argv):
+    # many steps, each checkpointed: the run is still training when its first checkpoint appears
+    return [*argv, "--max_steps", "400"]
+
+
+def test_sigterm_stops_the_accelerate_loop_like_ctrl_c_and_it_resumes(data_dir, tmp_path):
+    example = [sys.executable, str(Path(__file__).resolve().parents[2] / "examples" / "train_accelerate.py")]
+    argv = ["--model", "test_resnet", "--dataset", "cifar10-tiny", "--data_dir", str(data_dir), "--input_size", "32",
+            "--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_batch_size", "4",
+            "--checkpointing_steps", "1", "--use_cpu", "--output_dir", str(tmp_path)]
+    checkpoints = tmp_path / "checkpoints"
+    code, err = _terminate_after_first_checkpoint(example + _slow_steps(*argv), checkpoints, "step_1")
+    assert code == 143, err[-3000:]
+    assert "Traceback" not in err
+    said = [line for line in err.splitlines() if "train_with_accelerate: " in line]  # among the progress bar's
+    assert len(said) == 1, err[-3000:]
+    line = said[0][said[0].index("train_with_accelerate: "):]
+    assert line.startswith("train_with_accelerate: terminated (SIGTERM); the last complete checkpoint is "), line
+    assert "resume_from_checkpoint" in line
+    checkpoint = line.split("the last complete checkpoint is ", 1)[1].split(";", 1)[0]
+    from hf_r2.checkpoints import is_complete_loop_checkpoint
+
+    assert is_complete_loop_checkpoint(checkpoint), os.listdir(checkpoint)
+    step = int(checkpoint.rsplit("_", 1)[1])
+    done = subprocess.run(example + argv + ["--max_steps", str(step + 1), "--resume_from_checkpoint", "latest"],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout[done.stdout.index("{"):])["global_step"] == step + 1
+
+
+@pytest.mark.parametrize("command", ["reproduce", "demo"])
+def test_sigterm_stops_reproduce_and_demo_like_ctrl_c(command):
+    """The command line's handler (every command): SIGTERM mid-command is the Ctrl-C line, with status 143, and the
+    default handler is back once the command returned."""
+    argv = [command, "tiny"] if command == "reproduce" else [command]
+    body = (f"import os, signal, sys, time\nimport hf_r2.commands.reproduce as commands\nfrom hf_r2.cli import main\n"
+            f"def command(args):\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n"
+            f"commands.{command}_command = command\ncode = main({argv!r})\n"
+            f"assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL\nsys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", body], env=_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stderr[-3000:]
+    kept = "(finished rows and trainings are kept; run it again to continue)"
+    assert done.stderr.strip() == f"hf-r2 {command}: terminated (SIGTERM) {kept}"
