@@ -1,7 +1,11 @@
 """`hf-r2 export`: write a saved model folder (a float one from `hf-r2 train`, or a low-bit export of `hf-r2 ptq /
 qat / compress`) in a deployment format, then check the file against hf-r2. `--format onnx`
 ([`~hf_r2.quant.onnx_export.export_onnx`]): a QDQ graph for PTQ / QAT, palette + indices for a palettized model,
-the float graph for a float one; ONNX Runtime's logits are compared with hf-r2's on random inputs. `--format coreml`
+the float graph for a float one; ONNX Runtime's logits are compared with hf-r2's on random inputs, and the file's
+latency in ONNX Runtime (CPU, one thread, batch 1) is measured beside the float file's (`--latency-runs 0` skips
+it). `--storage int8` (the default) stores weight codes as INT8 in the layout ONNX Runtime runs with integer kernels
+(about float speed or faster); `--storage int4` keeps 1- to 4-bit codes as INT4, the smallest file, many times
+slower than float in ONNX Runtime (docs/results.md has the measured table). `--format coreml`
 ([`~hf_r2.quant.coreml_export.export_coreml`]): an `.mlpackage` whose palettized and quantized weights are Core ML
 compressed weights holding hf-r2's palettes, indices and codes (activations stay float); Core ML runs on Apple
 systems only, so the check reads the weights back from the package and compares them with hf-r2's.
@@ -15,20 +19,25 @@ by the next export in that format), which the model card's Deploy section reads
 ```json
 {"format_version": 1, "hf_r2_version": "...", "exports": {"onnx": {
   "format": "onnx", "path": "model.onnx", "file_bytes": 48310, "float_bytes": 312464, "bits_per_weight": 2.31,
-  "weights": "quantized", "low_bit_layers": 21, "opset": 21, "input_size": [3, 32, 32],
+  "weights": "quantized", "low_bit_layers": 21, "opset": 21, "input_size": [3, 32, 32], "storage": "int8",
+  "integer_layers": 8,
   "preprocessing": [{"op": "resize", "size": 32, "interpolation": "bilinear"}, ...],
   "check": {"kind": "logits", "num_images": 8, "seed": 0, "max_abs_diff": 1e-06, "max_abs_logit": 3.1,
             "top1_agreement": 1.0},
   "accuracy": {"onnxruntime": 0.25, "hf_r2": 0.25, "dataset": "cifar10-tiny", "split": "test", "num_images": 200,
                "input_size": 32},
+  "latency": {"ms_per_image": 1.46, "batch_size": 1, "threads": 1, "runs": 10, "onnxruntime": "1.32.0",
+              "float_ms_per_image": 1.1, "float_file_bytes": 1250000},
   "weights_sha256": "..."}}}
 ```
 
 A Core ML entry has `precision`, `deployment_target`, `float_file_bytes` (the same network converted with float
-weights), `activations` and `input_quantizers_dropped` instead of `opset`, a `check` of `kind` `"weights"`
-(`num_layers`, `exact_layers`, `values_match`, `max_abs_diff`, `max_rel_diff`, `missing`) and `accuracy` `null`.
-`check` is `null` when no check ran; `float_bytes` is the float model's weights (the low-bit export's size report, or
-the state dict); `weights_sha256` is [`hf_r2.model_card.weights_digest`] of the folder at export time.
+weights), `activations` and `input_quantizers_dropped` instead of `opset`, `storage`, `integer_layers` and
+`latency`, a `check` of `kind` `"weights"` (`num_layers`, `exact_layers`, `values_match`, `max_abs_diff`,
+`max_rel_diff`, `missing`) and `accuracy` `null`. `check` is `null` when no check ran, `latency` when it was skipped
+(its `float_*` are `null` for a float model); `integer_layers` counts the layers in ONNX Runtime's integer kernels;
+`float_bytes` is the float model's weights (the low-bit export's size report, or the state dict); `weights_sha256`
+is [`hf_r2.model_card.weights_digest`] of the folder at export time.
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ _PRECISIONS = ("float32", "float16")
 # hf_r2.quant.onnx_export's DEFAULT / MIN / MAX_ONNX_OPSET, repeated so that `hf-r2 --help` imports no torch
 # (tests/commands/test_export.py checks that they agree)
 _OPSET, _MIN_OPSET, _MAX_OPSET = 21, 13, 23
+# and its ONNX_STORAGES (the first the default, DEFAULT_ONNX_STORAGE)
+_STORAGES = ("int8", "int4")
 
 
 class _Int:
@@ -89,6 +100,14 @@ def export_command_parser(subparsers=None) -> argparse.ArgumentParser:
                         "<name>.onnx / <name>.mlpackage in the current folder for a Hub id).")
     parser.add_argument("--opset", type=_Int(_MIN_OPSET, _MAX_OPSET), default=_OPSET,
                         help="ONNX opset (onnx only); from 21 on, 1- to 4-bit weights are stored as INT4.")
+    parser.add_argument("--storage", default=_STORAGES[0], choices=_STORAGES,
+                        help="ONNX only: how quantized weights are stored. int8: the layout ONNX Runtime runs with "
+                        "integer kernels (QLinearConv / QGemm) where the result is hf-r2's, at float speed elsewhere; "
+                        "int4: the smallest file (1- to 4-bit codes as INT4 from opset 21), but every weight is "
+                        "dequantized again on each run, many times slower than the float file.")
+    parser.add_argument("--latency-runs", "--latency_runs", type=_Int(0), default=10,
+                        help="ONNX only: time the file and the same network with float weights in ONNX Runtime "
+                        "(CPU, one thread, batch 1, the median of this many runs) and print both (0: skip).")
     parser.add_argument("--input-size", "--input_size", type=_Int(1), default=None,
                         help="Side of the example input in pixels (default: the model's saved one).")
     parser.add_argument("--float-palettes", "--float_palettes", action="store_true",
@@ -131,6 +150,8 @@ def export_command(args: argparse.Namespace) -> int:
     coreml = args.format == "coreml"
     if coreml and (args.opset != _OPSET or args.float_palettes):
         raise UsageError("--opset and --float-palettes apply to --format onnx only.", prog="hf-r2 export")
+    if coreml and args.storage != _STORAGES[0]:
+        raise UsageError("--storage applies to --format onnx only.", prog="hf-r2 export")
     if not coreml and args.precision != _PRECISIONS[0]:
         raise UsageError("--precision applies to --format coreml only.", prog="hf-r2 export")
     if coreml and args.dataset is not None:
@@ -197,7 +218,7 @@ def _export_onnx(model, output: str, args: argparse.Namespace, data: tuple | Non
     staged = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.unchecked")
     try:
         report = export_onnx(model, staged, input_size=args.input_size, opset=args.opset,
-                             palette_lookup=not args.float_palettes)
+                             palette_lookup=not args.float_palettes, storage=args.storage)
         check = None
         if args.check_samples:
             generator = torch.Generator().manual_seed(args.seed)
@@ -222,9 +243,19 @@ def _export_onnx(model, output: str, args: argparse.Namespace, data: tuple | Non
     print(f"Bits per Conv/Linear weight: {report['bits_per_weight']:.2f}; low-bit layers: {report['low_bit_layers']} "
           f"({types}); QuantizeLinear / DequantizeLinear nodes: {report['quantize_linear']} / "
           f"{report['dequantize_linear']}")
+    if "quantized" in report["weights"] and report["storage"] == "int8":
+        quantized = report["integer_layers"] + len(report["float_layers"])
+        print(f"Storage int8: {report['integer_layers']} of {quantized} quantized layers in ONNX Runtime's integer "
+              "kernels (QLinearConv / QGemm), the others in float (their output joins a residual Add, a pooling "
+              "or the logits, their input grid is below 8 bits, or their grid has no int8 codes)")
+    elif "quantized" in report["weights"]:
+        print("Storage int4: every weight dequantized in float on each run (the small file; --storage int8 runs "
+              "faster)")
     entry = {key: report[key] for key in ("file_bytes", "bits_per_weight", "weights", "low_bit_layers", "opset",
-                                          "input_size")}
-    entry.update(check=None, accuracy=None)
+                                          "input_size", "storage", "integer_layers")}
+    entry.update(check=None, accuracy=None, latency=None)
+    if args.latency_runs:
+        entry["latency"] = _latency(model, report, args)
     if check is not None:
         print(f"ONNX Runtime vs hf-r2 on {check['num_images']} random inputs: max |logit difference| "
               f"{check['max_abs_diff']:.3g} (largest |logit| {check['max_abs_logit']:.3g}), top-1 agreement "
@@ -233,6 +264,33 @@ def _export_onnx(model, output: str, args: argparse.Namespace, data: tuple | Non
                           **{k: check[k] for k in ("max_abs_diff", "max_abs_logit", "top1_agreement")}}
     if data is not None:
         entry["accuracy"] = _accuracy(model, report["path"], *data)
+    return entry
+
+
+def _latency(model, report: dict, args: argparse.Namespace) -> dict:
+    """The file's ONNX Runtime latency beside the float file's (the same network with float weights, written to a
+    temporary folder); printed and returned."""
+    import tempfile
+
+    from ..quant.onnx_latency import export_float_reference, ort_latency
+
+    size = report["input_size"]
+    timed = ort_latency(report["path"], size, runs=args.latency_runs, seed=args.seed)
+    entry = {key: timed[key] for key in ("ms_per_image", "batch_size", "threads", "runs", "onnxruntime")}
+    entry.update(float_ms_per_image=None, float_file_bytes=None)
+    what = (f"ONNX Runtime latency (CPU, {timed['threads']} thread, batch {timed['batch_size']}, median of "
+            f"{timed['runs']} runs): {timed['ms_per_image']:.3g} ms per image")
+    if report["weights"] != "float":
+        with tempfile.TemporaryDirectory() as folder:
+            reference = export_float_reference(model, os.path.join(folder, "float.onnx"), input_size=size[-1],
+                                               opset=report["opset"])
+            baseline = ort_latency(reference["path"], size, runs=args.latency_runs, seed=args.seed)
+        entry.update(float_ms_per_image=baseline["ms_per_image"], float_file_bytes=reference["file_bytes"])
+        ratio = timed["ms_per_image"] / baseline["ms_per_image"]
+        what += (f"; the float file {baseline['ms_per_image']:.3g} ms ({ratio:.2f}x its time), "
+                 f"{reference['file_bytes'] / 1024:.1f} KiB ({reference['file_bytes'] / report['file_bytes']:.1f}x "
+                 "this file's size)")
+    print(what)
     return entry
 
 

@@ -3,7 +3,8 @@
 [`rewrite_markers`], which turns the placeholder nodes the TorchScript exporter leaves in the graph (`hf_r2::Weight`,
 `hf_r2::Input`) into standard QuantizeLinear / DequantizeLinear / Gather nodes with those arrays as initializers.
 Imports `onnx` inside the functions only, so this module loads without it; [`require_module`] imports `onnx` /
-`onnxruntime` at a supported version or names the install line.
+`onnxruntime` at a supported version or names the install line, [`ort_session`] opens a file in ONNX Runtime (CPU),
+[`bits_per_weight`] counts a file's stored bits per weight.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._targets import TARGET_LAYER_TYPES
 from .layers import FakeQuantizer
 from .palettize import palette_indices
 from .uniform import quantize_tensor
@@ -37,6 +40,8 @@ __all__ = [
     "rewrite_markers",
     "prune_initializers",
     "count_ops",
+    "bits_per_weight",
+    "ort_session",
 ]
 
 #: The domain of the placeholder nodes; none is left in the saved file.
@@ -143,9 +148,10 @@ def _check_ready(name: str, role: str, quantizer: FakeQuantizer) -> None:
 
 
 @torch.no_grad()
-def encode_uniform(name: str, module: nn.Module, opset: int) -> UniformWeight:
+def encode_uniform(name: str, module: nn.Module, opset: int, int4: bool = True) -> UniformWeight:
     """The weight of quantized layer `name` as ONNX stores it for `opset`: hf-r2's codes (computed with the
-    quantizer's own operations) in one of the forms tabled in [`hf_r2.quant.onnx_export`]."""
+    quantizer's own operations) in one of the forms tabled in [`hf_r2.quant.onnx_export`]; `int4=False` keeps
+    1- to 4-bit codes in INT8 at any opset (the int8 storage)."""
     wq = module.weight_quantizer
     _check_ready(name, "weight", wq)
     weight = module.weight.detach()
@@ -156,7 +162,7 @@ def encode_uniform(name: str, module: nn.Module, opset: int) -> UniformWeight:
     view = [-1] + [1] * (weight.dim() - 1) if per_channel else [1] * weight.dim()
     # the same operations as FakeQuantizer's forward, so the codes are the ones hf-r2 uses
     q = quantize_tensor(weight, scale.reshape(view), zero_point.reshape(view), bits).to(torch.int32)
-    narrow = opset >= 21 and bits <= 4
+    narrow = int4 and opset >= 21 and bits <= 4
     half = None
     if bool(torch.all(2 * zero_point == top)):  # mid-rise: (q - n/2) s
         width = 4 if narrow else 8
@@ -351,3 +357,24 @@ def count_ops(model: Any) -> Counter[str]:
     """`op_type -> number of nodes` in the main graph."""
     return Counter(node.op_type for node in model.graph.node)
 
+
+
+def bits_per_weight(model: nn.Module, weights: dict[str, UniformWeight | PaletteWeight]) -> float:
+    """Stored bits per Conv/Linear weight in the file (float weights at their dtype's width)."""
+    bits, count = 0, 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, TARGET_LAYER_TYPES) or not isinstance(weight, torch.Tensor):
+            continue
+        count += weight.numel()
+        bits += weights[name].stored_bits() if name in weights else 8 * weight.element_size() * weight.numel()
+    return bits / max(1, count)
+
+
+def ort_session(path: str | os.PathLike, session_config: dict[str, str] | None, what: str) -> Any:
+    """An ONNX Runtime session (CPU) of the file `path`, with the session config entries `session_config`."""
+    ort = require_module("onnxruntime", what)
+    options = ort.SessionOptions()
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])

@@ -38,6 +38,12 @@ even, but ONNX rounds `x / s` and then adds `z`, where hf-r2 rounds `x / s + z` 
 one) only where `x / s` lies within a float32 rounding of a half-integer (an exact tie and an odd `z` go opposite
 ways): 7 in a million Gaussian inputs, none of the 400,000 activations `tests/quant/test_onnx_export.py` checks.
 
+Storage. `storage="int8"` (the default): 1- to 7-bit codes as INT8 at any opset, in the layout ONNX Runtime runs
+fast ([`hf_r2.quant._onnx_int8`]: a Conv whose output only feeds the next 8-bit input grid, and a Linear, become
+`QLinearConv` / `QGemm` with hf-r2's codes, BN folded and an int32 bias; the other layers' INT8 codes are folded
+into float weights when the session starts). `storage="int4"`: the table above as it is, the smallest file, but
+dequantized on every run (many times slower than float; the figures in docs/results.md).
+
 Running it. ONNX Runtime executes the graph as written, except that by default it fuses an INT4
 `DequantizeLinear` feeding a `MatMul` (a transformers Linear layer without quantized input) into `MatMulNBits`,
 which quantizes the MatMul's input to int8 on the fly (logits move by up to 1% of the largest); the session config
@@ -68,7 +74,6 @@ import torch
 from torch import Tensor, nn
 
 from .._finite import check_finite_model
-from .._targets import TARGET_LAYER_TYPES
 from ..models import LogitsModule, forward_logits, input_shape
 from ..version import __version__
 from ._onnx_graph import (
@@ -76,15 +81,18 @@ from ._onnx_graph import (
     InputGrid,
     PaletteWeight,
     UniformWeight,
+    bits_per_weight,
     count_ops,
     encode_input,
     encode_palette,
     encode_uniform,
     is_onnx_available,
+    ort_session,
     prune_initializers,
     require_module,
     rewrite_markers,
 )
+from ._onnx_int8 import int8_layout
 from ._palette import learned_palette_modules, set_palette
 from .export import LOW_BIT_CONFIG_NAME, LOW_BIT_WEIGHTS_NAME
 from .layers import FakeQuantizer, QuantLayerMixin, quantize_layer_
@@ -94,6 +102,8 @@ __all__ = [
     "MIN_ONNX_OPSET",
     "MAX_ONNX_OPSET",
     "ONNX_CHECK_TOLERANCE",
+    "ONNX_STORAGES",
+    "DEFAULT_ONNX_STORAGE",
     "is_onnx_available",
     "require_onnx",
     "export_onnx",
@@ -107,6 +117,9 @@ DEFAULT_ONNX_OPSET = 21  # the first opset with INT4 (and UINT4) Q/DQ
 ONNX_CHECK_TOLERANCE = 0.5
 MIN_ONNX_OPSET = 13  # per-channel (axis) DequantizeLinear
 MAX_ONNX_OPSET = 23
+#: How uniform weight grids are stored: `"int8"` (the layout ONNX Runtime fuses into integer kernels) or `"int4"`.
+ONNX_STORAGES = ("int8", "int4")
+DEFAULT_ONNX_STORAGE = "int8"
 _TRACE_MAX_OPSET = 20  # the TorchScript exporter's newest opset; later ones come from onnx.version_converter
 
 
@@ -175,7 +188,7 @@ def _mark_weight(module: nn.Module, key: str, fn: Callable[[Tensor], Tensor]) ->
 
 
 @contextlib.contextmanager
-def _placeholders(model: nn.Module, opset: int, palette_lookup: bool) -> Iterator[tuple[dict, dict]]:
+def _placeholders(model: nn.Module, opset: int, palette_lookup: bool, int4: bool) -> Iterator[tuple[dict, dict]]:
     """Put the placeholders in `model` for the trace; yields `(weights, inputs)` by layer name; undoes it all."""
     if learned_palette_modules(model):
         raise ValueError("`model` is still prepared for DKM (its palettes are being learnt): call "
@@ -188,7 +201,7 @@ def _placeholders(model: nn.Module, opset: int, palette_lookup: bool) -> Iterato
             if isinstance(module, QuantLayerMixin):
                 wq, iq = module.weight_quantizer, module.input_quantizer
                 if wq is not None and wq.enabled:
-                    weights[name] = encode_uniform(name, module, opset)
+                    weights[name] = encode_uniform(name, module, opset, int4)
                     undo.append(_mark_weight(module, name, _frozen(wq)))
                     module.weight_quantizer = None
                     undo.append(lambda m=module, q=wq: setattr(m, "weight_quantizer", q))
@@ -205,27 +218,6 @@ def _placeholders(model: nn.Module, opset: int, palette_lookup: bool) -> Iterato
             step()
 
 
-def _bits_per_weight(model: nn.Module, weights: dict[str, UniformWeight | PaletteWeight]) -> float:
-    """Stored bits per Conv/Linear weight in the file (float weights at their dtype's width)."""
-    bits, count = 0, 0
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, TARGET_LAYER_TYPES) or not isinstance(weight, Tensor):
-            continue
-        count += weight.numel()
-        bits += weights[name].stored_bits() if name in weights else 8 * weight.element_size() * weight.numel()
-    return bits / max(1, count)
-
-
-def _session(path: str | os.PathLike, session_config: dict[str, str] | None, what: str) -> Any:
-    """An ONNX Runtime session (CPU) of the file `path`, with the session config entries `session_config`."""
-    ort = require_module("onnxruntime", what)
-    options = ort.SessionOptions()
-    for key, value in (session_config or {}).items():
-        options.add_session_config_entry(key, value)
-    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-
-
 # ---- public entry points ------------------------------------------------------------------------------------------
 
 
@@ -236,6 +228,7 @@ def export_onnx(
     input_size: int | tuple[int, ...] | None = None,
     opset: int = DEFAULT_ONNX_OPSET,
     palette_lookup: bool = True,
+    storage: str = DEFAULT_ONNX_STORAGE,
 ) -> dict[str, Any]:
     """Write `model` (quantized, palettized or float) to the ONNX file `path` (see the module docstring).
 
@@ -258,12 +251,17 @@ def export_onnx(
         palette_lookup (`bool`, *optional*, defaults to `True`):
             Store palettized weights as palette + indices, rebuilt in the graph by a gather; `False` stores them as
             float32 weights (larger file, no gather).
+        storage (`str`, *optional*, defaults to `"int8"`):
+            `"int8"` (integer kernels in ONNX Runtime where exact, float speed elsewhere) or `"int4"` (the smallest
+            file, slow); see the module docstring.
 
     Returns:
         `dict`: `path`, `opset`, `weights` (`"quantized"`, `"palettized"`, both joined by `+`, or `"float"`),
         `file_bytes`, `low_bit_layers`, `bits_per_weight` (stored bits per Conv/Linear weight, side data included,
         float weights at 32), `code_types` (layers per integer type), `quantize_linear` / `dequantize_linear`
-        (node counts), `input_size`.
+        (node counts), `input_size`, `storage`, `integer_layers` (the layers in the QDQ pattern ONNX Runtime runs as
+        `QLinearConv` / `QGemm`; 0 with `"int4"`) and `float_layers` (`name -> why` for the quantized layers that
+        compute in float with the int8 storage).
     """
     check_finite_model(model, "the model to export")
     onnx = require_module("onnx", "`export_onnx`")
@@ -271,6 +269,8 @@ def export_onnx(
 
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_ONNX_OPSET <= opset <= MAX_ONNX_OPSET:
         raise ValueError(f"`opset` must be an integer from {MIN_ONNX_OPSET} to {MAX_ONNX_OPSET}, got {opset!r}.")
+    if storage not in ONNX_STORAGES:
+        raise ValueError(f"`storage` must be one of {', '.join(map(repr, ONNX_STORAGES))}, got {storage!r}.")
     shape = input_shape(model, input_size)
     parameter = next(model.parameters(), None)
     # a fixed example (the trace does not depend on its values), leaving the global random state alone
@@ -280,7 +280,7 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        with _placeholders(model, opset, palette_lookup) as (weights, inputs), torch.no_grad(), \
+        with _placeholders(model, opset, palette_lookup, storage == "int4") as (weights, inputs), torch.no_grad(), \
                 warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*(TorchScript-based ONNX export|will be removed).*")
@@ -297,6 +297,9 @@ def export_onnx(
         proto = version_converter.convert_version(proto, opset)
     rewrite_markers(proto, weights, inputs)
     prune_initializers(proto)
+    layout = {"fused": [], "float": {}}
+    if storage == "int8" and any(isinstance(w, UniformWeight) for w in weights.values()):
+        layout = int8_layout(proto)
     kinds = ["quantized"] * bool(inputs or any(isinstance(w, UniformWeight) for w in weights.values()))
     kinds += ["palettized"] * any(isinstance(w, PaletteWeight) for w in weights.values())
     onnx.helper.set_model_props(proto, {"hf_r2_version": __version__, "hf_r2_weights": "+".join(kinds) or "float"})
@@ -318,11 +321,14 @@ def export_onnx(
         "weights": "+".join(kinds) or "float",
         "file_bytes": os.path.getsize(path),
         "low_bit_layers": len(weights),
-        "bits_per_weight": _bits_per_weight(model, weights),
+        "bits_per_weight": bits_per_weight(model, weights),
         "code_types": dict(sorted(types.items())),
         "quantize_linear": ops.get("QuantizeLinear", 0),
         "dequantize_linear": ops.get("DequantizeLinear", 0),
         "input_size": list(shape),
+        "storage": storage,
+        "integer_layers": len(layout["fused"]),
+        "float_layers": dict(layout["float"]),
     }
 
 
@@ -352,7 +358,7 @@ def compare_onnx(
         `max_abs_diff <= ONNX_CHECK_TOLERANCE * max_abs_logit` (a QDQ graph's rounding flips move logits by about 1% of
         their mean size; a file that computes something else, by far more). NaN fails the check, never passes it.
     """
-    session = _session(path, session_config, "`compare_onnx`")
+    session = ort_session(path, session_config, "`compare_onnx`")
     was_training = model.training
     model.eval()
     try:
@@ -396,7 +402,7 @@ def onnx_accuracy(
     Returns:
         `dict`: `accuracy` (a fraction, `0.0` without images), `correct` and `num_images`.
     """
-    session = _session(path, session_config, "`onnx_accuracy`")
+    session = ort_session(path, session_config, "`onnx_accuracy`")
     correct = total = 0
     for batch in batches:
         logits = session.run(None, {"pixel_values": batch["pixel_values"].float().cpu().numpy()})[0]

@@ -1,5 +1,6 @@
 """`hf_r2.quant.onnx_export`: PTQ / QAT models as QDQ graphs, palettized models as palette + indices and float models,
-run by ONNX Runtime against hf-r2's own (fake-quantized) PyTorch forward.
+run by ONNX Runtime against hf-r2's own (fake-quantized) PyTorch forward. The QDQ graphs here are the INT4 storage
+(`storage="int4"`, the table of the module docstring as it is); tests/quant/test_onnx_int8.py has the int8 storage.
 
 What is checked, from the parts to the whole:
 
@@ -97,7 +98,7 @@ def _nodes(path) -> dict:
 def test_onnxruntime_computes_what_hf_r2_computes(name, setting, tmp_path):
     torch.manual_seed(0)
     model = _quantize(MODELS[name]().eval(), setting)
-    report = export_onnx(model, tmp_path / "model.onnx", input_size=SIZE)
+    report = export_onnx(model, tmp_path / "model.onnx", input_size=SIZE, storage="int4")
     check = compare_onnx(model, report["path"], _images(NUM_IMAGES, seed=3))
     print(f"\n{name} {setting}: {report['file_bytes']} bytes, {report['bits_per_weight']:.2f} bits/weight, "
           f"{report['code_types']}, Q/DQ {report['quantize_linear']}/{report['dequantize_linear']}; max |d| "
@@ -139,7 +140,8 @@ def test_files_get_smaller_with_fewer_bits(tmp_path):
     for setting in ("FP", "W8A8", "W4A8", "W2A8", "P2"):
         torch.manual_seed(0)
         model = _quantize(MODELS["efficientnet"]().eval(), setting)
-        sizes[setting] = export_onnx(model, tmp_path / f"{setting}.onnx", input_size=SIZE)["file_bytes"]
+        report = export_onnx(model, tmp_path / f"{setting}.onnx", input_size=SIZE, storage="int4")
+        sizes[setting] = report["file_bytes"]
     print(f"\nefficientnet file sizes: {sizes}")
     # the file also holds biases, BN parameters, per-channel scales and the graph: tiny layers here
     assert sizes["FP"] > 2 * sizes["W8A8"] and sizes["W8A8"] > sizes["W4A8"] > sizes["W2A8"]
@@ -166,7 +168,7 @@ def test_weights_dequantize_to_hf_r2_weights(w_bits, opset, onnx_type, exact, pe
     config = PTQConfig(w_bits=w_bits, a_bits=8, per_channel=per_channel, first_last_bits=None, bn="keep",
                        calibration_batches=2)
     model = post_training_quantize_(conv_net().eval(), config, _calibration())
-    report = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE, opset=opset)
+    report = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE, opset=opset, storage="int4")
     assert report["opset"] == opset and report["code_types"] == {onnx_type: 4}
     nodes = _nodes(report["path"])
     layers = dict(quantized_layers(model))
@@ -198,7 +200,7 @@ def test_asymmetric_weight_grids_keep_their_zero_points(opset, onnx_type, tmp_pa
     for module in (model[0], model[4]):
         quantize_layer_(module, FakeQuantizer(4, symmetric=False, per_channel=True, channels=module.weight.shape[0])
                         .init_from(module.weight, "maxabs"), None)
-    report = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE, opset=opset)
+    report = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE, opset=opset, storage="int4")
     assert report["code_types"] == {onnx_type: 2}
     initializers = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(report["path"]).graph.initializer}
     assert initializers["0.weight_zero_point"].astype(int).max() > 0  # the grid's own zero points
@@ -211,7 +213,7 @@ def test_an_input_grid_of_zero_step_gives_zeros(tmp_path):
     """A layer whose calibration saw a single value (step 0) gets 0 inputs in hf-r2; the graph multiplies by 0."""
     model = _quantize(conv_net().eval(), "W4A8")
     model[4].input_quantizer.scale.data.zero_()
-    report = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE)
+    report = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE, storage="int4")
     assert "4/input/Mul" in _nodes(report["path"]) and report["quantize_linear"] == 3
     check = compare_onnx(model, report["path"], _images(8, seed=3))
     assert check["max_abs_diff"] <= 1e-4 * max(1.0, check["max_abs_logit"])
@@ -219,7 +221,7 @@ def test_an_input_grid_of_zero_step_gives_zeros(tmp_path):
 
 def test_palette_weights_are_exact(tmp_path):
     model = palettize_(conv_net().eval(), PalettizeConfig(bits=2, group_size=1))
-    report = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE, opset=17)
+    report = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE, opset=17, storage="int4")
     assert report["code_types"] == {"UINT8": 4}  # before opset 21: one byte per index
     nodes = _nodes(report["path"])
     names = [n for n, m in model.named_modules() if hasattr(m, "weight_palette")]
@@ -233,7 +235,7 @@ def test_palette_weights_are_exact(tmp_path):
 def test_input_qdq_matches_fake_quantizer_layer_by_layer(a_bits, tmp_path):
     torch.manual_seed(0)
     model = _quantize(MODELS["efficientnet"]().eval(), f"W2A{a_bits}")
-    report = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE)
+    report = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE, storage="int4")
     nodes = _nodes(report["path"])
     layers = [(n, m) for n, m in quantized_layers(model) if m.input_quantizer is not None]
     names = []
