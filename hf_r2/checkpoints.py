@@ -247,17 +247,18 @@ def interrupt_exit_code(err: BaseException) -> int:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[list[int]]:
     """Within it, SIGTERM raises [`Terminated`] in the main thread, as Ctrl-C raises `KeyboardInterrupt`, so that a
     run stopped by a scheduler ends as one stopped by Ctrl-C: its `finally` blocks run, staged checkpoints stay
     complete or absent, and the command says where to resume. Only the first SIGTERM raises; later ones are ignored
     until the block ends (SIGKILL still ends the process at once). The previous handler comes back afterwards.
-    Does nothing outside the main thread, or when SIGTERM is not at its default (ignored, or someone's handler)."""
+    Yields a list that holds `SIGTERM` once one came (for a caller whose code handled the interrupt itself). Does
+    nothing outside the main thread, or when SIGTERM is not at its default (ignored, or someone's handler)."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
             signal.SIG_DFL, None):
-        yield
+        yield received
         return
-    received = []
 
     def handler(signum: int, frame: Any) -> None:
         if not received:
@@ -266,7 +267,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
     signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

@@ -96,8 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.extra_args = extra
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.WARNING)
         logging.getLogger("hf_r2").setLevel(logging.INFO)
-        with sigterm_as_interrupt():
-            return int(args.func(args) or 0)
+        with sigterm_as_interrupt() as terminated:
+            code = int(args.func(args) or 0)
+        # a command that says itself where to resume (hf-r2 train) returns Ctrl-C's status: SIGTERM's is 143
+        return Terminated.exit_code if terminated and code == interrupt_exit_code(KeyboardInterrupt()) else code
     except KeyboardInterrupt as err:  # `hf-r2 train` says where to resume; the other commands keep what they finished
         if _debug(debug):
             raise

@@ -2,12 +2,13 @@
 moments, some of them while a checkpoint is being written; each time the run is resumed with the default flags
 (`--resume_from_checkpoint latest`, the command Ctrl-C prints), and the final weights equal those of an
 uninterrupted run, bit for bit, with augmentation on. SIGTERM (a cluster scheduler's stop) is handled as Ctrl-C in
-the accelerate loop (`examples/train_accelerate.py`), `hf-r2 reproduce` and `hf-r2 demo`: one line, the last
-complete checkpoint kept, status 143."""
+`hf-r2 train`, the accelerate loop (`examples/train_accelerate.py`), `hf-r2 reproduce` and `hf-r2 demo`: one line,
+the last complete checkpoint kept, status 143."""
 
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -148,6 +149,27 @@ def _terminate_after_first_checkpoint(cmd, checkpoints, first, timeout=120):
 def _slow_steps(*argv):
     # many steps, each checkpointed: the run is still training when its first checkpoint appears
     return [*argv, "--max_steps", "400"]
+
+
+def test_sigterm_stops_hf_r2_train_like_ctrl_c_and_it_resumes(data_dir, tmp_path):
+    out = tmp_path / "run"
+    code, err = _terminate_after_first_checkpoint(CLI + _slow_steps(*_argv(data_dir, out)), out, "checkpoint-1")
+    assert code == 143, err[-3000:]
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # Ctrl-C's line (which may name the signal)
+    assert re.match(r"hf-r2 train: (interrupted|terminated \(SIGTERM\)); the last complete checkpoint is ", line), err
+    checkpoint = line.split("the last complete checkpoint is ", 1)[1].split(";", 1)[0]
+    from hf_r2.checkpoints import is_complete_trainer_checkpoint
+
+    assert is_complete_trainer_checkpoint(checkpoint), os.listdir(checkpoint)
+    resume = shlex.split(line.split("resume with: ", 1)[1])
+    assert resume[:2] == ["hf-r2", "train"] and resume[-2:] == ["--resume_from_checkpoint", "latest"]
+    step = int(checkpoint.rsplit("-", 1)[1])
+    done = subprocess.run(CLI + resume[2:] + ["--max_steps", str(step + 1)], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == step + 1 and (out / "model.safetensors").is_file()
 
 
 def test_sigterm_stops_the_accelerate_loop_like_ctrl_c_and_it_resumes(data_dir, tmp_path):
