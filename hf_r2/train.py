@@ -70,6 +70,8 @@ def train_model(
     *,
     dataset: str | None = None,
     compute_metrics: Callable | None = None,
+    log_lines: bool = True,
+    indent: str = "",
 ) -> tuple[R2Trainer, Any]:
     """Train `model` with [`R2Trainer`] and save it: the recipe every hf-r2 training follows.
 
@@ -77,6 +79,10 @@ def train_model(
     compute_metrics=compute_metrics)`, trains (resuming from `training_args.resume_from_checkpoint`), saves the
     model folder to `training_args.output_dir` (`model.safetensors` + `config.json`, `r2_config.json`,
     `r2_stats.json`) and records `dataset` and its Hub id in `r2_training.json` (which the model card cites).
+
+    Its output is readable in a terminal and in a file ([`hf_r2.progress.use_readable_progress`]): a bar in a
+    terminal (unless `disable_tqdm`), else a plain line at each tenth of the steps; one line per log instead of the
+    Trainer's raw dicts; a last line with the time and the final loss.
 
     Args:
         model (`nn.Module`):
@@ -89,11 +95,17 @@ def train_model(
             The dataset's name as [`hf_r2.data.load_image_dataset`] takes it, for `r2_training.json`.
         compute_metrics (`Callable`, *optional*):
             The Trainer's `compute_metrics`, e.g. [`hf_r2.metrics.compute_accuracy`].
+        log_lines (`bool`, *optional*, defaults to `True`):
+            Print one line per logging step (`False`: the progress and the last line only, for callers that
+            report on their own, such as `hf-r2 reproduce`).
+        indent (`str`, *optional*, defaults to `""`):
+            Put before each of those lines.
 
     Returns:
         `tuple`: the trainer and the `TrainOutput` of `trainer.train()`.
     """
     from .data import collate_fn, hub_dataset_id
+    from .progress import use_readable_progress
     from .saving import update_training_info
     from .trainer import R2Trainer
 
@@ -105,6 +117,7 @@ def train_model(
         data_collator=collate_fn,
         compute_metrics=compute_metrics,
     )
+    use_readable_progress(trainer, log_lines=log_lines, indent=indent)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if trainer.args.should_save:

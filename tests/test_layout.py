@@ -8,7 +8,7 @@ The layers, bottom to top (docs/development.md):
 1. `config`, `losses`, `models`, `_r2_plan`, `_r2_kernels`: the R2 vocabulary and the model factory
 2. `regularizer`, `metrics`, `data`, `saving`, `plots`: the building blocks
 3. `quant`: low-bit methods and export
-4. `training_args`, `trainer`, `loop_config`, `loop`, `model_card`: training and cards
+4. `training_args`, `trainer`, `loop_config`, `loop`, `model_card`, `progress`: training, its output and cards
 5. `hub`, `train`: the Hub and the one training recipe
 6. `reproduce`: the paper's comparison
 7. `commands`, `cli`, `__main__`: the command line (imported by nothing)
@@ -28,7 +28,7 @@ LAYERS = [
     {"config", "losses", "models", "_r2_plan", "_r2_kernels"},
     {"regularizer", "metrics", "data", "saving", "plots"},
     {"quant"},
-    {"training_args", "trainer", "loop_config", "loop", "model_card", "checkpoints", "divergence"},
+    {"training_args", "trainer", "loop_config", "loop", "model_card", "checkpoints", "divergence", "progress"},
     {"hub", "train"},
     {"reproduce"},
     {"commands", "cli", "__main__"},

@@ -189,11 +189,13 @@ def train_command(args: argparse.Namespace) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         print(_cached_help(), end="")
         return 0
+    from ..progress import bars_wanted, readable_logging
     from ..train import run_train
 
     model_args, data_args, training_args = _parse_train_args(argv)
     try:
-        results = run_train(model_args, data_args, training_args)
+        with readable_logging(bars_wanted(not training_args.disable_tqdm)):  # log lines above the bar, not through it
+            results = run_train(model_args, data_args, training_args)
     except KeyboardInterrupt:
         return _interrupted(argv, training_args.output_dir)
     print(_final_line(training_args.output_dir, results["eval"]))
