@@ -3,6 +3,7 @@ recorded), used by `hf-r2 train` ([`run_train`]), `hf-r2 reproduce` and the demo
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -132,7 +133,8 @@ def run_train(
 
     First, before anything is loaded or written: [`prepare_output_dir`] (an `output_dir` holding another run is
     refused without `overwrite_output_dir`; `resume_from_checkpoint="latest"` or `True` is the newest complete
-    checkpoint); the previous run's files go ([`clear_previous_run`]) only once the data and the model loaded.
+    checkpoint); the previous run's files go ([`clear_previous_run`]) only once the data and the model loaded. A run
+    that stops before writing anything (a refusal, an interrupt) leaves no empty `output_dir` it created behind.
     Augmentation draws depend only on `(seed, epoch, index)`, so a resumed run ends with the same weights as an
     uninterrupted one.
 
@@ -147,11 +149,13 @@ def run_train(
     """
     from transformers import set_seed
 
+    from .checkpoints import remove_if_empty
     from .data import describe_data, label_names, load_data, record_data_config, with_transforms
     from .metrics import compute_accuracy_and_chance
     from .models import create_model
     from .saving import update_training_info
 
+    created = not os.path.exists(training_args.output_dir)
     training_args.resume_from_checkpoint = prepare_output_dir(training_args)
     set_seed(training_args.seed)
     ds = load_data(data_args, seed=training_args.seed)
@@ -161,14 +165,19 @@ def run_train(
     train_rows = with_transforms(ds["train"], model, train=True, seed=training_args.seed, **transform_kw)
     record_data_config(model, data_args)
     clear_previous_run(training_args)
-    trainer, train_result = train_model(
-        model,
-        training_args,
-        train_rows,
-        with_transforms(ds["test"], model, train=False, **transform_kw),
-        dataset=data_args.dataset_name,
-        compute_metrics=compute_accuracy_and_chance,
-    )
+    try:
+        trainer, train_result = train_model(
+            model,
+            training_args,
+            train_rows,
+            with_transforms(ds["test"], model, train=False, **transform_kw),
+            dataset=data_args.dataset_name,
+            compute_metrics=compute_accuracy_and_chance,
+        )
+    except BaseException:  # a refusal (a diverged loss) or an interrupt before anything was written
+        if created and training_args.process_index == 0:
+            remove_if_empty(training_args.output_dir)  # the Trainer made the folder: no empty one is left behind
+        raise
     if trainer.args.should_save:  # what the data really was (source, splits, image counts), for the model card
         update_training_info(training_args.output_dir, data=describe_data(data_args, ds))
     train_metrics = dict(train_result.metrics, train_samples=ds["train"].num_rows)

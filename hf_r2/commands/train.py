@@ -6,8 +6,9 @@ training itself is [`hf_r2.train.run_train`].
 `--help` lists hf-r2's own flags first, in their own groups (model, data, R2-Loss), and the Trainer's after them.
 Building that parser imports transformers and torch (seconds), so the help text is cached once per hf-r2 /
 transformers version and source of the flags ([`_cached_help`]): later `--help` calls print it without importing them.
-Ctrl-C stops the training with one line: where the last complete checkpoint is, and the command that resumes. The
-last line says where the model went, and whether its accuracy is at chance level (it learnt nothing).
+Ctrl-C (or SIGTERM, a scheduler's stop: status 143) stops the training with one line: where the last complete
+checkpoint is, and the command that resumes. The last line says where the model went, and whether its accuracy is at
+chance level (it learnt nothing).
 """
 
 from __future__ import annotations
@@ -131,14 +132,14 @@ def resume_command(argv: Sequence[str]) -> str:
     return shlex.join(["hf-r2", "train", *kept, "--resume_from_checkpoint", "latest"])
 
 
-def _interrupted(argv: Sequence[str], output_dir: str) -> int:
-    from ..checkpoints import latest_checkpoint
+def _interrupted(argv: Sequence[str], output_dir: str, err: KeyboardInterrupt) -> int:
+    """Ctrl-C's or SIGTERM's one line (what stopped it, the last complete checkpoint, the command that resumes);
+    returns the status, 130 or 143."""
+    from ..checkpoints import interrupt_exit_code, interrupted_line
 
-    checkpoint = latest_checkpoint(output_dir)
-    where = f"the last complete checkpoint is {checkpoint}" if checkpoint else \
-        f"no checkpoint was completed in {output_dir} yet (it starts over)"
-    print(f"hf-r2 train: interrupted; {where}; resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
-    return 130
+    print(f"hf-r2 train: {interrupted_line(err, output_dir)}; resume with: {resume_command(argv)}", file=sys.stderr,
+          flush=True)
+    return interrupt_exit_code(err)
 
 
 def _help_cache_path() -> str:
@@ -196,8 +197,8 @@ def train_command(args: argparse.Namespace) -> int:
     try:
         with readable_logging(bars_wanted(not training_args.disable_tqdm)):  # log lines above the bar, not through it
             results = run_train(model_args, data_args, training_args)
-    except KeyboardInterrupt:
-        return _interrupted(argv, training_args.output_dir)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (hf_r2.checkpoints.Terminated)
+        return _interrupted(argv, training_args.output_dir, err)
     print(_final_line(training_args.output_dir, results["eval"]))
     return 0
 

@@ -146,3 +146,14 @@ def test_model_that_cannot_take_the_input_size_refused(data_dir, tmp_path, capsy
     out = tmp_path / "out"
     code = main(["train", *tiny_train_argv(data_dir, out, "--model", str(folder), "--max_steps", "1")])
     _refused(capsys, code, out, "does not take 32x32 images", "--input_size 64")
+
+
+def test_a_refusal_during_training_leaves_no_empty_output_folder(data_dir, tmp_path, capsys):
+    """A training that diverges before its first checkpoint saved nothing: the folder the Trainer made goes too (a
+    folder that existed before stays)."""
+    out = tmp_path / "out"
+    argv = tiny_train_argv(data_dir, out, "--max_steps", "3", "--learning_rate", "1e30")
+    _refused(capsys, main(["train", *argv]), out, "the training diverged", "no checkpoint was saved")
+    out.mkdir()
+    assert main(["train", *argv]) == 1
+    assert out.is_dir()
