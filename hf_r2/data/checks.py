@@ -141,7 +141,7 @@ def check_rows(split, split_name: str, where: str, *, image_column: str = "image
     what = f"the {split_name!r} split of {where}"
     if split.num_rows == 0:
         raise ValueError(f"{what} has no rows: point --dataset at data with rows in it"
-                         + (", or name another split with --eval_split." if evaluated else "."))
+                         + (" (hf-r2 train: or name another split with --eval_split)." if evaluated else "."))
     keep = set(range(split.num_rows))
     if _count(_missing_images(split.data.column(image_column))):  # the whole table first: no copy when none is
         no_image = _rows(_missing_images(split.with_format("arrow")[image_column]))
@@ -167,7 +167,8 @@ def check_rows(split, split_name: str, where: str, *, image_column: str = "image
         raise ValueError(
             f"{len(unlabelled)} of the {split.num_rows} rows of {what}, the split evaluated on, have no label (-1, "
             "a ClassLabel's 'no label', or null; e.g. a benchmark's hidden test labels): evaluate on a labelled "
-            "split (--eval_split NAME), or hold out training images with --validation_size N.")
+            "split (hf-r2 train: --eval_split NAME, or --validation_size N to hold out training images; the other "
+            "commands: data whose test split is labelled).")
     if unlabelled:
         logger.warning("Left out %d of the %d row(s) of %s: they have no label (-1, a ClassLabel's 'no label', or "
                        "null).", len(unlabelled), split.num_rows, what)
