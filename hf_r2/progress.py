@@ -244,25 +244,44 @@ def use_readable_progress(trainer, *, bar: bool | None = None, log_lines: bool =
 @contextlib.contextmanager
 def readable_logging(bars: bool) -> Iterator[None]:
     """While bars may be drawn, log records (hf-r2's, through the root logger, and transformers') go through
-    `tqdm.write`, above the bars instead of through them; stdout is line-buffered throughout (a log file gets each
-    line when it is printed, not in blocks)."""
+    `tqdm.write`, above the bars instead of through them; without bars, the `datasets` library draws none either
+    (its "Generating train split" and "Map" bars). stdout is line-buffered throughout (a log file gets each line
+    when it is printed, not in blocks)."""
     reconfigure = getattr(sys.stdout, "reconfigure", None)
     buffered = getattr(sys.stdout, "line_buffering", True)
     if reconfigure is not None and not buffered:
         with contextlib.suppress(ValueError, OSError):
             reconfigure(line_buffering=True)
     try:
-        if bars:
-            from tqdm.contrib.logging import logging_redirect_tqdm
+        with contextlib.ExitStack() as stack:
+            if bars:
+                from tqdm.contrib.logging import logging_redirect_tqdm
 
-            with logging_redirect_tqdm(loggers=[logging.root, logging.getLogger("transformers")]):
-                yield
-        else:
+                stack.enter_context(logging_redirect_tqdm(loggers=[logging.root, logging.getLogger("transformers")]))
+            else:
+                stack.enter_context(_no_datasets_bars())
             yield
     finally:
         if reconfigure is not None and not buffered:
             with contextlib.suppress(ValueError, OSError):
                 reconfigure(line_buffering=False)
+
+
+@contextlib.contextmanager
+def _no_datasets_bars() -> Iterator[None]:
+    """The `datasets` library's progress bars off for the block (as they were after it)."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - a dependency of hf-r2
+        yield
+        return
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 @contextlib.contextmanager

@@ -106,5 +106,9 @@ def test_quiet_info_and_readable_logging(caplog):
     assert [r.getMessage() for r in caplog.records] == ["kept", "shown again"]
     with readable_logging(bars=True):  # handlers swapped for tqdm's and back
         logging.getLogger("hf_r2.x").warning("through tqdm")
-    with readable_logging(bars=False):
-        pass
+    import datasets
+
+    assert not datasets.are_progress_bars_disabled()
+    with readable_logging(bars=False):  # no bar of the datasets library in a pipe either
+        assert datasets.are_progress_bars_disabled()
+    assert not datasets.are_progress_bars_disabled()
