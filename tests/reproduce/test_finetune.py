@@ -63,7 +63,8 @@ def test_fine_tunes_start_from_the_baseline_and_choose_on_validation(tmp_path, d
     # baselines first; every fine-tune (both seeds, the sweep) starts from the first seed's baseline
     assert [r.init_dir is None for r in runs] == [True, True] + [False] * (len(runs) - 2)
     assert {r.init_dir for r in runs[2:]} == {base_dir}
-    assert config.recipe("test_resnet", VARIANTS[2]) == {"lr": 0.01, "weight_decay": 1e-4, "epochs": 2.0}
+    assert config.recipe("test_resnet", VARIANTS[2]) == {"lr": 0.01, "weight_decay": 1e-4, "epochs": 2.0,
+                                                         "warmup_ratio": 0.05}
 
     results = run_reproduce(config, progress=False, print_fn=None)
     by_name = {(r["variant"]["name"], r["seed"]): r for r in results["runs"]}
