@@ -12,6 +12,7 @@ from .._utils import read_json
 from .config import RUN_INFO_NAME, ReproduceConfig
 from .plan import Run, plan, row_spec, variant_names
 from .sweep import chosen_lambdas, chosen_weight_decays, sweep_tables, weight_decay_tables
+from .training import run_lock
 from .variants import CHOSEN
 
 __all__ = ["run_states", "format_status"]
@@ -21,20 +22,10 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 def _locked_elsewhere(run: Run) -> bool:
     """Whether another process holds `run`'s lock (is training or measuring it)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    if not os.path.exists(run.run_dir.rstrip("/\\") + ".lock"):  # never trained: do not create its lock file
         return False
-    path = run.run_dir.rstrip("/\\") + ".lock"
-    if not os.path.exists(path):
-        return False
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
+    with run_lock(run, wait=False) as held:
+        return not held
 
 
 def _epochs_done(run_dir: str) -> float | None:
