@@ -61,7 +61,6 @@ from .config import REPRODUCE_CONFIG_NAME as REPRODUCE_CONFIG_NAME
 from .config import RESULTS_NAME as RESULTS_NAME
 from .config import RUN_INFO_NAME as RUN_INFO_NAME
 from .config import ReproduceConfig as ReproduceConfig
-from .pipeline import run_reproduce as run_reproduce
 from .presets import CONFIG_PRESETS as CONFIG_PRESETS
 from .presets import load_config as load_config
 from .report import assemble_results as assemble_results
@@ -91,3 +90,13 @@ __all__ = [
     "apply_low_bit_",
     "apply_setting",
 ]
+
+
+def __getattr__(name: str):
+    # `run_reproduce` is imported on first use: `hf-r2 demo --help` (which reads the demo's defaults from this
+    # package) then loads no training code, nor what it imports (transformers, torch)
+    if name == "run_reproduce":
+        from .pipeline import run_reproduce
+
+        return run_reproduce
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
