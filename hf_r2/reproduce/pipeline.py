@@ -1,5 +1,6 @@
-"""The `hf-r2 reproduce` run: the data, the measured rows with their caches, and [`run_reproduce`], which ties the
-plan (which trainings, which low-bit rows on each), the trainings ([`hf_r2.reproduce.training`]) and the report."""
+"""The `hf-r2 reproduce` run: the data, the trainings (in [`hf_r2.reproduce.training`]), the measured rows with
+their caches, and [`run_reproduce`], which ties them to the plan (which trainings, which low-bit rows on each) and
+the report."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .._utils import read_json, write_json_atomic, write_text_atomic
+from ..progress import bars_wanted, format_seconds, quiet_info, readable_logging, say
 from .apply import apply_setting
 from .config import REPORT_NAME, RESULTS_NAME, RUN_INFO_NAME, ReproduceConfig
 from .deploy import onnx_check
 from .plan import Run, plan, row_spec, variant_names
 from .report import assemble_results, format_report
 from .sweep import chosen_lambdas, chosen_weight_decays, sweep_tables, weight_decay_tables
-from .training import run_lock, train_all
+from .training import run_label, run_lock, train_all
 from .variants import CHOSEN, slug
 
 __all__ = ["run_reproduce"]
@@ -106,7 +108,7 @@ def _measure(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> 
     rows: dict[str, Any] = {}
     todo = ["FP", *run.settings]
     bar = tqdm(todo, desc=f"low-bit {run.model}/{run.variant['name']}/seed{run.seed}", leave=False,
-               disable=not progress)
+               disable=not bars_wanted(progress))
     for name in bar:
         setting = None if name == "FP" else config.setting(name)
         method = "float" if setting is None else setting["method"]
@@ -122,8 +124,9 @@ def _measure(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> 
             model = float_model
         else:
             torch.manual_seed(run.seed)
-            model = apply_setting(copy.deepcopy(float_model), setting, config, run.seed,
-                                  calibration=model_data.calibration, train_dataset=model_data.train)
+            with quiet_info("hf_r2.quant"):  # this row's line below says what it gave
+                model = apply_setting(copy.deepcopy(float_model), setting, config, run.seed,
+                                      calibration=model_data.calibration, train_dataset=model_data.train)
         accuracy = evaluate_accuracy(model, model_data.eval)["accuracy"]
         measured = {"seconds": time.perf_counter() - start, "spec": spec}
         if model_data.val is not None:
@@ -144,7 +147,11 @@ def _measure(run: Run, data: _Data, config: ReproduceConfig, progress: bool) -> 
             }
         update_results(run.run_dir, [row])
         rows[name] = {**row, "cached": False}
+        say(f"  {name}: top-1 {100 * accuracy:.2f} ({format_seconds(measured['seconds'])})")
         del model
+    reused = sum(row["cached"] for row in rows.values())
+    if reused:
+        say(f"  {reused} of {len(rows)} rows from the cache")
     return {"rows": rows, "stats": stats, "float_model": float_model}
 
 
@@ -156,7 +163,6 @@ def _measure_all(
     """The measured runs (rows, stats, curves; `variant_names`: the configured variants each run is, with their
     `chosen` lambdas resolved) and, with `plots`, what the plots need from the first seed's models."""
     import numpy as np
-    from tqdm.auto import tqdm
 
     from .._targets import find_target_modules
     from ..plots import select_layers
@@ -166,7 +172,8 @@ def _measure_all(
     weights: dict[str, dict[str, dict[str, Any]]] = {}
     layer_stats: dict[str, dict[str, Any]] = {}
     plot_layers: dict[str, list[str]] = {}
-    for run in tqdm(runs_planned, desc="low-bit rows", disable=not progress):
+    for index, run in enumerate(runs_planned, 1):
+        say(f"Measuring {index} of {len(runs_planned)}: {run_label(run)}, FP and {len(run.settings)} low-bit rows")
         with run_lock(run):  # another process measuring it writes the same cache: its rows are then reused
             measured = _measure(run, data, config, progress)
         names = variant_names(run, config, chosen, chosen_weight_decay)
@@ -209,7 +216,8 @@ def run_reproduce(
         config ([`ReproduceConfig`], `str` or `os.PathLike`):
             The config, or a YAML / JSON file of it.
         progress (`bool`, *optional*, defaults to `True`):
-            Show progress bars (over the trainings, the runs' low-bit rows, and the Trainer's and fine-tunes' own).
+            Show progress bars (each training's, each run's low-bit rows' and the fine-tunes' own) when stdout and
+            stderr are a terminal; otherwise, or with `False`, progress is plain lines (see below).
         print_fn (`Callable[[str], Any]`, *optional*, defaults to `print`):
             Where the report goes at the end; `None` prints nothing.
 
@@ -220,7 +228,16 @@ def run_reproduce(
         headline}`), `weight_stats`, `lambda_sweep`, `chosen_lambdas` (the `weight: chosen` variants' lambda per
         model), `timing`, `plots`. With `weight: chosen` variants the sweeps are trained and measured first, then
         the chosen variants' other seeds.
+
+    Progress: a line when each training starts, then its progress (a bar in a terminal, else a line at each tenth
+    of its steps) and its end; a line when each run's rows are measured, then one per row with its top-1.
     """
+    with readable_logging(bars_wanted(progress)):
+        return _run_reproduce(config, progress, print_fn)
+
+
+def _run_reproduce(config: ReproduceConfig | str | os.PathLike, progress: bool,
+                   print_fn: Callable[[str], Any] | None) -> dict[str, Any]:
     from ..data import label_names, load_image_dataset
 
     if not isinstance(config, ReproduceConfig):
