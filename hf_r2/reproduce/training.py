@@ -1,8 +1,8 @@
-"""The trainings of a `hf-r2 reproduce` run: [`train_all`] trains every planned run not trained yet, with
-[`R2Trainer`] through [`hf_r2.train.train_model`] ([`train_run`]), or copies a baseline trained elsewhere
-([`copy_baseline`]); [`run_lock`] lets several processes of one config share the work; an interrupted training
-resumes from its last epoch ([`resumable`]). Each training says when it starts, how far it is and when it ends
-([`hf_r2.progress`]). `data` is the run's data (`raw` splits, `label_names`, `val`), as the pipeline loads it."""
+"""The trainings of `hf-r2 reproduce`: each planned run trained once (from random init, from its baseline for a
+fine-tune, or copied from a baseline trained elsewhere), resumed from its last epoch after an interruption, and
+shared between several processes of one config through a lock per run ([`run_lock`], [`train_all`]); each says
+when it starts, how far it is and when it ends ([`hf_r2.progress`]). `data` is the run's data (`raw` splits,
+`label_names`, `val`), as [`hf_r2.reproduce.pipeline`] loads it."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from .config import RUN_INFO_NAME, ReproduceConfig
 from .plan import Run, train_spec
 from .variants import BASELINE
 
-__all__ = ["STARTED_NAME", "COPIED_FILES", "run_lock", "training_done", "resumable", "check_baseline",
-           "copy_baseline", "train_run", "train_all", "run_label"]
+__all__ = ["run_lock", "train_all", "run_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +50,11 @@ def run_lock(run: Run, *, wait: bool = True):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def training_done(run: Run, config: ReproduceConfig) -> bool:
+def _training_done(run: Run, config: ReproduceConfig) -> bool:
     """Whether `run` is trained already (and with the same settings); removes an interrupted training's folder."""
     info = read_json(os.path.join(run.run_dir, RUN_INFO_NAME))
     if info is None:
-        if resumable(run, config):
+        if _resumable(run, config):
             logger.warning("%s holds an unfinished training: resuming it from its last epoch.", run.run_dir)
         elif os.path.isdir(run.run_dir):
             logger.warning("%s holds an unfinished training (no %s): training it again.", run.run_dir, RUN_INFO_NAME)
@@ -73,24 +72,24 @@ def training_done(run: Run, config: ReproduceConfig) -> bool:
 
 
 #: Written when a training starts: its spec, so that an interrupted training resumes only with the same settings.
-STARTED_NAME = "reproduce_run.started.json"
+_STARTED_NAME = "reproduce_run.started.json"
 
 
-def resumable(run: Run, config: ReproduceConfig) -> bool:
+def _resumable(run: Run, config: ReproduceConfig) -> bool:
     """Whether `run` holds an interrupted training of the same spec with a complete epoch checkpoint."""
     from ..checkpoints import latest_checkpoint
 
-    started = read_json(os.path.join(run.run_dir, STARTED_NAME))
+    started = read_json(os.path.join(run.run_dir, _STARTED_NAME))
     return started == train_spec(run, config) and latest_checkpoint(run.run_dir) is not None
 
 
 #: The files of a trained folder that a copied baseline keeps (the weights, how to build them, what they were
 #: trained with and the Trainer's log, which holds the validation curve).
-COPIED_FILES = ("model.safetensors", "config.json", "r2_config.json", "r2_stats.json", "r2_training.json",
+_COPIED_FILES = ("model.safetensors", "config.json", "r2_config.json", "r2_stats.json", "r2_training.json",
                  "trainer_state.json", "all_results.json", "eval_results.json")
 
 
-def check_baseline(run: Run, config: ReproduceConfig, data: Any) -> None:
+def _check_baseline(run: Run, config: ReproduceConfig, data: Any) -> None:
     """A baseline folder trained elsewhere must fit this comparison: the same classes in the same order, the same
     input size and dataset (what `config.json` and `r2_training.json` record), so fine-tunes start from a model of
     this task and no validation image was trained on."""
@@ -113,15 +112,15 @@ def check_baseline(run: Run, config: ReproduceConfig, data: Any) -> None:
                          + "; ".join(problems) + ".")
 
 
-def copy_baseline(run: Run, config: ReproduceConfig, data: Any) -> dict[str, Any]:
+def _copy_baseline(run: Run, config: ReproduceConfig, data: Any) -> dict[str, Any]:
     """A baseline trained elsewhere (`baselines`), copied into `run.run_dir` as if trained here."""
     source = run.copy_from
     if not os.path.isfile(os.path.join(source, "model.safetensors")):
         raise FileNotFoundError(f"`baselines[{run.model!r}]` = {source!r} holds no model.safetensors: give the folder "
                                 "that `hf-r2 train` saved (its --output_dir).")
-    check_baseline(run, config, data)
+    _check_baseline(run, config, data)
     os.makedirs(run.run_dir, exist_ok=True)
-    for name in COPIED_FILES:
+    for name in _COPIED_FILES:
         if os.path.isfile(os.path.join(source, name)):
             shutil.copy2(os.path.join(source, name), os.path.join(run.run_dir, name))
     state = read_json(os.path.join(source, "trainer_state.json")) or {}
@@ -132,12 +131,12 @@ def copy_baseline(run: Run, config: ReproduceConfig, data: Any) -> dict[str, Any
     return info
 
 
-def train_run(run: Run, data: Any, config: ReproduceConfig, progress: bool) -> dict[str, Any]:
+def _train(run: Run, data: Any, config: ReproduceConfig, progress: bool) -> dict[str, Any]:
     """Train `run` with R2Trainer (from random init, or from its baseline for a fine-tune; an interrupted training
     of the same spec from its last epoch checkpoint), save it, then write `reproduce_run.json` (last: it marks the
     training done). A copied baseline is copied instead."""
     if run.copy_from:
-        return copy_baseline(run, config, data)
+        return _copy_baseline(run, config, data)
     from transformers import set_seed
 
     from ..data import DataArguments, record_data_config, with_transforms
@@ -171,7 +170,7 @@ def train_run(run: Run, data: Any, config: ReproduceConfig, progress: bool) -> d
         eval_strategy="epoch" if validate else "no",  # the validation curve (plateau plot)
         save_strategy="epoch",  # one checkpoint, the last epoch's: an interrupted training resumes from it
         save_total_limit=1,
-        resume_from_checkpoint="latest" if resumable(run, config) else None,
+        resume_from_checkpoint="latest" if _resumable(run, config) else None,
         report_to="none",
         seed=run.seed,
         dataloader_pin_memory=False,
@@ -186,7 +185,7 @@ def train_run(run: Run, data: Any, config: ReproduceConfig, progress: bool) -> d
     train_ds = with_transforms(data.raw["train"], model, train=True, seed=run.seed, **size)
     val_ds = with_transforms(data.val, model, train=False, **size) if validate else None
     os.makedirs(run.run_dir, exist_ok=True)
-    write_json_atomic(os.path.join(run.run_dir, STARTED_NAME), train_spec(run, config))
+    write_json_atomic(os.path.join(run.run_dir, _STARTED_NAME), train_spec(run, config))
     start = time.perf_counter()
     trainer, result = train_model(model, args, train_ds, val_ds, dataset=config.dataset,
                                   compute_metrics=compute_accuracy if validate else None, log_lines=False,
@@ -205,7 +204,7 @@ def train_run(run: Run, data: Any, config: ReproduceConfig, progress: bool) -> d
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     write_json_atomic(os.path.join(run.run_dir, RUN_INFO_NAME), info)
-    os.remove(os.path.join(run.run_dir, STARTED_NAME))
+    os.remove(os.path.join(run.run_dir, _STARTED_NAME))
     return info
 
 
@@ -218,13 +217,13 @@ def train_all(runs_planned: list[Run], data: Any, config: ReproduceConfig, progr
 
     def train_if_needed(run: Run, index: int) -> None:
         heading = f"Training {index} of {count}: {run_label(run)}"
-        if training_done(run, config):  # under the lock: another process may be writing the folder
+        if _training_done(run, config):  # under the lock: another process may be writing the folder
             if run.run_dir not in trained_now:  # (not when an earlier phase of this invocation trained it)
                 say(f"{heading}: trained already, reused")
             return
         say(f"{heading} -> {run.run_dir}")
         with quiet_info("hf_r2.trainer"):  # its checkpoints' INFO lines; the progress lines say where it is
-            train_run(run, data, config, progress)
+            _train(run, data, config, progress)
         trained_now.add(run.run_dir)
 
     elsewhere = []
