@@ -27,10 +27,11 @@ hf-r2 demo --epochs 30 --max-train-samples 0  # the whole training set, for user
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import textwrap
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 __all__ = [
     "reproduce_command_parser",
@@ -39,6 +40,7 @@ __all__ = [
     "demo_command",
     "run_demo",
     "format_demo",
+    "DEMO_THREADS",
 ]
 
 
@@ -79,7 +81,8 @@ def reproduce_command_parser(subparsers=None) -> argparse.ArgumentParser:
                         help="Run only these of the config's variants, with the baseline and the variant each is "
                              "compared to (same cache: a last run without --variants reuses them).")
     parser.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false",
-                        help="Hide the progress bars.")
+                        help="No progress bars: occasional plain progress lines instead (what a pipe or a log file "
+                             "gets anyway).")
     parser.add_argument("--status", action="store_true",
                         help="Print where the run stands, from its cache, and return at once: per training done, "
                              "running (epoch k of n, in another process), interrupted or missing, and the choices "
@@ -118,19 +121,46 @@ def reproduce_command(args: argparse.Namespace) -> int:
 # demo
 
 
+#: The demo's CPU threads (`hf-r2 demo --threads`): the README's table was measured with 2. The numbers are the same
+#: on every run with the same thread count; another count sums in another order (the float rounding differs after
+#: the first step, and 785 steps later the models differ by a few tenths of a point).
+DEMO_THREADS = 2
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block (`None` or 0: left as they are), then put back."""
+    import torch
+
+    if threads is not None and threads < 0:
+        raise ValueError(f"`threads` must be >= 0 (0: one per core), got {threads}.")
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_demo(
     *,
     progress: bool = True,
     print_fn: Callable[[str], Any] | None = print,
+    threads: int | None = DEMO_THREADS,
     **settings: Any,
 ) -> dict[str, Any]:
     """Train the baseline and the R2 model, measure FP and low-bit top-1 of both, print the table and plot paths.
 
     Args:
         progress (`bool`, *optional*, defaults to `True`):
-            Show progress bars.
+            Show progress bars in a terminal; plain progress lines otherwise.
         print_fn (`Callable[[str], Any]`, *optional*, defaults to `print`):
             Where the report goes; `None` prints nothing.
+        threads (`int`, *optional*, defaults to [`DEMO_THREADS`] = 2):
+            torch's CPU threads while the demo runs (put back afterwards): the seeded demo gives the same numbers
+            on every run with the same thread count, and the README's table was measured with 2. `None` or 0:
+            torch's default (one per core), faster on a larger machine, with slightly different numbers.
         settings:
             Any of [`~hf_r2.reproduce.presets.DEMO_DEFAULTS`]: `output_dir`, `model` (timm name, trained from
             scratch), `dataset`,
@@ -146,7 +176,8 @@ def run_demo(
     from ..reproduce.presets import demo_config
 
     config = demo_config(**settings)
-    results = run_reproduce(config, progress=progress, print_fn=None)
+    with _torch_threads(threads):
+        results = run_reproduce(config, progress=progress, print_fn=None)
     if print_fn:
         print_fn(format_demo(results))
         print_fn(f"\nTable: {os.path.join(results['output_dir'], 'results.md')}; numbers: "
@@ -201,7 +232,11 @@ def demo_command_parser(subparsers=None) -> argparse.ArgumentParser:
     add("--bn-samples", "--bn_samples", type=int, default=d["bn_samples"],
         help="Training images that calibrate activations and re-estimate batch norm after quantization.")
     add("--seed", type=int, default=d["seed"], help="Seed of both runs.")
-    add("--no-progress", "--no_progress", dest="progress", action="store_false", help="Hide the progress bars.")
+    add("--threads", type=int, default=DEMO_THREADS,
+        help="CPU threads of torch. The numbers are the same on every run with the same thread count; the README's "
+             "table was measured with 2 (the default). 0: one per core (faster, slightly different numbers).")
+    add("--no-progress", "--no_progress", dest="progress", action="store_false",
+        help="No progress bars: occasional plain progress lines instead (what a pipe or a log file gets anyway).")
     parser.set_defaults(func=demo_command)
     return parser
 

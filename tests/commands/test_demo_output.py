@@ -93,3 +93,24 @@ def test_demo_output_through_a_pipe_is_plain_lines(two_demos, which):
     fp = results["runs"][0]["rows"]["FP"]["accuracy"]
     assert f"  FP: top-1 {100 * fp:.2f} (" in text
     assert "| W2A8 per-channel mse |" in text  # the table, as before
+
+
+def test_demo_threads_default_to_the_readmes_and_are_put_back():
+    """The demo runs with 2 threads unless told otherwise (the README's table was measured so), and leaves torch's
+    thread count as it found it."""
+    import torch
+
+    from hf_r2.cli import main
+    from hf_r2.commands.reproduce import DEMO_THREADS, _torch_threads, demo_command_parser
+
+    assert DEMO_THREADS == 2 and demo_command_parser().parse_args([]).threads == 2
+    before = torch.get_num_threads()
+    with _torch_threads(1):
+        assert torch.get_num_threads() == 1
+    with _torch_threads(0):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="`threads` must be >= 0"):
+        with _torch_threads(-1):
+            pass
+    assert main(["demo", "--threads", "-1", "--no-progress"]) == 1  # one line, before any data is read
