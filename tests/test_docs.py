@@ -107,3 +107,23 @@ def test_headline_table_matches_the_committed_results():
         decided = verdict(low[1] - low[0], claim["target"], fp[1] - fp[0])
         assert f"| {decided} |" in line, f"{row}: verdict {decided!r} not in {line!r}"
         assert ("(**+" in line) == (decided == "met"), f"bold iff met: {line!r}"
+
+
+def test_demo_table_is_what_the_demo_prints():
+    """The README's Quick-start table is, line for line, the table `make demo` printed (committed under
+    docs/results/demo/, rendered again here from its results.json by the same report code), so it cannot drift."""
+    from hf_r2.reproduce.report import format_report
+
+    committed = ROOT / "docs/results/demo"
+    results = json.loads((committed / "results.json").read_text(encoding="utf-8"))
+    printed = format_report(results)
+    assert printed == (committed / "results.md").read_text(encoding="utf-8"), "results.md: the report of results.json"
+    section = printed.split("## resnet10t", 1)[1]
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    table = table[: next(i for i, line in enumerate(table) if "kurtosis" in line) + 1]
+    readme = README.read_text(encoding="utf-8")
+    assert "\n".join(table) in readme, "the README's demo table is not the committed demo run's: copy it again"
+    # the demo's numbers hold for its default thread count (other counts sum in another order)
+    from hf_r2.commands.reproduce import DEMO_THREADS
+
+    assert f"with {DEMO_THREADS} threads" in results["timing"]["machine"]
