@@ -1,7 +1,8 @@
 """Saving a trained model folder: the model in its own library's format, plus R2's side files.
 
-The folder loads with plain timm (`timm.create_model("local-dir:...")`, or `"hf-hub:..."` once pushed) or plain
-transformers (`from_pretrained`), and with [`hf_r2.create_model`]; `r2_config.json` and `r2_stats.json` sit beside
+The folder loads with plain timm (`timm.create_model("local-dir:...")`, or `"hf-hub:..."` once pushed), with plain
+transformers (`AutoModelForImageClassification.from_pretrained`: its own models, and timm models through its
+`TimmWrapperForImageClassification`), and with [`hf_r2.create_model`]; `r2_config.json` and `r2_stats.json` sit beside
 the weights, as peft keeps `adapter_config.json` beside its adapter.
 """
 
@@ -52,6 +53,24 @@ def write_timm_config(model: nn.Module, save_directory: str) -> None:
     from timm.models._hub import save_config_for_hf
 
     save_config_for_hf(model, os.path.join(save_directory, "config.json"), model_config=_timm_model_config(model))
+    _drop_model_args_num_classes(os.path.join(save_directory, "config.json"))
+
+
+def _drop_model_args_num_classes(config_path: str) -> None:
+    """Remove `model_args.num_classes` from timm's `config.json` when it repeats the top-level `num_classes`.
+
+    transformers' `TimmWrapperForImageClassification` calls `timm.create_model(..., num_classes=num_labels,
+    **model_args)`, so the copy that timm's `save_config_for_hf` writes into `model_args` made
+    `AutoModelForImageClassification.from_pretrained` fail (`multiple values for keyword argument 'num_classes'`);
+    timm and hf-r2 read the top-level one, so nothing else changes."""
+    config = read_json(config_path)
+    args = config.get("model_args") if isinstance(config, dict) else None
+    if not isinstance(args, dict) or "num_classes" not in args or args["num_classes"] != config.get("num_classes"):
+        return
+    del args["num_classes"]
+    if not args:
+        del config["model_args"]
+    write_json_atomic(config_path, config)
 
 
 def save_timm_folder(model: nn.Module, save_directory: str, state_dict: dict[str, Tensor] | None = None) -> None:
@@ -62,6 +81,7 @@ def save_timm_folder(model: nn.Module, save_directory: str, state_dict: dict[str
     os.makedirs(save_directory, exist_ok=True)
     if state_dict is None:
         timm.models.save_for_hf(model, save_directory, model_config=_timm_model_config(model), safe_serialization=True)
+        _drop_model_args_num_classes(os.path.join(save_directory, "config.json"))
         give_default_modes(save_directory)  # safetensors writes 0600; the user's umask decides (0644)
         return
     safetensors.torch.save_file(

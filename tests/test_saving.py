@@ -39,6 +39,37 @@ def test_transformers_folder_loads_with_from_pretrained(tmp_path, hf_convnext):
     assert (tmp_path / R2_CONFIG_NAME).is_file() and not (tmp_path / R2_STATS_NAME).exists()
 
 
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_timm_folder_loads_with_transformers(tmp_path, name):
+    """transformers loads a saved timm folder (`TimmWrapperForImageClassification`) with the same logits and labels:
+    timm's own config.json repeats `num_classes` in `model_args`, which made it fail with `multiple values for
+    keyword argument 'num_classes'`. Saved by `save_model_folder` and by `R2Trainer.save_model` (a gathered state
+    dict)."""
+    import timm
+    from transformers import AutoModelForImageClassification
+
+    from hf_r2 import R2Trainer, R2TrainingArguments
+
+    model = make_timm(name, num_classes=3).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": ["cat", "dog", "frog"]}
+    args = R2TrainingArguments(output_dir=str(tmp_path / "trainer"), report_to="none", use_cpu=True)
+    trainer = R2Trainer(model, args)
+    trainer.save_model()
+    save_model_folder(model, tmp_path / "saved")
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    for folder in (tmp_path / "saved", tmp_path / "trainer"):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["num_classes"] == 3 and "num_classes" not in config.get("model_args", {})
+        loaded = AutoModelForImageClassification.from_pretrained(folder).eval()
+        assert type(loaded).__name__ == "TimmWrapperForImageClassification"
+        assert loaded.config.id2label == {0: "cat", 1: "dog", 2: "frog"}
+        plain = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        assert plain.num_classes == 3
+        with torch.no_grad():
+            for other in (loaded(x).logits, plain(x), create_model(str(folder), pretrained=True).eval()(x)):
+                torch.testing.assert_close(other, model(x), rtol=0, atol=0)
+
+
 def test_plain_module_gets_safetensors(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     model(torch.randn(1, 3, 8, 8))
