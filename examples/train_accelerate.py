@@ -28,7 +28,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from transformers import HfArgumentParser
 
-from hf_r2.checkpoints import interrupt_exit_code, sigterm_as_interrupt
+from hf_r2.checkpoints import CheckpointError, interrupt_exit_code, sigterm_as_interrupt
 from hf_r2.config import R2Config
 from hf_r2.data import (
     DataArguments,
@@ -80,3 +80,5 @@ if __name__ == "__main__":
             main(sys.argv[1:])
     except KeyboardInterrupt as err:  # the loop has said where to resume
         raise SystemExit(interrupt_exit_code(err)) from None
+    except CheckpointError as err:  # a checkpoint refused: incomplete, or holding more than tensors and plain values
+        raise SystemExit(f"train_accelerate.py: error: {err}") from None

@@ -10,6 +10,11 @@
   checkpoint (none: start from the beginning, with a warning), or a path that must be a complete checkpoint.
 - [`run_files`] / [`clear_run`]: what of an output folder belongs to a run (so that another run is not mixed into
   it), and removing it for `overwrite_output_dir`; [`remove_if_empty`]: an output folder a failed run left empty.
+- What a loop checkpoint holds besides accelerate's files: R2's learnable parameters as safetensors
+  ([`save_r2_state`] / [`load_r2_state`], shared with R2Trainer's checkpoints) and the step counter as JSON
+  ([`LOOP_STATE_NAME`]), so that resuming never unpickles anything: accelerate's `register_for_checkpointing` files
+  (`custom_checkpoint_<i>.pkl`) are read with `torch.load(weights_only=False)`, which runs whatever code the file
+  holds. [`safe_torch_load`] is the `weights_only=True` read (plain tensors and containers) of the rest.
 - Interruptions: [`sigterm_as_interrupt`] makes SIGTERM (what a cluster scheduler sends) raise [`Terminated`], a
   `KeyboardInterrupt`, so that it is handled as Ctrl-C is; [`interrupted_line`] says where the run can resume and
   [`interrupt_exit_code`] is 130 for Ctrl-C, 143 for SIGTERM; [`resumable_on_interrupt`] does all of it for the
@@ -22,6 +27,7 @@ import contextlib
 import functools
 import logging
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -29,7 +35,10 @@ import threading
 from typing import Any, Callable, Iterator
 
 __all__ = [
+    "CheckpointError",
     "LATEST",
+    "LOOP_STATE_NAME",
+    "R2_STATE_NAME",
     "STAGING_PREFIX",
     "Terminated",
     "interrupt_exit_code",
@@ -42,10 +51,13 @@ __all__ = [
     "is_complete_loop_checkpoint",
     "is_complete_trainer_checkpoint",
     "latest_checkpoint",
+    "load_r2_state",
     "publish_folder",
     "publish_trainer_checkpoint",
     "resolve_resume",
     "run_files",
+    "safe_torch_load",
+    "save_r2_state",
     "staging_folder",
     "wants_latest",
 ]
@@ -68,7 +80,16 @@ _RUN_NAMES = {
 }
 #: Files only a run writes: their presence (or a checkpoint / `r2_*.json`) is what makes a folder a run's.
 _RUN_MARKERS = {"trainer_state.json", "training_args.bin", "loop_config.json", "low_bit_results.json"}
+#: R2's learnable parameters (margins, temperatures) in a checkpoint of R2Trainer or of the accelerate loop.
+R2_STATE_NAME = "r2_regularizer.safetensors"
+#: The accelerate loop's step counter in its checkpoints: `{"global_step": <int>}`.
+LOOP_STATE_NAME = "loop_state.json"
 _RUN_PATTERNS = (TRAINER_CHECKPOINT_RE, re.compile(r"^r2_.*\.json$"), re.compile(r"^" + re.escape(STAGING_PREFIX)))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (incomplete, or holding what hf-r2 will not load), said in one line
+    that names it and the fix."""
 
 
 def wants_latest(value) -> bool:
@@ -193,8 +214,8 @@ def resolve_resume(value, root: str, loop: bool = False) -> str | None:
         raise FileNotFoundError(f"`resume_from_checkpoint={path!r}` is not a folder: pass a checkpoint folder, or "
                                 "`latest` for the newest complete checkpoint of the output folder.")
     if not (is_complete_loop_checkpoint if loop else is_complete_trainer_checkpoint)(path):
-        raise ValueError(f"`resume_from_checkpoint={path!r}` is an incomplete checkpoint (an interrupted save); pass "
-                         "an earlier one, or `latest` for the newest complete one.")
+        raise CheckpointError(f"`resume_from_checkpoint={path!r}` is an incomplete checkpoint (an interrupted save); "
+                              "pass an earlier one, or `latest` for the newest complete one.")
     return path
 
 
@@ -232,6 +253,51 @@ def remove_if_empty(folder: str) -> bool:
             return False
     shutil.rmtree(folder, ignore_errors=True)
     return not os.path.exists(folder)
+
+
+def save_r2_state(regularizer, folder: str) -> None:
+    """Write R2's learnable parameters (`regularizer.state_dict()`: margins, temperatures) to
+    `folder/r2_regularizer.safetensors`, plain tensors that load without unpickling; nothing when it has none."""
+    state = regularizer.state_dict()
+    if state:
+        import safetensors.torch
+
+        tensors = {k: v.detach().contiguous() for k, v in state.items()}
+        safetensors.torch.save_file(tensors, os.path.join(folder, R2_STATE_NAME), metadata={"format": "pt"})
+
+
+def load_r2_state(regularizer, folder: str) -> bool:
+    """Load what [`save_r2_state`] wrote into `regularizer`, on its device. Returns `False` if `folder` has no such
+    file (the caller says what that means); a file that does not load, or holds other parameters, is a
+    [`CheckpointError`] naming it. A regularizer without learnable parameters needs nothing (`True`)."""
+    if not len(regularizer.state_dict()):
+        return True
+    path = os.path.join(folder, R2_STATE_NAME)
+    if not os.path.isfile(path):
+        return False
+    import safetensors.torch
+
+    device = next(iter(regularizer.state_dict().values())).device
+    try:
+        regularizer.load_state_dict(safetensors.torch.load_file(path, device=str(device)))
+    except Exception as err:  # safetensors' own errors name no file; a strict load's mismatch is several lines
+        raise CheckpointError(f"{path} does not hold this run's R2 parameters ({str(err).splitlines()[0]}): resume "
+                         "from a checkpoint of the same model and R2 settings.") from None
+    return True
+
+
+def safe_torch_load(path: str, **kwargs: Any) -> Any:
+    """`torch.load(path, weights_only=True)` with accelerate's allow-list (the numpy arrays of its random states):
+    tensors, numbers, strings and containers, never an arbitrary object. A file that holds anything else (a pickle
+    that would run code when loaded) is a [`CheckpointError`] naming it."""
+    from accelerate.utils.other import load
+
+    try:
+        return load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds more than tensors and plain values (a pickle that could run code when "
+                              "loaded fully), so hf-r2 did not load it: resume only from checkpoints you made, or "
+                              "start over without resume_from_checkpoint.") from None
 
 
 class Terminated(KeyboardInterrupt):

@@ -24,9 +24,11 @@ How R2 fits into the loop:
   as a checkpoint or the run's model ([`hf_r2.divergence`]: one line naming the step, the likely cause and the last
   good checkpoint).
 - `accelerator.save_state` checkpoints the model, optimizer, scheduler and RNG states (into a staging folder renamed
-  into place when complete); the regularizer and the step counter are registered with
-  `accelerator.register_for_checkpointing`, so a resumed run continues exactly (augmentation included, with a
-  training set whose draws depend only on `(seed, epoch, index)`, [`hf_r2.data.SeededTransformDataset`]).
+  into place when complete), with the step counter as JSON and R2's learnable parameters as safetensors beside them
+  ([`~hf_r2.loop_config.save_checkpoint`]), so a resumed run continues exactly (augmentation included, with a
+  training set whose draws depend only on `(seed, epoch, index)`, [`hf_r2.data.SeededTransformDataset`]), and
+  resuming unpickles nothing in full: a checkpoint from anywhere runs no code
+  ([`~hf_r2.loop_config.load_checkpoint`]).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from .loop_config import (
     create_accelerator,
     create_lr_scheduler,
     create_optimizer,
+    load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
     tracker_config,
@@ -71,7 +74,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 class LoopState:
-    """Training progress saved with every checkpoint (registered with `accelerator.register_for_checkpointing`).
+    """Training progress saved with every checkpoint (its `loop_state.json`).
 
     `global_step` counts the optimizer steps done; the epoch and the position inside it follow from it.
     """
@@ -190,7 +193,8 @@ def train_one_epoch(
                 progress_bar.set_postfix(**postfix)
         if config.checkpointing_steps and state.global_step % config.checkpointing_steps == 0:
             check_weights(accelerator.unwrap_model(model), state.global_step, checkpoints, loop=True)
-            save_checkpoint(accelerator, os.path.join(checkpoints, f"step_{state.global_step}"))
+            save_checkpoint(accelerator, os.path.join(checkpoints, f"step_{state.global_step}"), state.global_step,
+                            regularizer)
         if stop:
             break
     epoch_sums += window
@@ -350,11 +354,10 @@ def train_with_accelerate(
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
 
     state = LoopState()
-    accelerator.register_for_checkpointing(*([] if regularizer is None else [regularizer]), state)
     checkpoint = resolve_checkpoint(config)
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
-        accelerator.load_state(checkpoint)
+        state.global_step = load_checkpoint(accelerator, checkpoint, regularizer)
     if accelerator.log_with:
         accelerator.init_trackers(config.tracker_project_name, config=tracker_config(config, r2_config))
 

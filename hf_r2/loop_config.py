@@ -1,22 +1,37 @@
 """[`LoopConfig`]: the settings of the plain Accelerate loop ([`hf_r2.loop.train_with_accelerate`]), with its
 choices ([`OptimizerType`], [`LRSchedulerType`]), its file name ([`LOOP_CONFIG_NAME`]), and what the loop builds from
-it: the accelerator, the optimizer's parameter groups, the learning-rate schedule, the checkpoint to resume from."""
+it: the accelerator, the optimizer's parameter groups, the learning-rate schedule, the checkpoint to resume from, and
+the checkpoints themselves ([`save_checkpoint`], [`load_checkpoint`]: nothing in them is unpickled in full)."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import math
 import os
+import pickle
+import re
+import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import torch
 from torch import nn
 
 from ._finite import check_finite_number
-from ._utils import JsonConfigMixin, check_choice, format_choices
-from .checkpoints import publish_folder, resolve_resume, staging_folder
+from ._utils import JsonConfigMixin, check_choice, format_choices, read_json, write_json_atomic
+from .checkpoints import (
+    LOOP_STATE_NAME,
+    R2_STATE_NAME,
+    CheckpointError,
+    load_r2_state,
+    publish_folder,
+    resolve_resume,
+    safe_torch_load,
+    save_r2_state,
+    staging_folder,
+)
 
 if TYPE_CHECKING:
     from .config import R2Config
@@ -31,12 +46,15 @@ __all__ = [
     "create_accelerator",
     "create_lr_scheduler",
     "create_optimizer",
+    "load_checkpoint",
     "resolve_checkpoint",
     "save_checkpoint",
     "tracker_config",
 ]
 
 LOOP_CONFIG_NAME = "loop_config.json"
+# what accelerate's `register_for_checkpointing` writes, and its `load_state` reads with `weights_only=False`
+_CUSTOM_PICKLE = re.compile(r"^custom_checkpoint_(\d+)\.pkl$")
 
 
 class OptimizerType(str, enum.Enum):
@@ -313,9 +331,11 @@ def resolve_checkpoint(config: LoopConfig) -> str | None:
     return resolve_resume(config.resume_from_checkpoint, os.path.join(config.output_dir, "checkpoints"), loop=True)
 
 
-def save_checkpoint(accelerator, folder: str) -> str:
+def save_checkpoint(accelerator, folder: str, global_step: int = 0, regularizer: R2Regularizer | None = None) -> str:
     """`accelerator.save_state` into a staging folder, renamed to `folder` once every process has written its part,
-    so an interrupted save never leaves a `step_<n>` that looks complete."""
+    so an interrupted save never leaves a `step_<n>` that looks complete. The main process adds the step counter
+    (`loop_state.json`) and R2's learnable parameters (`r2_regularizer.safetensors`): data that [`load_checkpoint`]
+    reads without unpickling, where accelerate's `register_for_checkpointing` would write pickles."""
     import shutil
 
     staging = staging_folder(folder)
@@ -323,11 +343,91 @@ def save_checkpoint(accelerator, folder: str) -> str:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(staging)
+    if accelerator.is_main_process:
+        write_json_atomic(os.path.join(staging, LOOP_STATE_NAME), {"global_step": int(global_step)})
+        if regularizer is not None:
+            save_r2_state(regularizer, staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         publish_folder(staging, folder)
     accelerator.wait_for_everyone()
     return folder
+
+
+def load_checkpoint(accelerator, folder: str, regularizer: R2Regularizer | None = None) -> int:
+    """Resume from the loop checkpoint `folder` ([`save_checkpoint`]): accelerate's states (model, optimizer,
+    scheduler, random states), R2's learnable parameters into `regularizer`; returns the step counter.
+
+    Nothing is unpickled in full, so a checkpoint from anywhere runs no code: accelerate reads the model from
+    safetensors and the other states with `weights_only=True` (tensors and plain values), but the files of
+    `register_for_checkpointing` (`custom_checkpoint_<i>.pkl`) with `weights_only=False`, so accelerate is shown the
+    folder without them. hf-r2 0.1.0 kept the step counter and R2's parameters in those files: such a checkpoint
+    is read with `weights_only=True` instead. The random states, which accelerate skips silently when they do not
+    load (a resume that is no longer exact), are read first. A file that holds more than tensors and plain values
+    is a [`~hf_r2.checkpoints.CheckpointError`] naming it.
+    """
+    global_step = _load_loop_state(folder, regularizer)
+    random_states = os.path.join(folder, f"random_states_{accelerator.process_index}.pkl")
+    if os.path.isfile(random_states):
+        safe_torch_load(random_states)
+    with _without_custom_pickles(folder) as visible:
+        try:
+            accelerator.load_state(visible)
+        except pickle.UnpicklingError:  # torch's message names no file: find it
+            for name in sorted(os.listdir(folder)):
+                if name.endswith((".bin", ".pkl", ".pt", ".pth")) and not _CUSTOM_PICKLE.match(name):
+                    safe_torch_load(os.path.join(folder, name))
+            raise
+    return global_step
+
+
+def _load_loop_state(folder: str, regularizer: R2Regularizer | None) -> int:
+    """The step counter of `folder`, with R2's parameters loaded into `regularizer` (see [`load_checkpoint`])."""
+    path = os.path.join(folder, LOOP_STATE_NAME)
+    if os.path.isfile(path):
+        try:
+            step = read_json(path).get("global_step")
+        except (ValueError, AttributeError):
+            step = None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise CheckpointError(f"{path} does not hold a step count ({{\"global_step\": <n>}}): resume from a "
+                                  "checkpoint that train_with_accelerate wrote.")
+        if regularizer is not None and not load_r2_state(regularizer, folder):
+            raise CheckpointError(f"{folder} holds no {R2_STATE_NAME}: it was saved without R2; resume it without "
+                                  "R2, or start over without resume_from_checkpoint.")
+        return step
+    pickles = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _CUSTOM_PICKLE.match(name)))
+    if len(pickles) != (1 if regularizer is None else 2):  # hf-r2 0.1.0 registered (regularizer,) loop state
+        raise CheckpointError(f"{folder} holds no {LOOP_STATE_NAME}"
+                              + (" and not the state files of an R2 run" if pickles and regularizer is None else "")
+                              + ": resume from a checkpoint that train_with_accelerate wrote, with the same R2 "
+                              "settings.")
+    states = [safe_torch_load(os.path.join(folder, name), map_location="cpu") for _, name in pickles]
+    step = states[-1].get("global_step") if isinstance(states[-1], dict) else None
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{os.path.join(folder, pickles[-1][1])} does not hold a step count: resume from a "
+                              "checkpoint that train_with_accelerate wrote.")
+    if regularizer is not None:
+        try:
+            regularizer.load_state_dict(states[0])
+        except (RuntimeError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{os.path.join(folder, pickles[0][1])} does not hold this run's R2 parameters "
+                                  f"({str(err).splitlines()[0]}): resume with the same R2 settings.") from None
+    return step
+
+
+@contextlib.contextmanager
+def _without_custom_pickles(folder: str) -> Iterator[str]:
+    """`folder`, or, if it holds `custom_checkpoint_<i>.pkl` files, a temporary folder of links to everything else."""
+    names = os.listdir(folder)
+    if not any(_CUSTOM_PICKLE.match(name) for name in names):
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="hf-r2-resume-") as view:
+        for name in names:
+            if not _CUSTOM_PICKLE.match(name):
+                os.symlink(os.path.abspath(os.path.join(folder, name)), os.path.join(view, name))
+        yield view
 
 
 def tracker_config(config: LoopConfig, r2_config: R2Config | None) -> dict[str, Any]:

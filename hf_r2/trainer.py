@@ -32,14 +32,21 @@ import os
 from collections import defaultdict
 from typing import Any
 
-import safetensors.torch
 import torch
 from accelerate.utils import broadcast
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .checkpoints import checkpoint_step, publish_trainer_checkpoint, resolve_resume, staging_folder
+from .checkpoints import (
+    R2_STATE_NAME,
+    checkpoint_step,
+    load_r2_state,
+    publish_trainer_checkpoint,
+    resolve_resume,
+    save_r2_state,
+    staging_folder,
+)
 from .config import R2Config
 from .divergence import check_step_loss, check_weights
 from .models import classification_loss, forward_logits, unwrap_model
@@ -50,7 +57,6 @@ __all__ = ["R2Trainer", "R2_STATE_NAME", "R2_STATS_NAME"]
 
 logger = logging.getLogger(__name__)
 
-R2_STATE_NAME = "r2_regularizer.safetensors"
 
 class _R2Callback(TrainerCallback):
     """Housekeeping on Trainer events that no overridable method covers (see the module docstring): R2's gradients
@@ -323,20 +329,13 @@ class R2Trainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        state = self.regularizer.state_dict()
-        if state and self.args.should_save:
-            tensors = {k: v.detach().contiguous() for k, v in state.items()}
-            safetensors.torch.save_file(tensors, os.path.join(output_dir, R2_STATE_NAME), metadata={"format": "pt"})
+        if self.args.should_save:
+            save_r2_state(self.regularizer, output_dir)
 
     def _load_r2_state(self, checkpoint: str) -> None:
-        if len(self.regularizer.state_dict()):
-            path = os.path.join(checkpoint, R2_STATE_NAME)
-            if os.path.isfile(path):
-                device = next(self.regularizer.parameters()).device
-                self.regularizer.load_state_dict(safetensors.torch.load_file(path, device=str(device)))
-            else:
-                logger.warning("No %s in %s: R2's learnable parameters start from their initial values.",
-                               R2_STATE_NAME, checkpoint)
+        if not load_r2_state(self.regularizer, checkpoint):
+            logger.warning("No %s in %s: R2's learnable parameters start from their initial values.",
+                           R2_STATE_NAME, checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None:

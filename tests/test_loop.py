@@ -8,6 +8,7 @@ under `accelerate launch`).
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,14 +46,33 @@ def _fresh_accelerate_state():
 
 
 def _load_checkpoint(folder: Path) -> dict:
-    """Model weights, R2 parameters, step counter and optimizer state of an `accelerator.save_state` folder."""
+    """Model weights, R2 parameters, step counter and optimizer state of a loop checkpoint."""
     return {
         "model": load_file(folder / "model.safetensors"),
-        "r2": torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False),
-        "loop": torch.load(folder / "custom_checkpoint_1.pkl", weights_only=False),
-        "optimizer": torch.load(folder / "optimizer.bin", weights_only=False),
-        "scheduler": torch.load(folder / "scheduler.bin", weights_only=False),
+        "r2": load_file(folder / "r2_regularizer.safetensors"),
+        "loop": json.loads((folder / "loop_state.json").read_text()),
+        "optimizer": torch.load(folder / "optimizer.bin", weights_only=True),
+        "scheduler": torch.load(folder / "scheduler.bin", weights_only=True),
     }
+
+
+def _as_hf_r2_0_1_0(folder: Path) -> None:
+    """Rewrite a loop checkpoint as hf-r2 0.1.0 saved it: the regularizer and the step counter in accelerate's
+    `custom_checkpoint_<i>.pkl` files (`register_for_checkpointing`, in that order), not safetensors / JSON."""
+    torch.save(dict(load_file(folder / "r2_regularizer.safetensors")), folder / "custom_checkpoint_0.pkl")
+    torch.save(json.loads((folder / "loop_state.json").read_text()), folder / "custom_checkpoint_1.pkl")
+    (folder / "r2_regularizer.safetensors").unlink()
+    (folder / "loop_state.json").unlink()
+
+
+class _WritesMarker:
+    """Unpickled in full, it creates the file `path`: what a checkpoint from anywhere could do (run any code)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,7 +331,9 @@ def test_evaluate_matches_full_batch(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("saved_by", ["this version", "hf-r2 0.1.0"])
+def test_resume_equals_uninterrupted_run(tmp_path, saved_by):
+    """Also from a checkpoint as hf-r2 0.1.0 wrote it (its pickles read with `weights_only=True`)."""
     # 32 samples, micro-batch 4, 2 micro-batches per step: 4 steps an epoch, 8 in all; state saved every 2 steps
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     model, _, train_ds, _, config = build(str(full_dir), 4, 2)
@@ -325,9 +347,12 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     GradientState._reset_state()
     torch.manual_seed(123)  # a different init: everything must come from the checkpoint
     other = TinyConvNet()
+    checkpoint = full_dir / "checkpoints" / "step_6"
+    if saved_by == "hf-r2 0.1.0":
+        checkpoint = Path(shutil.copytree(checkpoint, tmp_path / "old" / "step_6"))
+        _as_hf_r2_0_1_0(checkpoint)
     # step 6 = epoch 1 after 2 of its 4 steps: the loop must reshuffle epoch 1 and skip its first 4 micro-batches
-    resume = replace(config, output_dir=str(resumed_dir),
-                     resume_from_checkpoint=str(full_dir / "checkpoints" / "step_6"))
+    resume = replace(config, output_dir=str(resumed_dir), resume_from_checkpoint=str(checkpoint))
     metrics = train_with_accelerate(other, train_ds, r2_config=r2_config, config=resume)
     assert metrics["global_step"] == 8
     assert not (resumed_dir / "checkpoints" / "step_6").exists()  # it resumed after step 6, not from 0
@@ -344,6 +369,50 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     # the resumed weights really moved away from the checkpoint they started from
     start = _load_checkpoint(full_dir / "checkpoints" / "step_6")
     assert not torch.allclose(start["model"]["conv1.weight"], full["model"]["conv1.weight"])
+
+
+@pytest.mark.parametrize("crafted", ["custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin",
+                                     "scheduler.bin", "an extra custom_checkpoint_0.pkl"])
+def test_resume_never_runs_code_from_a_checkpoint(tmp_path, data_dir, crafted):
+    """A checkpoint folder from anywhere, with a pickle that would write a marker file if unpickled in full (as
+    accelerate reads its `register_for_checkpointing` files): `examples/train_accelerate.py --resume_from_checkpoint`
+    (`train_with_accelerate`) writes no marker and refuses the file in one line naming it; a stray
+    `custom_checkpoint_0.pkl` beside this version's files is never read, and the run resumes."""
+    import runpy
+
+    example = WORKER.parents[1] / "examples" / "train_accelerate.py"
+    argv = ["--model", "test_resnet", "--dataset", "cifar10-tiny", "--data_dir", str(data_dir), "--input_size", "32",
+            "--max_train_samples", "8", "--max_eval_samples", "4", "--per_device_batch_size", "4", "--use_cpu",
+            "--loss", "margin", "--checkpointing_steps", "1", "--output_dir", str(tmp_path / "run")]
+
+    def run_example(*extra):
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "argv", [str(example), *argv, *extra])
+            runpy.run_path(str(example), run_name="__main__")
+
+    run_example("--max_steps", "1")
+    folder = tmp_path / "run" / "checkpoints" / "step_1"
+    marker = tmp_path / "marker"
+    if crafted.startswith("custom"):
+        _as_hf_r2_0_1_0(folder)
+    name = crafted.split()[-1]
+    torch.save({"global_step": _WritesMarker(marker)}, folder / name)
+    resume = ("--max_steps", "2", "--resume_from_checkpoint", str(folder))
+    if crafted.startswith("an extra"):
+        run_example(*resume)
+        assert json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "loop_state.json").read_text()) == {
+            "global_step": 2}
+    else:
+        with pytest.raises(SystemExit) as exited:
+            run_example(*resume)
+        message = str(exited.value.code)
+        assert message.startswith(f"train_accelerate.py: error: {folder / name} holds more than tensors"), message
+        assert "\n" not in message and "resume only from checkpoints you made" in message
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("model_name", ["timm", "transformers"])
@@ -384,11 +453,11 @@ def test_resume_with_augmentation_after_an_interrupted_save_is_exact(tmp_path, d
     straight = run(tmp_path / "straight")
     save_checkpoint = loop.save_checkpoint
 
-    def dies_at_step_4(accelerator, folder):
+    def dies_at_step_4(accelerator, folder, *args):
         if folder.endswith("step_4"):
             accelerator.save_state = lambda path: (Path(path).mkdir(parents=True), (Path(path) / "x").touch(),
                                                    (_ for _ in ()).throw(KeyboardInterrupt))
-        return save_checkpoint(accelerator, folder)
+        return save_checkpoint(accelerator, folder, *args)
 
     monkeypatch.setattr(loop, "save_checkpoint", dies_at_step_4)
     with pytest.raises(KeyboardInterrupt):
