@@ -5,8 +5,8 @@ Saving and pushing are separate steps: [`push_to_hub`] first saves everything (w
 folder. An upload that fails leaves the folder whole, so it can be retried with `hf-r2 push FOLDER REPO_ID`.
 
 A timm model is pushed in timm's own Hub layout, so `timm.create_model("hf-hub:REPO_ID", pretrained=True)` loads it
-without hf-r2; a transformers model in `save_pretrained` layout, so `AutoModelForImageClassification.from_pretrained`
-loads it.
+without hf-r2, and so does `AutoModelForImageClassification.from_pretrained` (transformers' `TimmWrapper`); a
+transformers model in `save_pretrained` layout, so `AutoModelForImageClassification.from_pretrained` loads it.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ LOW_BIT_ACCURACY = 0.3125  # the number the low-bit export's low_bit_results.jso
 TRAINER_ACCURACY = 0.25
 ACCURACY = 0.4375  # the measured number the timm folder's eval_results.json holds
 DATASET = "uoft-cs/cifar10"
+# recorded in the CLI folder's r2_training.json, never on a card
+LOCAL_DATA = "/home/someone/private/data/cifar10-tiny"
 
 
 def _folder_digest(folder: str) -> dict[str, str]:
@@ -96,6 +98,11 @@ def push(work: str) -> dict:
 
     cli_dir = os.path.join(work, "cli_folder")  # a copy: the card it writes must not change timm_dir's
     shutil.copytree(timm_dir, cli_dir)
+    from hf_r2.saving import update_training_info
+
+    update_training_info(cli_dir, data={"dataset": "cifar10-tiny", "source": f"local copy {LOCAL_DATA}",
+                                        "hub_id": None, "train_split": "train", "eval_split": "test",
+                                        "train_images": 1000, "eval_images": 200, "input_size": 32})
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         out["cli_push_rc"] = main(["push", cli_dir, CLI_REPO, "--dataset", DATASET, "--base-model",
@@ -132,6 +139,9 @@ def load(work: str) -> dict:
         plain_hf = AutoModelForImageClassification.from_pretrained(HF_REPO).eval()
         out["hf_plain_max_diff"] = (plain_hf(pixel_values=x).logits - ref["hf"]).abs().max().item()
         out["hf_plain_id2label"] = {str(k): v for k, v in plain_hf.config.id2label.items()}
+        timm_in_transformers = AutoModelForImageClassification.from_pretrained(TIMM_REPO).eval()
+        out["timm_transformers_max_diff"] = (timm_in_transformers(x).logits - ref["timm"]).abs().max().item()
+        out["timm_transformers_id2label"] = {str(k): v for k, v in timm_in_transformers.config.id2label.items()}
         model, r2_config, stats, _ = hf_r2.hub.from_pretrained(TIMM_REPO)
         out["timm_r2_max_diff"] = (model(x) - ref["timm"]).abs().max().item()
         out["timm_r2_config"] = r2_config.to_dict() if r2_config else None

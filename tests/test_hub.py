@@ -109,6 +109,10 @@ def test_plain_libraries_and_hf_r2_load_identical_logits(hub_runs):
         assert load[key] == 0.0, key
     assert load["timm_plain_labels"] == ["cat", "dog", "frog"]
     assert load["hf_plain_id2label"] == {"0": "cat", "1": "dog", "2": "frog"}
+    # the timm repo in transformers too (TimmWrapperForImageClassification), as its card says; its forward runs the
+    # same layers through forward_features + forward_head, equal up to float rounding (3e-8 seen)
+    assert load["timm_transformers_max_diff"] <= 1e-6
+    assert load["timm_transformers_id2label"] == load["hf_plain_id2label"]
     for key in ("timm_r2_config", "hf_r2_config"):
         assert load[key]["loss"] == "margin" and load[key]["weight"] == 0.02
     assert {"overall", "per_layer"} <= set(load["timm_r2_stats_keys"])
@@ -174,7 +178,14 @@ def test_cli_push_options_and_download_revision(hub_runs):
     assert "README.md" in push["cli_push_files_after"]  # the card was written into the folder
     card = load["cli_card"]["data"]
     assert card["license"] == "mit" and card["base_model"] == "timm/resnet18.a1_in1k"
-    assert card["datasets"] == [W.DATASET]
+    # `--dataset uoft-cs/cifar10`, but the folder records that its number was measured on 200 images of a local copy
+    # of cifar10-tiny: the card names the dataset, claims no model-index result on it and publishes no local path
+    assert card["datasets"] == [W.DATASET] and "model-index" not in card
+    text = load["cli_card"]["text"]
+    assert (f"| full precision | float | {W.ACCURACY:.4f} | `cifar10-tiny` (local copy), `test` split, 200 images |"
+            in text)
+    assert f"None of these numbers was measured on the whole `{W.DATASET}`" in text
+    assert W.LOCAL_DATA not in text and "## Data\n\n`cifar10-tiny` (local copy): trained on 1000 images" in text
     assert load["cli_download_revision_rc"] == 0
     assert {"config.json", "model.safetensors", "r2_config.json"} <= set(load["cli_download_revision_files"])
     assert load["cli_download_bad_revision_rc"] == 1
@@ -337,7 +348,7 @@ def test_card_reads_dataset_training_and_low_bit_rows_from_folder(timm_folder):
     assert data["datasets"] == ["uoft-cs/cifar10"]
     assert [m["value"] for m in _eval_metrics(data)] == [0.75, 0.5]
     assert "| `learning_rate` | `0.003` |" in card.text
-    assert "| W2A8 | ptq-nearest | 0.5000 | - | 2.20 |" in card.text
+    assert "| W2A8 | ptq-nearest | 0.5000 | `cifar10` | 2.20 |" in card.text
     assert "base_model_relation" not in data  # a full-precision folder
 
 
@@ -369,16 +380,19 @@ def test_card_claims_a_hub_dataset_only_for_that_dataset(timm_folder):
     update_training_info(folder, dataset="cifar10-tiny", dataset_id="uoft-cs/cifar10")
     card = build_model_card(folder, "me/m")
     assert "datasets" not in card.data.to_dict() and "model-index" not in card.data.to_dict()
-    assert "uoft-cs/cifar10" not in card.text and "on `cifar10-tiny`" in card.text
+    assert "uoft-cs/cifar10" not in card.text
+    assert "| full precision | float | 0.2500 | `cifar10-tiny` | - |" in card.text
     # what `hf-r2 train` records
     update_training_info(folder, data={"dataset": "cifar10-tiny", "source": "local copy /d/cifar10-tiny",
                                        "hub_id": None, "train_split": "train", "eval_split": "test",
                                        "train_images": 16, "eval_images": 200, "input_size": 32})
     card = build_model_card(folder, "me/m")
     assert "datasets" not in card.data.to_dict() and "uoft-cs/cifar10" not in card.text
-    assert "top-1 accuracy (full precision) on `cifar10-tiny` (200 images) | 0.2500 |" in card.text
-    assert ("`cifar10-tiny` (local copy /d/cifar10-tiny): trained on 16 images of the `train` split, evaluated on "
-            "200 images of the `test` split, at 32 pixels.") in card.text
+    assert ("| full precision | float | 0.2500 | `cifar10-tiny` (local copy), `test` split, 200 images | - |"
+            in card.text)
+    assert ("`cifar10-tiny` (local copy): trained on 16 images of the `train` split, evaluated on 200 images of the "
+            "`test` split, at 32 pixels.") in card.text
+    assert "/d/" not in card.text  # the local path stays off the card
     # the whole Hub dataset is cited
     update_training_info(folder, data={"dataset": "uoft-cs/cifar10", "source": "Hub dataset uoft-cs/cifar10",
                                        "hub_id": "uoft-cs/cifar10", "train_split": "train", "eval_split": "test",

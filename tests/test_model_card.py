@@ -1,7 +1,9 @@
 """The model card's Deploy section, from a given `export_results.json` (no export runs here: tests/commands/
 test_export.py writes the file with `hf-r2 export`, tests/test_hub.py pushes it): what it says for an ONNX file with
 and without a measured accuracy, for a Core ML package, and when it stays off the card (no export, a file no longer
-in the folder, a file exported from other weights). The card's other sections are tested in tests/test_hub.py."""
+in the folder, a file exported from other weights). Then what the card says each number was measured on, where the
+model-index may cite a Hub dataset, that no local path reaches the card, the license, and the low-bit card's Results
+and metadata. Its other sections (and the cards pushed through `hf-r2 push`) are tested in tests/test_hub.py."""
 
 from __future__ import annotations
 
@@ -200,3 +202,112 @@ def test_an_export_path_outside_the_folder_is_refused(folder, tmp_path, caplog, 
     assert "## Deploy" not in card.text and "onnx" not in card.data.tags and "outside" not in card.text
     if kind != "link":
         assert "not a plain file name inside the folder: refused" in caplog.text
+
+
+# ---- what each number was measured on; paths; license; the low-bit card ----
+
+SUBSET = {"dataset": "cifar10-tiny", "source": "local copy /home/me/secret/cifar10-tiny", "hub_id": None,
+          "train_split": "train", "eval_split": "test", "train_images": 1000, "eval_images": 200, "input_size": 32}
+
+
+def _index(card) -> list[tuple[str, str, str, float]]:
+    """`(dataset type, dataset name, split, value)` of each model-index result."""
+    return [(r["dataset"]["type"], r["dataset"]["name"], r["dataset"].get("split"), m["value"])
+            for entry in card.data.to_dict().get("model-index", []) for r in entry["results"] for m in r["metrics"]]
+
+
+def test_numbers_measured_on_a_local_subset_stay_out_of_the_model_index(folder):
+    """`hf-r2 push --dataset uoft-cs/cifar10` of a model evaluated on 200 images of a local copy of cifar10-tiny: the
+    card lists the dataset, says what the number was measured on, and claims nothing on the Hub dataset."""
+    from hf_r2.saving import update_training_info
+
+    write_json_atomic(os.path.join(folder, "all_results.json"), {"eval_accuracy": 0.375, "eval_samples": 200})
+    update_training_info(folder, dataset="cifar10-tiny", data=SUBSET)
+    card = build_model_card(folder, REPO, datasets="uoft-cs/cifar10")
+    assert card.data.datasets == ["uoft-cs/cifar10"] and "model-index" not in card.data.to_dict()
+    assert card.data.metrics == ["accuracy"]
+    assert ("| full precision | float | 0.3750 | `cifar10-tiny` (local copy), `test` split, 200 images | - |"
+            in card.text)
+    assert ("None of these numbers was measured on the whole `uoft-cs/cifar10`, so the model-index (the Hub's results "
+            "metadata) claims no result on it.") in card.text
+    # trained and evaluated on the whole Hub dataset: the model-index names it, with the split and image count
+    update_training_info(folder, data={**SUBSET, "dataset": "uoft-cs/cifar10", "source": "Hub dataset uoft-cs/cifar10",
+                                       "hub_id": "uoft-cs/cifar10", "eval_images": 10000})
+    card = build_model_card(folder, REPO)
+    assert _index(card) == [("uoft-cs/cifar10", "uoft-cs/cifar10 (test split, 10000 images)", "test", 0.375)]
+    assert card.data.datasets == ["uoft-cs/cifar10"] and "None of these numbers" not in card.text
+
+
+def test_low_bit_rows_claim_a_hub_dataset_only_for_its_whole_test_split(folder):
+    """Rows of `low_bit_results.json` recorded by name: `cifar10` with 48 images is a subset (no model-index entry),
+    with all 10000 test images it is the Hub dataset."""
+    from hf_r2.quant import update_results
+
+    row = {"setting": "W2A8", "method": "ptq-nearest", "accuracy": 0.5, "bits_per_weight": 2.25,
+           "dataset": "cifar10", "split": "test", "input_size": 32}
+    update_results(folder, [{**row, "num_images": 48}])
+    card = build_model_card(folder, REPO)
+    assert "model-index" not in card.data.to_dict() and "datasets" not in card.data.to_dict()
+    assert "| W2A8 | ptq-nearest | 0.5000 | `cifar10`, `test` split, 48 images | 2.25 |" in card.text
+    update_results(folder, [{**row, "num_images": 10000, "accuracy": 0.625}])
+    card = build_model_card(folder, REPO)
+    assert [value for *_, value in _index(card)] == [0.625] and card.data.datasets == ["uoft-cs/cifar10"]
+
+
+def test_no_local_path_reaches_the_card(folder, tmp_path):
+    """A dataset given as a local folder is recorded by its absolute path (r2_training.json, low_bit_results.json,
+    export_results.json): the card names its base name only."""
+    from hf_r2.quant import update_results
+    from hf_r2.saving import update_training_info
+
+    local = str(tmp_path / "private" / "my-photos")
+    write_json_atomic(os.path.join(folder, "eval_results.json"), {"eval_accuracy": 0.5})
+    update_training_info(folder, dataset=local, data={**SUBSET, "dataset": local, "source": f"local files {local}"})
+    update_results(folder, [{"setting": "W4A8", "method": "ptq-nearest", "accuracy": 0.25, "dataset": local,
+                             "split": "test", "num_images": 8}])
+    acc = {**_onnx_entry(folder)["accuracy"], "dataset": local}
+    _write(folder, onnx=_onnx_entry(folder, accuracy=acc))
+    text = build_model_card(folder, REPO).text
+    assert str(tmp_path) not in text and "private" not in text
+    assert "## Data\n\n`my-photos` (local files): trained on 1000 images" in text
+    assert "| W4A8 | ptq-nearest | 0.2500 | `my-photos`, `test` split, 8 images | - |" in text
+    assert "- Top-1 accuracy on `my-photos` (128 images of the `test` split" in text
+
+
+def test_license_defaults_to_the_models_or_says_none(folder, tmp_path, hf_convnext):
+    card = build_model_card(folder, REPO)  # timm's test_resnet: apache-2.0 in its pretrained_cfg
+    assert card.data.license == "apache-2.0"
+    assert "## License\n\n`apache-2.0`: the license timm's `pretrained_cfg` (in `config.json`) names" in card.text
+    card = build_model_card(folder, REPO, license="mit")
+    assert card.data.license == "mit" and "## License\n\n`mit`.\n" in card.text
+    hf_r2.save_model_folder(hf_convnext, str(tmp_path / "hf"))
+    card = build_model_card(str(tmp_path / "hf"), REPO)
+    assert card.data.license is None and "license:" not in str(card).split("---")[1]
+    assert "## License\n\nNone given: no license was passed (`hf-r2 push --license`)" in card.text
+
+
+def test_low_bit_card_results_and_metadata(tmp_path):
+    """A low-bit export's card: one `## Results` heading, with its rows and what they were measured on; the
+    model-index and `datasets` where the rows name the Hub dataset; the base model."""
+    import torch
+
+    from hf_r2.quant import PTQConfig, quantize_, save_low_bit, update_results
+
+    model = make_timm("test_resnet", num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    quantized = quantize_(model, PTQConfig(w_bits=4, a_bits=8, bn="keep"), [{"pixel_values": x}])
+    out = str(tmp_path / "w4a8")
+    save_low_bit(quantized, out, method="ptq", base_model="me/resnet-r2")
+    update_results(out, [{"setting": "W4A8", "method": "ptq-nearest", "accuracy": 0.75, "bits_per_weight": 4.1,
+                          "dataset": "uoft-cs/cifar10", "split": "test", "num_images": 10000}])
+    card = build_model_card(out, "me/resnet-r2-w4a8")
+    assert card.text.count("## Results") == 1 and "## Low-bit results" not in card.text
+    results = card.text[card.text.index("## Results"):card.text.index("## R2 settings")]
+    assert "| W4A8 | ptq-nearest | 0.7500 | `uoft-cs/cifar10`, `test` split, 10000 images | 4.10 |" in results
+    assert _index(card) == [("uoft-cs/cifar10", "uoft-cs/cifar10 (test split, 10000 images)", "test", 0.75)]
+    assert card.data.datasets == ["uoft-cs/cifar10"] and card.data.base_model == "me/resnet-r2"
+    assert card.data.license == "apache-2.0" and card.data.library_name == "hf-r2"
+    # no row: the Results section says so, under its one heading
+    os.remove(os.path.join(out, "low_bit_results.json"))
+    card = build_model_card(out, "me/resnet-r2-w4a8")
+    assert "## Results\n\nNo evaluation results were saved with this model.\n" in card.text

@@ -24,9 +24,13 @@ def push_command_parser(subparsers=None) -> argparse.ArgumentParser:
     parser.add_argument("model_dir", help="The saved model folder.")
     parser.add_argument("repo_id", help="The Hub repo, namespace/name (created if missing).")
     parser.add_argument("--dataset", "--datasets", dest="datasets", action="append", default=None,
-                        help="Hub id of the training / evaluation data, for the card (repeatable).")
+                        help="Hub id of the training / evaluation data, listed on the card (repeatable). The "
+                        "card's model-index puts a number on it only if the folder records that number was measured "
+                        "on that whole dataset (or records no data); numbers from a local copy or subset say so.")
     parser.add_argument("--base-model", "--base_model", default=None, help="The checkpoint it was fine-tuned from.")
-    parser.add_argument("--license", default=None, help="License id of the weights, for the card.")
+    parser.add_argument("--license", default=None,
+                        help="License id of the weights, for the card (default: the one timm's pretrained_cfg in "
+                        "config.json names, else the card says none was given).")
     parser.add_argument("--commit-message", "--commit_message", default="Upload model trained with hf-r2",
                         help="The commit message.")
     parser.add_argument("--revision", default=None, help="The branch to commit to (default: main).")

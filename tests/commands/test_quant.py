@@ -155,7 +155,8 @@ def test_evaluate_keeps_rows_of_other_data_apart(model_dir, data_dir, capsys):
     assert "uoft-cs/cifar10" not in card  # 16 images of a local subset are not the Hub dataset
     assert "| 0.1230 |" not in card and "`other`" not in card  # the row measured on other data is left out
     fp = [r for r in rows if r["dataset"] == "cifar10-tiny"][-1]
-    assert f"on `cifar10-tiny` ({fp['num_images']} images) | {fp['accuracy']:.4f} |" in card
+    assert (f"| full precision | float | {fp['accuracy']:.4f} | `cifar10-tiny`, `test` split, {fp['num_images']} "
+            "images | - |") in card
     assert "## Data\n\n`cifar10-tiny` (local copy): trained on 16 images" in card
 
 
