@@ -198,8 +198,9 @@ def resolve_resume(value, root: str, loop: bool = False) -> str | None:
     """The checkpoint folder that `resume_from_checkpoint=value` names, or `None` to start from the beginning.
 
     `None` / `False` / `""`: none. `True` / `"true"` / `"latest"`: the newest complete checkpoint under `root`
-    (`output_dir`, or `output_dir/checkpoints` for the loop); if there is none yet (a run interrupted before its
-    first save), training starts from the beginning, with a warning. A path must be a complete checkpoint.
+    (`output_dir`, or `output_dir/checkpoints` for the loop), named in one log line (INFO, main process); if there
+    is none yet (a run interrupted before its first save), training starts from the beginning, with a warning. A
+    path must be a complete checkpoint.
     """
     if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false", "no")):
         return None
@@ -208,6 +209,8 @@ def resolve_resume(value, root: str, loop: bool = False) -> str | None:
         if path is None:
             logger.warning("`resume_from_checkpoint=%s`: no complete checkpoint in %s yet; training starts from the "
                            "beginning.", value, root)
+        elif os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
+            logger.info("Resuming from %s, the newest complete checkpoint in %s.", path, root)
         return path
     path = os.fspath(value)
     if not os.path.isdir(path):

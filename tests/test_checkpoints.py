@@ -142,3 +142,21 @@ def test_sigterm_as_interrupt_raises_once_then_restores_the_default():
         assert seen == [1]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_resume_latest_names_the_checkpoint(data_dir, tmp_path, caplog):
+    """`hf-r2 train --resume_from_checkpoint latest` says, in one line, which checkpoint it resumes from."""
+    import logging
+
+    from conftest import tiny_train_argv
+
+    from hf_r2.cli import main
+
+    out = tmp_path / "run"
+    steps = ("--save_strategy", "steps", "--save_steps", "1")
+    assert main(["train", *tiny_train_argv(data_dir, out, *steps)]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_r2"):
+        assert main(["train", *tiny_train_argv(data_dir, out, *steps, "--resume_from_checkpoint", "latest")]) == 0
+    said = [r.getMessage() for r in caplog.records if "Resuming from" in r.getMessage()]
+    assert said == [f"Resuming from {out / 'checkpoint-2'}, the newest complete checkpoint in {out}."]
