@@ -22,6 +22,7 @@ stops it with one line naming the last complete checkpoint, and status 130 (143 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from accelerate import PartialState
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     if state.is_main_process:
         print(json.dumps(metrics, indent=2))
+        if config.save_model:
+            print(f"Saved the model to {os.path.join(config.output_dir, 'model')}")
     return metrics
 
 
