@@ -161,8 +161,8 @@ def results_section(fp: tuple[float, Measurement] | None, rows: list[tuple[dict[
     for the card that the numbers were not measured on as a whole (so not in the model-index)."""
     if fp is None and not rows:
         return "## Results\n\nNo evaluation results were saved with this model.\n"
-    lines = ["## Results\n", "Top-1 accuracy as measured by hf-r2 and saved with the model (`eval_results.json` / "
-             "`all_results.json`, `low_bit_results.json`), each on the data named beside it:\n",
+    lines = ["## Results\n", "Measured by hf-r2 and saved with the model (`eval_results.json` / `all_results.json`, "
+             "`low_bit_results.json`), each number on the data named beside it:\n",
              "| setting | method | top-1 accuracy | measured on | bits / weight |", "|---|---|---|---|---|"]
     if fp is not None:
         lines.append(f"| full precision | float | {fp[0]:.4f} | {measured_on(fp[1])} | - |")
