@@ -8,8 +8,8 @@
   moved aside is restored.
 - [`resolve_resume`]: what `resume_from_checkpoint` means: `True` / `"true"` / `"latest"` for the newest complete
   checkpoint (none: start from the beginning, with a warning), or a path that must be a complete checkpoint.
-- [`run_files`] / [`clear_run`]: what of an output folder belongs to a run (so that another run is not mixed into
-  it), and removing it for `overwrite_output_dir`; [`remove_if_empty`]: an output folder a failed run left empty.
+- [`remove_if_empty`]: an output folder a failed run left empty (what of an output folder belongs to a run, and
+  removing it for `overwrite_output_dir`, is [`hf_r2.output_folder`]).
 - What a loop checkpoint holds besides accelerate's files: R2's learnable parameters as safetensors
   ([`save_r2_state`] / [`load_r2_state`], shared with R2Trainer's checkpoints) and the step counter as JSON
   ([`LOOP_STATE_NAME`]), so that resuming never unpickles anything: accelerate's `register_for_checkpointing` files
@@ -34,6 +34,8 @@ import signal
 import threading
 from typing import Any, Callable, Iterator
 
+from .output_folder import STAGING_PREFIX, TRAINER_CHECKPOINT_RE
+
 __all__ = [
     "CheckpointError",
     "LATEST",
@@ -47,7 +49,6 @@ __all__ = [
     "resumable_on_interrupt",
     "sigterm_as_interrupt",
     "checkpoint_step",
-    "clear_run",
     "is_complete_loop_checkpoint",
     "is_complete_trainer_checkpoint",
     "latest_checkpoint",
@@ -55,7 +56,6 @@ __all__ = [
     "publish_folder",
     "publish_trainer_checkpoint",
     "resolve_resume",
-    "run_files",
     "safe_torch_load",
     "save_r2_state",
     "staging_folder",
@@ -66,25 +66,14 @@ logger = logging.getLogger(__name__)
 
 #: The `resume_from_checkpoint` values that mean "the newest complete checkpoint of the output folder".
 LATEST = ("latest", "true", "yes", "1")
-STAGING_PREFIX = ".tmp-"
 OLD_SUFFIX = ".old"  # a checkpoint moved aside by `publish_folder` while its replacement is renamed into place
-TRAINER_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LOOP_CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
             "adapter_model.safetensors")
-# What a run writes to its output folder (R2Trainer, hf-r2 train, the loop, hf-r2 evaluate / ptq / qat, the card).
-_RUN_NAMES = {
-    *_WEIGHTS[:4], "config.json", "preprocessor_config.json", "training_args.bin", "trainer_state.json",
-    "all_results.json", "train_results.json", "eval_results.json", "low_bit_results.json", "README.md",
-    "loop_config.json", "checkpoints", "model", "runs",
-}
-#: Files only a run writes: their presence (or a checkpoint / `r2_*.json`) is what makes a folder a run's.
-_RUN_MARKERS = {"trainer_state.json", "training_args.bin", "loop_config.json", "low_bit_results.json"}
 #: R2's learnable parameters (margins, temperatures) in a checkpoint of R2Trainer or of the accelerate loop.
 R2_STATE_NAME = "r2_regularizer.safetensors"
 #: The accelerate loop's step counter in its checkpoints: `{"global_step": <int>}`.
 LOOP_STATE_NAME = "loop_state.json"
-_RUN_PATTERNS = (TRAINER_CHECKPOINT_RE, re.compile(r"^r2_.*\.json$"), re.compile(r"^" + re.escape(STAGING_PREFIX)))
 
 
 class CheckpointError(ValueError):
@@ -220,30 +209,6 @@ def resolve_resume(value, root: str, loop: bool = False) -> str | None:
         raise CheckpointError(f"`resume_from_checkpoint={path!r}` is an incomplete checkpoint (an interrupted save); "
                               "pass an earlier one, or `latest` for the newest complete one.")
     return path
-
-
-def run_files(folder: str) -> list[str]:
-    """The entries of `folder` that belong to a training run (model files, checkpoints, results, `r2_*.json`, the
-    card); empty if the folder is missing or holds no run. A folder holds a run only if it has a file that only a
-    run writes (`r2_*.json`, `trainer_state.json`, `training_args.bin`, `loop_config.json`,
-    `low_bit_results.json`, a checkpoint or staging folder): a project folder with a README, a `config.json` or a
-    `model/` of the user's own is not a run, and nothing in it is touched."""
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    if not any(n in _RUN_MARKERS or any(p.match(n) for p in _RUN_PATTERNS) for n in names):
-        return []
-    return [n for n in names if n in _RUN_NAMES or any(p.match(n) for p in _RUN_PATTERNS)]
-
-
-def clear_run(folder: str) -> list[str]:
-    """Remove what [`run_files`] lists (for `overwrite_output_dir`); other files stay. Returns the removed names."""
-    removed = run_files(folder)
-    for name in removed:
-        path = os.path.join(folder, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-    return removed
 
 
 def remove_if_empty(folder: str) -> bool:

@@ -3,6 +3,7 @@ recorded), used by `hf-r2 train` ([`run_train`]), `hf-r2 reproduce` and the demo
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -22,11 +23,14 @@ def prepare_output_dir(training_args: R2TrainingArguments) -> str | None:
 
     Resuming (`resume_from_checkpoint` a folder, or `latest` / `True`: the newest complete checkpoint of
     `output_dir`) continues the run the folder holds; `latest` with no checkpoint yet starts from the beginning,
-    unless the folder holds another (finished, or never checkpointed) run. A folder that holds another run (it has
-    hf-r2's or the Trainer's run files: `r2_*.json`, `trainer_state.json`, checkpoints, ...) is refused unless
-    `overwrite_output_dir`; [`clear_previous_run`] then removes that run's files, once the data and model loaded.
+    unless the folder holds another (finished, or never checkpointed) run. Otherwise
+    [`hf_r2.output_folder.check_output_folder`]: a folder that holds another run is refused unless
+    `overwrite_output_dir` ([`clear_previous_run`] then removes what that run wrote, once the data and model
+    loaded); a folder of the user's (other files, no run) is refused unless `add_to_output_dir`, and then refused
+    still if a file of theirs has a name the run writes.
     """
-    from .checkpoints import resolve_resume, run_files, wants_latest
+    from .checkpoints import resolve_resume, wants_latest
+    from .output_folder import check_output_folder, run_files
 
     out = training_args.output_dir
     resume = training_args.resume_from_checkpoint
@@ -35,31 +39,34 @@ def prepare_output_dir(training_args: R2TrainingArguments) -> str | None:
         path = resolve_resume(resume, out)
         if path is not None or not wants_latest(resume):
             return path
-    found = run_files(out)
-    if found and not training_args.overwrite_output_dir:
-        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-        how = "has no complete checkpoint to resume from" if resume else "already holds a training run"
-        raise ValueError(f"`--output_dir {out}` {how} ({listed}): pass `--overwrite_output_dir` to replace that "
-                         "run, " + ("" if resume else "`--resume_from_checkpoint latest` to continue it, ")
-                         + "or choose another folder.")
+        found = run_files(out)
+        if found and not training_args.overwrite_output_dir:
+            listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            raise ValueError(f"`--output_dir {out}` has no complete checkpoint to resume from ({listed}): pass "
+                             "`--overwrite_output_dir` to replace that run, or choose another folder.")
+    check_output_folder(out, replace=training_args.overwrite_output_dir, add=training_args.add_to_output_dir)
     return path
 
 
 def clear_previous_run(training_args: R2TrainingArguments) -> list[str]:
-    """With `overwrite_output_dir` (and not resuming): remove the previous run's files from `output_dir` (other
-    files stay), on the main process, the other processes waiting. Returns the removed names."""
+    """Unless resuming: with `overwrite_output_dir`, remove what the previous run wrote to `output_dir`
+    ([`hf_r2.output_folder.clear_run`]; the user's files stay), then record the new run
+    ([`~hf_r2.output_folder.start_run`]: every entry left is the user's, and stays); on the main process, the
+    others waiting. Returns the removed names."""
     import logging
 
-    from .checkpoints import clear_run, run_files
+    from .output_folder import clear_run, run_files, start_run
 
-    if not training_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+    if training_args.resume_from_checkpoint:
         return []
     removed: list[str] = []
     with training_args.main_process_first(desc="clearing the previous run"):
-        if training_args.process_index == 0 and run_files(training_args.output_dir):
-            removed = clear_run(training_args.output_dir)
-            logging.getLogger(__name__).warning("--overwrite_output_dir: removed the previous run's %s from %s.",
-                                                ", ".join(removed), training_args.output_dir)
+        if training_args.process_index == 0:
+            if training_args.overwrite_output_dir and run_files(training_args.output_dir):
+                removed = clear_run(training_args.output_dir)
+                logging.getLogger(__name__).warning("--overwrite_output_dir: removed the previous run's %s from %s.",
+                                                    ", ".join(removed), training_args.output_dir)
+            start_run(training_args.output_dir)
     return removed
 
 
@@ -132,8 +139,10 @@ def run_train(
     """Load the data, create the model, train it with [`train_model`], evaluate it: what `hf-r2 train` runs.
 
     First, before anything is loaded or written: [`prepare_output_dir`] (an `output_dir` holding another run is
-    refused without `overwrite_output_dir`; `resume_from_checkpoint="latest"` or `True` is the newest complete
-    checkpoint); the previous run's files go ([`clear_previous_run`]) only once the data and the model loaded. A run
+    refused without `overwrite_output_dir`, one holding the user's files without `add_to_output_dir`;
+    `resume_from_checkpoint="latest"` or `True` is the newest complete checkpoint); the previous run's files go
+    ([`clear_previous_run`]) only once the data and the model loaded. The run records what it writes in the
+    folder's manifest ([`hf_r2.output_folder`]), so that a later `overwrite_output_dir` removes only that. A run
     that stops before writing anything (a refusal, an interrupt) leaves no empty `output_dir` it created behind.
     Augmentation draws depend only on `(seed, epoch, index)`, so a resumed run ends with the same weights as an
     uninterrupted one.
@@ -144,8 +153,8 @@ def run_train(
 
     Writes to `training_args.output_dir`: the model (`model.safetensors` + `config.json`, loadable with
     [`hf_r2.models.create_model`]`(output_dir, pretrained=True)`), `r2_config.json`, `train_results.json`,
-    `eval_results.json`, `all_results.json`, `trainer_state.json` and `r2_training.json` (the training arguments
-    that matter and the dataset, which the model card cites).
+    `eval_results.json`, `all_results.json`, `trainer_state.json`, `r2_training.json` (the training arguments
+    that matter and the dataset, which the model card cites) and the manifest `.hf-r2-output.json`.
     """
     from transformers import set_seed
 
@@ -153,6 +162,7 @@ def run_train(
     from .data import describe_data, label_names, load_data, record_data_config, with_transforms
     from .metrics import compute_accuracy_and_chance
     from .models import create_model
+    from .output_folder import MANIFEST_NAME, finish_run
     from .saving import update_training_info
 
     created = not os.path.exists(training_args.output_dir)
@@ -174,9 +184,11 @@ def run_train(
             dataset=data_args.dataset_name,
             compute_metrics=compute_accuracy_and_chance,
         )
-    except BaseException:  # a refusal (a diverged loss) or an interrupt before anything was written
-        if created and training_args.process_index == 0:
-            remove_if_empty(training_args.output_dir)  # the Trainer made the folder: no empty one is left behind
+    except BaseException:  # a refusal (a diverged loss) or an interrupt: the manifest says what was written
+        if training_args.process_index == 0 and not finish_run(training_args.output_dir) and created:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(training_args.output_dir, MANIFEST_NAME))
+            remove_if_empty(training_args.output_dir)  # hf-r2 made the folder: no empty one is left behind
         raise
     if trainer.args.should_save:  # what the data really was (source, splits, image counts), for the model card
         update_training_info(training_args.output_dir, data=describe_data(data_args, ds))
@@ -187,4 +199,6 @@ def run_train(
     eval_metrics = dict(trainer.evaluate(), eval_samples=ds["test"].num_rows)
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
+    if training_args.process_index == 0:
+        finish_run(training_args.output_dir)
     return {"train": train_metrics, "eval": eval_metrics, "trainer": trainer}

@@ -91,7 +91,11 @@ class R2TrainingArguments(TrainingArguments):
     >   torch warns on every CPU run otherwise).
 
     `overwrite_output_dir` (`bool`, *optional*, defaults to `False`): `hf-r2 train` refuses an `output_dir` that
-    holds another run unless it is set, and then clears what belongs to the old run (see [`hf_r2.train.run_train`]).
+    holds another run unless it is set, and then clears what the old run wrote (see [`hf_r2.train.run_train`]).
+
+    `add_to_output_dir` (`bool`, *optional*, defaults to `False`): `hf-r2 train` refuses an `output_dir` that holds
+    the user's files and no run unless it is set; then it trains beside them and touches none of them
+    ([`hf_r2.output_folder`]).
 
     ```python
     >>> from hf_r2 import R2TrainingArguments
@@ -112,8 +116,15 @@ class R2TrainingArguments(TrainingArguments):
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Train into an output_dir that holds another run: its checkpoints, model, results and "
-                  "r2_*.json files are removed first (without it, such a folder is refused)."},
+        metadata={"help": "Train into an output_dir that holds another run: what that run wrote (its checkpoints, "
+                  "model, results, r2_*.json files) is removed first; other files stay (without it, such a folder is "
+                  "refused)."},
+    )
+    add_to_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir that holds files of yours and no run: they stay as they are, "
+                  "and a later --overwrite_output_dir removes only what the run wrote (without it, such a folder is "
+                  "refused; a file of yours with a name the run writes, such as config.json, is refused always)."},
     )
 
     # Parameters that control the R2 term

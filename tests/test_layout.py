@@ -24,7 +24,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_r2"
 LAYERS = [
-    {"version", "_utils", "_targets", "_finite"},
+    {"version", "_utils", "_targets", "_finite", "output_folder"},
     {"config", "losses", "models", "_r2_plan", "_r2_kernels"},
     {"regularizer", "metrics", "data", "saving", "plots"},
     {"quant"},

@@ -126,7 +126,8 @@ def test_train_with_a_huge_learning_rate_stops_in_one_line(data_dir, tmp_path, c
     assert "the training diverged at step 2: the loss is nan" in line
     assert "learning rate" in line and "R2 weight (lambda)" in line
     assert f"the last good checkpoint is {out / 'checkpoint-1'}" in line and "the model was not saved" in line
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]  # no model.safetensors, no r2_stats.json
+    # no model.safetensors, no r2_stats.json; the manifest says what the run wrote
+    assert sorted(p.name for p in out.iterdir()) == [".hf-r2-output.json", "checkpoint-1"]
     weights = load_file(out / "checkpoint-1" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
 

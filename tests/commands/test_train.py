@@ -158,9 +158,9 @@ def test_resume_command_replaces_the_resume_flag():
 
 def test_a_project_folder_is_not_a_run_and_nothing_is_cleared_before_the_data_loads(data_dir, tmp_path):
     """Only hf-r2's and the Trainer's own files make a folder a run's: a project folder with its README, a
-    config.json and a model/ of its own is neither refused nor cleared. With --overwrite_output_dir, the old run's
-    files go only once data and model loaded: a typo in --dataset leaves them in place."""
-    from hf_r2.checkpoints import run_files
+    config.json and a model/ of its own holds no run files. With --overwrite_output_dir, the old run's files go only
+    once data and model loaded: a typo in --dataset leaves them in place."""
+    from hf_r2.output_folder import run_files
 
     project = tmp_path / "project"
     (project / "model").mkdir(parents=True)
@@ -198,3 +198,64 @@ def test_config_file_syntax_errors_are_one_line(tmp_path, capsys, name, text, ki
         main(["train", str(path)])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"is not valid {kind}" in err and name in err
+
+
+def test_a_folder_of_yours_is_refused_and_with_add_to_output_dir_nothing_of_yours_is_touched(data_dir, tmp_path,
+                                                                                              capsys):
+    """`hf-r2 train --output_dir proj` into a folder of the user's: refused in one line naming the flag, nothing
+    written. With `--add_to_output_dir` the run trains beside the user's files (content, mode and links kept) and
+    records what it wrote; `--overwrite_output_dir` later removes only that, also keeping a file the user added after
+    the first run. A file of the user's with a name the run writes (config.json) is refused with either flag."""
+    import os
+    import stat
+
+    project = tmp_path / "proj"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "x.csv").write_text("1,2\n")
+    (project / "notes.txt").write_text("mine")
+    os.symlink(project / "notes.txt", project / "notes-link")
+    project.chmod(0o700)
+    before = {p.relative_to(project): (p.is_symlink(), p.read_text() if p.is_file() else None)
+              for p in project.rglob("*")}
+
+    assert main(["train", *tiny_train_argv(data_dir, project)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--add_to_output_dir" in err and "notes.txt" in err, err
+    assert sorted(os.listdir(project)) == ["data", "notes-link", "notes.txt"]
+
+    def yours_unchanged():
+        for path, (link, text) in before.items():
+            assert (project / path).is_symlink() == link and (
+                text is None or (project / path).read_text() == text), path
+        assert stat.S_IMODE(project.stat().st_mode) == 0o700
+
+    assert main(["train", *tiny_train_argv(data_dir, project, "--add_to_output_dir", "true")]) == 0
+    yours_unchanged()
+    manifest = json.loads((project / ".hf-r2-output.json").read_text())
+    assert manifest["kept"] == ["data", "notes-link", "notes.txt"] and manifest["finished"] is True
+    assert {"model.safetensors", "config.json", "trainer_state.json"} <= set(manifest["written"])
+    assert not {"data", "notes.txt"} & set(manifest["written"])
+
+    (project / "later.txt").write_text("added after the run")
+    (project / "old-run-extra.json").write_text("{}")
+    manifest["written"].append("old-run-extra.json")  # as if the first run had written it
+    (project / ".hf-r2-output.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["train", *tiny_train_argv(data_dir, project)]) == 1  # a run now: refused without the flag
+    assert "already holds a training run" in capsys.readouterr().err
+    assert main(["train", *tiny_train_argv(data_dir, project, "--overwrite_output_dir", "true")]) == 0
+    yours_unchanged()
+    assert (project / "later.txt").read_text() == "added after the run"
+    assert not (project / "old-run-extra.json").exists() and (project / "model.safetensors").is_file()
+    assert json.loads((project / ".hf-r2-output.json").read_text())["kept"] == [
+        "data", "later.txt", "notes-link", "notes.txt"]
+
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (clash / "config.json").write_text('{"mine": true}')
+    capsys.readouterr()
+    for flag in ("--add_to_output_dir", "--overwrite_output_dir"):
+        assert main(["train", *tiny_train_argv(data_dir, clash, "--add_to_output_dir", "true", flag, "true")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "config.json of yours" in err, err
+    assert os.listdir(clash) == ["config.json"] and (clash / "config.json").read_text() == '{"mine": true}'

@@ -1,0 +1,160 @@
+"""Output folders that may hold the user's own files: what a run wrote, so that only that is ever replaced.
+
+A run records itself in a manifest, `.hf-r2-output.json` (hidden: `hf-r2 push` leaves it out), written before the
+run writes anything (temp file, then rename): `kept` lists the entries the folder held before, which are the
+user's; when the run ends, is interrupted or fails, `written` lists the entries it added (and `finished` says
+that list is complete). Replacing a run
+(`overwrite_output_dir`) removes what `written` lists, and entries added later with a name a run writes (the card
+`hf-r2 push` writes, results of `hf-r2 evaluate`); a run killed before it could say what it wrote
+(`finished: false`) loses every entry that is not in `kept`. Nothing in `kept` is touched, ever.
+
+A folder without a manifest that holds a run of an older hf-r2, or of the Trainer (it has a file only a run writes:
+`trainer_state.json`, `r2_*.json`, a checkpoint, ...), is a run's: its entries with the names a run writes are
+the run's ([`run_files`]). A folder that holds other files and no run is the user's: [`check_output_folder`]
+refuses it unless the caller opts in, and then refuses it still if one of the user's entries has a name the run
+would write (it would be overwritten).
+
+Only the folder's top-level entries are tracked: a run's folders (`checkpoint-<n>/`, `runs/`, `model/`) are its
+own whole.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Any
+
+from ._utils import read_json, write_json_atomic
+
+__all__ = [
+    "MANIFEST_NAME",
+    "STAGING_PREFIX",
+    "TRAINER_CHECKPOINT_RE",
+    "check_output_folder",
+    "clear_run",
+    "finish_run",
+    "is_run_name",
+    "run_files",
+    "start_run",
+]
+
+MANIFEST_NAME = ".hf-r2-output.json"
+#: The hidden sibling a checkpoint is written into before it is renamed into place ([`hf_r2.checkpoints`]).
+STAGING_PREFIX = ".tmp-"
+TRAINER_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+# What a run writes to its output folder (R2Trainer, hf-r2 train, the loop, hf-r2 evaluate / ptq / qat, the card).
+_RUN_NAMES = {
+    *_WEIGHTS, "config.json", "preprocessor_config.json", "training_args.bin", "trainer_state.json",
+    "all_results.json", "train_results.json", "eval_results.json", "low_bit_results.json", "README.md",
+    "loop_config.json", "checkpoints", "model", "runs",
+}
+#: Files only a run writes: their presence (or a checkpoint / `r2_*.json`) is what makes a folder a run's.
+_RUN_MARKERS = {"trainer_state.json", "training_args.bin", "loop_config.json", "low_bit_results.json"}
+_RUN_PATTERNS = (TRAINER_CHECKPOINT_RE, re.compile(r"^r2_.*\.json$"), re.compile(r"^" + re.escape(STAGING_PREFIX)))
+
+
+def is_run_name(name: str) -> bool:
+    """Whether a training run may write an entry called `name` at the top of its output folder."""
+    return name in _RUN_NAMES or any(p.match(name) for p in _RUN_PATTERNS)
+
+
+def _entries(folder: str) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n != MANIFEST_NAME) if os.path.isdir(folder) else []
+
+
+def _manifest(folder: str) -> dict[str, Any] | None:
+    """The folder's manifest, or `None`; one that does not parse is a `ValueError` (nothing is guessed)."""
+    path = os.path.join(folder, MANIFEST_NAME)
+    try:
+        data = read_json(path)
+    except ValueError:
+        data = {}
+    if data is None:
+        return None
+    if not (isinstance(data, dict) and all(isinstance(data.get(k), list) for k in ("kept", "written"))):
+        raise ValueError(f"{path} is damaged: remove the run's files from {folder} by hand (and that file), or "
+                         "choose another folder.")
+    return data
+
+
+def run_files(folder: str) -> list[str]:
+    """The entries of `folder` that belong to a training run; empty if the folder is missing or holds no run.
+
+    With a manifest: what the run wrote, plus later entries with a name a run writes (every entry not in `kept`
+    if the run never finished). Without one: the entries with a run's names, if the folder has a file that only a
+    run writes (`r2_*.json`, `trainer_state.json`, `training_args.bin`, `loop_config.json`,
+    `low_bit_results.json`, a checkpoint or staging folder); a project folder with a README, a `config.json` or a
+    `model/` of the user's own is not a run."""
+    names = _entries(folder)
+    manifest = _manifest(folder)
+    if manifest is not None:
+        kept, written = set(manifest["kept"]), set(manifest["written"])
+        finished = manifest.get("finished", False)
+        return [n for n in names if n not in kept and (n in written or not finished or is_run_name(n))]
+    if not any(n in _RUN_MARKERS or any(p.match(n) for p in _RUN_PATTERNS) for n in names):
+        return []
+    return [n for n in names if is_run_name(n)]
+
+
+def check_output_folder(folder: str, *, replace: bool, add: bool, replace_flag: str = "--overwrite_output_dir",
+                        add_flag: str = "--add_to_output_dir") -> list[str]:
+    """Refuse, in one line naming the fix, an output folder a new run would harm; returns the run files that
+    `replace` will remove ([`clear_run`]). Nothing is changed here.
+
+    - a folder that holds a run ([`run_files`]): refused unless `replace`;
+    - a folder that holds other entries and no run, and no manifest (a folder of the user's): refused unless `add`;
+    - then, an entry that is not the run's (the user's) with a name the run writes: refused (it would be
+      overwritten), whatever the flags.
+    """
+    found = run_files(folder)
+    if found and not replace:
+        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"`--output_dir {folder}` already holds a training run ({listed}): pass `{replace_flag}` to "
+                         "replace that run, `--resume_from_checkpoint latest` to continue it, or choose another "
+                         "folder.")
+    yours = [n for n in _entries(folder) if n not in found]
+    if yours and not found and _manifest(folder) is None and not add:
+        listed = ", ".join(yours[:4]) + (", ..." if len(yours) > 4 else "")
+        raise ValueError(f"`--output_dir {folder}` holds files that are not a training run's ({listed}): choose a "
+                         f"new or empty folder, or pass `{add_flag}` to train beside them (none of them is "
+                         "overwritten or removed).")
+    clashes = [n for n in yours if is_run_name(n)]
+    if clashes:
+        raise ValueError(f"`--output_dir {folder}` holds {', '.join(clashes)} of yours, which the run would "
+                         "overwrite: move them out of the folder, or choose another folder.")
+    return found
+
+
+def clear_run(folder: str) -> list[str]:
+    """Remove what [`run_files`] lists (for `overwrite_output_dir`); other entries stay. Returns the removed names.
+    A link is removed, never followed."""
+    removed = run_files(folder)
+    for name in removed:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return removed
+
+
+def start_run(folder: str) -> None:
+    """Write the manifest of a new run into `folder` (created if missing) before the run writes anything: every
+    entry already there is the user's (`kept`). Call it after [`clear_run`]."""
+    os.makedirs(folder, exist_ok=True)
+    write_json_atomic(os.path.join(folder, MANIFEST_NAME), {"kept": _entries(folder), "written": [],
+                                                              "finished": False})
+
+
+def finish_run(folder: str) -> list[str]:
+    """Record in the manifest what the run wrote (every entry not in `kept`), when it ended, failed or was
+    interrupted; returns it. Nothing happens in a folder without a manifest (a run of an older hf-r2, resumed)."""
+    manifest = _manifest(folder)
+    if manifest is None:
+        return []
+    kept = manifest["kept"]
+    written = [n for n in _entries(folder) if n not in set(kept)]
+    write_json_atomic(os.path.join(folder, MANIFEST_NAME), {"kept": kept, "written": written, "finished": True})
+    return written
