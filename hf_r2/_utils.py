@@ -101,22 +101,24 @@ CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping of field names to values in a YAML (`.yaml`, `.yml`) or JSON (`.json`) config file.
 
-    Raises `FileNotFoundError` when there is no such file and `ValueError` for another suffix or a file that does not
-    hold a mapping.
+    Raises `FileNotFoundError` when there is no such file and `ValueError`, in one line naming the file, for another
+    suffix, a file that does not parse, and a file that does not hold a mapping. YAML is read with `safe_load`: a
+    tag that would build a Python object (`!!python/object/apply:os.system`) is such an error, never run.
     """
+    import yaml
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No config file at {path!r}.")
     lower = path.lower()
     if not lower.endswith(CONFIG_FILE_SUFFIXES):
         raise ValueError(f"A config file must be a .yaml, .yml or .json file, got {path!r}.")
-    with open(path, encoding="utf-8") as f:
-        if lower.endswith(".json"):
-            data = json.load(f)
-        else:
-            import yaml
-
-            data = yaml.safe_load(f)
+    kind = "JSON" if lower.endswith(".json") else "YAML"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f) if kind == "JSON" else yaml.safe_load(f)
+    except (ValueError, yaml.YAMLError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"config file {path!r} is not valid {kind}: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"The config file {path!r} must hold a mapping of field names to values.")
     return data

@@ -82,15 +82,8 @@ def _parse_train_args(argv: Sequence[str]):
             values = resolve_aliases(parser, read_config_file(path))  # `model:` as `--model`
         except FileNotFoundError:
             parser.error(f"config file {path!r} does not exist.")
-        except Exception as err:  # noqa: BLE001 - JSON / YAML syntax errors, or not a mapping: the file is the user's
-            if type(err).__name__ in ("JSONDecodeError", "ScannerError", "ParserError") or "YAMLError" in [
-                c.__name__ for c in type(err).__mro__
-            ]:
-                parser.error(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
-                             f"{' '.join(str(err).split())}")
-            if isinstance(err, ValueError):
-                parser.error(f"config file {path!r} must hold a mapping of field names to values.")
-            raise
+        except ValueError as err:  # JSON / YAML syntax errors or tags, or not a mapping: one line naming the file
+            parser.error(str(err))
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:

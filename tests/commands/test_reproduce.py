@@ -65,3 +65,22 @@ def test_demo_runs_on_tiny_settings(data_dir, tmp_path, monkeypatch, capsys):
     assert "hf-r2 demo: error:" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Unknown demo setting"):
         demo_config(epoch=3)
+
+
+@pytest.mark.parametrize("text, kind", [
+    ('models: !!python/object/apply:os.system ["touch {marker}"]\n', "YAML"),
+    ("models: !!python/name:os.system\n", "YAML"),
+    ("models: [a\n", "YAML"),
+    ('{"models": ["a"],', "JSON"),
+])
+def test_a_config_that_does_not_parse_is_one_line(tmp_path, capsys, text, kind):
+    """`hf-r2 reproduce CONFIG` with a YAML tag that would build a Python object, or a syntax error: one line naming
+    the file (as `hf-r2 train` says it), status 1, and the tag never runs."""
+    marker = tmp_path / "marker"
+    path = tmp_path / f"c.{kind.lower()}"
+    path.write_text(text.replace("{marker}", str(marker)))
+    assert main(["reproduce", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"hf-r2 reproduce: error: config file '{path}' is not "
+                                                         f"valid {kind}: "), err
+    assert not marker.exists()
