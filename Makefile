@@ -9,8 +9,8 @@ CONSTRAINTS := requirements/constraints.txt
 # unless already set. Without a local copy the cifar10 names load uoft-cs/cifar10 from the Hub.
 export HF_R2_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: demo test reproduce evidence-baselines evidence evidence-headline evidence-status install install-test bench \
-	gpu-check clean
+.PHONY: demo test reproduce evidence-baselines evidence evidence-headline evidence-finetune evidence-status install \
+	install-test bench gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -93,16 +93,26 @@ evidence-headline: install
 	$(call start_workers,$(HEADLINE_OUT)/logs,worker-1 worker-2,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	  OMP_NUM_THREADS=1 nohup nice -n 19 sh -c '$(HEADLINE) --models mobilenetv2_100 && $(HEADLINE)')
 
+# R2 for the model you already have (preset finetune: configs/finetune.yaml): fine-tunes of the headline study's
+# MobileNetV2 baseline (seed 0, default weight decay; it must be finished) with and without R2, against QAT and MagR
+# at the same budget. Two workers; a 2-epoch fine-tune is about 6 min of one idle core.
+FINETUNE_OUT ?= $(CACHE)/finetune
+evidence-finetune: install
+	$(call start_workers,$(FINETUNE_OUT)/logs,worker-1 worker-2,$(HF_R2) reproduce finetune \
+	  --output-dir $(FINETUNE_OUT) --no-progress)
+
 # Where the long runs stand, from their caches (trains nothing): each worker running or ended with its log's last
 # line, then per training done / running (epoch k of n) / interrupted / missing and the choices made so far.
 evidence-status: install
-	@for f in $(HEADLINE_OUT)/logs/*.pid $(EVIDENCE_OUT)/logs/*.pid $(REPRODUCE_OUT)/*.pid; do \
+	@for f in $(HEADLINE_OUT)/logs/*.pid $(FINETUNE_OUT)/logs/*.pid $(EVIDENCE_OUT)/logs/*.pid $(REPRODUCE_OUT)/*.pid; do \
 	  [ -f "$$f" ] || continue; \
 	  if kill -0 "$$(cat "$$f")" 2>/dev/null; then state=running; else state=ended; fi; \
 	  echo "$$f: $$state; last log line: $$(tail -c 400 "$${f%.pid}.log" | tr '\r' '\n' | grep -v '^ *$$' | tail -n 1)"; \
 	done
 	@HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 reproduce headline \
 	  --output-dir $(HEADLINE_OUT) --status
+	@if [ -d $(FINETUNE_OUT)/runs ]; then HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/hf-r2 reproduce finetune \
+	  --output-dir $(FINETUNE_OUT) --status; fi
 
 bench: install
 	$(PY) benchmarks/r2_overhead.py

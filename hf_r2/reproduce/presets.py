@@ -23,6 +23,8 @@ CONFIG_PRESETS: dict[str, tuple[str, str]] = {
     "evidence": ("evidence.yaml", "the evidence study's stage 2 (R2 fine-tunes and from scratch, W2A2; hours); "
                  "needs its stage-1 baselines (make evidence-baselines, in a clone)"),
     "headline": ("headline.yaml", "the claims from scratch against a tuned-weight-decay baseline, 3 seeds (days)"),
+    "finetune": ("finetune.yaml", "R2 for a trained model: the fine-tune recipe against the same-length fine-tune "
+                 "without R2, QAT and MagR (hours); starts from headline's MobileNetV2 baseline (make evidence-headline)"),
 }
 
 
