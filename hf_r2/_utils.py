@@ -163,31 +163,78 @@ def machine_info() -> dict[str, str]:
     return info
 
 
+# bits per element of each safetensors dtype (safetensors 0.8), and the largest header it reads
+_SAFETENSORS_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """What makes `path` no valid safetensors file (the checks safetensors itself makes), or `None`."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 0 or 8 + length > size:
+            return "its header is cut short"
+        if length > _SAFETENSORS_MAX_HEADER:
+            return f"its header length {length} is over safetensors' {_SAFETENSORS_MAX_HEADER}"
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        return "its header does not parse"
+    if not isinstance(header, dict):
+        return "its header is not a mapping of tensor names"
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        return "its __metadata__ is not a mapping of strings"
+    spans = []
+    for name, info in header.items():
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_BITS:
+            return f"tensor {name!r} has an unknown dtype {dtype!r}"
+        if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+            return f"tensor {name!r} has no valid shape"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            return f"tensor {name!r} has no valid data_offsets"
+        bits = _SAFETENSORS_BITS[dtype]
+        for n in shape:
+            bits *= n
+        if bits != 8 * (offsets[1] - offsets[0]):
+            return f"tensor {name!r} ({dtype} {shape}) does not fill its {offsets[1] - offsets[0]} bytes"
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            return f"tensor {name!r} {'overlaps another' if begin < end else 'leaves a gap before it'}"
+        end = stop
+    if 8 + length + end > size:
+        return f"it holds {size} bytes of the {8 + length + end} its header describes"
+    if 8 + length + end < size:
+        return f"it holds {size - 8 - length - end} bytes after its last tensor"
+    return None
+
+
 def check_safetensors_files(folder: str | os.PathLike) -> None:
-    """A `ValueError` naming the file when a `*.safetensors` file in `folder` is damaged or incomplete (a header
-    that does not parse, or tensors that run past the end of the file: an interrupted copy or download), before a
-    loader fails on it with `SafetensorError: incomplete metadata` and no file name."""
+    """A `ValueError` naming the file when a `*.safetensors` file in `folder` is damaged, incomplete or crafted (a
+    header that does not parse or is no mapping of tensors, an unknown dtype, a shape that does not fill its bytes,
+    tensors that overlap, leave gaps or run past the end of the file: an interrupted copy or download, or a file
+    made to break a loader), before a loader fails on it with a `SafetensorError` that names no file."""
     folder = os.fspath(folder)
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not name.endswith(".safetensors") or not os.path.isfile(path):
             continue
-        size = os.path.getsize(path)
-        problem = None
-        with open(path, "rb") as f:
-            head = f.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if length < 0 or 8 + length > size:
-                problem = "its header is cut short"
-            else:
-                try:
-                    header = json.loads(f.read(length))
-                    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-                except (ValueError, KeyError, TypeError, IndexError):
-                    problem = "its header does not parse"
-                else:
-                    if 8 + length + end > size:
-                        problem = f"it holds {size} bytes of the {8 + length + end} its header describes"
+        problem = _safetensors_problem(path)
         if problem:
             raise ValueError(f"{path} is damaged or incomplete ({problem}): copy or download it again.")
 

@@ -175,3 +175,56 @@ def test_ctrl_c_is_one_line():
     done = _run_patched_env("def command(args):\n    raise KeyboardInterrupt")
     assert done.returncode == 130 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("hf-r2 env: interrupted")
+
+
+def _crafted_safetensors(case: str) -> bytes:
+    """A `model.safetensors` made to break a loader: `case` names what is wrong with it."""
+    import json
+
+    f32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    header, data = {"w": f32}, b"\0" * 8
+    if case == "header length past the end":
+        return (10**12).to_bytes(8, "little") + b"{}"
+    if case == "header not JSON":
+        return (8).to_bytes(8, "little") + b"not json" + data
+    if case == "header not a mapping":
+        header = [1, 2]
+    elif case == "entry not a mapping":
+        header = {"w": 5}
+    elif case == "metadata not strings":
+        header = {"__metadata__": {"format": 1}, "w": f32}
+    elif case == "offsets not numbers":
+        header = {"w": {**f32, "data_offsets": ["0", "8"]}}
+    elif case == "unknown dtype":
+        header = {"w": {**f32, "dtype": "Q7"}}
+    elif case == "shape does not fill its bytes":
+        header = {"w": {**f32, "shape": [3]}}
+    elif case == "overlapping offsets":
+        header, data = {"w": f32, "v": {**f32, "data_offsets": [4, 12]}}, b"\0" * 12
+    elif case == "offsets past the end":
+        header = {"w": f32, "v": {**f32, "data_offsets": [8, 16]}}
+    elif case == "bytes after the last tensor":
+        data += b"\0" * 4
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+@pytest.mark.parametrize("case", [
+    "header length past the end", "header not JSON", "header not a mapping", "entry not a mapping",
+    "metadata not strings", "offsets not numbers", "unknown dtype", "shape does not fill its bytes",
+    "overlapping offsets", "offsets past the end", "bytes after the last tensor",
+])
+def test_crafted_safetensors_is_one_line_naming_the_file(tmp_path, model_dir, capsys, case):
+    """`hf-r2 evaluate` / `ptq` on a folder whose model.safetensors was crafted to break a loader: one line that
+    names the file, status 1; never a traceback or a safetensors error without a file name."""
+    from hf_r2.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").write_bytes(_crafted_safetensors(case))
+    for command in (["evaluate", str(broken)], ["ptq", str(broken), "--output-dir", str(tmp_path / "q")]):
+        assert main(command) == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if " - WARNING - " not in line]
+        assert len(err) == 1 and err[0].startswith(
+            f"hf-r2 {command[0]}: error: {broken / 'model.safetensors'} is damaged or incomplete ("), err
+    assert not (tmp_path / "q").exists()
