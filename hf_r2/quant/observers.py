@@ -94,7 +94,13 @@ class RangeObserver:
         idx = keep.nonzero().squeeze(1)
         if idx.numel():
             slots = torch.randint(0, self.sample_size, (idx.numel(),), generator=self._generator)
-            self._sample[slots] = x.cpu()[idx]
+            # A slot drawn twice keeps the later value, as one-at-a-time reservoir sampling would. (A plain
+            # `sample[slots] = values` leaves the winner of a duplicate undefined: with several threads it changed
+            # from run to run, and so did every MSE / percentile activation range.)
+            last = torch.full((self.sample_size,), -1, dtype=torch.long)
+            last.scatter_reduce_(0, slots, torch.arange(slots.numel()), reduce="amax")
+            filled = (last >= 0).nonzero().squeeze(1)
+            self._sample[filled] = x.cpu()[idx[last[filled]]]
 
     @torch.no_grad()
     def qparams(self, bits: int) -> tuple[Tensor, Tensor]:

@@ -153,6 +153,52 @@ def test_reservoir_is_bounded_and_uniform(first_batch):
     assert (sample < first_batch).sum() <= first_batch / total * size + 45
 
 
+def _sequential_reservoir(batches, size, seed):
+    """The reservoir one value at a time, from the same random draws as the observer's bulk update: each kept value
+    overwrites its slot in turn, so of two values drawn for one slot the later stays."""
+    generator = torch.Generator().manual_seed(seed)
+    sample, seen = [], 0
+    for x in batches:
+        x = x.reshape(-1).double()
+        taken = x[: size - len(sample)].tolist()
+        sample += taken
+        x, seen = x[len(taken):], seen + len(taken)
+        if x.numel() == 0:
+            continue
+        positions = torch.arange(seen + 1, seen + x.numel() + 1, dtype=torch.float64)
+        keep = torch.rand(x.numel(), generator=generator, dtype=torch.float64) < size / positions
+        idx = keep.nonzero().squeeze(1).tolist()
+        if idx:
+            slots = torch.randint(0, size, (len(idx),), generator=generator).tolist()
+            for i, slot in zip(idx, slots):
+                sample[slot] = x[i].item()
+        seen += x.numel()
+    return sample
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reservoir_is_the_sequential_one_and_the_same_on_every_run(threads):
+    """Many values drawn for few slots (duplicate slots in one batch): the sample is the one-at-a-time reference's,
+    whatever the thread count, on every run (a bulk `sample[slots] = values` left the winner of a duplicate to the
+    threads, and the demo's MSE activation ranges changed from run to run)."""
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(20000, generator=g) for _ in range(5)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        samples = []
+        for _ in range(3):
+            obs = RangeObserver("mse", sample_size=4096, seed=3)
+            for x in batches:
+                obs.update(x)
+            samples.append(obs._sample.double())
+    finally:
+        torch.set_num_threads(old)
+    reference = torch.tensor(_sequential_reservoir(batches, 4096, 3), dtype=torch.float64)
+    for sample in samples:
+        assert torch.equal(sample, reference)
+
+
 def test_reservoir_keeps_everything_until_full_and_does_not_alias_the_input():
     obs = RangeObserver("mse", sample_size=50)
     x = torch.randn(2, 10)
