@@ -5,7 +5,7 @@ cross-entropy, backward, `torch.optim.SGD` step, gradients set to `None` before 
 subprocess:
 
 - `none`: the plain model;
-- `dkm`: [`hf_r2.quant.dkm.prepare_dkm`] (2 bits, one palette per tensor, the default 3 iterations), whose autograd
+- `dkm`: [`hf_r2.quant.prepare_dkm`] (2 bits, one palette per tensor, the default 3 iterations), whose autograd
   Functions keep no `n x K` tensor and recompute the attention in chunks;
 - `naive`: the same parametrization running the plain-autograd reference (`_dkm_reference`), which keeps every
   `n x K` intermediate of every iteration until the backward pass.
@@ -45,8 +45,8 @@ def _worker(variant: str, size: int, batch: int, bits: int, repeats: int) -> dic
     import torch
     import torch.nn.functional as F
 
-    from hf_r2.quant.dkm import DKMParametrization, prepare_dkm
-    from hf_r2.quant.palettize import PalettizeConfig
+    from hf_r2.quant.cluster.dkm import DKMParametrization, prepare_dkm
+    from hf_r2.quant.cluster.palettize import PalettizeConfig
 
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10)

@@ -40,8 +40,8 @@ import torch  # noqa: E402
 
 from hf_r2.models import forward_logits  # noqa: E402
 from hf_r2.quant import PTQConfig, post_training_quantize_  # noqa: E402
-from hf_r2.quant.onnx_export import export_onnx  # noqa: E402
-from hf_r2.quant.onnx_latency import export_float_reference  # noqa: E402
+from hf_r2.quant.export.onnx_export import export_onnx  # noqa: E402
+from hf_r2.quant.export.onnx_latency import export_float_reference  # noqa: E402
 
 __all__ = ["main"]
 

@@ -13,6 +13,10 @@ The layers, bottom to top (docs/development.md):
 6. `reproduce`: the paper's comparison
 7. `commands`, `cli`, `__main__`: the command line (imported by nothing)
 8. `hf_r2` itself (`__init__`): curated re-exports, imported by nothing inside the package
+
+Inside `quant` the same rule holds between its rooms (`QUANT_ROOMS`), bottom to top: the shared primitives, the
+method families `ptq/`, `cluster/` and `qat` (no family imports another), `export/` (it writes what the families
+produce, so it may import them), and the package `__init__`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ LAYERS = [
 ]
 CLI = {"commands", "cli", "__main__"}
 MAX_LINES = 450
+QUANT_ROOMS = [
+    {"_affine", "_grid", "_batches", "observers", "uniform", "layers", "calibrate", "results"},
+    {"qat", "ptq", "cluster"},
+    {"export", "api"},
+]
+QUANT_FAMILIES = QUANT_ROOMS[1]
 
 
 def find_modules(package: Path) -> dict[str, Path]:
@@ -86,6 +96,18 @@ def layer(name: str) -> int:
     raise AssertionError(f"{name} is in no layer of tests/test_layout.py's LAYERS: add it where it belongs.")
 
 
+def quant_room(name: str) -> int:
+    """The room of a module of `hf_r2.quant` (`hf_r2.quant.ptq.bn` -> the families' room); the package's own
+    `__init__` is above them all."""
+    parts = name.split(".")
+    if len(parts) == 2:
+        return len(QUANT_ROOMS)
+    for i, members in enumerate(QUANT_ROOMS):
+        if parts[2] in members:
+            return i
+    raise AssertionError(f"{name} is in no room of tests/test_layout.py's QUANT_ROOMS: add it where it belongs.")
+
+
 def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     """Module -> the modules its imports run (a sub-module's import also runs its packages' `__init__`)."""
     graph = {name: set() for name in modules}
@@ -107,6 +129,30 @@ def upward_imports(modules: dict[str, Path]) -> list[str]:
     graph = import_graph(modules)
     return sorted(f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})"
                   for name in modules for target in graph[name] if layer(target) > layer(name))
+
+
+def quant_modules(modules: dict[str, Path]) -> list[str]:
+    return [name for name in modules if name.split(".")[:2] == ["hf_r2", "quant"]]
+
+
+def quant_upward_imports(modules: dict[str, Path]) -> list[str]:
+    graph = import_graph(modules)
+    inside = set(quant_modules(modules))
+    return sorted(f"{name} (room {quant_room(name)}) imports {target} (room {quant_room(target)})"
+                  for name in inside for target in graph[name] & inside if quant_room(target) > quant_room(name))
+
+
+def family_crossings(modules: dict[str, Path]) -> list[str]:
+    """Imports from one method family of `hf_r2.quant` into another (`ptq` -> `cluster`)."""
+    graph = import_graph(modules)
+    inside = set(quant_modules(modules))
+
+    def family(name: str) -> str | None:
+        parts = name.split(".")
+        return parts[2] if len(parts) > 2 and parts[2] in QUANT_FAMILIES else None
+
+    return sorted(f"{name} imports {target}" for name in inside for target in graph[name] & inside
+                  if family(name) and family(target) and family(name) != family(target))
 
 
 def import_cycles(modules: dict[str, Path]) -> list[list[str]]:
@@ -168,6 +214,21 @@ def test_no_import_cycle():
     assert not import_cycles(MODULES)
 
 
+def test_every_quant_module_is_in_a_room():
+    for name in quant_modules(MODULES):
+        quant_room(name)
+
+
+def test_quant_imports_go_down_or_sideways_only():
+    wrong = quant_upward_imports(MODULES)
+    assert not wrong, "upward imports inside hf_r2.quant:\n" + "\n".join(wrong)
+
+
+def test_no_quant_family_imports_another():
+    wrong = family_crossings(MODULES)
+    assert not wrong, "a helper two families share belongs in the primitives' room:\n" + "\n".join(wrong)
+
+
 def test_nothing_imports_the_command_line():
     graph = import_graph(MODULES)
     wrong = [f"{name} imports {target}" for name in MODULES if component(name) not in CLI
@@ -208,6 +269,26 @@ def test_the_checks_catch_what_they_forbid(tmp_path):
                                        "hf_r2.models (layer 1) imports hf_r2.quant.a (layer 3)"]
     assert import_cycles(modules) == [["hf_r2.models", "hf_r2.quant", "hf_r2.quant.a"]]
     assert private_imports(modules) == ["hf_r2.quant:2 takes _helper from hf_r2.quant.a"]
+
+
+def test_the_quant_checks_catch_what_they_forbid(tmp_path):
+    """A fake quant wing where a primitive imports a family and one family imports another trips them."""
+    fake = tmp_path / "hf_r2"
+    for folder in ("ptq", "cluster"):
+        (fake / "quant" / folder).mkdir(parents=True)
+        (fake / "quant" / folder / "__init__.py").write_text('"""x"""\n')
+    (fake / "__init__.py").write_text('"""x"""\n')
+    (fake / "quant" / "__init__.py").write_text('"""x"""\n')
+    (fake / "quant" / "uniform.py").write_text('"""x"""\nfrom .ptq.a import thing\n')  # room 0 -> 1
+    (fake / "quant" / "ptq" / "a.py").write_text('"""x"""\nfrom ..cluster.b import other\n')  # family -> family
+    (fake / "quant" / "cluster" / "b.py").write_text('"""x"""\nfrom ..layers import y\n')
+    (fake / "quant" / "layers.py").write_text('"""x"""\n')
+    modules = find_modules(fake)
+    assert quant_upward_imports(modules) == ["hf_r2.quant.uniform (room 0) imports hf_r2.quant.ptq (room 1)",
+                                             "hf_r2.quant.uniform (room 0) imports hf_r2.quant.ptq.a (room 1)"]
+    assert family_crossings(modules) == ["hf_r2.quant.ptq.a imports hf_r2.quant.cluster",
+                                         "hf_r2.quant.ptq.a imports hf_r2.quant.cluster.b"]
+    assert not import_cycles(modules)
 
 
 def test_import_hf_r2_stays_light():

@@ -255,7 +255,7 @@ def test_onnx_check_fails_on_nan_logits(tmp_path):
     pytest.importorskip("onnxruntime")
     from conftest import make_timm
 
-    from hf_r2.quant.onnx_export import compare_onnx, export_onnx
+    from hf_r2.quant.export.onnx_export import compare_onnx, export_onnx
 
     model = make_timm("test_resnet").eval()
     path = export_onnx(model, tmp_path / "m.onnx", input_size=32)["path"]

@@ -1,17 +1,17 @@
 """`hf-r2 export`: write a saved model folder (a float one from `hf-r2 train`, or a low-bit export of `hf-r2 ptq /
 qat / compress`) in a deployment format, then check the file against hf-r2. `--format onnx`
-([`~hf_r2.quant.onnx_export.export_onnx`]): a QDQ graph for PTQ / QAT, palette + indices for a palettized model,
+([`~hf_r2.quant.export_onnx`]): a QDQ graph for PTQ / QAT, palette + indices for a palettized model,
 the float graph for a float one; ONNX Runtime's logits are compared with hf-r2's on random inputs, and the file's
 latency in ONNX Runtime (CPU, one thread, batch 1) is measured beside the float file's (`--latency-runs 0` skips
 it). `--storage int8` (the default) stores weight codes as INT8 in the layout ONNX Runtime runs with integer kernels
 (about float speed or faster); `--storage int4` keeps 1- to 4-bit codes as INT4, the smallest file, many times
 slower than float in ONNX Runtime (docs/results.md has the measured table). `--format coreml`
-([`~hf_r2.quant.coreml_export.export_coreml`]): an `.mlpackage` whose palettized and quantized weights are Core ML
+([`~hf_r2.quant.export_coreml`]): an `.mlpackage` whose palettized and quantized weights are Core ML
 compressed weights holding hf-r2's palettes, indices and codes (activations stay float); Core ML runs on Apple
 systems only, so the check reads the weights back from the package and compares them with hf-r2's.
 
 With `--dataset` (ONNX only), the file's top-1 accuracy is measured in ONNX Runtime on the evaluation split
-([`~hf_r2.quant.onnx_export.onnx_accuracy`]) beside hf-r2's own top-1 of the same model on the same images. A file
+([`~hf_r2.quant.onnx_accuracy`]) beside hf-r2's own top-1 of the same model on the same images. A file
 written inside the model folder is recorded in the folder's `export_results.json` (one entry per format, replaced
 by the next export in that format), which the model card's Deploy section reads
 ([`hf_r2.model_card.build_model_card`]):
@@ -49,9 +49,9 @@ __all__ = ["export_command_parser", "export_command", "default_output"]
 
 _FORMATS = ("onnx", "coreml")
 _SUFFIXES = {"onnx": "onnx", "coreml": "mlpackage"}
-# hf_r2.quant.coreml_export.COREML_PRECISIONS, repeated for the same reason (checked by the same test)
+# hf_r2.quant.export.coreml_export.COREML_PRECISIONS, repeated for the same reason (checked by the same test)
 _PRECISIONS = ("float32", "float16")
-# hf_r2.quant.onnx_export's DEFAULT / MIN / MAX_ONNX_OPSET, repeated so that `hf-r2 --help` imports no torch
+# hf_r2.quant.export.onnx_export's DEFAULT / MIN / MAX_ONNX_OPSET, repeated so that `hf-r2 --help` imports no torch
 # (tests/commands/test_export.py checks that they agree)
 _OPSET, _MIN_OPSET, _MAX_OPSET = 21, 13, 23
 # and its ONNX_STORAGES (the first the default, DEFAULT_ONNX_STORAGE)
@@ -162,17 +162,17 @@ def export_command(args: argparse.Namespace) -> int:
                          prog="hf-r2 export")
     try:  # before the model loads: a missing package is one line, as the other user errors
         if coreml:
-            from ..quant.coreml_export import require_coremltools
+            from ..quant.export.coreml_export import require_coremltools
 
             require_coremltools()
         else:
-            from ..quant.onnx_export import require_onnx
+            from ..quant.export.onnx_export import require_onnx
 
             require_onnx(runtime=args.check_samples > 0 or args.dataset is not None)
     except ImportError as err:
         print(f"hf-r2 export: error: {err}", file=sys.stderr)
         return 1
-    from ..quant.onnx_export import restore_low_bit_weights_
+    from ..quant.export.onnx_export import restore_low_bit_weights_
     from .quant_steps import load_any
 
     model, folder, description = load_any(args.model)
@@ -213,7 +213,7 @@ def _export_onnx(model, output: str, args: argparse.Namespace, data: tuple | Non
     """Export, check, and only then put the file at `output`: a file that fails the check replaces nothing."""
     import torch
 
-    from ..quant.onnx_export import compare_onnx, export_onnx
+    from ..quant.export.onnx_export import compare_onnx, export_onnx
 
     staged = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.unchecked")
     try:
@@ -272,7 +272,7 @@ def _latency(model, report: dict, args: argparse.Namespace) -> dict:
     temporary folder); printed and returned."""
     import tempfile
 
-    from ..quant.onnx_latency import export_float_reference, ort_latency
+    from ..quant.export.onnx_latency import export_float_reference, ort_latency
 
     size = report["input_size"]
     timed = ort_latency(report["path"], size, runs=args.latency_runs, seed=args.seed)
@@ -297,7 +297,7 @@ def _latency(model, report: dict, args: argparse.Namespace) -> dict:
 def _accuracy(model, path: str, batches, on: dict) -> dict:
     """Top-1 of the file in ONNX Runtime and of `model` in hf-r2 on the same `batches`; printed and returned."""
     from ..metrics import evaluate_accuracy
-    from ..quant.onnx_export import onnx_accuracy
+    from ..quant.export.onnx_export import onnx_accuracy
 
     ort = onnx_accuracy(path, batches)
     ours = evaluate_accuracy(model, batches)
@@ -309,7 +309,7 @@ def _accuracy(model, path: str, batches, on: dict) -> dict:
 def _export_coreml(model, output: str, args: argparse.Namespace, data: tuple | None = None) -> dict:
     from collections import Counter
 
-    from ..quant.coreml_export import compare_coreml_weights, export_coreml
+    from ..quant.export.coreml_export import compare_coreml_weights, export_coreml
 
     report = export_coreml(model, output, input_size=args.input_size, precision=args.precision)
     size, baseline = report["file_bytes"], report["float_file_bytes"]

@@ -5,8 +5,8 @@ torchao's `quantize_` does, to the per-method verb that stays public beside it.
 |---|---|---|
 | `PTQConfig` | [`~hf_r2.quant.ptq.post_training_quantize_`] | evaluate, or export with `save_low_bit` |
 | `QATConfig` | [`~hf_r2.quant.qat.prepare_qat`] | train (LSQ step sizes learnt), then export |
-| `PalettizeConfig(method="kmeans")` | [`~hf_r2.quant.palettize.palettize_`] | export |
-| `PalettizeConfig(method="dkm")` | [`~hf_r2.quant.dkm.prepare_dkm`] | train, then [`~hf_r2.quant.dkm.finalize_dkm`] |
+| `PalettizeConfig(method="kmeans")` | [`~hf_r2.quant.palettize_`] | export |
+| `PalettizeConfig(method="dkm")` | [`~hf_r2.quant.prepare_dkm`] | train, then [`~hf_r2.quant.finalize_dkm`] |
 
 Data-free weight-only PTQ is `PTQConfig(a_bits=None, bn="keep")` (round to nearest): no calibration data needed,
 and the result exports with `save_low_bit` like any other.
@@ -20,9 +20,9 @@ from typing import Any
 from torch import nn
 
 from .._finite import check_finite_model
-from .dkm import prepare_dkm
-from .palettize import PalettizeConfig, PalettizeMethod, palettize_
-from .ptq import PTQConfig, post_training_quantize_
+from .cluster.dkm import prepare_dkm
+from .cluster.palettize import PalettizeConfig, PalettizeMethod, palettize_
+from .ptq.post_training import PTQConfig, post_training_quantize_
 from .qat import QATConfig, prepare_qat
 
 __all__ = ["quantize_"]
@@ -38,9 +38,9 @@ def quantize_(
       `PTQConfig(a_bits=None, bn="keep")`.
     - `QATConfig`: prepares quantization-aware training ([`~hf_r2.quant.qat.prepare_qat`]; `calibration_data`
       initialises the activation step sizes); train the model afterwards.
-    - `PalettizeConfig(method="kmeans")`: data-free k-means palettization ([`~hf_r2.quant.palettize.palettize_`]).
-    - `PalettizeConfig(method="dkm")`: prepares DKM ([`~hf_r2.quant.dkm.prepare_dkm`]); train the model, then
-      [`~hf_r2.quant.dkm.finalize_dkm`] snaps each weight to its nearest learnt centroid.
+    - `PalettizeConfig(method="kmeans")`: data-free k-means palettization ([`~hf_r2.quant.palettize_`]).
+    - `PalettizeConfig(method="dkm")`: prepares DKM ([`~hf_r2.quant.prepare_dkm`]); train the model, then
+      [`~hf_r2.quant.finalize_dkm`] snaps each weight to its nearest learnt centroid.
 
     ```python
     >>> from hf_r2.quant import PalettizeConfig, PTQConfig, QATConfig, quantize_, save_low_bit

@@ -25,8 +25,8 @@ from .._targets import find_target_modules
 from .._utils import JsonConfigMixin, check_choice
 from ._batches import first_batches
 from ._grid import check_grid_fields, layer_bits
+from .calibrate import calibrate_activations_
 from .layers import FakeQuantizer, quantize_layer_
-from .ptq import calibrate_activations_
 from .uniform import ScaleMethod
 
 __all__ = ["QATConfig", "QAT_CONFIG_NAME", "prepare_qat"]

@@ -1,27 +1,22 @@
-"""Low-bit results: setting names (`"w2a8"` <-> `(2, 8)`), the FP row, the results file `low_bit_results.json`
-that every `hf-r2 ptq / qat / compress / evaluate` run adds its row to, and the FP / W8A8 / W4A8 / W2A8 table.
+"""Low-bit results file I/O: setting names (`"w2a8"` <-> `(2, 8)`), the FP row, the results file
+`low_bit_results.json` that every `hf-r2 ptq / qat / compress / evaluate` run adds its row to, and its markdown
+table. The PTQ sweep that measures such rows is [`~hf_r2.quant.ptq.sweep.low_bit_table`].
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
-
 from .._utils import read_json, write_json_atomic
-from ..metrics import evaluate_accuracy
-from .ptq import PTQConfig, post_training_quantize_
 
 __all__ = [
     "LOW_BIT_RESULTS_NAME",
     "parse_setting",
     "format_setting",
     "float_row",
-    "low_bit_table",
     "format_table",
     "read_results",
     "update_results",
@@ -57,45 +52,6 @@ def float_row(accuracy: float, **fields: Any) -> dict[str, Any]:
     """The result row of the full-precision model: `{"setting": "FP", "method": "float", "w_bits": None,
     "a_bits": None, "accuracy": accuracy}`, followed by `fields` (e.g. `dataset=...`, `seconds=...`)."""
     return {"setting": "FP", "method": "float", "w_bits": None, "a_bits": None, "accuracy": accuracy, **fields}
-
-
-def low_bit_table(
-    model: nn.Module,
-    eval_data: Any,
-    calibration_data: Iterable[Any] | None = None,
-    settings: Sequence[str] = ("fp", "w8a8", "w4a8", "w2a8"),
-    **ptq_kwargs: Any,
-) -> list[dict[str, Any]]:
-    """Top-1 accuracy of `model` in float and after PTQ at each of `settings`; `model` is left untouched.
-
-    Each setting quantizes a copy with [`~hf_r2.quant.ptq.post_training_quantize_`] and `PTQConfig(w_bits, a_bits,
-    **ptq_kwargs)` (by default per-channel MSE ranges, round to nearest, BN re-estimation: so
-    `calibration_data` is needed for any setting but `"fp"`).
-
-    Returns:
-        `list[dict]`: one row per setting, `{"setting": "W2A8", "method": "ptq", "w_bits", "a_bits", "accuracy",
-        "config"}`.
-    """
-    rows = []
-    batches = None if calibration_data is None else list(calibration_data)
-    for setting in settings:
-        w_bits, a_bits = parse_setting(setting)
-        if w_bits is None:
-            rows.append(float_row(evaluate_accuracy(model, eval_data)["accuracy"]))
-            continue
-        config = PTQConfig(w_bits=w_bits, a_bits=a_bits, **ptq_kwargs)
-        quantized = post_training_quantize_(copy.deepcopy(model), config, batches)
-        rows.append(
-            {
-                "setting": setting.upper(),
-                "method": "ptq",
-                "w_bits": w_bits,
-                "a_bits": a_bits,
-                "accuracy": evaluate_accuracy(quantized, eval_data)["accuracy"],
-                "config": config.to_dict(),
-            }
-        )
-    return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 def onnx_check_available() -> bool:
     """Whether `onnx` and `onnxruntime` are installed (`pip install 'hf-r2[onnx]'`)."""
-    from ..quant.onnx_export import is_onnx_available
+    from ..quant.export.onnx_export import is_onnx_available
 
     return is_onnx_available()
 
@@ -23,13 +23,13 @@ def onnx_check_available() -> bool:
 def onnx_check(model: Any, batches: list[dict[str, Any]], path: str, input_size: int) -> dict[str, Any]:
     """Export `model` (quantized, palettized or float) to the ONNX file `path` and count its correct top-1 answers
     on `batches` (`{"pixel_values", "labels"}`) in ONNX Runtime (CPU, default session options), with
-    [`~hf_r2.quant.onnx_export.onnx_accuracy`] (what `hf-r2 export --dataset` records too).
+    [`~hf_r2.quant.export.onnx_export.onnx_accuracy`] (what `hf-r2 export --dataset` records too).
 
     Returns:
         `dict`: `path`, `accuracy` (ONNX Runtime's top-1, a fraction), `file_bytes`, `bits_per_weight`, `weights`
         (what [`~hf_r2.quant.export_onnx`] stored) and `opset`.
     """
-    from ..quant.onnx_export import export_onnx, onnx_accuracy
+    from ..quant.export.onnx_export import export_onnx, onnx_accuracy
 
     report = export_onnx(model, path, input_size=input_size)
     accuracy = onnx_accuracy(path, batches)["accuracy"]

@@ -27,14 +27,13 @@ from hf_r2.model_card import EXPORT_RESULTS_NAME, build_model_card, weights_dige
 from hf_r2.quant import (  # noqa: E402
     PalettizeConfig,
     PTQConfig,
-    coreml_export,
     load_low_bit,
     onnx_accuracy,
-    onnx_export,
     palettize_,
     post_training_quantize_,
     save_low_bit,
 )
+from hf_r2.quant.export import coreml_export, onnx_export  # noqa: E402
 from hf_r2.reproduce.deploy import onnx_check  # noqa: E402
 from hf_r2.saving import save_model_folder  # noqa: E402
 

@@ -17,8 +17,8 @@ from timm.layers import Conv2dSame, StdConv2d
 from torch import nn
 
 from hf_r2.models import forward_logits
-from hf_r2.quant._adaround_rows import RowCache, apply_weight, cache_rows, grouped_weight, row_source
-from hf_r2.quant.adaround import (
+from hf_r2.quant.ptq._layer_rows import RowCache, apply_weight, cache_rows, grouped_weight, row_source
+from hf_r2.quant.ptq.adaround import (
     AdaRoundConfig,
     _beta,
     _inverse_rectified_sigmoid,
@@ -375,7 +375,7 @@ def _run_end_to_end(float_model, data, bits=3, quantize=_quantize):
 
 
 def test_timm_end_to_end(caplog):
-    with caplog.at_level(logging.INFO, logger="hf_r2.quant.adaround"):
+    with caplog.at_level(logging.INFO, logger="hf_r2.quant.ptq.adaround"):
         err_rtn, err_ada = _run_end_to_end(make_timm("test_resnet"), [torch.randn(4, 3, 32, 32) for _ in range(2)])
     assert err_ada < err_rtn
     messages = [r.getMessage() for r in caplog.records]
@@ -413,7 +413,7 @@ def test_layer_with_a_custom_forward_is_skipped(caplog):
     (its rounding would be fitted to the wrong target) and rounds the other layers."""
     model = _quantize_real(nn.Sequential(StdConv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)), 2)
     w0, w2 = model[0].weight.detach().clone(), model[2].weight.detach().clone()
-    with caplog.at_level(logging.WARNING, logger="hf_r2.quant.adaround"):
+    with caplog.at_level(logging.WARNING, logger="hf_r2.quant.ptq.adaround"):
         adaround_(model, [torch.randn(2, 3, 6, 6)], iters=10)
     assert "skips 0 (QuantStdConv2d)" in caplog.text
     assert torch.equal(model[0].weight, w0)

@@ -1,4 +1,4 @@
-"""`hf_r2.quant.bias_correction`: `correct_bias_` zeroes the mean output error of a quantized layer on its calibration
+"""`quant.ptq.bias_correction`: `correct_bias_` zeroes the mean output error of a quantized layer on its calibration
 data; `PTQConfig(bias_correction=True)` is PTQ followed by `correct_bias_` on the same batches, and is what CLE's
 folded batch norms get instead of re-estimation."""
 

@@ -1,4 +1,4 @@
-"""`hf_r2.quant.bn`: `reestimate_bn_stats` against statistics hooked from the BN inputs (float64); batch-norm
+"""`hf_r2.quant.ptq.bn`: `reestimate_bn_stats` against statistics hooked from the BN inputs (float64); batch-norm
 folding against the float64 formula on one Conv+BN, exact model outputs on timm / transformers models, and the cases
 that must not be folded."""
 
@@ -284,7 +284,7 @@ def test_unsafe_pairs_are_not_folded(cls, reason, caplog):
     model = _randomize_bn(cls()).eval()
     x = torch.randn(2, 3, 4, 4)
     ref = model(x)
-    with caplog.at_level(logging.INFO, logger="hf_r2.quant.bn"):
+    with caplog.at_level(logging.INFO, logger="hf_r2.quant.ptq.bn"):
         assert fold_bn_(model, x) == []
     assert reason in caplog.text
     assert isinstance(model.bn, nn.BatchNorm2d | nn.BatchNorm1d)
@@ -303,6 +303,6 @@ def test_quantized_layer_is_not_folded(caplog):
 
     model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).eval()
     quantize_layer_(model[0], FakeQuantizer(4, per_channel=True, channels=4).init_from(model[0].weight), None)
-    with caplog.at_level(logging.INFO, logger="hf_r2.quant.bn"):
+    with caplog.at_level(logging.INFO, logger="hf_r2.quant.ptq.bn"):
         assert fold_bn_(model, torch.randn(2, 3, 4, 4)) == []
     assert "fold before quantizing" in caplog.text

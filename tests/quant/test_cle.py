@@ -1,4 +1,4 @@
-"""`hf_r2.quant.cle`: cross-layer equalization keeps the float64 output of tiny nets and of timm / transformers
+"""`hf_r2.quant.ptq.cle`: cross-layer equalization keeps the float64 output of tiny nets and of timm / transformers
 models, equalizes each pair's ranges exactly as the written-out formula says (depthwise convs included), finds only
 the pairs it may rescale, and lowers W2A8 per-tensor PTQ error on a net with an outlier channel (bias correction:
 tests/quant/test_bias_correction.py)."""
@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from hf_r2.models import forward_logits
 from hf_r2.quant import EqualizeConfig, PTQConfig, equalize_, post_training_quantize_
-from hf_r2.quant.cle import find_equalization_pairs
+from hf_r2.quant.ptq.cle import find_equalization_pairs
 
 
 def _randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -151,7 +151,7 @@ class _NotPairs(nn.Module):
 
 def test_what_is_not_a_pair(caplog):
     model = _NotPairs().eval()
-    with caplog.at_level(logging.DEBUG, logger="hf_r2.quant.cle"):
+    with caplog.at_level(logging.DEBUG, logger="hf_r2.quant.ptq.cle"):
         pairs = find_equalization_pairs(model, torch.randn(1, 3, 8, 8))
     assert [(p.first, p.second) for p in pairs] == [("a", "b")]
     for why in ("ends at stem: its input is the model input", "ends at a: the tensor between them is used elsewhere",

@@ -1,5 +1,5 @@
-"""`hf_r2.quant.coreml_export`: palettized, PTQ / QAT and float models written as Core ML packages, then read back from
-disk with coremltools' own MIL loader (Core ML itself runs on Apple systems only, so nothing here predicts).
+"""`quant.export.coreml_export`: palettized, PTQ / QAT and float models written as Core ML packages, then read back
+from disk with coremltools' own MIL loader (Core ML itself runs on Apple systems only, so nothing here predicts).
 
 What is checked, for each compressed layer of the file, against the model in memory:
 
@@ -32,13 +32,13 @@ from hf_r2.quant import (  # noqa: E402
     post_training_quantize_,
     prepare_qat,
 )
-from hf_r2.quant.coreml_export import (  # noqa: E402
+from hf_r2.quant.cluster.dkm import prepare_dkm  # noqa: E402
+from hf_r2.quant.export.coreml_export import (  # noqa: E402
     compare_coreml_weights,
     export_coreml,
     is_coremltools_available,
     require_coremltools,
 )
-from hf_r2.quant.dkm import prepare_dkm  # noqa: E402
 from hf_r2.quant.layers import QuantLayerMixin, quantized_layers  # noqa: E402
 from hf_r2.quant.uniform import quantize_tensor  # noqa: E402
 
@@ -231,7 +231,7 @@ def test_package_imports_without_coremltools():
 
     import hf_r2.quant
 
-    for path in Path(hf_r2.quant.__file__).parent.glob("*.py"):
+    for path in Path(hf_r2.quant.__file__).parent.rglob("*.py"):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:  # module level only
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [
                 node.module or ""] if isinstance(node, ast.ImportFrom) else []

@@ -1,4 +1,4 @@
-"""DKM (hf_r2.quant.dkm): the memory-bounded autograd Functions against plain autograd, `prepare_dkm` /
+"""DKM (hf_r2.quant.cluster.dkm): the memory-bounded autograd Functions against plain autograd, `prepare_dkm` /
 `finalize_dkm` on real models, and `palettize_(method="dkm")`."""
 
 import copy
@@ -10,10 +10,10 @@ from conftest import conv_net, make_timm
 from torch import nn
 from torch.nn.utils import parametrize
 
-import hf_r2.quant.dkm as dkm
+import hf_r2.quant.cluster.dkm as dkm
 from hf_r2 import R2Config, R2Regularizer, find_target_modules
 from hf_r2.quant import PalettizeConfig, kmeans_1d, palette_indices, palettize, palettize_
-from hf_r2.quant.dkm import DKMParametrization, finalize_dkm, is_dkm_prepared, prepare_dkm
+from hf_r2.quant.cluster.dkm import DKMParametrization, finalize_dkm, is_dkm_prepared, prepare_dkm
 
 
 def _reference(x: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, iters: int):

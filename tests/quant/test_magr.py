@@ -1,4 +1,4 @@
-"""`hf_r2.quant.magr`: the L1-ball projection against a bisection reference, the L-inf prox against its clipping
+"""`hf_r2.quant.ptq.magr`: the L1-ball projection against a bisection reference, the L-inf prox against its clipping
 form and Moreau's identity (float64), the Gram matrices against `unfold`, and `magr_`: smaller per-channel maxima
 within the proven bound on the output change, grouped / depthwise convs per group, layers it must leave alone, and a
 lower W2A8 per-channel PTQ error on a net with heavy-tailed weights."""
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hf_r2.quant import MagRConfig, PTQConfig, magr_, post_training_quantize_
-from hf_r2.quant.magr import layer_grams, project_l1_ball, prox_linf
+from hf_r2.quant.ptq.magr import layer_grams, project_l1_ball, prox_linf
 
 
 def _bisect(f, lo: float, hi: float, steps: int = 200) -> float:
@@ -119,7 +119,7 @@ def test_magr_logs_the_reduction_it_made(caplog):
     layer = _heavy_tailed_(nn.Linear(32, 16))
     data = [torch.randn(64, 32) for _ in range(4)]
     w0 = layer.weight.detach().clone()
-    with caplog.at_level(logging.INFO, logger="hf_r2.quant.magr"):
+    with caplog.at_level(logging.INFO, logger="hf_r2.quant.ptq.magr"):
         magr_(nn.Sequential(layer), MagRConfig(alpha=0.02, iterations=100), data)
     drop = 100 * (1 - float(layer.weight.detach().abs().amax(1).sum() / w0.abs().amax(1).sum()))
     assert drop > 1
@@ -180,7 +180,7 @@ def test_magr_leaves_alone_what_it_cannot_handle(caplog):
     model = nn.Sequential(StdConv2d(3, 4, 3), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1))
     post_training_quantize_(model, PTQConfig(w_bits=4, a_bits=None, bn="keep", include=["^2$"]))
     before = [m.weight.detach().clone() for m in model]
-    with caplog.at_level(logging.INFO, logger="hf_r2.quant.magr"):
+    with caplog.at_level(logging.INFO, logger="hf_r2.quant.ptq.magr"):
         magr_(model, calibration_data=[torch.randn(2, 3, 8, 8)], exclude=["^1$"])
     assert "skips 0: its output is not the convolution" in caplog.text
     assert "skips 2: it is already quantized" in caplog.text

@@ -1,4 +1,4 @@
-"""`hf_r2.quant.onnx_export`: PTQ / QAT models as QDQ graphs, palettized models as palette + indices and float models,
+"""`quant.export.onnx_export`: PTQ / QAT models as QDQ graphs, palettized models as palette + indices and float models,
 run by ONNX Runtime against hf-r2's own (fake-quantized) PyTorch forward. The QDQ graphs here are the INT4 storage
 (`storage="int4"`, the table of the module docstring as it is); tests/quant/test_onnx_int8.py has the int8 storage.
 
@@ -28,9 +28,9 @@ ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need `pip ins
 
 from hf_r2.models import forward_logits  # noqa: E402
 from hf_r2.quant import PalettizeConfig, PTQConfig, QATConfig, palettize_, post_training_quantize_, prepare_qat  # noqa: E402
-from hf_r2.quant.dkm import prepare_dkm  # noqa: E402
+from hf_r2.quant.cluster.dkm import prepare_dkm  # noqa: E402
+from hf_r2.quant.export.onnx_export import compare_onnx, export_onnx, is_onnx_available, require_onnx  # noqa: E402
 from hf_r2.quant.layers import FakeQuantizer, QuantLayerMixin, quantize_layer_, quantized_layers  # noqa: E402
-from hf_r2.quant.onnx_export import compare_onnx, export_onnx, is_onnx_available, require_onnx  # noqa: E402
 
 SIZE = 32
 NUM_IMAGES = 64
@@ -322,7 +322,7 @@ def test_import_needs_no_onnx():
     import subprocess
 
     code = ("import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None\n"
-            "import hf_r2.quant, hf_r2.quant.onnx_export as e; print(e.is_onnx_available())")
+            "import hf_r2.quant, hf_r2.quant.export.onnx_export as e; print(e.is_onnx_available())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"

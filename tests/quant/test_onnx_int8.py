@@ -1,4 +1,4 @@
-"""The int8 storage of `export_onnx` (`hf_r2.quant._onnx_int8`): what ONNX Runtime makes of the file, read from the
+"""The int8 storage of `export_onnx` (`quant.export._onnx_int8`): what ONNX Runtime makes of the file, read from the
 graph it optimizes (`SessionOptions.optimized_model_filepath`), and what it computes against hf-r2.
 
 - a chain of convs (the smallest net with a conv, BN, ReLU, a depthwise conv, a pointwise conv, pooling and a
@@ -21,8 +21,8 @@ ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need `pip ins
 
 from hf_r2.models import forward_logits  # noqa: E402
 from hf_r2.quant import PTQConfig, post_training_quantize_  # noqa: E402
+from hf_r2.quant.export.onnx_export import compare_onnx, export_onnx  # noqa: E402
 from hf_r2.quant.layers import quantized_layers  # noqa: E402
-from hf_r2.quant.onnx_export import compare_onnx, export_onnx  # noqa: E402
 
 SIZE = 32
 INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}

@@ -1,4 +1,4 @@
-"""`hf_r2.quant._palette`: `kmeans_1d` against a written-out float64 Lloyd and the brute-force optimum, its special
+"""`quant.cluster._palette`: `kmeans_1d` against a written-out float64 Lloyd and the brute-force optimum, its special
 cases and errors; `count_groups`; DKM's palettes are finalized through `finalize_learned_palettes_` (tested in
 test_dkm.py)."""
 
@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from hf_r2.quant._palette import count_groups, kmeans_1d
+from hf_r2.quant.cluster._palette import count_groups, kmeans_1d
 
 # ---- references ---------------------------------------------------------------------------------------------------
 

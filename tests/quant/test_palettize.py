@@ -1,4 +1,4 @@
-"""`palettize` / `palettize_`, `palette_indices` and `PalettizeConfig` (hf_r2.quant.palettize)."""
+"""`palettize` / `palettize_`, `palette_indices` and `PalettizeConfig` (hf_r2.quant.cluster.palettize)."""
 
 import copy
 import json
@@ -9,7 +9,7 @@ from conftest import conv_net, make_timm
 from torch import nn
 
 from hf_r2 import find_target_modules
-from hf_r2.quant.palettize import (
+from hf_r2.quant.cluster.palettize import (
     PALETTIZE_CONFIG_NAME,
     PalettizeConfig,
     PalettizeMethod,

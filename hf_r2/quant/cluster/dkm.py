@@ -7,10 +7,10 @@ ships the authors' method; this is an independent implementation of the paper's 
 [`prepare_dkm`] registers a [`DKMParametrization`] (`torch.nn.utils.parametrize`) on each target weight, so the
 model trains unchanged with [`~hf_r2.R2Trainer`], the Accelerate loop or any loop: every read of `module.weight`
 returns the DKM-clustered weight `w~`, and the gradient reaches the latent weight `w`
-(`module.parametrizations.weight.original`). [`finalize_dkm`] (or [`~hf_r2.quant.palettize.palettize_`] with
+(`module.parametrizations.weight.original`). [`finalize_dkm`] (or [`~hf_r2.quant.palettize_`] with
 `method="dkm"`) then snaps each weight to its nearest centroid and removes the parametrizations.
 
-The maths, per group of weights `x_1..x_n` (see [`hf_r2.quant.palettize`] for groups) with `K = 2^bits`
+The maths, per group of weights `x_1..x_n` (see [`hf_r2.quant.cluster.palettize`] for groups) with `K = 2^bits`
 centroids `c_1..c_K` and temperature `tau` (the paper's Section 3, with the squared distance):
 
     d_ij = x_i - c_j,    L_ij = -d_ij^2 / tau,    A_ij = softmax_j(L_ij)                 (attention, n x K)
@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
-from .._targets import find_target_modules
+from ..._targets import find_target_modules
 from ._palette import (
     LearnedPalette,
     count_groups,
@@ -381,7 +381,7 @@ def prepare_dkm(model: nn.Module, config: PalettizeConfig | None = None, **kwarg
 
     Train the returned model as usual (same optimizer parameters: the latent weight is the layer's original
     `nn.Parameter`, now at `module.parametrizations.weight.original`), then call [`finalize_dkm`] (or
-    [`~hf_r2.quant.palettize.palettize_`] with `method="dkm"`). Uses `bits`, `group_size`, `include` / `exclude` /
+    [`~hf_r2.quant.palettize_`] with `method="dkm"`). Uses `bits`, `group_size`, `include` / `exclude` /
     `skip_first_last`, `first_last_bits`, `kmeans_iters`, `temperature` and `dkm_iters` of the config. While
     prepared, the state-dict keys of the target weights change (`<layer>.parametrizations.weight.original`, plus
     the DKM buffers); after finalizing they are the original ones again.
@@ -389,7 +389,7 @@ def prepare_dkm(model: nn.Module, config: PalettizeConfig | None = None, **kwarg
     Args:
         model (`torch.nn.Module`):
             A timm or transformers model (or any module with Conv/Linear layers); not already prepared.
-        config ([`~hf_r2.quant.palettize.PalettizeConfig`], *optional*):
+        config ([`~hf_r2.quant.PalettizeConfig`], *optional*):
             The settings; keyword arguments build one if omitted, or override its fields if given.
 
     Returns:
@@ -437,7 +437,7 @@ def finalize_dkm(model: nn.Module) -> nn.Module:
     For each prepared layer the centroids `c_T` of one more forward pass (from the trained latent weight and the
     warm-start buffer, no gradient) become its palette; every latent weight is assigned to its nearest centroid
     (hard assignment); the layer's `weight` is again its original `nn.Parameter`, holding exactly palette values,
-    and the non-persistent buffer `weight_palette` `(G, K)` is set, as [`~hf_r2.quant.palettize.palettize_`]
+    and the non-persistent buffer `weight_palette` `(G, K)` is set, as [`~hf_r2.quant.palettize_`]
     leaves it. Returns `model`; raises `ValueError` if no layer is prepared.
     """
     prepared = finalize_learned_palettes_(model)

@@ -1,5 +1,5 @@
 """Cross-layer equalization (CLE): `EqualizeConfig` and `equalize_` (its companion, bias correction, is in
-`hf_r2.quant.bias_correction`).
+`hf_r2.quant.ptq.bias_correction`).
 
 "Data-Free Quantization Through Weight Equalization and Bias Correction", Nagel et al., 2019,
 https://huggingface.co/papers/1906.04721 (sections 4.1, 4.2); AIMET and Brevitas (`brevitas.graph.equalize`) ship it.
@@ -35,9 +35,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .._targets import TARGET_LAYER_TYPES
-from .._utils import JsonConfigMixin, check_choice, check_patterns, check_positive_int
-from ._batches import first_batches, model_device, output_channels, pixel_values, run_logits
+from ..._targets import TARGET_LAYER_TYPES
+from ..._utils import JsonConfigMixin, check_choice, check_patterns, check_positive_int
+from .._batches import first_batches, model_device, output_channels, pixel_values, run_logits
 from .bn import fold_bn_
 
 __all__ = ["EQUALIZE_CONFIG_NAME", "ReLU6Handling", "EqualizeConfig", "EqualizationPair", "find_equalization_pairs",
@@ -66,7 +66,7 @@ class EqualizeConfig(JsonConfigMixin):
     tolerance (`float`, *optional*, defaults to `1e-4`):
         Stop once a sweep changes no scale by more than this factor (`|s_i - 1| <= tolerance`).
     fold_bn (`bool`, *optional*, defaults to `True`):
-        Fold batch norms into the layers before them first ([`~hf_r2.quant.bn.fold_bn_`]; a BN joins no pair).
+        Fold batch norms into the layers before them first ([`~hf_r2.quant.ptq.bn.fold_bn_`]; a BN joins no pair).
     relu6 (`str`, *optional*, defaults to `"bounded"`):
         `"bounded"`: equalize pairs through a ReLU6 within the clip seen on calibration data; `"skip"`: don't.
 

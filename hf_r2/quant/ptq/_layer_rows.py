@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models import forward_logits
+from ...models import forward_logits
 
 __all__ = [
     "UnsupportedLayer",

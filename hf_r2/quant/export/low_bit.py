@@ -6,7 +6,7 @@ safetensors with a small JSON of the scheme, and a loader that rebuilds the mode
 - a quantized layer ([`~hf_r2.quant.layers`]): `codes = clamp(round(W / s + z), 0, 2^b - 1)` (uint8), the step
   sizes `s` and zero points `z` (per output channel or per tensor), and the input grid if the layer quantizes its
   input; `W = (codes - z) s`;
-- a palettized layer ([`~hf_r2.quant.palettize`], buffer `weight_palette` of shape `(G, K)`): each weight's index
+- a palettized layer ([`~hf_r2.quant.palettize_`], buffer `weight_palette` of shape `(G, K)`): each weight's index
   in its group's palette; `W = palette[group, index]`.
 
 [`save_low_bit`] writes a folder:
@@ -36,14 +36,14 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from .._finite import check_finite_model
-from .._utils import give_default_mode, give_default_modes, write_json_atomic
-from ..models import create_model, is_transformers_model
-from ..saving import is_timm_model, write_timm_config
-from .bn import folded_pairs, refold_structure_
-from .layers import FakeQuantizer, QuantLayerMixin, quantize_layer_
-from .palettize import palette_indices
-from .uniform import dequantize_tensor, quantize_tensor
+from ..._finite import check_finite_model
+from ..._utils import give_default_mode, give_default_modes, write_json_atomic
+from ...models import create_model, is_transformers_model
+from ...saving import is_timm_model, write_timm_config
+from ..cluster.palettize import palette_indices
+from ..layers import FakeQuantizer, QuantLayerMixin, quantize_layer_
+from ..ptq.bn import folded_pairs, refold_structure_
+from ..uniform import dequantize_tensor, quantize_tensor
 
 __all__ = [
     "LOW_BIT_CONFIG_NAME",

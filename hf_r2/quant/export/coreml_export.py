@@ -59,8 +59,6 @@ and the float BatchNorm parameters; `precision="float16"` halves the float parts
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import json
 import os
 import shutil
@@ -74,10 +72,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._finite import check_finite_model
-from .._targets import TARGET_LAYER_TYPES
-from ..models import LogitsModule, input_shape
-from ..version import __version__
+from ..._finite import check_finite_model
+from ..._targets import TARGET_LAYER_TYPES
+from ...models import LogitsModule, input_shape
+from ...version import __version__
+from ..cluster._palette import learned_palette_modules
+from ..layers import QuantLayerMixin
 from ._coreml_weights import (
     CoreMLWeight,
     final_op_names,
@@ -87,8 +87,7 @@ from ._coreml_weights import (
     replace_weight_consts,
     uniform_weight,
 )
-from ._palette import learned_palette_modules
-from .layers import QuantLayerMixin
+from ._optional import is_coremltools_available, require_coremltools
 
 __all__ = [
     "COREML_DEPLOYMENT_TARGET",
@@ -101,33 +100,8 @@ __all__ = [
 
 COREML_DEPLOYMENT_TARGET = "iOS18"  # per-group palettes, 4-bit codes and float offsets need the iOS 18 ops
 COREML_PRECISIONS = ("float32", "float16")
-_MIN_VERSION = "8.0"  # the first coremltools with the iOS 18 compression ops
-_INSTALL = "pip install 'hf-r2[coreml]'"
 _LAYERS_KEY = "hf_r2_layers"  # the user-defined metadata entry mapping layers to their ops
 _PREFIX = "model."  # the traced wrapper's attribute holding the model
-
-
-def is_coremltools_available() -> bool:
-    """Whether `coremltools` (needed by [`export_coreml`] and [`compare_coreml_weights`]) is installed."""
-    try:
-        return importlib.util.find_spec("coremltools") is not None
-    except ValueError:  # a module set to None in sys.modules (blocked)
-        return False
-
-
-def require_coremltools() -> Any:
-    """Import `coremltools`, or raise an `ImportError` naming `pip install 'hf-r2[coreml]'` when it is missing or
-    older than 8.0."""
-    try:
-        ct = importlib.import_module("coremltools")
-    except ImportError as err:
-        raise ImportError(f"Core ML export needs `coremltools>={_MIN_VERSION}`, which is not installed. Install the "
-                          f"Core ML extra with `{_INSTALL}` (or `pip install coremltools`).") from err
-    version = tuple(int(p) for p in ct.__version__.split(".")[:2] if p.isdigit())
-    if version < tuple(int(p) for p in _MIN_VERSION.split(".")):
-        raise ImportError(f"Core ML export needs `coremltools>={_MIN_VERSION}`, found {ct.__version__}. Upgrade with "
-                          f"`{_INSTALL}`.")
-    return ct
 
 
 def _low_bit_weights(model: nn.Module) -> dict[str, CoreMLWeight]:

@@ -1,16 +1,14 @@
-"""The ONNX side of [`hf_r2.quant.onnx_export`]: a layer's low-bit form as plain arrays ([`encode_uniform`],
+"""The ONNX side of [`hf_r2.quant.export.onnx_export`]: a layer's low-bit form as plain arrays ([`encode_uniform`],
 [`encode_palette`], [`encode_input`]: codes, scales, zero points, palettes, in the forms tabled there), and
 [`rewrite_markers`], which turns the placeholder nodes the TorchScript exporter leaves in the graph (`hf_r2::Weight`,
 `hf_r2::Input`) into standard QuantizeLinear / DequantizeLinear / Gather nodes with those arrays as initializers.
-Imports `onnx` inside the functions only, so this module loads without it; [`require_module`] imports `onnx` /
-`onnxruntime` at a supported version or names the install line, [`ort_session`] opens a file in ONNX Runtime (CPU),
+Imports `onnx` inside the functions only, so this module loads without it (the version checks are
+[`~hf_r2.quant.export._optional.require_module`]); [`ort_session`] opens a file in ONNX Runtime (CPU),
 [`bits_per_weight`] counts a file's stored bits per weight.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import os
 from collections import Counter
@@ -21,15 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._targets import TARGET_LAYER_TYPES
-from .layers import FakeQuantizer
-from .palettize import palette_indices
-from .uniform import quantize_tensor
+from ..._targets import TARGET_LAYER_TYPES
+from ..cluster.palettize import palette_indices
+from ..layers import FakeQuantizer
+from ..uniform import quantize_tensor
+from ._optional import require_module
 
 __all__ = [
-    "ONNX_MIN_VERSIONS",
-    "is_onnx_available",
-    "require_module",
     "MARKER_DOMAIN",
     "UniformWeight",
     "PaletteWeight",
@@ -48,8 +44,6 @@ __all__ = [
 MARKER_DOMAIN = "hf_r2"
 
 #: The oldest `onnx` / `onnxruntime` hf-r2 supports (setup.cfg's `onnx` extra).
-ONNX_MIN_VERSIONS = {"onnx": "1.17", "onnxruntime": "1.20"}
-_INSTALL = "pip install 'hf-r2[onnx]'"
 _TYPE_BITS = {"INT4": 4, "UINT4": 4, "INT8": 8, "UINT8": 8}
 _NUMPY_TYPES = {"INT8": np.int8, "UINT8": np.uint8}
 
@@ -61,7 +55,7 @@ class UniformWeight:
     `codes` has the weight's shape (integers in the range of `onnx_type`); `scale` / `zero_point` are 1-D `(C,)`
     per output channel (DequantizeLinear `axis=0`) or 0-D per tensor; `half_step` (float32, broadcasting against
     the weight) is added after the DequantizeLinear when the grid's levels are odd multiples of half a step that
-    do not fit the integer type (see [`hf_r2.quant.onnx_export`]); `bits` is hf-r2's bit width.
+    do not fit the integer type (see [`hf_r2.quant.export.onnx_export`]); `bits` is hf-r2's bit width.
     """
 
     codes: np.ndarray
@@ -106,35 +100,6 @@ class InputGrid:
     bits: int
 
 
-# ---- the optional packages ---------------------------------------------------------------------------------------
-
-
-def is_onnx_available() -> bool:
-    """Whether `onnx` (needed to export) and `onnxruntime` (needed to run a file) are installed."""
-    try:
-        return all(importlib.util.find_spec(name) is not None for name in ONNX_MIN_VERSIONS)
-    except ValueError:  # a module set to None in sys.modules (blocked)
-        return False
-
-
-def require_module(name: str, what: str) -> Any:
-    """Import `name` (`"onnx"` / `"onnxruntime"`), or raise an `ImportError` that says `what` needs it, at which
-    version, and the install line."""
-    try:
-        module = importlib.import_module(name)
-    except ImportError as err:
-        raise ImportError(
-            f"{what} needs `{name}>={ONNX_MIN_VERSIONS[name]}`, which is not installed. Install the ONNX extra with "
-            f"`{_INSTALL}` (or `pip install onnx onnxruntime`)."
-        ) from err
-    version = tuple(int(p) for p in module.__version__.split(".")[:2] if p.isdigit())
-    if version < tuple(int(p) for p in ONNX_MIN_VERSIONS[name].split(".")):
-        raise ImportError(
-            f"{what} needs `{name}>={ONNX_MIN_VERSIONS[name]}`, found {module.__version__}. Upgrade with `{_INSTALL}`."
-        )
-    return module
-
-
 # ---- from a layer to arrays ---------------------------------------------------------------------------------------
 
 
@@ -150,7 +115,7 @@ def _check_ready(name: str, role: str, quantizer: FakeQuantizer) -> None:
 @torch.no_grad()
 def encode_uniform(name: str, module: nn.Module, opset: int, int4: bool = True) -> UniformWeight:
     """The weight of quantized layer `name` as ONNX stores it for `opset`: hf-r2's codes (computed with the
-    quantizer's own operations) in one of the forms tabled in [`hf_r2.quant.onnx_export`]; `int4=False` keeps
+    quantizer's own operations) in one of the forms tabled in [`hf_r2.quant.export.onnx_export`]; `int4=False` keeps
     1- to 4-bit codes in INT8 at any opset (the int8 storage)."""
     wq = module.weight_quantizer
     _check_ready(name, "weight", wq)

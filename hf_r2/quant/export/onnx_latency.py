@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._onnx_graph import require_module
+from ._optional import require_module
 
 __all__ = ["ort_latency", "export_float_reference"]
 
@@ -67,7 +67,7 @@ def export_float_reference(
 ) -> dict[str, Any]:
     """Write `model` without its quantizers and palettes (its float weights, as they are) to the ONNX file `path`:
     the float file a low-bit export is timed against. `model` is left as it is. Returns `export_onnx`'s report."""
-    from .layers import dequantize_layers_
+    from ..layers import dequantize_layers_
     from .onnx_export import DEFAULT_ONNX_OPSET, export_onnx
 
     float_model = dequantize_layers_(copy.deepcopy(model))

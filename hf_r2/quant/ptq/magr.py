@@ -41,11 +41,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .._targets import find_target_modules
-from .._utils import JsonConfigMixin, check_patterns, check_positive_int
-from ..models import forward_logits
-from ._adaround_rows import UnsupportedLayer, check_rows, grouped_weight, row_source
-from ._batches import first_batches, model_device, pixel_values
+from ..._targets import find_target_modules
+from ..._utils import JsonConfigMixin, check_patterns, check_positive_int
+from ...models import forward_logits
+from .._batches import first_batches, model_device, pixel_values
+from ._layer_rows import UnsupportedLayer, check_rows, grouped_weight, row_source
 
 __all__ = ["MAGR_CONFIG_NAME", "MagRConfig", "project_l1_ball", "prox_linf", "layer_grams", "magr_"]
 

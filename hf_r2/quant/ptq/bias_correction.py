@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._batches import first_batches, output_channels, run_logits
-from .layers import quantized_layers
+from .._batches import first_batches, output_channels, run_logits
+from ..layers import quantized_layers
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def correct_bias_(model: nn.Module, calibration_data: Iterable[Any], num_batches
     with `x` the layer's input in the quantized model (through its input quantizer, if any) on the first
     `num_batches` batches, `Q(W)` its fake-quantized weight. One pass measures every layer (the corrections of earlier
     layers are not yet in the inputs: a second-order effect). Layers without a bias are skipped: a batch norm after
-    them, re-estimated ([`~hf_r2.quant.bn.reestimate_bn_stats`]), takes the shift. E.g. after
+    them, re-estimated ([`~hf_r2.quant.ptq.bn.reestimate_bn_stats`]), takes the shift. E.g. after
     `post_training_quantize_(model, PTQConfig(w_bits=4, bn="fold"), data)`, `correct_bias_(model, data)`.
 
     Args:

@@ -36,11 +36,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .._targets import TARGET_LAYER_TYPES
-from .._utils import JsonConfigMixin, check_positive_int
-from ..models import forward_logits
-from ._adaround_rows import UnsupportedLayer, apply_weight, cache_rows, grouped_weight
-from ._batches import image_batches, model_device
+from ..._targets import TARGET_LAYER_TYPES
+from ..._utils import JsonConfigMixin, check_positive_int
+from ...models import forward_logits
+from .._batches import image_batches, model_device
+from ._layer_rows import UnsupportedLayer, apply_weight, cache_rows, grouped_weight
 
 __all__ = ["ADAROUND_CONFIG_NAME", "AdaRoundConfig", "adaround", "adaround_"]
 

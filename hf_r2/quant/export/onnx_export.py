@@ -5,7 +5,7 @@ Runtime on labelled images (the one place hf-r2 does: `hf-r2 export --dataset` a
 - A PTQ / QAT model ([`~hf_r2.quant.layers`], BN folded or not) becomes a standard QDQ graph: each quantized
   layer's weight is a `DequantizeLinear` of integer codes with hf-r2's scales, and its input passes through
   `QuantizeLinear` / `DequantizeLinear` with the calibrated (or learnt) scale and zero point.
-- A palettized model ([`~hf_r2.quant.palettize`]) stores each weight as its palette (float32) and `b`-bit indices,
+- A palettized model ([`~hf_r2.quant.palettize_`]) stores each weight as its palette (float32) and `b`-bit indices,
   rebuilt by `Cast` + `GatherElements` + `Reshape` (`palette_lookup=False` stores the float weights instead).
 - A float model is exported as it is (the control).
 
@@ -39,7 +39,7 @@ one) only where `x / s` lies within a float32 rounding of a half-integer (an exa
 ways): 7 in a million Gaussian inputs, none of the 400,000 activations `tests/quant/test_onnx_export.py` checks.
 
 Storage. `storage="int8"` (the default): 1- to 7-bit codes as INT8 at any opset, in the layout ONNX Runtime runs
-fast ([`hf_r2.quant._onnx_int8`]: a Conv whose output only feeds the next 8-bit input grid, and a Linear, become
+fast ([`hf_r2.quant.export._onnx_int8`]: a Conv whose output only feeds the next 8-bit input grid, and a Linear, become
 `QLinearConv` / `QGemm` with hf-r2's codes, BN folded and an int32 bias; the other layers' INT8 codes are folded
 into float weights when the session starts). `storage="int4"`: the table above as it is, the smallest file, but
 dequantized on every run (many times slower than float; the figures in docs/results.md).
@@ -73,9 +73,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._finite import check_finite_model
-from ..models import LogitsModule, forward_logits, input_shape
-from ..version import __version__
+from ..._finite import check_finite_model
+from ...models import LogitsModule, forward_logits, input_shape
+from ...version import __version__
+from ..cluster._palette import learned_palette_modules, set_palette
+from ..layers import FakeQuantizer, QuantLayerMixin, quantize_layer_
 from ._onnx_graph import (
     MARKER_DOMAIN,
     InputGrid,
@@ -86,16 +88,13 @@ from ._onnx_graph import (
     encode_input,
     encode_palette,
     encode_uniform,
-    is_onnx_available,
     ort_session,
     prune_initializers,
-    require_module,
     rewrite_markers,
 )
 from ._onnx_int8 import int8_layout
-from ._palette import learned_palette_modules, set_palette
-from .export import LOW_BIT_CONFIG_NAME, LOW_BIT_WEIGHTS_NAME
-from .layers import FakeQuantizer, QuantLayerMixin, quantize_layer_
+from ._optional import is_onnx_available, require_module, require_onnx
+from .low_bit import LOW_BIT_CONFIG_NAME, LOW_BIT_WEIGHTS_NAME
 
 __all__ = [
     "DEFAULT_ONNX_OPSET",
@@ -123,20 +122,12 @@ DEFAULT_ONNX_STORAGE = "int8"
 _TRACE_MAX_OPSET = 20  # the TorchScript exporter's newest opset; later ones come from onnx.version_converter
 
 
-def require_onnx(runtime: bool = False) -> None:
-    """Raise an `ImportError` naming `pip install 'hf-r2[onnx]'` unless `onnx` (and, with `runtime=True`,
-    `onnxruntime`) is installed at a version hf-r2 supports."""
-    require_module("onnx", "ONNX export")
-    if runtime:
-        require_module("onnxruntime", "Checking an ONNX file")
-
-
 # ---- placeholders in the trace ------------------------------------------------------------------------------------
 
 
 class _Marked(torch.autograd.Function):
     """Forward: `fn(x)`, what hf-r2 computes. In the ONNX trace: the placeholder node `hf_r2::<kind>(x)` carrying
-    `key`, with `x`'s type, which [`~hf_r2.quant._onnx_graph.rewrite_markers`] replaces."""
+    `key`, with `x`'s type, which [`~hf_r2.quant.export._onnx_graph.rewrite_markers`] replaces."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, kind: str, key: str, fn: Callable[[Tensor], Tensor]) -> Tensor:

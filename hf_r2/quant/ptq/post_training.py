@@ -4,13 +4,13 @@
 The steps, in this order (each optional, chosen by [`PTQConfig`]):
 
 1. batch-norm folding (`bn="fold"`): every conv followed by a BN is folded into it first, so the weights that get
-   quantized are the ones a deployment runs ([`~hf_r2.quant.bn.fold_bn_`]);
+   quantized are the ones a deployment runs ([`~hf_r2.quant.ptq.bn.fold_bn_`]);
 2. weights: every target Conv/Linear gets a frozen [`~hf_r2.quant.layers.FakeQuantizer`] with a `w_bits` grid per
    output channel or per tensor, range by max-abs or MSE search ([`~hf_r2.quant.uniform.compute_qparams`]);
 3. rounding (`rounding="adaround"`): AdaRound learns, layer by layer on the calibration set, whether each weight
-   rounds up or down ([`~hf_r2.quant.adaround.adaround_`]); `"nearest"` rounds to nearest;
+   rounds up or down ([`~hf_r2.quant.ptq.adaround.adaround_`]); `"nearest"` rounds to nearest;
 4. batch-norm re-estimation (`bn="reestimate"`): BN statistics recomputed with the quantized weights
-   ([`~hf_r2.quant.bn.reestimate_bn_stats`]);
+   ([`~hf_r2.quant.ptq.bn.reestimate_bn_stats`]);
 5. activations (`a_bits`): an `a_bits` asymmetric grid at the input of every quantized layer, its range calibrated
    by an observer (min-max, percentile or MSE, [`~hf_r2.quant.observers`]).
 
@@ -28,19 +28,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
-from .._targets import find_target_modules
-from .._utils import JsonConfigMixin, check_choice
-from ..models import forward_logits
-from ._batches import first_batches, model_device, pixel_values
-from ._grid import check_grid_fields, layer_bits
+from ..._targets import find_target_modules
+from ..._utils import JsonConfigMixin, check_choice
+from .._batches import first_batches, model_device, pixel_values
+from .._grid import check_grid_fields, layer_bits
+from ..calibrate import calibrate_activations_
+from ..layers import FakeQuantizer, quantize_layer_, quantized_layers
+from ..uniform import ScaleMethod
 from .adaround import AdaRoundConfig, adaround_
 from .bias_correction import correct_bias_
 from .bn import fold_bn_, reestimate_bn_stats
-from .layers import FakeQuantizer, quantize_layer_, quantized_layers
-from .uniform import ScaleMethod
 
 __all__ = [
     "PTQConfig",
@@ -48,7 +47,6 @@ __all__ = [
     "BNHandling",
     "Rounding",
     "post_training_quantize_",
-    "calibrate_activations_",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,7 +99,7 @@ class PTQConfig(JsonConfigMixin):
     rounding (`str`, *optional*, defaults to `"nearest"`):
         `"nearest"` or `"adaround"` (learnt up/down rounding, needs calibration data).
     adaround (`dict`, *optional*):
-        Fields of [`~hf_r2.quant.adaround.AdaRoundConfig`] (iterations, regulariser weight, ...).
+        Fields of [`~hf_r2.quant.ptq.adaround.AdaRoundConfig`] (iterations, regulariser weight, ...).
     bn (`str`, *optional*, defaults to `"reestimate"`):
         `"fold"` (fold conv+BN pairs before quantizing), `"reestimate"` (recompute BN statistics after) or
         `"keep"`.
@@ -152,7 +150,7 @@ class PTQConfig(JsonConfigMixin):
             self.adaround_config()  # validates the fields now rather than mid-run
 
     def adaround_config(self) -> AdaRoundConfig:
-        """The [`~hf_r2.quant.adaround.AdaRoundConfig`] that `adaround` describes."""
+        """The [`~hf_r2.quant.ptq.adaround.AdaRoundConfig`] that `adaround` describes."""
         if isinstance(self.adaround, AdaRoundConfig):
             self.adaround = {f.name: getattr(self.adaround, f.name) for f in dataclasses.fields(AdaRoundConfig)}
         if self.adaround is not None and not isinstance(self.adaround, dict):
@@ -162,32 +160,6 @@ class PTQConfig(JsonConfigMixin):
     @property
     def needs_data(self) -> bool:
         return self.a_bits is not None or self.rounding == Rounding.ADAROUND.value or self.bn != BNHandling.KEEP.value
-
-
-@torch.no_grad()
-def calibrate_activations_(model: nn.Module, batches: Iterable[Any], observer_sample_size: int = 1 << 18) -> list[str]:
-    """Calibrate every input quantizer of `model`'s quantized layers on `batches` (a forward pass each, model in
-    eval mode, quantized weights in use; activations pass unquantized while observed). Returns the names of the
-    layers calibrated."""
-    layers = [(n, m) for n, m in quantized_layers(model) if m.input_quantizer is not None]
-    for _, module in layers:
-        module.input_quantizer.observe(observer_sample_size)
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    try:
-        for batch in batches:
-            forward_logits(model, pixel_values(batch).to(device))
-    finally:
-        model.train(was_training)
-        done = [name for name, module in layers if module.input_quantizer.calibrate()]
-    missing = sorted({n for n, _ in layers} - set(done))
-    if missing:
-        raise ValueError(
-            f"No calibration value reached the inputs of {missing}: they are not used by the forward pass. "
-            "`exclude` them from quantization."
-        )
-    return done
 
 
 def post_training_quantize_(

@@ -5,7 +5,7 @@ is the palette entry nearest to it, so it can be stored as a `b`-bit index plus 
 grids of [`hf_r2.quant.uniform`] the levels are free: they follow the weights' distribution (1-D k-means), so
 they need no clipping choice and adapt to skewed or multi-modal weights. Palettes are chosen either after
 training (`method="kmeans"`, data-free, here) or during training with differentiable k-means (`method="dkm"`,
-[`hf_r2.quant.dkm`]), as in Apple's coremltools and torchao's codebook quantization.
+[`hf_r2.quant.cluster.dkm`]), as in Apple's coremltools and torchao's codebook quantization.
 
 Shapes. A weight `W` of shape `(C_out, ...)` is split into `G` groups of consecutive output channels
 (`group_size=None`: `G = 1`, one palette for the whole tensor; `group_size=g`: `G = C_out / g`); each group is the
@@ -33,10 +33,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .._finite import check_finite_model
-from .._targets import find_target_modules
-from .._utils import JsonConfigMixin, check_choice, check_patterns
-from ._grid import check_bits, layer_bits
+from ..._finite import check_finite_model
+from ..._targets import find_target_modules
+from ..._utils import JsonConfigMixin, check_choice, check_patterns
+from .._grid import check_bits, layer_bits
 from ._palette import count_groups, finalize_learned_palettes_, kmeans_1d, learned_palette_modules, set_palette
 
 __all__ = [
@@ -63,7 +63,7 @@ class PalettizeMethod(str, enum.Enum):
 
 @dataclass
 class PalettizeConfig(JsonConfigMixin):
-    """Configuration of weight palettization (see [`palettize_`] and [`~hf_r2.quant.dkm.prepare_dkm`]).
+    """Configuration of weight palettization (see [`palettize_`] and [`~hf_r2.quant.prepare_dkm`]).
 
     Each target weight is split into groups of output channels, each group gets `2^bits` centroids (its palette),
     and each weight becomes its group's nearest centroid.
@@ -75,8 +75,8 @@ class PalettizeConfig(JsonConfigMixin):
     method (`str` or [`PalettizeMethod`], *optional*, defaults to `"kmeans"`):
         `"kmeans"`: data-free, post-training 1-D k-means ([`kmeans_1d`]: optimal on runs of the sorted weights
         up to 16 centroids, then Lloyd) on each group. `"dkm"`: differentiable
-        k-means during training: [`~hf_r2.quant.dkm.prepare_dkm`] before training, [`palettize_`] (or
-        [`~hf_r2.quant.dkm.finalize_dkm`]) after it; on a model that was not prepared it is the same as `"kmeans"`.
+        k-means during training: [`~hf_r2.quant.prepare_dkm`] before training, [`palettize_`] (or
+        [`~hf_r2.quant.finalize_dkm`]) after it; on a model that was not prepared it is the same as `"kmeans"`.
     group_size (`int`, *optional*):
         `None`: one palette per tensor. An integer `g`: one palette per group of `g` consecutive output channels
         (dim 0), so `g=1` is one palette per channel. It must divide the output channels of every target layer.
@@ -101,12 +101,12 @@ class PalettizeConfig(JsonConfigMixin):
         Most Lloyd iterations of [`kmeans_1d`] (it stops earlier once no weight changes cluster). Also used for
         the initial centroids of DKM.
 
-    > Parameters of DKM (`method="dkm"`, used by [`~hf_r2.quant.dkm.prepare_dkm`])
+    > Parameters of DKM (`method="dkm"`, used by [`~hf_r2.quant.prepare_dkm`])
 
     temperature (`float`, *optional*, defaults to `1.0`):
         Softness of DKM's attention, relative to the weight scale: `tau = temperature * D0`, with `D0` the mean
         squared distance of the group's weights to their nearest initial centroid. Lower is closer to hard
-        assignment; see [`~hf_r2.quant.dkm.DKMParametrization`].
+        assignment; see [`~hf_r2.quant.DKMParametrization`].
     dkm_iters (`int`, *optional*, defaults to `3`):
         Centroid updates per forward pass (warm-started from the previous pass' centroids); the gradient flows
         through all of them. Compute grows linearly with it, memory does not.
@@ -238,7 +238,7 @@ def palettize_(model: nn.Module, config: PalettizeConfig | None = None, **kwargs
 
     With `method="kmeans"` each group of each target weight is clustered by [`kmeans_1d`] into `2^bits`
     centroids and every weight replaced by its nearest centroid. With `method="dkm"` the layers prepared by
-    [`~hf_r2.quant.dkm.prepare_dkm`] are finalized ([`~hf_r2.quant.dkm.finalize_dkm`]: nearest trained centroid,
+    [`~hf_r2.quant.prepare_dkm`] are finalized ([`~hf_r2.quant.finalize_dkm`]: nearest trained centroid,
     parametrization removed) and any other target layer is clustered as with `"kmeans"`. Every palettized layer
     gets the non-persistent buffer `weight_palette` (`(G, 2^bits)`, sorted) and its `weight` holds exactly palette
     values, in its own dtype and device; biases, norms and the state-dict keys are unchanged.

@@ -1,4 +1,4 @@
-"""The int8-storage layout of [`hf_r2.quant.onnx_export`]: [`int8_layout`] rewrites a QDQ graph whose weights are
+"""The int8-storage layout of [`onnx_export`]: [`int8_layout`] rewrites a QDQ graph whose weights are
 INT8 codes into the form ONNX Runtime's CPU provider executes with integer kernels where that computes what hf-r2
 computes, and with float kernels at float speed elsewhere. Imports `onnx` inside the functions only.
 

@@ -38,9 +38,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._targets import TARGET_LAYER_TYPES
-from ..models import forward_logits
-from ._batches import model_device, pixel_values
+from ..._targets import TARGET_LAYER_TYPES
+from ...models import forward_logits
+from .._batches import model_device, pixel_values
 
 __all__ = ["reestimate_bn_stats", "fold_bn", "fold_bn_", "folded_pairs", "refold_structure_"]
 

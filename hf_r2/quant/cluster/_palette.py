@@ -1,4 +1,4 @@
-"""Weight palettes shared by k-means palettization ([`hf_r2.quant.palettize`]) and DKM ([`hf_r2.quant.dkm`]): 1-D
+"""Weight palettes shared by k-means palettization ([`palettize`]) and DKM ([`dkm`]): 1-D
 k-means ([`kmeans_1d`]), the groups of a weight ([`count_groups`]), the `weight_palette` buffer ([`set_palette`]), and
 the base class of parametrizations that learn a palette in training ([`LearnedPalette`]), which [`palettize_`]
 finalizes without importing DKM.
@@ -205,8 +205,8 @@ def set_palette(module: nn.Module, palette: Tensor) -> None:
 
 class LearnedPalette(nn.Module):
     """Base class of the weight parametrizations that learn a palette during training (DKM's
-    [`~hf_r2.quant.dkm.DKMParametrization`]). [`finalize_learned_palettes_`] (and so
-    [`~hf_r2.quant.palettize.palettize_`]) finds them by this type and calls [`finalize_`]."""
+    [`~hf_r2.quant.cluster.dkm.DKMParametrization`]). [`finalize_learned_palettes_`] (and so
+    [`~hf_r2.quant.cluster.palettize.palettize_`]) finds them by this type and calls [`finalize_`]."""
 
     def finalize_(self, module: nn.Module) -> None:
         """Make `module`'s weight a plain parameter holding palette values, set its `weight_palette` buffer and

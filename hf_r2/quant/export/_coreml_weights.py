@@ -1,4 +1,4 @@
-"""The Core ML side of [`hf_r2.quant.coreml_export`]: a layer's low-bit weight as the arrays of one Core ML
+"""The Core ML side of [`hf_r2.quant.export.coreml_export`]: a layer's low-bit weight as the arrays of one Core ML
 compression op ([`palette_weight`]: a palettized layer's own palette and indices; [`uniform_weight`]: a PTQ / QAT
 grid, as linear codes or, at 1 to 3 bits, as the palette of its levels), [`replace_weight_consts`], which puts
 those ops in place of the float weight constants of a MIL program, and [`read_weights`], which reads them back
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import QuantLayerMixin
-from .palettize import palette_indices
-from .uniform import dequantize_tensor, quantize_tensor
+from ..cluster.palettize import palette_indices
+from ..layers import QuantLayerMixin
+from ..uniform import dequantize_tensor, quantize_tensor
 
 __all__ = [
     "LUT_OP",
