@@ -40,9 +40,9 @@ LAYERS = [
 CLI = {"commands", "cli", "__main__"}
 MAX_LINES = 450
 QUANT_ROOMS = [
-    {"_affine", "_grid", "_batches", "observers", "uniform", "layers", "calibrate", "results"},
+    {"_affine", "_grid", "_batches", "observers", "uniform", "layers", "calibrate", "results", "api"},
     {"qat", "ptq", "cluster"},
-    {"export", "api"},
+    {"export"},
 ]
 QUANT_FAMILIES = QUANT_ROOMS[1]
 

@@ -12,6 +12,8 @@ it, plain dataclass configs that round-trip through JSON, a low-bit export, and 
 """
 
 from .api import quantize_ as quantize_
+from .api import register_quantize_handler as register_quantize_handler
+from .api import registered_quantize_configs as registered_quantize_configs
 from .calibrate import calibrate_activations_ as calibrate_activations_
 from .cluster import PALETTIZE_CONFIG_NAME as PALETTIZE_CONFIG_NAME
 from .cluster import DKMParametrization as DKMParametrization
@@ -84,6 +86,8 @@ from .uniform import quantize_tensor as quantize_tensor
 __all__ = [
     # the one verb, dispatching on the config type
     "quantize_",
+    "register_quantize_handler",
+    "registered_quantize_configs",
     # PTQ
     "PTQConfig",
     "PTQ_CONFIG_NAME",

@@ -25,6 +25,7 @@ from .._targets import find_target_modules
 from .._utils import JsonConfigMixin, check_choice
 from ._batches import first_batches
 from ._grid import check_grid_fields, layer_bits
+from .api import register_quantize_handler
 from .calibrate import calibrate_activations_
 from .layers import FakeQuantizer, quantize_layer_
 from .uniform import ScaleMethod
@@ -83,6 +84,7 @@ class QATConfig(JsonConfigMixin):
         self.weight_init = check_choice("weight_init", self.weight_init, ScaleMethod)
 
 
+@register_quantize_handler(QATConfig)
 def prepare_qat(
     model: nn.Module, config: QATConfig | None = None, calibration_data: Iterable[Any] | None = None
 ) -> nn.Module:

@@ -1,5 +1,6 @@
 """`hf_r2.quant.api.quantize_`: the dispatcher against each per-method verb run on a copy of the same model (same
-state dict, same layer classes), its `TypeError`, and data-free weight-only PTQ (`PTQConfig(a_bits=None,
+state dict, same layer classes), its registry (every config applied to a model today is registered, a new one is one
+registration) and its `TypeError`, and data-free weight-only PTQ (`PTQConfig(a_bits=None,
 bn="keep")`) against a brute-force max-abs grid of every weight, through `save_low_bit` / `load_low_bit`."""
 
 import copy
@@ -12,20 +13,28 @@ from hf_r2 import find_target_modules
 from hf_r2.models import forward_logits
 from hf_r2.quant import (
     AdaRoundConfig,
+    EqualizeConfig,
+    MagRConfig,
     PalettizeConfig,
     PTQConfig,
     QATConfig,
+    adaround_,
+    equalize_,
     finalize_dkm,
     is_dkm_prepared,
     load_low_bit,
+    magr_,
     palettize_,
     post_training_quantize_,
     prepare_dkm,
     prepare_qat,
     quantize_,
     quantized_layers,
+    register_quantize_handler,
+    registered_quantize_configs,
     save_low_bit,
 )
+from hf_r2.quant import api as quant_api
 
 
 def images(n_batches: int, batch: int = 4, seed: int = 1, size: int = 32) -> list[dict]:
@@ -54,8 +63,11 @@ def _assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
         (QATConfig(w_bits=3, a_bits=None), prepare_qat, False),
         (PalettizeConfig(bits=2), palettize_, False),
         (PalettizeConfig(bits=1, group_size=1, first_last_bits=8), palettize_, False),
+        (EqualizeConfig(calibration_batches=2), equalize_, True),
+        (MagRConfig(iterations=5, calibration_batches=2), magr_, True),
     ],
-    ids=["ptq-w2a8", "ptq-weight-only", "ptq-fold", "qat-w2a2", "qat-w3", "kmeans-2", "kmeans-1-per-channel"],
+    ids=["ptq-w2a8", "ptq-weight-only", "ptq-fold", "qat-w2a2", "qat-w3", "kmeans-2", "kmeans-1-per-channel", "cle",
+         "magr"],
 )
 def test_quantize_dispatches_to_the_per_method_verb(config, verb, with_data):
     model = make_timm("test_resnet").eval()
@@ -85,11 +97,67 @@ def test_quantize_dkm_prepares_and_finalize_dkm_ends_it():
         assert torch.equal(a.weight_palette, b.weight_palette)
 
 
-@pytest.mark.parametrize("config", [AdaRoundConfig(), {"w_bits": 2}, None])
-def test_quantize_rejects_other_configs(config):
+def test_quantize_adaround_rounds_a_quantized_model_as_adaround_does():
+    model = post_training_quantize_(make_timm("test_resnet").eval(), PTQConfig(w_bits=2, a_bits=None, bn="keep"))
+    config = AdaRoundConfig(iters=3, num_samples=64)
+    data = images(2)
+    torch.manual_seed(0)
+    via_dispatch = quantize_(copy.deepcopy(model), config, data)
+    torch.manual_seed(0)
+    via_verb = adaround_(copy.deepcopy(model), data, config)
+    _assert_same_model(via_dispatch, via_verb)
+    with pytest.raises(ValueError, match=r"AdaRound learns each layer's rounding on `calibration_data`"):
+        quantize_(copy.deepcopy(model), config)
+
+
+def test_every_config_applied_today_is_registered():
+    assert set(registered_quantize_configs()) == {
+        PTQConfig, AdaRoundConfig, EqualizeConfig, MagRConfig, QATConfig, PalettizeConfig}
+
+
+@pytest.mark.parametrize("config", [{"w_bits": 2}, None, object()])
+def test_quantize_rejects_other_configs_naming_the_registered_ones(config):
     model = make_timm("test_resnet")
-    with pytest.raises(TypeError, match=r"takes a `PTQConfig`, `QATConfig` or `PalettizeConfig`.*got "):
+    with pytest.raises(TypeError, match=r"takes one of the registered configs \(.*`PTQConfig`.*\), got ") as err:
         quantize_(model, config)
+    for cls in registered_quantize_configs():
+        assert f"`{cls.__name__}`" in str(err.value)
+
+
+def test_a_new_method_is_one_registration(monkeypatch):
+    """A config class and its handler, registered: `quantize_` runs it (for subclasses too), it is listed among the
+    registered configs, and registering the class again replaces the handler with a warning."""
+    monkeypatch.setattr(quant_api, "_HANDLERS", dict(quant_api._HANDLERS))  # leave the real registry as it was
+    calls = []
+
+    class ZeroConfig:
+        pass
+
+    class ChildConfig(ZeroConfig):
+        pass
+
+    @register_quantize_handler(ZeroConfig)
+    def zero_weights_(model, config, calibration_data=None):
+        calls.append((type(config).__name__, calibration_data))
+        with torch.no_grad():
+            for _, module in find_target_modules(model):
+                module.weight.zero_()
+        return model
+
+    model = make_timm("test_resnet")
+    assert quantize_(model, ZeroConfig(), "data") is model
+    assert all(float(m.weight.detach().abs().max()) == 0 for _, m in find_target_modules(model))
+    quantize_(make_timm("test_resnet"), ChildConfig())
+    assert calls == [("ZeroConfig", "data"), ("ChildConfig", None)]
+    assert ZeroConfig in registered_quantize_configs()
+
+    def other(model, config, calibration_data=None):
+        return model
+
+    with pytest.warns(UserWarning, match=r"handler for ZeroConfig is replaced by other"):
+        register_quantize_handler(ZeroConfig)(other)
+    with pytest.raises(TypeError, match=r"takes a config class"):
+        register_quantize_handler("ZeroConfig")
 
 
 # ---- data-free weight-only PTQ ------------------------------------------------------------------------------------

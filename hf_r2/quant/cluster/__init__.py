@@ -1,8 +1,15 @@
 """The weight-clustering family: post-training k-means palettization (`PalettizeConfig`, `palettize_`),
 differentiable k-means during training (DKM: `prepare_dkm`, `finalize_dkm`), and the palette helper they share
-(`_palette`: 1-D k-means, groups, the palette buffers).
+(`_palette`: 1-D k-means, groups, the palette buffers). `quantize_` runs k-means or DKM for a `PalettizeConfig` by
+its `method`: the handler is registered here, as `palettize.py` cannot import `dkm.py` (which imports it).
 """
 
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from ..api import register_quantize_handler
 from .dkm import DKMParametrization as DKMParametrization
 from .dkm import finalize_dkm as finalize_dkm
 from .dkm import is_dkm_prepared as is_dkm_prepared
@@ -28,3 +35,12 @@ __all__ = [
     "is_dkm_prepared",
     "DKMParametrization",
 ]
+
+
+@register_quantize_handler(PalettizeConfig)
+def _palettize_handler(model: nn.Module, config: PalettizeConfig, calibration_data: Iterable[Any] | None) -> nn.Module:
+    """k-means palettization ([`palettize_`], data-free), or DKM's preparation ([`prepare_dkm`]) with
+    `method="dkm"`; `calibration_data` is not used."""
+    if config.method == PalettizeMethod.DKM.value:
+        return prepare_dkm(model, config)
+    return palettize_(model, config)

@@ -40,6 +40,7 @@ from ..._targets import TARGET_LAYER_TYPES
 from ..._utils import JsonConfigMixin, check_positive_int
 from ...models import forward_logits
 from .._batches import image_batches, model_device
+from ..api import register_quantize_handler
 from ._layer_rows import UnsupportedLayer, apply_weight, cache_rows, grouped_weight
 
 __all__ = ["ADAROUND_CONFIG_NAME", "AdaRoundConfig", "adaround", "adaround_"]
@@ -417,6 +418,15 @@ def adaround_(
         for module, training in modes:
             module.training = training
     return model
+
+
+@register_quantize_handler(AdaRoundConfig)
+def _adaround_handler(model: nn.Module, config: AdaRoundConfig, calibration_data: Iterable[Any] | None) -> nn.Module:
+    """`quantize_(model, AdaRoundConfig(...), calibration_data)`: [`adaround_`] on a model already quantized."""
+    if calibration_data is None:
+        raise ValueError("AdaRound learns each layer's rounding on `calibration_data`: pass it (an iterable of "
+                         "batches, e.g. a DataLoader of training images) to `quantize_`.")
+    return adaround_(model, calibration_data, config)
 
 
 def adaround(

@@ -38,6 +38,7 @@ from torch.nn.utils import parametrize
 from ..._targets import TARGET_LAYER_TYPES
 from ..._utils import JsonConfigMixin, check_choice, check_patterns, check_positive_int
 from .._batches import first_batches, model_device, output_channels, pixel_values, run_logits
+from ..api import register_quantize_handler
 from .bn import fold_bn_
 
 __all__ = ["EQUALIZE_CONFIG_NAME", "ReLU6Handling", "EqualizeConfig", "EqualizationPair", "find_equalization_pairs",
@@ -298,6 +299,7 @@ def _rescale_(first: nn.Module, second: nn.Module, s: Tensor) -> None:
     w2.copy_((grouped * s.reshape(grouped.shape[0], 1, -1, 1)).reshape(w2.shape))
 
 
+@register_quantize_handler(EqualizeConfig)
 def equalize_(
     model: nn.Module,
     config: EqualizeConfig | None = None,

@@ -45,6 +45,7 @@ from ..._targets import find_target_modules
 from ..._utils import JsonConfigMixin, check_patterns, check_positive_int
 from ...models import forward_logits
 from .._batches import first_batches, model_device, pixel_values
+from ..api import register_quantize_handler
 from ._layer_rows import UnsupportedLayer, check_rows, grouped_weight, row_source
 
 __all__ = ["MAGR_CONFIG_NAME", "MagRConfig", "project_l1_ball", "prox_linf", "layer_grams", "magr_"]
@@ -254,6 +255,7 @@ def _solve(w0: Tensor, gram: Tensor, config: MagRConfig) -> Tensor:
     return w
 
 
+@register_quantize_handler(MagRConfig)
 def magr_(
     model: nn.Module, config: MagRConfig | None = None, calibration_data: Iterable[Any] | None = None, **kwargs: Any
 ) -> nn.Module:

@@ -34,6 +34,7 @@ from ..._targets import find_target_modules
 from ..._utils import JsonConfigMixin, check_choice
 from .._batches import first_batches, model_device, pixel_values
 from .._grid import check_grid_fields, layer_bits
+from ..api import register_quantize_handler
 from ..calibrate import calibrate_activations_
 from ..layers import FakeQuantizer, quantize_layer_, quantized_layers
 from ..uniform import ScaleMethod
@@ -162,6 +163,7 @@ class PTQConfig(JsonConfigMixin):
         return self.a_bits is not None or self.rounding == Rounding.ADAROUND.value or self.bn != BNHandling.KEEP.value
 
 
+@register_quantize_handler(PTQConfig)
 def post_training_quantize_(
     model: nn.Module, config: PTQConfig | None = None, calibration_data: Iterable[Any] | None = None
 ) -> nn.Module:
