@@ -20,12 +20,12 @@ from hf_r2.models import forward_logits
 from hf_r2.quant.ptq._layer_rows import RowCache, apply_weight, cache_rows, grouped_weight, row_source
 from hf_r2.quant.ptq.adaround import (
     AdaRoundConfig,
-    _beta,
-    _inverse_rectified_sigmoid,
     _optimize_rounding,
-    _rectified_sigmoid,
     adaround,
     adaround_,
+    annealed_beta,
+    inverse_rectified_sigmoid,
+    rectified_sigmoid,
 )
 from hf_r2.quant.uniform import compute_qparams, fake_quantize_affine
 
@@ -167,17 +167,17 @@ def test_rows_reproduce_the_layer(make, shape):
 
 def test_rectified_sigmoid_and_its_inverse():
     frac = torch.rand(1000, dtype=torch.float64)
-    torch.testing.assert_close(_rectified_sigmoid(_inverse_rectified_sigmoid(frac)), frac)
+    torch.testing.assert_close(rectified_sigmoid(inverse_rectified_sigmoid(frac)), frac)
     v = torch.linspace(-20, 20, 101, dtype=torch.float64)
-    h = _rectified_sigmoid(v)
+    h = rectified_sigmoid(v)
     torch.testing.assert_close(h, (torch.sigmoid(v) * 1.2 - 0.1).clamp(0, 1))
     assert h[0] == 0 and h[-1] == 1  # exactly 0 / 1 in the tails: what lets the regulariser binarise
 
 
 def test_beta_schedule():
     cfg = AdaRoundConfig(iters=100, warmup=0.2, beta_start=20, beta_end=2)
-    assert all(_beta(cfg, s) is None for s in range(20))
-    betas = [_beta(cfg, s) for s in range(20, 100)]
+    assert all(annealed_beta(cfg, s) is None for s in range(20))
+    betas = [annealed_beta(cfg, s) for s in range(20, 100)]
     assert betas[0] == pytest.approx(20) and betas[-1] == pytest.approx(2)
     assert all(a >= b for a, b in zip(betas, betas[1:]))
     assert betas[len(betas) // 2] == pytest.approx(11, abs=0.5)  # cosine: halfway at the midpoint

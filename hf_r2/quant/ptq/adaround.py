@@ -43,7 +43,9 @@ from .._batches import image_batches, model_device
 from ..api import register_quantize_handler
 from ._layer_rows import UnsupportedLayer, apply_weight, cache_rows, grouped_weight
 
-__all__ = ["ADAROUND_CONFIG_NAME", "AdaRoundConfig", "adaround", "adaround_"]
+# the rounding maths (the last four) is shared with block reconstruction (block_reconstruction.py)
+__all__ = ["ADAROUND_CONFIG_NAME", "AdaRoundConfig", "adaround", "adaround_",
+           "rectified_sigmoid", "inverse_rectified_sigmoid", "annealed_beta", "weight_qparams"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,18 +152,19 @@ class AdaRoundConfig(JsonConfigMixin):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _rectified_sigmoid(v: Tensor) -> Tensor:
+def rectified_sigmoid(v: Tensor) -> Tensor:
     """`h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)`."""
     return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
 
 
-def _inverse_rectified_sigmoid(h: Tensor) -> Tensor:
+def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
     """`V` with `h(V) = h` for `h` in `[0, 1)` (inside the stretched sigmoid's range, so always finite)."""
     return -torch.log((_ZETA - _GAMMA) / (h - _GAMMA) - 1)
 
 
-def _beta(config: AdaRoundConfig, step: int) -> float | None:
-    """The regulariser's exponent at `step`, or `None` during the warm-up (cosine from `beta_start` to `beta_end`)."""
+def annealed_beta(config: Any, step: int) -> float | None:
+    """The regulariser's exponent at `step`, or `None` during the warm-up (cosine from `beta_start` to `beta_end`);
+    `config` is any config with `iters`, `warmup`, `beta_start` and `beta_end` (AdaRound's, block reconstruction's)."""
     start = int(config.warmup * config.iters)
     if step < start:
         return None
@@ -169,7 +172,7 @@ def _beta(config: AdaRoundConfig, step: int) -> float | None:
     return config.beta_end + 0.5 * (config.beta_start - config.beta_end) * (1 + math.cos(math.pi * min(rel, 1.0)))
 
 
-def _qparams(module: nn.Module) -> tuple[Tensor, Tensor, int, int]:
+def weight_qparams(module: nn.Module) -> tuple[Tensor, Tensor, int, int]:
     """`(scale, zero_point, quant_min, quant_max)` of `module.weight_quantizer`, detached, with the scale and zero
     point shaped to broadcast against the weight (a quantizer may store them flat: `(C,)` or `(1,)`) and the scale
     taken as `|scale|` (as `FakeQuantizer` uses it)."""
@@ -211,29 +214,29 @@ def _optimize_rounding(
 ) -> tuple[Tensor, Tensor]:
     """Learn the rounding of `module.weight` on cached rows; returns `(codes, h)`: the integer codes of the rounded
     weight (`floor(W / s + z)` plus 0 or 1, clamped to the grid) and the final soft `h(V)`."""
-    scale, zero_point, quant_min, quant_max = _qparams(module)
+    scale, zero_point, quant_min, quant_max = weight_qparams(module)
     weight = module.weight.detach().to(scale.dtype)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     x = weight / safe + zero_point
     floor = torch.floor(x)
-    v = _inverse_rectified_sigmoid(x - floor).requires_grad_(True)
+    v = inverse_rectified_sigmoid(x - floor).requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=config.lr)
     inputs, targets = inputs.to(scale.dtype), targets.to(scale.dtype)
     num_rows = inputs.shape[0]
     with torch.enable_grad():
         for step in range(config.iters):
             idx = torch.randint(num_rows, (config.batch_size,), generator=generator).to(inputs.device)
-            h = _rectified_sigmoid(v)
+            h = rectified_sigmoid(v)
             soft = scale * (torch.clamp(floor + h, quant_min, quant_max) - zero_point)
             out = apply_weight(inputs[idx], grouped_weight(module, soft))
             loss = (out - targets[idx]).square().sum((1, 2)).mean()
-            beta = _beta(config, step)
+            beta = annealed_beta(config, step)
             if beta is not None and config.reg_weight > 0:
                 loss = loss + config.reg_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    h = _rectified_sigmoid(v.detach())
+    h = rectified_sigmoid(v.detach())
     codes = torch.clamp(floor + (h >= 0.5).to(floor.dtype), quant_min, quant_max)
     return codes, h
 
@@ -257,7 +260,7 @@ def _round_layer(
     module = model.get_submodule(name)
     cache = cache_rows(model, float_model, name, batches, config.num_samples, generator)
     codes, _ = _optimize_rounding(module, cache.inputs, cache.targets, config, generator)
-    scale, zero_point, quant_min, quant_max = _qparams(module)
+    scale, zero_point, quant_min, quant_max = weight_qparams(module)
     with torch.no_grad():
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         x = module.weight.detach().to(scale.dtype) / safe + zero_point
