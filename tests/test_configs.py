@@ -10,7 +10,15 @@ import pytest
 
 from hf_r2 import LoopConfig, R2Config
 from hf_r2._utils import JsonConfigMixin
-from hf_r2.quant import AdaRoundConfig, EqualizeConfig, MagRConfig, PalettizeConfig, PTQConfig, QATConfig
+from hf_r2.quant import (
+    AdaRoundConfig,
+    BlockReconstructionConfig,
+    EqualizeConfig,
+    MagRConfig,
+    PalettizeConfig,
+    PTQConfig,
+    QATConfig,
+)
 from hf_r2.reproduce import ReproduceConfig
 
 EXAMPLES = {
@@ -22,6 +30,9 @@ EXAMPLES = {
     LoopConfig: dict(output_dir="somewhere", num_epochs=3, seed=5, per_device_batch_size=8, optimizer="adamw",
                      learning_rate=0.002, weight_decay=0.1, lr_scheduler_type="constant", lr_warmup_steps=4,
                      gradient_accumulation_steps=2, logging_steps=3, save_model=False),
+    BlockReconstructionConfig: dict(w_bits=3, a_bits=4, per_channel=False, weight_range="maxabs", iters=12, lr=0.05,
+                                    act_lr=1e-3, batch_size=8, drop_prob=0.5, reg_weight=0.02, seed=3,
+                                    calibration_batches=2, exclude=["fc"]),
     AdaRoundConfig: dict(iters=12, lr=0.05, reg_weight=0.02, beta_start=10.0, beta_end=3.0, num_samples=100,
                          seed=3),
     PalettizeConfig: dict(bits=1, method="dkm", group_size=4, include=["conv"], first_last_bits=4,

@@ -47,10 +47,12 @@ from .layers import dequantize_layers_ as dequantize_layers_
 from .layers import quantized_layers as quantized_layers
 from .observers import RangeObserver as RangeObserver
 from .ptq import ADAROUND_CONFIG_NAME as ADAROUND_CONFIG_NAME
+from .ptq import BLOCK_RECONSTRUCTION_CONFIG_NAME as BLOCK_RECONSTRUCTION_CONFIG_NAME
 from .ptq import EQUALIZE_CONFIG_NAME as EQUALIZE_CONFIG_NAME
 from .ptq import MAGR_CONFIG_NAME as MAGR_CONFIG_NAME
 from .ptq import PTQ_CONFIG_NAME as PTQ_CONFIG_NAME
 from .ptq import AdaRoundConfig as AdaRoundConfig
+from .ptq import BlockReconstructionConfig as BlockReconstructionConfig
 from .ptq import EqualizeConfig as EqualizeConfig
 from .ptq import MagRConfig as MagRConfig
 from .ptq import PTQConfig as PTQConfig
@@ -58,11 +60,13 @@ from .ptq import adaround as adaround
 from .ptq import adaround_ as adaround_
 from .ptq import correct_bias_ as correct_bias_
 from .ptq import equalize_ as equalize_
+from .ptq import find_blocks as find_blocks
 from .ptq import fold_bn as fold_bn
 from .ptq import fold_bn_ as fold_bn_
 from .ptq import low_bit_table as low_bit_table
 from .ptq import magr_ as magr_
 from .ptq import post_training_quantize_ as post_training_quantize_
+from .ptq import reconstruct_blocks_ as reconstruct_blocks_
 from .ptq import reestimate_bn_stats as reestimate_bn_stats
 from .qat import QAT_CONFIG_NAME as QAT_CONFIG_NAME
 from .qat import QATConfig as QATConfig
@@ -97,6 +101,10 @@ __all__ = [
     "ADAROUND_CONFIG_NAME",
     "adaround",
     "adaround_",
+    "BlockReconstructionConfig",
+    "BLOCK_RECONSTRUCTION_CONFIG_NAME",
+    "reconstruct_blocks_",
+    "find_blocks",
     # batch norms
     "reestimate_bn_stats",
     "fold_bn",

@@ -13,6 +13,7 @@ from hf_r2 import find_target_modules
 from hf_r2.models import forward_logits
 from hf_r2.quant import (
     AdaRoundConfig,
+    BlockReconstructionConfig,
     EqualizeConfig,
     MagRConfig,
     PalettizeConfig,
@@ -112,7 +113,7 @@ def test_quantize_adaround_rounds_a_quantized_model_as_adaround_does():
 
 def test_every_config_applied_today_is_registered():
     assert set(registered_quantize_configs()) == {
-        PTQConfig, AdaRoundConfig, EqualizeConfig, MagRConfig, QATConfig, PalettizeConfig}
+        PTQConfig, AdaRoundConfig, BlockReconstructionConfig, EqualizeConfig, MagRConfig, QATConfig, PalettizeConfig}
 
 
 @pytest.mark.parametrize("config", [{"w_bits": 2}, None, object()])

@@ -1,7 +1,8 @@
 """The post-training quantization family: the PTQ verb (`PTQConfig`, `post_training_quantize_`) and the methods it
 runs or that run before it: AdaRound (learned rounding), batch-norm folding and re-estimation, bias correction,
-cross-layer equalization (CLE) and MagR, with the per-layer row helper AdaRound and MagR share
-(`_layer_rows`), and the PTQ sweep over settings (`low_bit_table`).
+cross-layer equalization (CLE) and MagR, with the per-layer row helper AdaRound and MagR share (`_layer_rows`);
+block reconstruction (BRECQ / QDrop: `block_reconstruction`, and `blocks`, which finds the blocks); and the PTQ
+sweep over settings (`low_bit_table`).
 
 `hf_r2.quant.ptq` was one module before; its names (`PTQConfig`, `post_training_quantize_`, ...) still import
 from here.
@@ -13,6 +14,10 @@ from .adaround import AdaRoundConfig as AdaRoundConfig
 from .adaround import adaround as adaround
 from .adaround import adaround_ as adaround_
 from .bias_correction import correct_bias_ as correct_bias_
+from .block_reconstruction import BLOCK_RECONSTRUCTION_CONFIG_NAME as BLOCK_RECONSTRUCTION_CONFIG_NAME
+from .block_reconstruction import BlockReconstructionConfig as BlockReconstructionConfig
+from .block_reconstruction import reconstruct_blocks_ as reconstruct_blocks_
+from .blocks import find_blocks as find_blocks
 from .bn import fold_bn as fold_bn
 from .bn import fold_bn_ as fold_bn_
 from .bn import reestimate_bn_stats as reestimate_bn_stats
@@ -43,6 +48,11 @@ __all__ = [
     "ADAROUND_CONFIG_NAME",
     "adaround",
     "adaround_",
+    # block reconstruction (BRECQ / QDrop)
+    "BlockReconstructionConfig",
+    "BLOCK_RECONSTRUCTION_CONFIG_NAME",
+    "reconstruct_blocks_",
+    "find_blocks",
     # batch norms
     "reestimate_bn_stats",
     "fold_bn",
