@@ -101,16 +101,19 @@ def test_run_order_follows_the_forward_pass():
 
 
 class _Twice(nn.Module):
-    """A block used twice per forward, a block called with two tensors, and a block that never runs."""
+    """A block used twice per forward, a block called with two tensors, one returning a tuple, and one that never
+    runs."""
 
     def __init__(self):
         super().__init__()
         self.stages = nn.ModuleList([nn.Sequential(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)) for _ in range(3)])
-        self.blocks = nn.ModuleList([_Pair(), _Pair(), _Pair()])
+        self.blocks = nn.ModuleList([_Pair(), _Pair(), _Pair(), _Pair(), _Pair()])
 
     def forward(self, x):
         x = self.blocks[0](self.blocks[0](x))  # shared: run twice
         x = self.blocks[1](x, x)  # two inputs
+        x = self.blocks[3](x, pair=True)[0]  # a tuple out (and a keyword)
+        x = self.blocks[4](x)  # a block that can be reconstructed as one
         return x.mean((2, 3))
 
 
@@ -119,15 +122,17 @@ class _Pair(nn.Module):
         super().__init__()
         self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
 
-    def forward(self, x, y=None):
-        return self.b(self.a(x)) + (0 if y is None else y)
+    def forward(self, x, y=None, pair=False):
+        out = self.b(self.a(x)) + (0 if y is None else y)
+        return (out, out) if pair else out
 
 
 def test_run_order_splits_blocks_that_cannot_run_alone_and_skips_unused_ones(caplog):
     model = _Twice()
     units = [(n, u) for n, u in find_blocks(model) if n.startswith("blocks")]
-    assert [n for n, _ in units] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert [n for n, _ in units] == [f"blocks.{i}" for i in range(5)]
     with caplog.at_level(logging.INFO, logger="hf_r2.quant.ptq.blocks"):
-        ordered = run_order(model, units, torch.randn(1, 3, 4, 4))
-    assert [n for n, _ in ordered] == ["blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.1.b"]
+        ordered = run_order(model, units[::-1], torch.randn(1, 3, 4, 4))
+    assert [n for n, _ in ordered] == ["blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.1.b", "blocks.3.a",
+                                       "blocks.3.b", "blocks.4"]
     assert "Skipping blocks.2" in caplog.text

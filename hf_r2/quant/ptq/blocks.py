@@ -98,9 +98,9 @@ def find_blocks(model: nn.Module, min_layers: int = 2) -> list[tuple[str, nn.Mod
 
 def run_order(model: nn.Module, units: list[tuple[str, nn.Module]], images: Tensor) -> list[tuple[str, nn.Module]]:
     """The units of [`find_blocks`] in the order they first run in a forward of `model` on `images`, ready to be
-    reconstructed one at a time: a block called other than once per forward, or on anything but one tensor (its
-    cached input would not be all it needs), is split into its layers, and a unit that does not run is skipped
-    with a warning."""
+    reconstructed one at a time. A block that runs other than once per forward, or not from one tensor to one
+    tensor (its cached input would not be all it needs, or its output no tensor to match), is split into its
+    layers; a unit that does not run is skipped with a warning."""
     layers = [(f"{name}.{sub}", m) for name, unit in units for sub, m in block_layers(unit) if sub]
     calls: dict[str, list[bool]] = {}
 
@@ -110,7 +110,14 @@ def run_order(model: nn.Module, units: list[tuple[str, nn.Module]], images: Tens
 
         return hook
 
+    def output_check(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            calls[name][-1] &= isinstance(output, Tensor)  # a tuple output is no block output to match
+
+        return hook
+
     handles = [m.register_forward_pre_hook(recorder(n), with_kwargs=True) for n, m in units + layers]
+    handles += [m.register_forward_hook(output_check(n)) for n, m in units]
     try:
         with torch.no_grad():
             forward_logits(model, images)
@@ -126,8 +133,8 @@ def run_order(model: nn.Module, units: list[tuple[str, nn.Module]], images: Tens
         whole = isinstance(unit, TARGET_LAYER_TYPES) or calls.get(name) == [True]
         parts = [(name, unit)] if whole else [(f"{name}.{sub}", m) for sub, m in block_layers(unit)]
         if len(parts) > 1:
-            logger.info("Splitting block %s into its layers: it runs %d times per forward, or not on one tensor",
-                        name, len(calls.get(name, [])))
+            logger.info("Splitting block %s into its layers: it runs %d times per forward, or not from one tensor "
+                        "to one tensor", name, len(calls.get(name, [])))
         for part, module in parts:
             if part in calls:
                 scheduled.append((part, module))
