@@ -7,6 +7,7 @@ and its verb) plus one registration.
 |---|---|---|
 | `PTQConfig` | [`~hf_r2.quant.post_training_quantize_`] | evaluate, or export with `save_low_bit` |
 | `AdaRoundConfig` | [`~hf_r2.quant.adaround_`] (on a model PTQ quantized) | evaluate, or export |
+| `BlockReconstructionConfig` | [`~hf_r2.quant.reconstruct_blocks_`] (BRECQ / QDrop) | evaluate, or export |
 | `EqualizeConfig` | [`~hf_r2.quant.equalize_`] (cross-layer equalization) | quantize |
 | `MagRConfig` | [`~hf_r2.quant.magr_`] | quantize |
 | `QATConfig` | [`~hf_r2.quant.prepare_qat`] | train (LSQ step sizes learnt), then export |
@@ -73,6 +74,8 @@ def quantize_(model: nn.Module, config: Any, calibration_data: Iterable[Any] | N
       `PTQConfig(a_bits=None, bn="keep")`.
     - `AdaRoundConfig`: learned rounding of a model already quantized ([`~hf_r2.quant.adaround_`]; needs
       `calibration_data`).
+    - `BlockReconstructionConfig`: PTQ with block reconstruction, BRECQ / QDrop ([`~hf_r2.quant.reconstruct_blocks_`];
+      needs `calibration_data`).
     - `EqualizeConfig` / `MagRConfig`: range reduction before quantizing ([`~hf_r2.quant.equalize_`],
       [`~hf_r2.quant.magr_`]).
     - `QATConfig`: prepares quantization-aware training ([`~hf_r2.quant.prepare_qat`]; `calibration_data`
