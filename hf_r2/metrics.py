@@ -4,9 +4,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
-
 import math
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
