@@ -44,7 +44,7 @@ from ..api import register_quantize_handler
 from ._layer_rows import UnsupportedLayer, apply_weight, cache_rows, grouped_weight
 
 # the rounding maths (the last four) is shared with block reconstruction (block_reconstruction.py)
-__all__ = ["ADAROUND_CONFIG_NAME", "AdaRoundConfig", "adaround", "adaround_",
+__all__ = ["ADAROUND_CONFIG_NAME", "AdaRoundConfig", "adaround", "adaround_", "check_rounding_fields",
            "rectified_sigmoid", "inverse_rectified_sigmoid", "annealed_beta", "weight_qparams"]
 
 logger = logging.getLogger(__name__)
@@ -127,24 +127,28 @@ class AdaRoundConfig(JsonConfigMixin):
         check_positive_int("num_batches", self.num_batches, allow_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
-        for name in ("lr", "reg_weight", "beta_start", "beta_end", "warmup"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-            setattr(self, name, float(value))
+        check_rounding_fields(self)
         if self.lr <= 0:
             raise ValueError(f"`lr` must be positive, got {self.lr!r}.")
-        if self.reg_weight < 0:
-            raise ValueError(f"`reg_weight` must be >= 0 (0 turns the regulariser off), got {self.reg_weight!r}.")
-        if self.beta_end <= 0 or self.beta_start < self.beta_end:
-            raise ValueError(
-                f"`beta_start` and `beta_end` must satisfy `beta_start >= beta_end > 0` (beta is annealed down), "
-                f"got beta_start={self.beta_start!r}, beta_end={self.beta_end!r}; the paper uses 20 and 2."
-            )
-        if not 0 <= self.warmup < 1:
-            raise ValueError(
-                f"`warmup` is a fraction of `iters` and must be in [0, 1), got {self.warmup!r}; e.g. 0.2."
-            )
+
+
+def check_rounding_fields(config: Any, numbers: Sequence[str] = ("lr",)) -> None:
+    """Check (and make floats of) the learnt-rounding fields AdaRound and block reconstruction share: the finite
+    numbers `numbers` plus `reg_weight >= 0`, the annealed `beta_start >= beta_end > 0` and `warmup` in [0, 1)."""
+    for name in (*numbers, "reg_weight", "beta_start", "beta_end", "warmup"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        setattr(config, name, float(value))
+    if config.reg_weight < 0:
+        raise ValueError(f"`reg_weight` must be >= 0 (0 turns the regulariser off), got {config.reg_weight!r}.")
+    if config.beta_end <= 0 or config.beta_start < config.beta_end:
+        raise ValueError(
+            f"`beta_start` and `beta_end` must satisfy `beta_start >= beta_end > 0` (beta is annealed down), "
+            f"got beta_start={config.beta_start!r}, beta_end={config.beta_end!r}; the papers use 20 and 2."
+        )
+    if not 0 <= config.warmup < 1:
+        raise ValueError(f"`warmup` is a fraction of `iters` and must be in [0, 1), got {config.warmup!r}; e.g. 0.2.")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -50,7 +49,13 @@ from .._grid import check_grid_fields
 from ..api import register_quantize_handler
 from ..uniform import ScaleMethod
 from ._layer_rows import layer_input
-from .adaround import annealed_beta, inverse_rectified_sigmoid, rectified_sigmoid, weight_qparams
+from .adaround import (
+    annealed_beta,
+    check_rounding_fields,
+    inverse_rectified_sigmoid,
+    rectified_sigmoid,
+    weight_qparams,
+)
 from .blocks import block_layers, find_blocks, run_order
 from .post_training import PTQConfig, post_training_quantize_
 
@@ -153,24 +158,11 @@ class BlockReconstructionConfig(JsonConfigMixin):
             check_positive_int(name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
-        for name in ("lr", "act_lr", "drop_prob", "reg_weight", "beta_start", "beta_end", "warmup"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-            setattr(self, name, float(value))
+        check_rounding_fields(self, numbers=("lr", "act_lr", "drop_prob"))
         if self.lr <= 0 or self.act_lr <= 0:
             raise ValueError(f"`lr` and `act_lr` must be positive, got lr={self.lr!r}, act_lr={self.act_lr!r}.")
         if not 0 <= self.drop_prob < 1:
             raise ValueError(f"`drop_prob` must be in [0, 1) (0: BRECQ, 0.5: QDrop's paper), got {self.drop_prob!r}.")
-        if self.reg_weight < 0:
-            raise ValueError(f"`reg_weight` must be >= 0 (0 turns the regulariser off), got {self.reg_weight!r}.")
-        if self.beta_end <= 0 or self.beta_start < self.beta_end:
-            raise ValueError(
-                f"`beta_start` and `beta_end` must satisfy `beta_start >= beta_end > 0` (beta is annealed down), "
-                f"got beta_start={self.beta_start!r}, beta_end={self.beta_end!r}; the papers use 20 and 2."
-            )
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"`warmup` is a fraction of `iters` and must be in [0, 1), got {self.warmup!r}.")
 
     def ptq_config(self) -> PTQConfig:
         """The round-to-nearest [`~hf_r2.quant.PTQConfig`] that sets the grids reconstruction starts from."""
