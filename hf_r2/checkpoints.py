@@ -34,7 +34,7 @@ import signal
 import threading
 from typing import Any, Callable, Iterator
 
-from .output_folder import STAGING_PREFIX, TRAINER_CHECKPOINT_RE
+from .output_folder import STAGING_PREFIX, TRAINER_CHECKPOINT_RE, WEIGHT_NAMES
 
 __all__ = [
     "CheckpointError",
@@ -68,8 +68,7 @@ logger = logging.getLogger(__name__)
 LATEST = ("latest", "true", "yes", "1")
 OLD_SUFFIX = ".old"  # a checkpoint moved aside by `publish_folder` while its replacement is renamed into place
 LOOP_CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
-_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
-            "adapter_model.safetensors")
+_WEIGHTS = (*WEIGHT_NAMES, "adapter_model.safetensors")
 #: R2's learnable parameters (margins, temperatures) in a checkpoint of R2Trainer or of the accelerate loop.
 R2_STATE_NAME = "r2_regularizer.safetensors"
 #: The accelerate loop's step counter in its checkpoints: `{"global_step": <int>}`.

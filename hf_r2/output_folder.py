@@ -31,6 +31,7 @@ __all__ = [
     "MANIFEST_NAME",
     "STAGING_PREFIX",
     "TRAINER_CHECKPOINT_RE",
+    "WEIGHT_NAMES",
     "check_output_folder",
     "clear_run",
     "finish_run",
@@ -43,10 +44,13 @@ MANIFEST_NAME = ".hf-r2-output.json"
 #: The hidden sibling a checkpoint is written into before it is renamed into place ([`hf_r2.checkpoints`]).
 STAGING_PREFIX = ".tmp-"
 TRAINER_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: The names a model's weights are saved under (Trainer / transformers / timm), whole or sharded.
+WEIGHT_NAMES = (
+    "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+)
 # What a run writes to its output folder (R2Trainer, hf-r2 train, the loop, hf-r2 evaluate / ptq / qat, the card).
 _RUN_NAMES = {
-    *_WEIGHTS, "config.json", "preprocessor_config.json", "training_args.bin", "trainer_state.json",
+    *WEIGHT_NAMES, "config.json", "preprocessor_config.json", "training_args.bin", "trainer_state.json",
     "all_results.json", "train_results.json", "eval_results.json", "low_bit_results.json", "README.md",
     "loop_config.json", "checkpoints", "model", "runs",
 }
