@@ -48,6 +48,9 @@ _LAZY = {
     "R2TrainingArguments": ".training_args",
     "__version__": ".version",
 }
+# Generated from the table, so a name cannot be importable yet missing from `__all__` (or the reverse);
+# tests/test_init.py checks the TYPE_CHECKING block below against the same table.
+__all__ = list(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._targets import find_target_modules as find_target_modules
@@ -98,38 +101,3 @@ def __getattr__(name: str):
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
-__all__ = [
-    "__version__",
-    "find_target_modules",
-    "R2_CONFIG_NAME",
-    "R2Config",
-    "R2LossType",
-    "build_transform",
-    "collate_fn",
-    "label_names",
-    "load_image_dataset",
-    "with_transforms",
-    "HubPushError",
-    "R2Pretrained",
-    "download",
-    "from_pretrained",
-    "push_to_hub",
-    "LoopConfig",
-    "train_with_accelerate",
-    "kurtosis_r2",
-    "linf_r2",
-    "margin_r2",
-    "soft_min_max_init_alpha",
-    "soft_min_max_r2",
-    "compute_accuracy",
-    "evaluate_accuracy",
-    "build_model_card",
-    "classification_loss",
-    "create_model",
-    "R2Regularizer",
-    "R2_STATS_NAME",
-    "save_model_folder",
-    "R2_STATE_NAME",
-    "R2Trainer",
-    "R2TrainingArguments",
-]
