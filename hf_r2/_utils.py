@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterable
 from typing import Any, ClassVar, TypeVar
 
@@ -310,12 +311,28 @@ def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) ->
     return write_text_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False, **dump_kwargs) + "\n")
 
 
+def _release(version: Any) -> tuple[int, ...] | None:
+    """`(1, 2, 0)` for `"1.2.0"` / `"1.2.0.dev1"` / `"1.2.0rc1"`: the release numbers, or `None` for no version."""
+    match = re.match(r"\d+(\.\d+)*", version) if isinstance(version, str) else None
+    return tuple(int(n) for n in match.group().split(".")) if match else None
+
+
+def _is_newer(writer: Any, running: str) -> bool:
+    """Whether the hf-r2 version `writer` (from a saved file) is a later release than `running`; a missing or
+    unreadable version is not newer."""
+    ours, theirs = _release(running), _release(writer)
+    if ours is None or theirs is None:
+        return False
+    width = max(len(ours), len(theirs))
+    return theirs + (0,) * (width - len(theirs)) > ours + (0,) * (width - len(ours))
+
+
 class JsonConfigMixin:
     """JSON round trip for a config dataclass whose file name is `config_name`.
 
-    `to_dict()` adds the hf-r2 version that wrote it; `from_dict()` rejects unknown keys (likely typos);
-    `save_pretrained(dir)` writes `dir/<config_name>` atomically; `from_pretrained(path)` reads a folder, the file
-    itself or (through `hf_hub_download`) a Hub repo id.
+    `to_dict()` adds the hf-r2 version that wrote it; `from_dict()` rejects unknown keys (likely typos) but drops,
+    with a warning, those of a file a newer hf-r2 wrote; `save_pretrained(dir)` writes `dir/<config_name>`
+    atomically; `from_pretrained(path)` reads a folder, the file itself or (through `hf_hub_download`) a Hub repo id.
     """
 
     config_name: ClassVar[str]
@@ -334,7 +351,22 @@ class JsonConfigMixin:
 
     @classmethod
     def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
+        """The config in `data` (as [`to_dict`] wrote it). Keys it does not know are an error (a typo must not pass
+        silently), unless `data` records a newer hf-r2 than this one: then they are fields added since, dropped with
+        one warning, as peft's `from_peft_type` does, so that an older install still reads a newer file."""
+        from .version import __version__
+
+        writer = data.get("hf_r2_version")
         data = {k: v for k, v in data.items() if k != "hf_r2_version"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown and _is_newer(writer, __version__):
+            warnings.warn(
+                f"`{cls.__name__}` was written by hf-r2 {writer} (this is {__version__}); its field(s) {unknown} are "
+                "newer than this version and ignored: upgrade hf-r2 (`pip install -U hf-r2`) to use them.",
+                UserWarning, stacklevel=2,
+            )
+            data = {k: v for k, v in data.items() if k in names}
         cls._check_fields(data)
         return cls(**data)
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hf_r2 import R2_CONFIG_NAME, R2Config, R2LossType
+from hf_r2 import R2_CONFIG_NAME, R2Config, R2LossType, __version__
 
 
 @pytest.mark.parametrize(
@@ -61,6 +61,22 @@ def test_single_pattern_string_becomes_list():
 def test_unknown_field_is_an_error():
     with pytest.raises(ValueError, match=r"Unknown `R2Config` field\(s\) \['wieght'\]"):
         R2Config.from_dict({"loss": "linf", "wieght": 0.1})
+
+
+@pytest.mark.parametrize("writer", [__version__, "0.0.1", None])
+def test_unknown_field_of_a_same_or_older_version_is_still_an_error(writer):
+    data = {"loss": "linf", "wieght": 0.1, **({"hf_r2_version": writer} if writer else {})}
+    with pytest.raises(ValueError, match=r"Unknown `R2Config` field\(s\) \['wieght'\]"):
+        R2Config.from_dict(data)
+
+
+def test_fields_of_a_newer_version_are_dropped_with_one_warning(tmp_path):
+    data = {**R2Config(loss="margin", warmup_steps=10).to_dict(), "hf_r2_version": "99.0.0", "new_knob": 3}
+    (tmp_path / R2_CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=r"written by hf-r2 99\.0\.0 .*\['new_knob'\].*upgrade hf-r2") as caught:
+        loaded = R2Config.from_pretrained(tmp_path)
+    assert len(caught) == 1
+    assert loaded == R2Config(loss="margin", warmup_steps=10)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -1,5 +1,6 @@
 """Tests of hf_r2._utils' file helpers: saved files get the user's permissions (the umask's, not mkstemp's 0600 or
-mkdtemp's 0700), and a damaged `*.safetensors` file is named before a loader fails on it."""
+mkdtemp's 0700), a damaged `*.safetensors` file is named before a loader fails on it, and versions compare by
+release."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from hf_r2._utils import (
+    _is_newer,
     check_safetensors_files,
     current_umask,
     give_default_mode,
@@ -61,3 +63,14 @@ def test_damaged_safetensors_are_named(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[:8] + b"{" * header + data[8 + header:])
     with pytest.raises(ValueError, match="header does not parse"):
         check_safetensors_files(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "writer, running, newer",
+    [("0.2.0", "0.1.0", True), ("0.1.1", "0.1", True), ("1.0.0rc1", "0.9.9", True), ("0.2.0.dev1", "0.1.0", True),
+     ("0.1.0", "0.1.0", False), ("0.1", "0.1.0", False), ("0.0.9", "0.1.0", False), (None, "0.1.0", False),
+     ("unknown", "0.1.0", False), (3, "0.1.0", False)],
+)
+def test_is_newer_compares_release_numbers(writer, running, newer):
+    """A config file records the hf-r2 that wrote it; only a later release may carry fields this one lacks."""
+    assert _is_newer(writer, running) is newer
