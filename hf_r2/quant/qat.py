@@ -28,6 +28,7 @@ from ._grid import check_grid_fields, layer_bits
 from .api import register_quantize_handler
 from .calibrate import calibrate_activations_
 from .layers import FakeQuantizer, quantize_layer_
+from .observers import ObserverType
 from .uniform import ScaleMethod
 
 __all__ = ["QATConfig", "QAT_CONFIG_NAME", "prepare_qat"]
@@ -65,13 +66,21 @@ class QATConfig(JsonConfigMixin):
 
     config_name: ClassVar[str] = QAT_CONFIG_NAME
 
+    # `metadata` as PTQConfig's: also the help, choices and flag of `hf-r2 qat`
     w_bits: int = field(default=2, metadata={"help": "Weight bit width, 1 to 8."})
-    a_bits: int | None = field(default=2, metadata={"help": "Activation bit width, 2 to 8, or None."})
-    per_channel: bool = field(default=True, metadata={"help": "One weight step size per output channel."})
-    weight_init: str = field(default="mse", metadata={"help": "'mse' or 'maxabs'."})
-    act_observer: str = field(default="mse", metadata={"help": "'minmax', 'percentile' or 'mse'."})
-    first_last_bits: int | None = field(default=8, metadata={"help": "Bits of the first and last layer."})
-    learn_scales: bool = field(default=True, metadata={"help": "Learn step sizes with LSQ."})
+    a_bits: int | None = field(default=2, metadata={"help": "Activation bit width, 2 to 8, or 'none'."})
+    per_channel: bool = field(default=True, metadata={
+        "help": "One weight step size per output channel.", "flag": "per-tensor",
+        "flag_help": "One weight step size per tensor (default: one per output channel)."})
+    weight_init: str = field(default="mse", metadata={
+        "help": "Initial weight range: mse (least squared error) or maxabs.", "choices": ScaleMethod})
+    act_observer: str = field(default="mse", metadata={
+        "help": "How the initial activation ranges are chosen: minmax, percentile or mse.", "choices": ObserverType})
+    first_last_bits: int | None = field(default=8, metadata={
+        "help": "Bits of the first and last layer, never below the others' ('none': like the others)."})
+    learn_scales: bool = field(default=True, metadata={
+        "help": "Learn step sizes with LSQ.", "flag": "no-learn-scales",
+        "flag_help": "Keep the step sizes at their initial values (plain STE QAT) instead of learning them (LSQ)."})
     calibration_batches: int = field(default=4, metadata={"help": "Batches to initialise activation ranges."})
     include: list[str] | None = field(default=None, metadata={"help": "Regexes of the layers to quantize."})
     exclude: list[str] | None = field(default=None, metadata={"help": "Regexes of layers to leave in float."})

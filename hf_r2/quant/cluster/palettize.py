@@ -118,7 +118,8 @@ class PalettizeConfig(JsonConfigMixin):
     bits: int = field(default=2, metadata={"help": "Bits per weight index, 1 to 8 (2^bits centroids per palette)."})
     method: str = field(
         default="kmeans",
-        metadata={"help": "'kmeans' (post-training 1-D k-means) or 'dkm' (differentiable k-means in training)."},
+        metadata={"help": "kmeans (post-training 1-D k-means, no data) or dkm (differentiable k-means in training).",
+                  "choices": PalettizeMethod},
     )
     group_size: int | None = field(
         default=None,

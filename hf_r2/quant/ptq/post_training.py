@@ -37,6 +37,7 @@ from .._grid import check_grid_fields, layer_bits
 from ..api import register_quantize_handler
 from ..calibrate import calibrate_activations_
 from ..layers import FakeQuantizer, quantize_layer_, quantized_layers
+from ..observers import ObserverType
 from ..uniform import ScaleMethod
 from .adaround import AdaRoundConfig, adaround_
 from .bias_correction import correct_bias_
@@ -121,18 +122,32 @@ class PTQConfig(JsonConfigMixin):
 
     config_name: ClassVar[str] = PTQ_CONFIG_NAME
 
+    # `metadata`: "help" is the `hf-r2 ptq` flag's help too, "choices" the enum of a string field, "flag" / "flag_help"
+    # the flag that sets a default-True field to False (hf_r2/commands/gen_low_bit_flags.py writes the flags)
     w_bits: int = field(default=2, metadata={"help": "Weight bit width, 1 to 8."})
-    a_bits: int | None = field(default=8, metadata={"help": "Activation bit width, 2 to 8, or None (weight-only)."})
-    per_channel: bool = field(default=True, metadata={"help": "One weight scale per output channel."})
-    weight_range: str = field(default="mse", metadata={"help": "'maxabs' or 'mse'."})
-    act_observer: str = field(default="mse", metadata={"help": "'minmax', 'percentile' or 'mse'."})
+    a_bits: int | None = field(default=8, metadata={"help": "Activation bit width, 2 to 8, or 'none' (weight-only)."})
+    per_channel: bool = field(default=True, metadata={
+        "help": "One weight scale per output channel.", "flag": "per-tensor",
+        "flag_help": "One weight scale per tensor (default: one per output channel)."})
+    weight_range: str = field(default="mse", metadata={
+        "help": "How each weight scale is chosen: maxabs (the largest |w|, nothing clipped) or mse (the clipping that "
+        "minimises the squared quantization error).", "choices": ScaleMethod})
+    act_observer: str = field(default="mse", metadata={
+        "help": "How each activation range is calibrated: minmax (observed min / max), percentile (clip the extreme "
+        "0.01%%) or mse (the clipping with the least squared error).", "choices": ObserverType})
     act_percentile: float = field(default=99.99, metadata={"help": "Upper percentile for act_observer=percentile."})
-    first_last_bits: int | None = field(default=8, metadata={"help": "Bits of the first and last layer (None: same)."})
-    rounding: str = field(default="nearest", metadata={"help": "'nearest' or 'adaround'."})
+    first_last_bits: int | None = field(default=8, metadata={
+        "help": "Bits of the first and last layer, never below the others' ('none': like the others)."})
+    rounding: str = field(default="nearest", metadata={
+        "help": "Weight rounding: nearest, or adaround (learned up / down rounding per weight, layer by layer on the "
+        "calibration images; slower, better at 2 bits).", "choices": Rounding})
     adaround: dict[str, Any] | None = field(default=None, metadata={"help": "AdaRoundConfig fields."})
-    bn: str = field(default="reestimate", metadata={"help": "'fold', 'reestimate' or 'keep'."})
-    bias_correction: bool = field(default=False, metadata={"help": "Correct the biases for the quantization's mean "
-                                                           "shift, last (correct_bias_)."})
+    bn: str = field(default="reestimate", metadata={
+        "help": "Batch norm after quantizing: reestimate its statistics on the calibration images, fold it into the "
+        "preceding conv before quantizing, or keep it as trained.", "choices": BNHandling})
+    bias_correction: bool = field(default=False, metadata={
+        "help": "Correct each quantized layer's bias for the mean shift its quantization causes, last, on the "
+        "calibration images (what a BN-folded model has instead of BN re-estimation: with CLE or bn='fold')."})
     calibration_batches: int = field(default=16, metadata={"help": "Calibration batches used."})
     include: list[str] | None = field(default=None, metadata={"help": "Regexes of the layers to quantize."})
     exclude: list[str] | None = field(default=None, metadata={"help": "Regexes of layers to leave in float."})
