@@ -42,6 +42,7 @@ from ...models import forward_logits
 from .._batches import image_batches, model_device
 from ..api import register_quantize_handler
 from ._layer_rows import UnsupportedLayer, apply_weight, cache_rows, grouped_weight
+from ._progress import UnitProgress
 
 # the rounding maths (the last four) is shared with block reconstruction (block_reconstruction.py)
 __all__ = ["ADAROUND_CONFIG_NAME", "AdaRoundConfig", "adaround", "adaround_", "check_rounding_fields",
@@ -357,6 +358,8 @@ def adaround_(
     to nearest (too few iterations), the layer is rounded to nearest instead. A layer whose output is not the
     convolution / matrix product of its weight and input (a custom forward, such as timm's weight-standardised
     `StdConv2d`; timm's `Conv2dSame` is handled) is detected on the first batch and skipped with a warning.
+    Each layer ends with one progress line (what it gave, `layer 3/52`, time spent and left): an INFO record where
+    hf-r2's are shown, else on stderr (`HF_R2_DISABLE_PROGRESS_BARS=1` turns that off; see `ptq/_progress.py`).
 
     Args:
         model (`torch.nn.Module`):
@@ -399,28 +402,20 @@ def adaround_(
                 if getattr(module, attr, None) is not None:
                     setattr(module, attr, None)
         names = _forward_order(model, names, first)
-        try:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(names, desc="AdaRound", disable=None)
-        except ImportError:  # pragma: no cover - tqdm comes with transformers
-            progress = names
-        for name in progress:
-            try:
-                stats = _round_layer(model, float_model, name, batches, config, generator)
-            except UnsupportedLayer as err:
-                logger.warning("AdaRound skips %s (%s): %s", name, type(model.get_submodule(name)).__name__, err)
-                continue
-            logger.info(
-                "AdaRound %s: reconstruction error %.4g (round to nearest: %.4g%s), %.1f%% of the weights flipped, "
-                "%d rows",
-                name,
-                stats["adaround_error"],
-                stats["nearest_error"],
-                ", kept" if not stats["adaround_error"] <= stats["nearest_error"] else "",
-                100 * stats["flipped"],
-                stats["rows"],
-            )
+        with UnitProgress(logger, "AdaRound", len(names)) as progress:
+            for name in names:
+                try:
+                    stats = _round_layer(model, float_model, name, batches, config, generator)
+                except UnsupportedLayer as err:
+                    logger.warning("AdaRound skips %s (%s): %s", name, type(model.get_submodule(name)).__name__, err)
+                    progress.step()
+                    continue
+                kept = ", kept" if not stats["adaround_error"] <= stats["nearest_error"] else ""
+                progress.step(
+                    f"AdaRound {name}: reconstruction error {stats['adaround_error']:.4g} (round to nearest: "
+                    f"{stats['nearest_error']:.4g}{kept}), {100 * stats['flipped']:.1f}% of the weights flipped, "
+                    f"{stats['rows']:.0f} rows"
+                )
     finally:
         for module, training in modes:
             module.training = training

@@ -49,6 +49,7 @@ from .._grid import check_grid_fields
 from ..api import register_quantize_handler
 from ..uniform import ScaleMethod
 from ._layer_rows import layer_input
+from ._progress import UnitProgress
 from .adaround import (
     annealed_beta,
     check_rounding_fields,
@@ -386,6 +387,8 @@ def reconstruct_blocks_(
     the order they run, is reconstructed with [`reconstruct_block`] on its inputs in `model` (earlier units already
     reconstructed) against its outputs in a float copy of the model (see the module docstring). Every weight ends
     on its grid; activation step sizes below 8 bits are learnt. The result exports with `save_low_bit` like PTQ's.
+    Each unit ends with one progress line (what it gave, `block 3/12`, time spent and left): an INFO record where
+    hf-r2's are shown, else on stderr (`HF_R2_DISABLE_PROGRESS_BARS=1` turns that off; see `ptq/_progress.py`).
 
     ```python
     >>> from hf_r2.quant import BlockReconstructionConfig, quantize_
@@ -417,19 +420,16 @@ def reconstruct_blocks_(
         model.eval()
         float_model = _float_copy(model)
         units = run_order(model, [(n, u) for n, u in find_blocks(model) if _quantized(u)], images[0])
-        try:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(units, desc="Block reconstruction", disable=None)
-        except ImportError:  # pragma: no cover - tqdm comes with transformers
-            progress = units
-        for name, unit in progress:
-            if not _quantized(unit):  # a layer of a split block left in float
-                continue
-            inputs, targets, float_inputs = _cache(model, float_model, name, images, config.drop_prob > 0)
-            stats = reconstruct_block(unit, inputs, targets, config, generator, float_inputs)
-            logger.info("Block reconstruction %s: error %.4g (round to nearest: %.4g, %s kept), %.1f%% of the weights "
-                        "flipped", name, stats["error"], stats["nearest_error"], stats["kept"], 100 * stats["flipped"])
+        with UnitProgress(logger, "Block reconstruction", len(units), unit="block") as progress:
+            for name, unit in units:
+                if not _quantized(unit):  # a layer of a split block left in float
+                    progress.step()
+                    continue
+                inputs, targets, float_inputs = _cache(model, float_model, name, images, config.drop_prob > 0)
+                stats = reconstruct_block(unit, inputs, targets, config, generator, float_inputs)
+                progress.step(f"Block reconstruction {name}: error {stats['error']:.4g} (round to nearest: "
+                              f"{stats['nearest_error']:.4g}, {stats['kept']} kept), {100 * stats['flipped']:.1f}% "
+                              "of the weights flipped")
     finally:
         for module, training in modes:
             module.training = training
