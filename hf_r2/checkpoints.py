@@ -15,6 +15,7 @@
   ([`LOOP_STATE_NAME`]), so that resuming never unpickles anything: accelerate's `register_for_checkpointing` files
   (`custom_checkpoint_<i>.pkl`) are read with `torch.load(weights_only=False)`, which runs whatever code the file
   holds. [`safe_torch_load`] is the `weights_only=True` read (plain tensors and containers) of the rest.
+  [`check_r2_state`] refuses in one line a checkpoint and a run that disagree on R2's learnable parameters.
 - Interruptions: [`sigterm_as_interrupt`] makes SIGTERM (what a cluster scheduler sends) raise [`Terminated`], a
   `KeyboardInterrupt`, so that it is handled as Ctrl-C is; [`interrupted_line`] says where the run can resume and
   [`interrupt_exit_code`] is 130 for Ctrl-C, 143 for SIGTERM; [`resumable_on_interrupt`] does all of it for the
@@ -48,6 +49,7 @@ __all__ = [
     "remove_if_empty",
     "resumable_on_interrupt",
     "sigterm_as_interrupt",
+    "check_r2_state",
     "checkpoint_step",
     "is_complete_loop_checkpoint",
     "is_complete_trainer_checkpoint",
@@ -251,6 +253,35 @@ def load_r2_state(regularizer, folder: str) -> bool:
         raise CheckpointError(f"{path} does not hold this run's R2 parameters ({str(err).splitlines()[0]}): resume "
                          "from a checkpoint of the same model and R2 settings.") from None
     return True
+
+
+def check_r2_state(folder: str, regularizer) -> None:
+    """Refuse, in one line, to resume the loop checkpoint `folder` where it and the run disagree on R2's learnable
+    parameters: saved with them (`r2_regularizer.safetensors`) but resumed without R2 or with an R2 loss that has
+    none, or the reverse. accelerate would otherwise stop on the optimizer's state ("loaded state dict has a
+    different number of parameter groups"). A parameter-free R2 loss (`linf`, `kurtosis`) saves nothing to tell it
+    from no R2. hf-r2 0.1.0 checkpoints (no `loop_state.json`) are checked as they load."""
+    if not os.path.isfile(os.path.join(folder, LOOP_STATE_NAME)):
+        return
+    path = os.path.join(folder, R2_STATE_NAME)
+    learnt = sorted(regularizer.state_dict()) if regularizer is not None else []
+    if regularizer is None:
+        run = "this run has no R2"
+    else:
+        loss = getattr(regularizer.config.loss, "value", regularizer.config.loss)
+        run = f"this run's R2 (loss={loss!r}) learns " + (", ".join(f"`{k}`" for k in learnt) if learnt else "none")
+    if os.path.isfile(path) and not learnt:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:  # the names only: nothing is unpickled
+            saved = ", ".join(f"`{k}`" for k in sorted(f.keys()))
+        raise CheckpointError(f"checkpoint {folder} was saved with R2-Loss ({R2_STATE_NAME} holds its learnable "
+                              f"{saved}) but {run}: resume with the R2 settings it was saved with, or start a new run "
+                              "without resume_from_checkpoint.")
+    if learnt and not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {folder} was saved without R2's learnable parameters (no {R2_STATE_NAME}: "
+                              f"no R2, or a loss without any) but {run}: resume with the R2 settings it was saved "
+                              "with, or start a new run without resume_from_checkpoint.")
 
 
 def safe_torch_load(path: str, **kwargs: Any) -> Any:

@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoints import resumable_on_interrupt
+from .checkpoints import check_r2_state, resumable_on_interrupt
 from .config import R2Config
 from .divergence import check_step_loss, check_weights
 from .loop_config import (
@@ -357,6 +357,7 @@ def train_with_accelerate(
     checkpoint = resolve_checkpoint(config)
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
+        check_r2_state(checkpoint, regularizer)  # one line, not accelerate's optimizer mismatch
         state.global_step = load_checkpoint(accelerator, checkpoint, regularizer)
     if accelerator.log_with:
         accelerator.init_trackers(config.tracker_project_name, config=tracker_config(config, r2_config))

@@ -371,6 +371,34 @@ def test_resume_equals_uninterrupted_run(tmp_path, saved_by):
     assert not torch.allclose(start["model"]["conv1.weight"], full["model"]["conv1.weight"])
 
 
+@pytest.mark.parametrize("saved, resumed, match", [
+    ("margin", None, r"was saved with R2-Loss \(r2_regularizer.safetensors holds its learnable `margin`\) but this "
+                     r"run has no R2: resume with the R2 settings it was saved with, or start a new run"),
+    (None, "margin", r"was saved without R2's learnable parameters \(no r2_regularizer.safetensors: no R2, or a loss "
+                     r"without any\) but this run's R2 \(loss='margin'\) learns `margin`: resume with the R2"),
+    ("margin", "linf", r"was saved with R2-Loss \(r2_regularizer.safetensors holds its learnable `margin`\) but this "
+                       r"run's R2 \(loss='linf'\) learns none: resume"),
+])
+def test_resume_with_other_r2_is_one_line(tmp_path, saved, resumed, match):
+    """A checkpoint resumed with R2 where it was saved without (or the reverse) is refused in one line naming the
+    folder, the fix, and what each side holds, not accelerate's "different number of parameter groups"."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from hf_r2.checkpoints import CheckpointError
+
+    model, _, train_ds, _, config = build(str(tmp_path / "saved"), 4, 1)
+    config = replace(config, checkpointing_steps=2, max_steps=2)
+    train_with_accelerate(model, train_ds, r2_config=saved and R2Config(loss=saved), config=config)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    checkpoint = tmp_path / "saved" / "checkpoints" / "step_2"
+    resume = replace(config, max_steps=3, output_dir=str(tmp_path / "resumed"),
+                     resume_from_checkpoint=str(checkpoint))
+    with pytest.raises(CheckpointError, match=f"^checkpoint {checkpoint} {match}") as refused:
+        train_with_accelerate(TinyConvNet(), train_ds, r2_config=resumed and R2Config(loss=resumed), config=resume)
+    assert "\n" not in str(refused.value)
+
+
 @pytest.mark.parametrize("crafted", ["custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin",
                                      "scheduler.bin", "an extra custom_checkpoint_0.pkl"])
 def test_resume_never_runs_code_from_a_checkpoint(tmp_path, data_dir, crafted):
