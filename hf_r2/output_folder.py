@@ -16,6 +16,12 @@ would write (it would be overwritten).
 
 Only the folder's top-level entries are tracked: a run's folders (`checkpoint-<n>/`, `runs/`, `model/`) are its
 own whole.
+
+Exports (a low-bit folder, a Core ML package) follow the same rule without a manifest, as they are known by their
+own files: [`check_export_folder`] refuses an existing folder that is not empty and not an export of that kind, and
+[`replace_folder`] puts a complete new export in place of the old one, keeping the folder's mode and (for a low-bit
+folder) the entries added beside the export, moved rather than copied, so a link stays a link. A target that is
+itself a link to a folder is followed: the export goes where it points, and the link stays.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
+import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from ._utils import read_json, write_json_atomic
@@ -32,10 +41,12 @@ __all__ = [
     "STAGING_PREFIX",
     "TRAINER_CHECKPOINT_RE",
     "WEIGHT_NAMES",
+    "check_export_folder",
     "check_output_folder",
     "clear_run",
     "finish_run",
     "is_run_name",
+    "replace_folder",
     "run_files",
     "start_run",
 ]
@@ -162,3 +173,56 @@ def finish_run(folder: str) -> list[str]:
     written = [n for n in _entries(folder) if n not in set(kept)]
     write_json_atomic(os.path.join(folder, MANIFEST_NAME), {"kept": kept, "written": written, "finished": True})
     return written
+
+
+def check_export_folder(folder: str, is_export: Callable[[str], bool], what: str, option: str) -> str:
+    """Refuse, in one line naming the fix, an existing `folder` that an export would replace but that is neither
+    empty nor `what` (`is_export(folder)` is false): a folder of the user's. Returns the path to write: `folder`, or
+    the folder a link named `folder` points to (followed, so the link stays; a dangling link is refused). `option`
+    is how the caller names the folder (`--output-dir`, `save_directory`). Nothing is changed here."""
+    if os.path.islink(folder) and not os.path.exists(folder):
+        raise ValueError(f"`{option} {folder}` is a link to {os.readlink(folder)}, which does not exist: create that "
+                         f"folder, or choose another `{option}`.")
+    real = os.path.realpath(folder)
+    if os.path.exists(real) and not os.path.isdir(real):
+        raise ValueError(f"`{option} {folder}` is a file, not {what}: choose another `{option}`, or remove the file.")
+    names = sorted(os.listdir(real)) if os.path.isdir(real) else []
+    if names and not is_export(real):
+        listed = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise ValueError(f"`{option} {folder}` holds files that are not {what} ({listed}): choose a new or empty "
+                         f"folder for `{option}`, or remove that one yourself (hf-r2 replaces only its own exports).")
+    return real
+
+
+def replace_folder(new: str, target: str, *, keep_entries: bool = False) -> None:
+    """Rename the complete folder `new` to `target` (a path [`check_export_folder`] returned; both in one parent),
+    so that an existing export is replaced only by a complete one. An existing `target` gives `new` its mode, and
+    with `keep_entries` the entries of `target` that `new` lacks (a card, results, the user's links) are moved into
+    `new` as they are: renamed, never copied, so a link stays a link. If a step fails, `target` is left as it was
+    and `new` is removed (kept only if one of the moved entries could not be moved back)."""
+    moved: list[str] = []
+    old = None
+    try:
+        if os.path.isdir(target):
+            os.chmod(new, stat.S_IMODE(os.stat(target).st_mode))
+            if keep_entries:
+                for name in sorted(set(os.listdir(target)) - set(os.listdir(new))):
+                    os.rename(os.path.join(target, name), os.path.join(new, name))
+                    moved.append(name)
+            old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(target))
+            os.rename(target, os.path.join(old, "x"))
+        try:
+            os.rename(new, target)
+        except BaseException:
+            if old is not None:
+                os.rename(os.path.join(old, "x"), target)
+            raise
+    except BaseException:
+        for name in moved:
+            os.rename(os.path.join(new, name), os.path.join(target, name))
+        shutil.rmtree(new, ignore_errors=True)
+        if old is not None and not os.listdir(old):  # never the old export, if it could not be put back
+            os.rmdir(old)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

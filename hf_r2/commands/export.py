@@ -175,10 +175,14 @@ def export_command(args: argparse.Namespace) -> int:
     from ..quant.export.onnx_export import restore_low_bit_weights_
     from .quant_steps import load_any
 
+    output = args.output or default_output(args.model, args.format)
+    if coreml:  # a folder of the user's in the way is refused before the model loads
+        from ..quant.export.coreml_export import check_coreml_path
+
+        check_coreml_path(output, "--output")
     model, folder, description = load_any(args.model)
     if description is not None:
         restore_low_bit_weights_(model, folder)
-    output = args.output or default_output(args.model, args.format)
     data = _eval_data(model, args) if args.dataset is not None else None  # before the export: a bad name fails fast
     entry = (_export_coreml if coreml else _export_onnx)(model, output, args, data)
     if os.path.isdir(args.model):

@@ -126,7 +126,7 @@ def _finetune_kwargs(train_ds, args, folder: str) -> dict[str, Any]:
     r2 = None
     if args.r2_weight:
         r2 = R2Config.from_pretrained(folder) if os.path.isfile(os.path.join(folder, R2_CONFIG_NAME)) else R2Config()
-        r2 = R2Config.from_dict({**r2.to_dict(), "weight": args.r2_weight, "warmup_steps": 0})
+        r2 = R2Config.from_dict({**r2.to_dict(), "r2_lambda": args.r2_weight, "warmup_steps": 0})
     # whole epochs, or a fraction of one as a step count
     steps = -1 if args.epochs >= 1 else max(1, int(args.epochs * len(train_ds) / args.batch_size))
     return {"learning_rate": args.learning_rate, "per_device_batch_size": args.batch_size,
@@ -143,9 +143,12 @@ def run_step(args: argparse.Namespace, command: str, config: Any, *, setting: st
     recorded in the method config), measure the low-bit model, record and print both rows."""
     from ..metrics import evaluate_accuracy
     from ..quant.export import save_low_bit
+    from ..quant.export.low_bit import check_low_bit_folder
     from ..quant.results import float_row
     from ..reproduce.apply import apply_low_bit_, apply_pre_steps
 
+    export_dir = export_dir_for(args, tag)
+    check_low_bit_folder(export_dir, "--output-dir")  # a folder of the user's is refused before the work, not after
     model, folder, _ = load_any(args.model)
     eval_ds, calibration, train_ds = load_eval_data(args, model, train=train)
     on = data_fields(args, eval_ds)
@@ -158,7 +161,6 @@ def run_step(args: argparse.Namespace, command: str, config: Any, *, setting: st
     apply_low_bit_(model, config, calibration, train_dataset=train_ds, finetune=finetune,
                    bn_reestimate=getattr(args, "bn_reestimate", True))
     seconds = time.perf_counter() - start
-    export_dir = export_dir_for(args, tag)
     method_name = method.split("-")[0] if command != "compress" else method
     description = save_low_bit(
         model, export_dir, method=method_name, method_config=method_config, base_model=args.model

@@ -183,9 +183,10 @@ def test_float_model_and_transformers_model(tmp_path):
 def test_float16_packages(setting, tmp_path):
     model = _model(setting)
     path = tmp_path / "model.mlpackage"
-    (path / "stale").mkdir(parents=True)  # an older package there: replaced whole
+    (path / "Data" / "stale").mkdir(parents=True)  # an older package there: replaced whole
+    (path / "Manifest.json").write_text("{}")
     report = export_coreml(model, path, input_size=SIZE, precision="float16")
-    assert sorted(os.listdir(tmp_path)) == ["model.mlpackage"] and not (path / "stale").exists()
+    assert sorted(os.listdir(tmp_path)) == ["model.mlpackage"] and not (path / "Data" / "stale").exists()
     weights = sum(m.weight.numel() for name, m in model.named_modules() if name in report["layers"])
     stored = report["bits_per_weight"] * weights / 8  # palettes, scales and offsets at 16 bits
     assert stored <= report["file_bytes"] <= stored + 64 * 1024 and report["bits_per_weight"] < 4.2

@@ -75,6 +75,7 @@ from torch import Tensor, nn
 from ..._finite import check_finite_model
 from ..._targets import TARGET_LAYER_TYPES
 from ...models import LogitsModule, input_shape
+from ...output_folder import check_export_folder, replace_folder
 from ...version import __version__
 from ..cluster._palette import learned_palette_modules
 from ..layers import QuantLayerMixin
@@ -94,6 +95,7 @@ __all__ = [
     "COREML_PRECISIONS",
     "is_coremltools_available",
     "require_coremltools",
+    "check_coreml_path",
     "export_coreml",
     "compare_coreml_weights",
 ]
@@ -159,15 +161,32 @@ def _layer_table(
     return layers, bits / max(1, count)
 
 
+def _is_mlpackage(path: str) -> bool:
+    """Whether the folder `path` is a Core ML package (its `Manifest.json` and `Data/`), as [`export_coreml`]
+    writes."""
+    return os.path.isfile(os.path.join(path, "Manifest.json")) and os.path.isdir(os.path.join(path, "Data"))
+
+
+def check_coreml_path(path: str | os.PathLike, option: str = "path") -> str:
+    """The package folder [`export_coreml`] would write for `path` (a link is followed, and stays); a `ValueError`
+    naming the fix if `path` does not end in `.mlpackage`, is a file, or is a folder that is neither empty nor a
+    Core ML package (it would be replaced). `option` names the path in the message (`--output` on the command line).
+    Needs no coremltools."""
+    path = os.fspath(path).rstrip("/")
+    if not path.endswith(".mlpackage"):
+        raise ValueError(f"`{option}` must be a `.mlpackage` folder, got {path!r}; did you mean "
+                         f"{os.path.splitext(path)[0] + '.mlpackage'!r}?")
+    return check_export_folder(path, _is_mlpackage, "a Core ML package", option)
+
+
 def _save(mlmodel: Any, path: str) -> None:
-    """Save the package to `path`, replacing an existing one only once the new one is complete."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Save the package to `path` (checked by [`check_coreml_path`]), replacing an existing one only once the new
+    one is complete; the folder keeps its mode."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = f"{path[: -len('.mlpackage')]}.tmp{os.getpid()}.mlpackage"
     try:
         mlmodel.save(partial)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(partial, path)
+        replace_folder(partial, path)
     finally:
         if os.path.exists(partial):
             shutil.rmtree(partial)
@@ -196,7 +215,8 @@ def export_coreml(
             [`~hf_r2.quant.palettize_`], [`~hf_r2.quant.post_training_quantize_`], [`~hf_r2.quant.prepare_qat`]
             (+ training), or none of them.
         path (`str` or `os.PathLike`):
-            The `.mlpackage` folder to write (its parent is created; an existing package is replaced).
+            The `.mlpackage` folder to write (its parent is created). An existing package is replaced and keeps its
+            mode; an existing folder that is not one is refused ([`check_coreml_path`]); a link is followed.
         input_size (`int` or `tuple`, *optional*):
             The side of the (square) input, `(H, W)` or `(C, H, W)`; defaults to the model's config.
         precision (`str`, *optional*, defaults to `"float32"`):
@@ -217,10 +237,7 @@ def export_coreml(
     """
     check_finite_model(model, "the model to export")
     ct = require_coremltools()
-    path = os.fspath(path).rstrip("/")
-    if not path.endswith(".mlpackage"):
-        raise ValueError(f"`path` must be a `.mlpackage` folder, got {path!r}; did you mean "
-                         f"{os.path.splitext(path)[0] + '.mlpackage'!r}?")
+    path = check_coreml_path(path)
     if precision not in COREML_PRECISIONS:
         raise ValueError(f"`precision` must be one of {list(COREML_PRECISIONS)}, got {precision!r}.")
     if any(p.device.type != "cpu" for p in model.parameters()):

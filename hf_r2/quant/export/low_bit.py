@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..._finite import check_finite_model
 from ..._utils import give_default_mode, give_default_modes, write_json_atomic
 from ...models import create_model, is_transformers_model
+from ...output_folder import check_export_folder, replace_folder
 from ...saving import is_timm_model, write_timm_config
 from ..cluster.palettize import palette_indices
 from ..layers import FakeQuantizer, QuantLayerMixin, quantize_layer_
@@ -56,6 +57,7 @@ __all__ = [
     "save_low_bit",
     "load_low_bit",
     "is_low_bit_folder",
+    "check_low_bit_folder",
 ]
 
 LOW_BIT_CONFIG_NAME = "low_bit_config.json"
@@ -225,7 +227,9 @@ def save_low_bit(
     """Save the low-bit form of `model` (see the module docstring) into `save_directory`, atomically.
 
     The folder is written under a temporary name beside `save_directory` and renamed into place, so an existing
-    export is replaced only by a complete one.
+    export is replaced only by a complete one. Only an export is replaced ([`check_low_bit_folder`]): it keeps its
+    mode, and the entries added beside it (card, results, the user's links) are moved over unchanged. A link to a
+    folder is followed (the export goes where it points; the link stays).
 
     Args:
         model (`torch.nn.Module`):
@@ -245,8 +249,8 @@ def save_low_bit(
         `dict`: the contents of `low_bit_config.json`.
     """
     check_finite_model(model, "the model to export")  # a NaN / inf model is no result to publish
+    save_directory = check_low_bit_folder(save_directory)
     layers = low_bit_layers(model)
-    save_directory = os.fspath(save_directory)
     tensors = dict(_float_state(model, layers))
     layer_info: dict[str, Any] = {}
     for name, layer in layers.items():
@@ -276,7 +280,7 @@ def save_low_bit(
         "layers": layer_info,
         **(extra or {}),
     }
-    parent = os.path.dirname(os.path.abspath(save_directory))
+    parent = os.path.dirname(save_directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-low-bit-", dir=parent)
     try:
@@ -289,27 +293,24 @@ def save_low_bit(
         )
         give_default_modes(tmp)  # safetensors writes 0600
         write_json_atomic(os.path.join(tmp, LOW_BIT_CONFIG_NAME), description)
-        if os.path.isdir(save_directory):
-            # keep the files an earlier step put there (model card, results) unless this export rewrites them
-            for entry in os.listdir(save_directory):
-                if not os.path.exists(os.path.join(tmp, entry)):
-                    src = os.path.join(save_directory, entry)
-                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, entry))
-            old = tempfile.mkdtemp(prefix=".old-low-bit-", dir=parent)
-            os.rename(save_directory, os.path.join(old, "x"))
-            os.rename(tmp, save_directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, save_directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_folder(tmp, save_directory, keep_entries=True)
     return description
 
 
 def is_low_bit_folder(path: str | os.PathLike) -> bool:
     """Whether `path` is a folder written by [`save_low_bit`]."""
     return os.path.isfile(os.path.join(os.fspath(path), LOW_BIT_CONFIG_NAME))
+
+
+def check_low_bit_folder(path: str | os.PathLike, option: str = "save_directory") -> str:
+    """The folder [`save_low_bit`] would write for `path` (a link is followed); a `ValueError` naming the fix if
+    `path` exists and is a file, or a folder that is neither empty nor a low-bit export (the user's files, e.g. a
+    float model's `config.json`, are never overwritten). `option` names the path in the message (`--output-dir`
+    for the command line, which checks before quantizing)."""
+    return check_export_folder(os.fspath(path), is_low_bit_folder, "a low-bit export", option)
 
 
 def load_low_bit(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
