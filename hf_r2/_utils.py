@@ -336,6 +336,21 @@ class JsonConfigMixin:
     """
 
     config_name: ClassVar[str]
+    #: Older field names still read (`{"weight": "r2_lambda"}`): saved files and code written before a rename.
+    _aliases: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def _rename_aliases(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """`data` with each older field name ([`_aliases`]) renamed to the current one; a `ValueError` if both are
+        given, since they would disagree about one setting."""
+        out = dict(data)
+        for old, new in cls._aliases.items():
+            if old in out:
+                if new in out:
+                    raise ValueError(f"`{cls.__name__}` got both `{new}` and `{old}` (its older name): give only "
+                                     f"`{new}`.")
+                out[new] = out.pop(old)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         from .version import __version__
@@ -357,7 +372,7 @@ class JsonConfigMixin:
         from .version import __version__
 
         writer = data.get("hf_r2_version")
-        data = {k: v for k, v in data.items() if k != "hf_r2_version"}
+        data = cls._rename_aliases({k: v for k, v in data.items() if k != "hf_r2_version"})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown and _is_newer(writer, __version__):
@@ -374,6 +389,7 @@ class JsonConfigMixin:
     def resolve(cls: type[_C], config: _C | None, overrides: dict[str, Any]) -> _C:
         """The config of a verb called as `verb(model, config=None, **overrides)`: `cls(**overrides)` without a
         config, else `config` with `overrides` replacing its fields (unknown names are an error either way)."""
+        overrides = cls._rename_aliases(overrides)
         cls._check_fields(overrides)
         if config is None:
             return cls(**overrides)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ._finite import check_finite_number
 from ._utils import JsonConfigMixin, check_choice, check_patterns, format_choices
@@ -27,7 +28,7 @@ class R2LossType(str, enum.Enum):
 class R2Config(JsonConfigMixin):
     """Configuration of R2-Loss (Range Restriction Loss) for one model.
 
-    The total auxiliary loss is `weight * ramp(step) * sum_l R(W_l)` over the target layers `l`, where `R` is the
+    The total auxiliary loss is `r2_lambda * ramp(step) * sum_l R(W_l)` over the target layers `l`, where `R` is the
     chosen loss of [`hf_r2.losses`] and `ramp` rises linearly from 0 to 1 over `warmup_steps`.
 
     > Parameters that choose the loss
@@ -35,11 +36,12 @@ class R2Config(JsonConfigMixin):
     loss (`str` or [`R2LossType`], *optional*, defaults to `"linf"`):
         Which R2 variant: `"linf"` (largest absolute weight), `"margin"` (learnable margin), `"soft_min_max"`
         (smooth max minus min, learnable temperature) or `"kurtosis"` (KURE, the comparison regulariser).
-    weight (`float`, *optional*, defaults to `0.01`):
-        The coefficient lambda of the R2 term in the total loss: a finite number >= 0 (NaN, inf and strings are
-        refused, as are NaN / inf in the other numbers).
+    r2_lambda (`float`, *optional*, defaults to `0.01`):
+        The paper's lambda, the coefficient of the R2 term in the total loss: a finite number >= 0 (NaN, inf and
+        strings are refused, as are NaN / inf in the other numbers). `weight` is its older name, still accepted by
+        the constructor and in saved `r2_config.json` files and readable as the `weight` property.
     warmup_steps (`int`, *optional*, defaults to `0`):
-        Optimizer steps over which lambda ramps linearly from 0 to `weight`.
+        Optimizer steps over which lambda ramps linearly from 0 to `r2_lambda`.
     per_channel (`bool`, *optional*, defaults to `False`):
         Compute the loss per output channel (dim 0) instead of per tensor, for per-channel quantization.
 
@@ -67,15 +69,18 @@ class R2Config(JsonConfigMixin):
     """
 
     config_name: ClassVar[str] = R2_CONFIG_NAME
+    _aliases: ClassVar[dict[str, str]] = {"weight": "r2_lambda"}
 
     # the loss
     loss: str = field(
         default="linf",
         metadata={"help": f"Which R2 variant: one of {format_choices(R2LossType)}."},
     )
-    weight: float = field(default=0.01, metadata={"help": "Coefficient lambda of the R2 term in the total loss."})
+    r2_lambda: float = field(
+        default=0.01, metadata={"help": "The paper's lambda: coefficient of the R2 term in the total loss."}
+    )
     warmup_steps: int = field(
-        default=0, metadata={"help": "Optimizer steps over which lambda ramps linearly from 0 to `weight`."}
+        default=0, metadata={"help": "Optimizer steps over which lambda ramps linearly from 0 to `r2_lambda`."}
     )
     per_channel: bool = field(
         default=False, metadata={"help": "Compute the loss per output channel instead of per tensor."}
@@ -108,7 +113,7 @@ class R2Config(JsonConfigMixin):
     def __post_init__(self) -> None:
         self.loss = check_choice("loss", self.loss, R2LossType)
         # NaN passes every `< 0` test and would train (and be saved) as lambda = NaN: each number is checked finite
-        for name in ("weight", "margin_penalty", "soft_min_max_penalty"):
+        for name in ("r2_lambda", "margin_penalty", "soft_min_max_penalty"):
             setattr(self, name, check_finite_number(name, getattr(self, name), minimum=0))
         self.kurtosis_target = check_finite_number("kurtosis_target", self.kurtosis_target)
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
@@ -122,3 +127,20 @@ class R2Config(JsonConfigMixin):
     @property
     def loss_type(self) -> R2LossType:
         return R2LossType(self.loss)
+
+    @property
+    def weight(self) -> float:
+        """The older name of `r2_lambda`, kept so that code written against it still reads the value."""
+        return self.r2_lambda
+
+
+_dataclass_init = R2Config.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_aliases(self: R2Config, *args: Any, **kwargs: Any) -> None:
+    # `R2Config(weight=0.1)` (the older name) builds `R2Config(r2_lambda=0.1)`; both at once is an error
+    _dataclass_init(self, *args, **R2Config._rename_aliases(kwargs))
+
+
+R2Config.__init__ = _init_with_aliases  # type: ignore[method-assign]

@@ -146,7 +146,7 @@ def train_one_epoch(
     step_loss = torch.zeros((), device=device)  # this step's micro-batch losses: NaN / inf stays so in the sum
     checkpoints = os.path.join(config.output_dir, "checkpoints")
     reduce = accelerator.reduce if accelerator.num_processes > 1 else None
-    lam = regularizer.weight_at(state.global_step) if regularizer is not None else 0.0
+    lam = regularizer.lambda_at(state.global_step) if regularizer is not None else 0.0
     for batch in dataloader:
         with accelerator.accumulate(model):
             step_ends = accelerator.sync_gradients
@@ -155,7 +155,7 @@ def train_one_epoch(
                 task_loss, _ = classification_loss(model, batch["pixel_values"], batch["labels"])
                 loss = task_loss
                 if step_ends:
-                    lam = regularizer.weight_at(state.global_step) if regularizer is not None else 0.0
+                    lam = regularizer.lambda_at(state.global_step) if regularizer is not None else 0.0
                     # R is not computed at lambda = 0 (the baseline) nor without a regularizer
                     r2 = regularizer() if lam > 0 else task_loss.new_zeros(())
                     # `backward` divides by `ga`; R is the same on every micro-batch, so it enters once, times `ga`
@@ -254,7 +254,7 @@ def train_with_accelerate(
     Batches are dicts `{"pixel_values": (B, 3, H, W) float, "labels": (B,) long}`; the task loss is
     [`~hf_r2.models.classification_loss`], so timm and transformers models train the same way. The model is
     trained in place. Each optimizer step minimises `mean_task_loss + lambda(step) * sum_l R(W_l)`, with `lambda`
-    from `r2_config` (`weight` and `warmup_steps`, counted in optimizer steps).
+    from `r2_config` (`r2_lambda` and `warmup_steps`, counted in optimizer steps).
 
     Args:
         model (`torch.nn.Module`):
@@ -294,7 +294,7 @@ def train_with_accelerate(
     >>> from hf_r2 import LoopConfig, R2Config, create_model, train_with_accelerate
     >>> model = create_model("resnet18", num_classes=10)
     >>> metrics = train_with_accelerate(
-    ...     model, train_ds, eval_ds, r2_config=R2Config(loss="margin", weight=0.01),
+    ...     model, train_ds, eval_ds, r2_config=R2Config(loss="margin", r2_lambda=0.01),
     ...     config=LoopConfig(output_dir="out", num_epochs=3, learning_rate=0.05), collate_fn=collate_fn,
     ... )
     ```

@@ -34,7 +34,7 @@ class R2Regularizer(nn.Module):
     """R2-Loss over the target layers of `model`, owning the learnable margins and temperatures.
 
     `regularizer()` returns `sum_l R(W_l)`, a float32 scalar (not yet multiplied by lambda: use
-    [`~R2Regularizer.weight_at`], which applies `R2Config.weight` and its warm-up). The learnable parameters
+    [`~R2Regularizer.lambda_at`], which applies `R2Config.r2_lambda` and its warm-up). The learnable parameters
     are `margin` (Margin R2: one per layer, or per output channel; initialised at `max |w|` so that training
     starts with no excess) and `log_alpha` (Soft-Min-Max R2: `alpha = exp(log_alpha)` stays positive;
     initialised with [`~hf_r2.losses.soft_min_max_init_alpha`], so the soft range starts within 10 % of the
@@ -53,8 +53,8 @@ class R2Regularizer(nn.Module):
     >>> import timm
     >>> from hf_r2 import R2Config, R2Regularizer
     >>> model = timm.create_model("resnet18", num_classes=10)
-    >>> reg = R2Regularizer(model, R2Config(loss="margin", weight=0.01))
-    >>> loss = task_loss + reg.weight_at(step) * reg()
+    >>> reg = R2Regularizer(model, R2Config(loss="margin", r2_lambda=0.01))
+    >>> loss = task_loss + reg.lambda_at(step) * reg()
     ```
     """
 
@@ -112,14 +112,18 @@ class R2Regularizer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"loss={c.loss!r}, weight={c.weight}, per_channel={c.per_channel}, layers={len(self.names)}"
+        return f"loss={c.loss!r}, r2_lambda={c.r2_lambda}, per_channel={c.per_channel}, layers={len(self.names)}"
 
-    def weight_at(self, step: int | None = None) -> float:
-        """lambda at optimizer step `step`: `weight * min(1, step / warmup_steps)` (plain `weight` if no warm-up)."""
+    def lambda_at(self, step: int | None = None) -> float:
+        """lambda at optimizer step `step`: `r2_lambda * min(1, step / warmup_steps)` (plain `r2_lambda` if no
+        warm-up)."""
         c = self.config
         if not c.warmup_steps or step is None:
-            return c.weight
-        return c.weight * min(1.0, step / c.warmup_steps)
+            return c.r2_lambda
+        return c.r2_lambda * min(1.0, step / c.warmup_steps)
+
+    #: The older name of [`lambda_at`], kept for code written against it.
+    weight_at = lambda_at
 
     def layer_values(self) -> Tensor:
         """`R(W_l)` for every target layer, a float32 vector of shape `(L,)` in the order of `names`."""

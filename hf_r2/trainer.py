@@ -85,7 +85,7 @@ class R2Trainer(Trainer):
     `loss = (1 / N) * sum_i CE(f(x_i), y_i) + lambda(t) * R(W)`
 
     over the `N` examples of the step (all gradient-accumulation micro-batches, and all processes), with `R` the
-    [`R2Regularizer`] total `sum_l R(W_l)` and `lambda(t) = regularizer.weight_at(state.global_step)` (the R2 weight,
+    [`R2Regularizer`] total `sum_l R(W_l)` and `lambda(t) = regularizer.lambda_at(state.global_step)` (the R2 weight,
     ramped from 0 over `r2_warmup_steps`). The cross-entropy is [`hf_r2.models.classification_loss`], so timm
     models, [`~transformers.TimmWrapperForImageClassification`] and any `AutoModelForImageClassification` model
     are trained the same way; batches are `{"pixel_values": (B, 3, H, W), "labels": (B,)}`.
@@ -132,7 +132,7 @@ class R2Trainer(Trainer):
     >>> import timm
     >>> from hf_r2 import R2Trainer, R2TrainingArguments
     >>> model = timm.create_model("resnet18", num_classes=10)
-    >>> args = R2TrainingArguments(output_dir="out", r2_loss="margin", r2_weight=0.01, report_to="tensorboard")
+    >>> args = R2TrainingArguments(output_dir="out", r2_loss="margin", r2_lambda=0.01, report_to="tensorboard")
     >>> trainer = R2Trainer(model, args, train_dataset=train, eval_dataset=val, compute_metrics=compute_accuracy)
     >>> trainer.train(); trainer.save_model()
     ```
@@ -220,7 +220,7 @@ class R2Trainer(Trainer):
                              "With a `datasets.Dataset`, set `remove_unused_columns=False` and a transform / collator "
                              "that yields them (`hf_r2.data.with_transforms`, `hf_r2.data.collate_fn`).")
         labels = inputs["labels"]
-        lam = self.regularizer.weight_at(self.state.global_step)
+        lam = self.regularizer.lambda_at(self.state.global_step)
         # a parametrized weight (DKM clustering) is computed once for the model and R2 alike
         with parametrize.cached():
             task_loss, logits = classification_loss(model, inputs["pixel_values"], labels, num_items_in_batch)

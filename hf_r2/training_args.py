@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -19,10 +21,12 @@ from .config import R2Config, R2LossType
 __all__ = ["R2TrainingArguments"]
 
 
-# The R2Config fields that R2TrainingArguments carries as `r2_<name>` (all but the format `version`).
+# The R2Config fields that R2TrainingArguments carries as `r2_<name>` (all but the format `version`; `r2_lambda`
+# keeps its name).
 _R2_FIELDS = [f.name for f in dataclasses.fields(R2Config) if f.name != "version"]
+_ARG_NAMES = {name: name if name.startswith("r2_") else f"r2_{name}" for name in _R2_FIELDS}
 # A backticked R2Config field name at the start of a code span, e.g. `loss` or `loss='margin'`.
-_R2_NAME = re.compile(r"`(" + "|".join(_R2_FIELDS) + r")\b")
+_R2_NAME = re.compile(r"`(" + "|".join(n for n in _R2_FIELDS if not n.startswith("r2_")) + r")\b")
 
 
 def _has_accelerator() -> bool:
@@ -43,9 +47,9 @@ class R2TrainingArguments(TrainingArguments):
     [`~R2TrainingArguments.r2_config`] turns them into one (so an invalid value fails here, at construction).
 
     Using [`~transformers.HfArgumentParser`] this class becomes command-line flags (`--r2_loss margin
-    --r2_weight 0.01`) or a JSON / YAML config file.
+    --r2_lambda 0.01`) or a JSON / YAML config file.
 
-    A baseline run (same training, no R2 term) is `r2_weight=0`: R2 is then not computed, but `task_loss` and the
+    A baseline run (same training, no R2 term) is `r2_lambda=0`: R2 is then not computed, but `task_loss` and the
     range statistics (`r2_max_abs`, ...) are still logged, so that baseline and R2 runs compare on one chart. There
     is no `r2_loss="none"`: one switch for "off" is enough, and `r2_loss` always names a real variant.
 
@@ -55,10 +59,11 @@ class R2TrainingArguments(TrainingArguments):
         r2_loss (`str`, *optional*, defaults to `"linf"`):
             Which R2 variant: `"linf"` (largest absolute weight), `"margin"` (learnable margin), `"soft_min_max"`
             (smooth max minus min, learnable temperature) or `"kurtosis"` (KURE, the comparison regulariser).
-        r2_weight (`float`, *optional*, defaults to `0.01`):
-            The coefficient lambda of the R2 term in the total loss `task_loss + lambda * R`. `0` trains a baseline.
+        r2_lambda (`float`, *optional*, defaults to `0.01`):
+            The paper's lambda, the coefficient of the R2 term in the total loss `task_loss + lambda * R`. `0` trains
+            a baseline. `r2_weight` (and `--r2_weight` / `--r2-weight`) is its older name, still accepted.
         r2_warmup_steps (`int`, *optional*, defaults to `0`):
-            Optimizer steps over which lambda ramps linearly from 0 to `r2_weight`.
+            Optimizer steps over which lambda ramps linearly from 0 to `r2_lambda`.
         r2_per_channel (`bool`, *optional*, defaults to `False`):
             Compute the loss per output channel instead of per tensor, for per-channel quantization.
 
@@ -99,7 +104,7 @@ class R2TrainingArguments(TrainingArguments):
 
     ```python
     >>> from hf_r2 import R2TrainingArguments
-    >>> args = R2TrainingArguments(output_dir="out", r2_loss="margin", r2_weight=0.01, r2_warmup_steps=100)
+    >>> args = R2TrainingArguments(output_dir="out", r2_loss="margin", r2_lambda=0.01, r2_warmup_steps=100)
     >>> args.r2_config.loss
     'margin'
     ```
@@ -136,15 +141,17 @@ class R2TrainingArguments(TrainingArguments):
             "choices": [e.value for e in R2LossType],
         },
     )
-    r2_weight: float = field(
+    r2_lambda: float = field(
         default=0.01,
         metadata={
-            "help": "The coefficient lambda of the R2 term in the total loss `task_loss + lambda * R`. 0 trains a "
-            "baseline (R2 is not computed; task_loss and the range statistics are still logged)."
+            "help": "The paper's lambda: the coefficient of the R2 term in the total loss `task_loss + lambda * R`. "
+            "0 trains a baseline (R2 is not computed; task_loss and the range statistics are still logged). "
+            "--r2_weight is its older name.",
+            "aliases": ["--r2-weight", "--r2_weight"],
         },
     )
     r2_warmup_steps: int = field(
-        default=0, metadata={"help": "Optimizer steps over which lambda ramps linearly from 0 to `r2_weight`."}
+        default=0, metadata={"help": "Optimizer steps over which lambda ramps linearly from 0 to `r2_lambda`."}
     )
     r2_per_channel: bool = field(
         default=False,
@@ -197,7 +204,7 @@ class R2TrainingArguments(TrainingArguments):
         if self.r2_loss is None or str(self.r2_loss).lower() in ("none", "off", ""):
             raise ValueError(
                 f"`r2_loss` must be one of {[e.value for e in R2LossType]}, got {self.r2_loss!r}. For a baseline run "
-                "without the R2 term keep a variant and set `r2_weight=0`."
+                "without the R2 term keep a variant and set `r2_lambda=0`."
             )
         for name in ("r2_include", "r2_exclude"):
             if isinstance(getattr(self, name), str):
@@ -231,7 +238,29 @@ class R2TrainingArguments(TrainingArguments):
     def r2_config(self) -> R2Config:
         """The [`R2Config`] built from the `r2_*` fields (a new object at each access)."""
         try:
-            return R2Config(**{name: getattr(self, f"r2_{name}") for name in _R2_FIELDS})
+            return R2Config(**{name: getattr(self, arg) for name, arg in _ARG_NAMES.items()})
         except ValueError as err:
-            # R2Config names its own fields (`loss`, `weight`, ...): name the arguments the user actually set.
+            # R2Config names its own fields (`loss`, `include`, ...): name the arguments the user actually set.
             raise ValueError(_R2_NAME.sub(r"`r2_\1", str(err))) from None
+
+    @property
+    def r2_weight(self) -> float:
+        """The older name of `r2_lambda`, kept so that code written against it still reads the value."""
+        return self.r2_lambda
+
+
+_dataclass_init = R2TrainingArguments.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_aliases(self: R2TrainingArguments, *args: Any, **kwargs: Any) -> None:
+    # `r2_weight=` (the older name) sets `r2_lambda`; both at once is an error, as in `R2Config`
+    if "r2_weight" in kwargs:
+        if "r2_lambda" in kwargs:
+            raise ValueError("`R2TrainingArguments` got both `r2_lambda` and `r2_weight` (its older name): give only "
+                             "`r2_lambda`.")
+        kwargs["r2_lambda"] = kwargs.pop("r2_weight")
+    _dataclass_init(self, *args, **kwargs)
+
+
+R2TrainingArguments.__init__ = _init_with_aliases  # type: ignore[method-assign]

@@ -166,9 +166,9 @@ def test_a_bug_keeps_its_traceback():
     assert done.returncode == 1 and "Traceback" in done.stderr and "too many values to unpack" in done.stderr
     deep = _run_patched_env("def command(args):\n    import torch\n    torch.zeros(2).view(3)")  # raised in torch
     assert "Traceback" in deep.stderr
-    meant = _run_patched_env("def command(args):\n    from hf_r2 import R2Config\n    R2Config(weight=-1)")
+    meant = _run_patched_env("def command(args):\n    from hf_r2 import R2Config\n    R2Config(r2_lambda=-1)")
     assert meant.returncode == 1 and "Traceback" not in meant.stderr  # hf-r2's own check, raised on purpose
-    assert meant.stderr.strip() == "hf-r2 env: error: `weight` must be >= 0, got -1."
+    assert meant.stderr.strip() == "hf-r2 env: error: `r2_lambda` must be >= 0, got -1."
 
 
 def test_ctrl_c_is_one_line():

@@ -11,7 +11,7 @@ from hf_r2 import R2_CONFIG_NAME, R2Config, R2LossType, __version__
     "config",
     [
         R2Config(),
-        R2Config(loss="margin", weight=0.1, per_channel=True, margin_penalty=0.5, warmup_steps=100),
+        R2Config(loss="margin", r2_lambda=0.1, per_channel=True, margin_penalty=0.5, warmup_steps=100),
         R2Config(loss=R2LossType.SOFT_MIN_MAX, include=["layer"], exclude=[r"fc$"], skip_first_last=True),
         R2Config(loss="kurtosis", kurtosis_target=2.0),
     ],
@@ -43,7 +43,7 @@ def test_unknown_loss_names_the_choices():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"weight": -1.0}, "`weight` must be >= 0"),
+        ({"r2_lambda": -1.0}, "`r2_lambda` must be >= 0"),
         ({"warmup_steps": -5}, "`warmup_steps` must be >= 0"),
         ({"margin_penalty": -0.1}, "`margin_penalty` must be >= 0"),
         ({"include": ["conv("]}, "`include` holds an invalid regular expression"),
@@ -77,6 +77,31 @@ def test_fields_of_a_newer_version_are_dropped_with_one_warning(tmp_path):
         loaded = R2Config.from_pretrained(tmp_path)
     assert len(caught) == 1
     assert loaded == R2Config(loss="margin", warmup_steps=10)
+
+
+def test_weight_is_the_older_name_of_r2_lambda():
+    assert R2Config(weight=0.1) == R2Config(r2_lambda=0.1)
+    assert R2Config(r2_lambda=0.1).weight == 0.1
+    with pytest.raises(AttributeError):
+        R2Config().weight = 0.2  # read-only: one name to set
+
+
+def test_an_older_r2_config_json_with_weight_still_loads(tmp_path):
+    old = {"loss": "margin", "weight": 0.3, "warmup_steps": 5, "per_channel": True, "include": None, "exclude": None,
+           "skip_first_last": False, "skip_frozen": True, "margin_penalty": 1.0, "soft_min_max_penalty": 1.0,
+           "kurtosis_target": 1.8, "version": 1, "hf_r2_version": "0.1.0"}
+    (tmp_path / R2_CONFIG_NAME).write_text(json.dumps(old))
+    assert R2Config.from_pretrained(tmp_path) == R2Config(loss="margin", r2_lambda=0.3, warmup_steps=5,
+                                                          per_channel=True)
+    assert R2Config.resolve(None, {"weight": 0.2}) == R2Config(r2_lambda=0.2)
+
+
+@pytest.mark.parametrize("build", [lambda: R2Config(weight=0.1, r2_lambda=0.2),
+                                   lambda: R2Config.from_dict({"weight": 0.1, "r2_lambda": 0.2})])
+def test_weight_and_r2_lambda_together_is_an_error(build):
+    with pytest.raises(ValueError, match=r"^`R2Config` got both `r2_lambda` and `weight` \(its older name\): give "
+                                         r"only `r2_lambda`\.$"):
+        build()
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -23,28 +23,28 @@ def _one_error_line(err: str, command: str) -> str:
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("name", ["weight", "margin_penalty", "soft_min_max_penalty", "kurtosis_target"])
+@pytest.mark.parametrize("name", ["r2_lambda", "margin_penalty", "soft_min_max_penalty", "kurtosis_target"])
 def test_r2_config_refuses_non_finite_numbers(name, value):
     with pytest.raises(ValueError, match=rf"^`{name}` must be a finite number, got {value!r}\.$"):
         R2Config(**{name: value})
 
 
 def test_r2_config_refuses_a_string_in_one_line():
-    with pytest.raises(ValueError, match=r"^`weight` must be a number, got str '0\.1'\.$"):
-        R2Config(weight="0.1")
+    with pytest.raises(ValueError, match=r"^`r2_lambda` must be a number, got str '0\.1'\.$"):
+        R2Config(r2_lambda="0.1")
     with pytest.raises(ValueError, match=r"^`warmup_steps` must be an integer, got float 2\.5\.$"):
         R2Config(warmup_steps=2.5)
     assert R2Config(weight=1).weight == 1.0  # an int is a number
 
 
 def test_training_arguments_refuse_non_finite_numbers(tmp_path):
-    with pytest.raises(ValueError, match=r"`r2_weight` must be a finite number, got nan"):
-        R2TrainingArguments(output_dir=str(tmp_path), r2_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"`r2_lambda` must be a finite number, got nan"):
+        R2TrainingArguments(output_dir=str(tmp_path), r2_lambda=float("nan"))
     with pytest.raises(ValueError, match=r"`learning_rate` must be a finite number, got inf"):
         R2TrainingArguments(output_dir=str(tmp_path), learning_rate=float("inf"))
 
 
-@pytest.mark.parametrize("flag,value", [("--r2_weight", "nan"), ("--r2-weight", "inf"), ("--learning_rate", "nan")])
+@pytest.mark.parametrize("flag,value", [("--r2_lambda", "nan"), ("--r2-weight", "inf"), ("--learning_rate", "nan")])
 def test_train_refuses_a_non_finite_flag_before_any_work(tmp_path, capsys, flag, value):
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="^2$"):

@@ -184,11 +184,12 @@ def test_conv1d_conv3d_linear_channels_last_and_bf16(loss):
 
 
 def test_warmup_ramps_lambda():
-    reg = R2Regularizer(make_timm("test_resnet"), weight=0.2, warmup_steps=10)
-    assert reg.weight_at(0) == 0.0
-    assert reg.weight_at(5) == pytest.approx(0.1)
-    assert reg.weight_at(10) == pytest.approx(0.2) and reg.weight_at(50) == pytest.approx(0.2)
-    assert R2Regularizer(make_timm("test_resnet"), weight=0.3).weight_at(0) == pytest.approx(0.3)
+    reg = R2Regularizer(make_timm("test_resnet"), r2_lambda=0.2, warmup_steps=10)
+    assert reg.lambda_at(0) == 0.0
+    assert reg.lambda_at(5) == pytest.approx(0.1)
+    assert reg.lambda_at(10) == pytest.approx(0.2) and reg.lambda_at(50) == pytest.approx(0.2)
+    assert R2Regularizer(make_timm("test_resnet"), weight=0.3).lambda_at(0) == pytest.approx(0.3)  # older names
+    assert reg.weight_at(5) == reg.lambda_at(5)
 
 
 def test_stats_against_numpy():

@@ -10,7 +10,7 @@ from hf_r2.config import R2Config
 from hf_r2.training_args import R2TrainingArguments
 
 R2_FIELDS = [
-    "loss", "weight", "warmup_steps", "per_channel", "include", "exclude", "skip_first_last", "skip_frozen",
+    "loss", "r2_lambda", "warmup_steps", "per_channel", "include", "exclude", "skip_first_last", "skip_frozen",
     "margin_penalty", "soft_min_max_penalty", "kurtosis_target",
 ]  # fmt: skip
 
@@ -21,10 +21,11 @@ R2_FIELDS = [
 
 def test_training_args_build_r2_config(tmp_path):
     values = dict(
-        loss="margin", weight=0.2, warmup_steps=5, per_channel=True, include=["layer"], exclude=["fc"],
+        loss="margin", r2_lambda=0.2, warmup_steps=5, per_channel=True, include=["layer"], exclude=["fc"],
         skip_first_last=True, margin_penalty=0.5, soft_min_max_penalty=2.0, kurtosis_target=2.5,
     )  # fmt: skip
-    args = R2TrainingArguments(output_dir=str(tmp_path), **{f"r2_{k}": v for k, v in values.items()})
+    args = R2TrainingArguments(output_dir=str(tmp_path), **{k if k.startswith("r2_") else f"r2_{k}": v
+                                                            for k, v in values.items()})
     assert args.r2_config.to_dict() == R2Config(**values).to_dict()
     # defaults match R2Config's, and the one TrainingArguments default we change
     default = R2TrainingArguments(output_dir=str(tmp_path))
@@ -35,7 +36,7 @@ def test_training_args_build_r2_config(tmp_path):
 
 def test_training_args_fields_documented_in_order():
     own = [f for f in dataclasses.fields(R2TrainingArguments) if f.name.startswith("r2_")]
-    assert [f.name for f in own] == [f"r2_{name}" for name in R2_FIELDS]
+    assert [f.name for f in own] == [name if name.startswith("r2_") else f"r2_{name}" for name in R2_FIELDS]
     assert all(f.metadata.get("help") for f in own)
     doc = R2TrainingArguments.__doc__
     positions = [doc.index(f"    {f.name} (`") for f in own]
@@ -46,8 +47,10 @@ def test_training_args_fields_documented_in_order():
     "kwargs, match",
     [
         (dict(r2_loss="Margin"), r"`r2_loss` must be one of .*Did you mean `r2_loss='margin'`"),
-        (dict(r2_loss="none"), r"`r2_loss` must be one of .*set `r2_weight=0`"),
-        (dict(r2_weight=-1.0), r"`r2_weight` must be >= 0, got -1.0"),
+        (dict(r2_loss="none"), r"`r2_loss` must be one of .*set `r2_lambda=0`"),
+        (dict(r2_lambda=-1.0), r"`r2_lambda` must be >= 0, got -1.0"),
+        (dict(r2_weight=-1.0), r"`r2_lambda` must be >= 0, got -1.0"),
+        (dict(r2_weight=0.1, r2_lambda=0.1), r"got both `r2_lambda` and `r2_weight` \(its older name\): give only"),
         (dict(r2_warmup_steps=-3), r"`r2_warmup_steps` must be >= 0, got -3"),
         (dict(r2_margin_penalty=-1.0), r"`r2_margin_penalty` must be >= 0"),
         (dict(r2_exclude=["("]), r"`r2_exclude` holds an invalid regular expression '\('"),
@@ -56,6 +59,12 @@ def test_training_args_fields_documented_in_order():
 def test_training_args_errors(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         R2TrainingArguments(output_dir=str(tmp_path), **kwargs)
+
+
+def test_r2_weight_is_the_older_name_of_r2_lambda(tmp_path):
+    args = R2TrainingArguments(output_dir=str(tmp_path), r2_weight=0.3)
+    assert args.r2_lambda == args.r2_weight == args.r2_config.r2_lambda == 0.3
+    assert args == R2TrainingArguments(output_dir=str(tmp_path), r2_lambda=0.3)
 
 
 def test_training_args_hf_argument_parser(tmp_path):
@@ -67,7 +76,7 @@ def test_training_args_hf_argument_parser(tmp_path):
          "--r2_include", "conv", "fc", "--r2-warmup-steps", "7"]
     )  # fmt: skip
     assert args.r2_config.to_dict() == R2Config(
-        loss="soft_min_max", weight=0.05, per_channel=True, include=["conv", "fc"], warmup_steps=7
+        loss="soft_min_max", r2_lambda=0.05, per_channel=True, include=["conv", "fc"], warmup_steps=7
     ).to_dict()
     with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--r2_loss", "l2"])

@@ -225,7 +225,9 @@ def demo_command_parser(subparsers=None) -> argparse.ArgumentParser:
     add("--weight-decay", "--weight_decay", type=float, default=d["weight_decay"], help="Weight decay of both runs.")
     add("--r2-loss", "--r2_loss", default=d["r2_loss"], choices=["linf", "margin", "soft_min_max", "kurtosis"],
         help="R2 variant of the R2 run.")
-    add("--r2-weight", "--r2_weight", type=float, default=d["r2_weight"], help="R2 coefficient lambda.")
+    # dest stays `r2_weight`, the demo's setting (--r2-weight is the flag's older name)
+    add("--r2-lambda", "--r2_lambda", "--r2-weight", "--r2_weight", dest="r2_weight", metavar="LAMBDA", type=float,
+        default=d["r2_weight"], help="The paper's lambda: coefficient of the R2 term of the R2 run.")
     add("--r2-per-channel", "--r2_per_channel", action=argparse.BooleanOptionalAction, default=d["r2_per_channel"],
         help="Apply R2 per output channel instead of per layer.")
     add("--bits", type=int, default=d["bits"], help="Weight bits of the low-bit rows (W<bits>A8, k-means).")

@@ -176,7 +176,7 @@ def _train(run: Run, data: Any, config: ReproduceConfig, progress: bool) -> dict
         dataloader_pin_memory=False,
         disable_tqdm=None if progress else True,
         r2_loss="linf" if baseline else variant["loss"],
-        r2_weight=0.0 if baseline else variant["weight"],
+        r2_lambda=0.0 if baseline else variant["weight"],
         r2_per_channel=variant["per_channel"],
         **optimizer,
         **{f"r2_{k}": v for k, v in variant["r2"].items()},

@@ -14,10 +14,23 @@ def test_train_help_shows_dataclass_fields(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_R2_CACHE", str(tmp_path))
     assert main(["train", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    for flag in ("--model_name_or_path", "--dataset_name", "--input_size", "--augment", "--r2_loss", "--r2_weight",
+    for flag in ("--model_name_or_path", "--dataset_name", "--input_size", "--augment", "--r2_loss", "--r2-lambda",
                  "--learning_rate", "--max-train-samples"):
         assert flag in out
     assert "Which R2 variant" in out  # the fields' metadata help
+
+
+@pytest.mark.parametrize("flag", ["--r2-lambda", "--r2_lambda", "--r2-weight", "--r2_weight"])
+def test_r2_lambda_flag_and_its_older_spellings(flag, tmp_path):
+    """`--r2-lambda` is the flag; `--r2_weight` / `--r2-weight` (its older name) still set the same field."""
+    args = _parse_train_args(["--model", "test_resnet", flag, "0.25", "--output_dir", str(tmp_path)])[2]
+    assert args.r2_lambda == 0.25 and args.r2_config.r2_lambda == 0.25
+
+
+def test_config_file_may_use_the_older_r2_weight(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model": "test_resnet", "output_dir": str(tmp_path), "r2_weight": 0.5}))
+    assert _parse_train_args([str(path)])[2].r2_lambda == 0.5
 
 
 def test_dash_and_underscore_spellings(data_dir, tmp_path):
@@ -56,9 +69,9 @@ def test_bad_arguments(capsys, tmp_path):
     assert "--r2_loss" in err and "invalid choice: 'foo'" in err and "'linf'" in err
 
     with pytest.raises(SystemExit) as info:
-        main(["train", "--model", "test_resnet", "--r2_weight", "-1", "--output_dir", str(tmp_path)])
+        main(["train", "--model", "test_resnet", "--r2_lambda", "-1", "--output_dir", str(tmp_path)])
     assert info.value.code == 2
-    assert "`r2_weight` must be >= 0, got -1" in capsys.readouterr().err
+    assert "`r2_lambda` must be >= 0, got -1" in capsys.readouterr().err
 
     with pytest.raises(SystemExit, match="^2$"):
         main(["train", "--dataset", "cifar10-tiny"])
@@ -95,7 +108,7 @@ def test_help_lists_hf_r2_flags_first_in_their_groups(capsys, tmp_path, monkeypa
     heads = [out.index(f"\n{title}:\n") for title in titles]
     assert heads == sorted(heads)
     assert heads[0] < out.index("  --model_name_or_path") < heads[1] < out.index("  --input_size") < heads[2]
-    assert heads[2] < out.index("  --r2_weight") < heads[3] < out.index("  --learning_rate")
+    assert heads[2] < out.index("  --r2_lambda") < heads[3] < out.index("  --learning_rate")
     assert len(out.split("\n\n", 1)[0].splitlines()) == 1  # a one-line usage, not 100 lines of flags
     # another terminal width: argparse wraps to it, so it has its own cached text
     monkeypatch.setenv("COLUMNS", "200")

@@ -191,6 +191,32 @@ def test_a_variants_own_schedule_is_its_training_and_its_folder():
         ReproduceConfig(models=["m"], lambda_sweep=None, variants=[{"loss": "baseline", "warmup_ratio": 2}])
 
 
+# The run folders of two presets as their trainings were cached (~/.cache/hf-r2/<preset>/runs): a digest over a
+# variant's settings names each, so renaming a setting (say `weight` to `r2_lambda`) would orphan the trainings.
+CACHED_RUN_FOLDERS = {
+    "finetune": [
+        "baseline", "baseline-ft-11d13ab5", "baseline-ft-9d9af309", "linf-pc-w0.3-ft-6d9b51fd",
+        "linf-pc-w0.3-ft-ba892ca6", "linf-pc-w0.3-ft-bbdec929", "linf-pc-w1-ft-6d9b51fd", "linf-pc-w1-ft-ba892ca6",
+        "linf-pc-w1-ft-bbdec929", "linf-pc-w3-ft-6d9b51fd", "linf-pc-w3-ft-ba892ca6", "linf-pc-w3-ft-bbdec929",
+        "linf-w0.3-ft-ba892ca6", "linf-w1-ft-ba892ca6", "linf-w3-ft-ba892ca6",
+    ],
+    "headline": [
+        "baseline", "baseline-own-wd0.00012-75f28b5d", "baseline-own-wd0.0004-cc3c60d3",
+        "baseline-own-wd0.0012-da44f267", "baseline-own-wd0.0003-bed5580a", "baseline-own-wd0.001-64eea830",
+        "baseline-own-wd0.003-30ce9f46",
+    ],
+}
+
+
+@pytest.mark.parametrize("preset", sorted(CACHED_RUN_FOLDERS))
+def test_preset_run_folders_are_unchanged(preset):
+    from hf_r2.reproduce import load_config
+    from hf_r2.reproduce.plan import plan
+
+    folders = {Path(r.run_dir).parent.name for r in plan(load_config(preset))}
+    assert folders == set(CACHED_RUN_FOLDERS[preset])
+
+
 @pytest.mark.parametrize("name", ["..", ".", "../x", "/abs/model", "a/b/c", "a\\b", "x y", "-rf", "a/..", "org/.."])
 def test_model_names_must_be_plain(tmp_path, capsys, name):
     """Each model name becomes a folder under runs/: `hf-r2 reproduce` refuses one that is not a timm name or a Hub
