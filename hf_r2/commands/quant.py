@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from typing import Any
 
+from .._utils import UsageError
+from ._low_bit_flags import FLAG_ROWS, VERBS
 from .quant_steps import data_fields, load_any, load_eval_data, run_step, setting_of
 
 __all__ = [
@@ -27,7 +30,16 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+
+class _FORMATTER(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, but for a flag that turns a default-on field off (`--per-tensor`): its help says
+    what the default is, and "(default: True)" would read as the flag's."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 and action.const is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Bits:
@@ -112,19 +124,55 @@ def _add_data_args(parser: argparse.ArgumentParser, train: bool = False, calibra
             help="Fine-tune on a seeded random subset of this many training images.")
         add("--learning-rate", "--learning_rate", type=_Number(strict=True), default=1e-3, help="Peak LR (AdamW).")
         add("--weight-decay", "--weight_decay", type=_Number(), default=0.0, help="AdamW weight decay.")
-        add("--r2-weight", "--r2_weight", type=_Number(), default=0.0,
+        # dest stays `r2_weight` (what quant_steps reads); --r2-weight, the older name, names itself in its errors
+        add("--r2-lambda", "--r2_lambda", dest="r2_weight", metavar="LAMBDA", type=_Number(), default=0.0,
             help="Keep R2-Loss on during fine-tuning with this lambda (the model's own R2 loss).")
+        add("--r2-weight", "--r2_weight", dest="r2_weight", type=_Number(), default=0.0, help=argparse.SUPPRESS)
 
 
-def _add_grid_args(parser: argparse.ArgumentParser, a_bits: int) -> None:
-    """The grid flags `ptq` and `qat` share."""
-    parser.add_argument("--w-bits", "--w_bits", type=_Bits(1, 8, False), default=2, help="Weight bits, 1 to 8.")
-    parser.add_argument("--a-bits", "--a_bits", type=_Bits(2, 8, True), default=a_bits,
-                        help="Activation bits, 2 to 8, or 'none' for weight-only.")
-    parser.add_argument("--per-tensor", "--per_tensor", action="store_true",
-                        help="One weight scale per tensor (default: one per output channel).")
-    parser.add_argument("--first-last-bits", "--first_last_bits", type=_Bits(2, 8, True, ("none",)), default=8,
-                        help="Bits of the first and last layer, 2 to 8 ('none': like the others).")
+_TYPES = {"bits": _Bits(1, 8, False), "act_bits": _Bits(2, 8, True), "first_last_bits": _Bits(2, 8, True, ("none",)),
+          "positive": _Positive(), "int": int, "number": _Number()}
+_GROUPS = {"AdaRoundConfig": "AdaRound, with --rounding adaround (AdaRoundConfig)",
+           "BlockReconstructionConfig": "block reconstruction, with --rounding brecq (BlockReconstructionConfig)"}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, verb: str) -> None:
+    """One flag per field of the verb's configs, with the field's type, default, choices and help: the table
+    [`hf_r2.commands._low_bit_flags`], generated from the configs (`python -m hf_r2.commands.gen_low_bit_flags`)."""
+    seen = set()
+    for config in VERBS[verb]:
+        group = parser.add_argument_group(_GROUPS.get(config, f"the quantization ({config})"))
+        for row_config, _, dest, flag, kind, default, choices, help in FLAG_ROWS:
+            if row_config != config or dest in seen:  # block reconstruction shares PTQ's grid flags
+                continue
+            seen.add(dest)
+            kwargs = {"dest": dest, "default": default, "help": help}
+            if kind in ("store_true", "store_false"):
+                kwargs["action"] = kind
+            elif kind == "choice":
+                kwargs["choices"] = list(choices)
+            elif kind == "patterns":
+                kwargs.update(nargs="+", metavar="REGEX")
+            else:
+                kwargs["type"] = _TYPES[kind]
+            group.add_argument(flag, *(["--" + flag[2:].replace("-", "_")] if "-" in flag[2:] else []), **kwargs)
+
+
+def _config_fields(args: argparse.Namespace, config: str, changed: bool = False) -> dict[str, Any]:
+    """`{field: value}` of `config` from its flags (`changed`: only those away from the field's default)."""
+    return {field: getattr(args, dest) for row_config, field, dest, _, _, default, *_ in FLAG_ROWS
+            if row_config == config and not (changed and getattr(args, dest) == default)}
+
+
+def _refuse_unused(args: argparse.Namespace, verb: str, used: tuple[str, ...], message: str) -> None:
+    """A [`UsageError`] (`message`, formatted with `flags` and `it`) for flags of `verb` set away from their defaults
+    that the configs `used` do not read: a flag must not be silently ignored."""
+    dests = {dest for config, _, dest, *_ in FLAG_ROWS if config in used}
+    unused = sorted({flag for config, _, dest, flag, _, default, *_ in FLAG_ROWS if config in VERBS[verb]
+                     and dest not in dests and dest != "rounding" and getattr(args, dest) != default})
+    if unused:
+        raise UsageError(message.format(flags=", ".join(unused), it="it" if len(unused) == 1 else "them"),
+                         prog=f"hf-r2 {verb}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,30 +182,14 @@ def _add_grid_args(parser: argparse.ArgumentParser, a_bits: int) -> None:
 def ptq_command_parser(subparsers=None) -> argparse.ArgumentParser:
     description = (
         "Post-training quantization of a saved model: weights to --w-bits (per channel, MSE range by default), "
-        "inputs of quantized layers to --a-bits, round to nearest or AdaRound, BN re-estimated or folded, after "
-        "optional range reduction (--pre); evaluates FP and the quantized model, exports integer codes + scales."
+        "inputs of quantized layers to --a-bits, round to nearest, AdaRound or block reconstruction (BRECQ / QDrop), "
+        "BN re-estimated or folded, after optional range reduction (--pre); evaluates FP and the quantized model, "
+        "exports integer codes + scales. The flags are the fields of PTQConfig, AdaRoundConfig and "
+        "BlockReconstructionConfig."
     )
     parser = _subparser(subparsers, "ptq", description, "Post-training quantization.")
     _add_data_args(parser)
-    _add_grid_args(parser, a_bits=8)
-    parser.add_argument("--weight-range", "--weight_range", default="mse", choices=["maxabs", "mse"],
-                        help="How each weight scale is chosen: maxabs (the largest |w|, nothing clipped) or mse (the "
-                        "clipping that minimises the squared quantization error).")
-    parser.add_argument("--act-observer", "--act_observer", default="mse", choices=["minmax", "percentile", "mse"],
-                        help="How each activation range is calibrated: minmax (observed min / max), percentile "
-                        "(clip the extreme 0.01%%) or mse (the clipping with the least squared error).")
-    parser.add_argument("--rounding", default="nearest", choices=["nearest", "adaround"],
-                        help="Weight rounding: nearest, or adaround (learned up / down rounding per weight, layer "
-                        "by layer on the calibration images; slower, better at 2 bits).")
-    parser.add_argument("--adaround-iters", "--adaround_iters", type=_Positive(), default=None,
-                        help="AdaRound iterations per layer (default: AdaRoundConfig's).")
-    parser.add_argument("--bn", default="reestimate", choices=["reestimate", "fold", "keep"],
-                        help="Batch norm after quantizing: reestimate its statistics on the calibration images, fold "
-                        "it into the preceding conv before quantizing, or keep it as trained.")
-    parser.add_argument("--bias-correction", "--bias_correction", action="store_true",
-                        help="Correct each quantized layer's bias for the mean shift its quantization causes, last, "
-                        "on the calibration images (what a BN-folded model has instead of BN re-estimation: with "
-                        "`--pre cle` or `--bn fold`).")
+    _add_config_flags(parser, "ptq")
     parser.add_argument("--pre", nargs="+", default=[], choices=["cle", "magr"],
                         help="Range reduction of the float model before quantizing, in the order given: cle "
                         "(cross-layer equalization; folds the batch norms first) and / or magr (weight magnitude "
@@ -167,26 +199,26 @@ def ptq_command_parser(subparsers=None) -> argparse.ArgumentParser:
 
 
 def ptq_command(args: argparse.Namespace) -> int:
-    from ..quant import PTQConfig
+    from ..quant import BlockReconstructionConfig, PTQConfig
     from ..quant.results import format_setting
 
-    config = PTQConfig(
-        w_bits=args.w_bits,
-        a_bits=args.a_bits,
-        per_channel=not args.per_tensor,
-        weight_range=args.weight_range,
-        act_observer=args.act_observer,
-        rounding=args.rounding,
-        bn=args.bn,
-        bias_correction=args.bias_correction,
-        first_last_bits=args.first_last_bits,
-        adaround={"iters": args.adaround_iters} if args.adaround_iters else None,
-        calibration_batches=10**6,
-    )
+    if args.rounding == "brecq":
+        _refuse_unused(args, "ptq", ("BlockReconstructionConfig",), "--rounding brecq does not take {flags} (block "
+                       "reconstruction keeps the batch norms as trained): leave {it} out.")
+        config = BlockReconstructionConfig(**_config_fields(args, "BlockReconstructionConfig"),
+                                           calibration_batches=10**6)  # all: --calibration-samples sets how many
+        rounding, bias_correction = "qdrop" if config.drop_prob > 0 else "brecq", False
+    else:
+        _refuse_unused(args, "ptq", ("PTQConfig", "AdaRoundConfig"),
+                       "{flags} set block reconstruction: add --rounding brecq, or leave {it} out.")
+        config = PTQConfig(**_config_fields(args, "PTQConfig"),
+                           adaround=_config_fields(args, "AdaRoundConfig", changed=True) or None,
+                           calibration_batches=10**6)
+        rounding, bias_correction = config.rounding, config.bias_correction
     setting = format_setting(config.w_bits, config.a_bits)
-    pre = "".join(f"-{step}" for step in args.pre) + ("-bc" if config.bias_correction else "")
-    tag = f"{setting.lower()}-ptq" + ("-adaround" if config.rounding == "adaround" else "") + pre
-    return run_step(args, "ptq", config, setting=setting, tag=tag, method=f"ptq-{config.rounding}{pre}",
+    pre = "".join(f"-{step}" for step in args.pre) + ("-bc" if bias_correction else "")
+    tag = f"{setting.lower()}-ptq" + (f"-{rounding}" if rounding != "nearest" else "") + pre
+    return run_step(args, "ptq", config, setting=setting, tag=tag, method=f"ptq-{rounding}{pre}",
                     pre=args.pre, w_bits=config.w_bits, a_bits=config.a_bits)
 
 
@@ -201,7 +233,7 @@ def qat_command_parser(subparsers=None) -> argparse.ArgumentParser:
     )
     parser = _subparser(subparsers, "qat", description, "Quantization-aware training (LSQ).")
     _add_data_args(parser, train=True)
-    _add_grid_args(parser, a_bits=2)
+    _add_config_flags(parser, "qat")
     parser.set_defaults(func=qat_command)
     return parser
 
@@ -210,12 +242,7 @@ def qat_command(args: argparse.Namespace) -> int:
     from ..quant import QATConfig
     from ..quant.results import format_setting
 
-    config = QATConfig(
-        w_bits=args.w_bits,
-        a_bits=args.a_bits,
-        per_channel=not args.per_tensor,
-        first_last_bits=args.first_last_bits,
-    )
+    config = QATConfig(**_config_fields(args, "QATConfig"))
     setting = format_setting(config.w_bits, config.a_bits)
     return run_step(args, "qat", config, setting=setting, tag=f"{setting.lower()}-qat", method="qat-lsq",
                     train=True, w_bits=config.w_bits, a_bits=config.a_bits, epochs=args.epochs)
@@ -233,14 +260,7 @@ def compress_command_parser(subparsers=None) -> argparse.ArgumentParser:
     )
     parser = _subparser(subparsers, "compress", description, "Weight clustering (k-means, DKM).")
     _add_data_args(parser, train=True)
-    parser.add_argument("--method", default="kmeans", choices=["kmeans", "dkm"],
-                        help="kmeans (cluster the trained weights, no training) or dkm (differentiable k-means, "
-                        "fine-tuned for --epochs).")
-    parser.add_argument("--bits", type=_Bits(1, 8, False), default=2, help="log2 of the palette size, 1 to 8.")
-    parser.add_argument("--group-size", "--group_size", type=_Positive(), default=None,
-                        help="One palette per this many output channels (default: one per tensor).")
-    parser.add_argument("--skip-first-last", "--skip_first_last", action="store_true",
-                        help="Leave the first and last layer in float.")
+    _add_config_flags(parser, "compress")
     parser.add_argument("--no-bn-reestimate", "--no_bn_reestimate", dest="bn_reestimate", action="store_false",
                         help="Do not re-estimate BN statistics after clustering.")
     parser.set_defaults(func=compress_command)
@@ -251,9 +271,7 @@ def compress_command(args: argparse.Namespace) -> int:
     from ..quant import PalettizeConfig
     from ..quant.results import format_setting
 
-    config = PalettizeConfig(
-        bits=args.bits, method=args.method, group_size=args.group_size, skip_first_last=args.skip_first_last
-    )
+    config = PalettizeConfig(**_config_fields(args, "PalettizeConfig"))
     setting = format_setting(args.bits)
     return run_step(args, "compress", config, setting=setting, tag=f"{setting.lower()}-{args.method}",
                     method=args.method, train=args.method == "dkm", w_bits=args.bits, a_bits=None)

@@ -113,6 +113,16 @@ def test_ptq_bad_values_are_one_line(model_dir, data_dir, tmp_path, capsys, monk
     assert sorted(os.listdir(tmp_path)) == ["model"]  # no export folder was created
 
 
+def test_ptq_rounding_brecq_exports_and_reloads(model_dir, data_dir, tmp_path):
+    """--rounding brecq (QDrop with --drop-prob) runs block reconstruction and exports like PTQ."""
+    out = str(tmp_path / "qdrop")
+    assert main(["ptq", model_dir, *_data_flags(data_dir), "--rounding", "brecq", "--brecq-iters", "2", "--drop-prob",
+                 "0.5", "--output-dir", out]) == 0
+    _, description = load_low_bit(out)
+    assert description["method"] == "ptq" and description["method_config"]["drop_prob"] == 0.5
+    _check_accuracy(_rows(model_dir)[("W2A8", "ptq-qdrop")], out, data_dir)
+
+
 def test_qat_command_with_r2_weight(model_dir, data_dir, tmp_path, monkeypatch):
     from hf_r2.regularizer import R2Regularizer
 
@@ -179,7 +189,7 @@ def test_compress_dkm_groups_skip_first_last_r2(model_dir, data_dir, tmp_path, m
     monkeypatch.setattr(R2Regularizer, "forward", lambda self: calls.append(self.config.weight) or forward(self))
     out = str(tmp_path / "dkm")
     assert main(["compress", model_dir, *_data_flags(data_dir), "--method", "dkm", "--bits", "1", "--group-size",
-                 "4", "--skip-first-last", "--r2-weight", "0.25", "--max-train-samples", "32", "--epochs", "0.5",
+                 "4", "--skip-first-last", "--r2-lambda", "0.25", "--max-train-samples", "32", "--epochs", "0.5",
                  "--output-dir", out]) == 0
     assert calls and set(calls) == {0.25}
     model, description = load_low_bit(out)
