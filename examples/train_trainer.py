@@ -16,7 +16,7 @@ from hf_r2.training_args import R2TrainingArguments
 parser = HfArgumentParser((DataArguments, R2TrainingArguments))
 parser.set_defaults(
     dataset_name="cifar10-small",  # 5k / 1k images; "cifar10" for the full set
-    output_dir="outputs/resnet18-r2", r2_loss="linf", r2_weight=0.01, r2_warmup_steps=100, learning_rate=1e-3,
+    output_dir="outputs/resnet18-r2", r2_loss="linf", r2_lambda=0.01, r2_warmup_steps=100, learning_rate=1e-3,
     num_train_epochs=2, per_device_train_batch_size=64, eval_strategy="epoch", save_strategy="epoch",
     save_total_limit=1, logging_steps=20, report_to="none",
 )  # fmt: skip

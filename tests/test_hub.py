@@ -114,7 +114,7 @@ def test_plain_libraries_and_hf_r2_load_identical_logits(hub_runs):
     assert load["timm_transformers_max_diff"] <= 1e-6
     assert load["timm_transformers_id2label"] == load["hf_plain_id2label"]
     for key in ("timm_r2_config", "hf_r2_config"):
-        assert load[key]["loss"] == "margin" and load[key]["weight"] == 0.02
+        assert load[key]["loss"] == "margin" and load[key]["r2_lambda"] == 0.02
     assert {"overall", "per_layer"} <= set(load["timm_r2_stats_keys"])
     _, hf_model = W._models()
     expected_layers = sorted(R2Regularizer(hf_model, R2Config()).stats()["per_layer"])
