@@ -1,12 +1,15 @@
 """Export folders that may be the user's (`hf_r2.output_folder.check_export_folder` / `replace_folder`, through
 `save_low_bit` and `export_coreml`): a folder that is not hf-r2's export is refused and left as it was, a previous
-export is replaced keeping its mode and the entries beside it (links stay links), a link to a folder is followed."""
+export is replaced keeping its mode and the entries beside it (links stay links), a link to a folder is followed;
+and a Core ML export prints none of the notices coremltools logs on import."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import make_timm
+from conftest import REPO_ROOT, make_timm
 
 from hf_r2.cli import main
 from hf_r2.output_folder import replace_folder
@@ -175,3 +178,27 @@ def test_export_coreml_refuses_a_folder_of_the_users_and_keeps_a_packages_mode(t
     export_coreml(model, path, input_size=32, float_baseline=False)
     assert os.stat(path).st_mode & 0o777 == 0o700 and (path / "Manifest.json").is_file()
     assert sorted(os.listdir(tmp_path)) == ["m.mlpackage", "mine.mlpackage"]
+
+
+_EXPORT = """
+import logging
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+import torch, timm
+from hf_r2.quant import PalettizeConfig, palettize_
+from hf_r2.quant.export.coreml_export import export_coreml
+model = palettize_(timm.create_model("test_resnet", num_classes=10).eval(), PalettizeConfig(bits=2))
+export_coreml(model, {path!r}, input_size=32, float_baseline=False)
+"""
+
+
+@needs_coremltools
+def test_a_core_ml_export_prints_no_import_notices_or_trace_warnings(tmp_path):
+    """In a fresh process (the notices come once, on import) with Python's default warning filters and the log
+    level of `hf-r2`: neither the lines coremltools logs on import nor torch's trace warnings; what coremltools
+    says while converting would still show."""
+    script = _EXPORT.format(path=str(tmp_path / "m.mlpackage"))
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for noise in ("Failed to load", "has not been tested", "TracerWarning", "torch.jit.trace"):
+        assert noise not in run.stderr
+    assert "WARNING" not in run.stderr and "Warning:" not in run.stderr, run.stderr[-2000:]

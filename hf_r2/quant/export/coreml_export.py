@@ -32,14 +32,15 @@ Core ML's weight-compression ops, so the file quantizes weights only and compute
 report counts the input quantizers left out). BatchNorm stays a separate op after a compressed Conv (Core ML folds
 it only into float weights), as hf-r2 computes it unless PTQ folded it (`bn="fold"`).
 
-Conversion route. coremltools (>= 8.0, tested with 9.0) converts on Linux; with torch 2.14 its PyTorch frontend
-warns that the version is untested but converts TorchScript fine: the model (wrapped so that it maps `pixel_values`
+Conversion route. coremltools (>= 8.0, tested with 9.0) converts on Linux; it has not been tested with torch 2.14
+but converts its TorchScript fine: the model (wrapped so that it maps `pixel_values`
 `(1, C, H, W)` to `logits`) is traced by `torch.jit.trace` with its quantizers switched off, converted to a MIL
 program with no optimisation pass (so the weight constants still carry their parameter names), each low-bit weight
 constant is replaced by the op above built from hf-r2's arrays, and the program is then converted to an ML Program
 with coremltools' default passes. Core ML's own compression (`coremltools.optimize`) is not used: it would
-re-cluster or re-round the weights instead of keeping hf-r2's palettes, indices and codes. On Linux coremltools
-logs on import that its native libraries are missing: they are only needed to run a model (macOS).
+re-cluster or re-round the weights instead of keeping hf-r2's palettes, indices and codes. What coremltools logs on
+import (its native libraries missing on Linux, needed only to run a model; the untested torch) is dropped
+([`require_coremltools`]); what it says while converting is kept.
 
 Sizes, for timm's `test_resnet` (372k Conv/Linear weights; PTQ keeps its first and last layer at 8 bits by
 default), float32 packages: float 1,517 kB; 8-bit grids 444 kB (3.4x smaller); 4-bit 259 kB (5.9x); 2-bit grids
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -88,7 +90,8 @@ from ._coreml_weights import (
     replace_weight_consts,
     uniform_weight,
 )
-from ._optional import is_coremltools_available, require_coremltools
+from ._optional import is_coremltools_available
+from ._optional import require_coremltools as _require_coremltools
 
 __all__ = [
     "COREML_DEPLOYMENT_TARGET",
@@ -104,6 +107,28 @@ COREML_DEPLOYMENT_TARGET = "iOS18"  # per-group palettes, 4-bit codes and float 
 COREML_PRECISIONS = ("float32", "float16")
 _LAYERS_KEY = "hf_r2_layers"  # the user-defined metadata entry mapping layers to their ops
 _PREFIX = "model."  # the traced wrapper's attribute holding the model
+
+
+class _ImportNotices(logging.Filter):
+    """Drops what coremltools logs below ERROR while it is imported: notices about the environment that no hf-r2
+    user can act on. On Linux, eight lines say its native libraries are missing (they run a model, which hf-r2
+    never does); one says torch is newer than coremltools was tested with (hf-r2 tests its own route with this
+    torch, and [`compare_coreml_weights`] checks each export); others name scikit-learn / TensorFlow / XGBoost
+    versions, which hf-r2 does not convert from. What coremltools logs or warns while converting is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def require_coremltools() -> Any:
+    """`coremltools` (or the `ImportError` with the install line), imported without the notices it logs then
+    ([`_ImportNotices`])."""
+    logger, noise = logging.getLogger("coremltools"), _ImportNotices()
+    logger.addFilter(noise)
+    try:
+        return _require_coremltools()
+    finally:
+        logger.removeFilter(noise)
 
 
 def _low_bit_weights(model: nn.Module) -> dict[str, CoreMLWeight]:
