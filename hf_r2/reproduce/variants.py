@@ -6,6 +6,7 @@ their defaults, the normalisers that turn each into a full dict (and check it ag
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import re
 from typing import TYPE_CHECKING, Any
@@ -324,21 +325,30 @@ def _base_name(s: dict[str, Any]) -> str:
     return f"{format_setting(s['w_bits'])} " + ("k-means" if s["method"] == "kmeans" else "DKM")
 
 
+def _config_defaults(method: str) -> dict[str, Any]:
+    """The field defaults of the quant config a `method` setting builds ([`quant_config`]): a setting's defaults are
+    its config's, not a copy of them."""
+    from ..quant import PalettizeConfig, PTQConfig, QATConfig
+
+    cls = {"ptq": PTQConfig, "qat": QATConfig}.get(method, PalettizeConfig)
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
 def normalise_setting(item: Any, index: int) -> dict[str, Any]:
-    """A low-bit setting as a full dict (see [`ReproduceConfig`]'s `low_bit`)."""
+    """A low-bit setting as a full dict (see [`ReproduceConfig`]'s `low_bit`), its defaults those of its quant
+    config ([`quant_config`], which [`ReproduceConfig`] builds to validate it)."""
     what = f"`low_bit[{index}]`"
     if not isinstance(item, dict):
         raise ValueError(f"{what} must be a mapping such as {{'method': 'ptq', 'w_bits': 2, 'a_bits': 8}}, "
                          f"got {item!r}.")
     check_keys(what, item, SETTING_KEYS)
     method = check_choice(f"low_bit[{index}].method", item.get("method"), LowBitMethod)
-    s: dict[str, Any] = {"method": method, "w_bits": item.get("w_bits", 2)}
-    if method == "ptq":
-        s.update(a_bits=item.get("a_bits", 8), per_channel=bool(item.get("per_channel", True)),
-                 weight_range=item.get("weight_range", "mse"), rounding=item.get("rounding", "nearest"))
-    elif method == "qat":
-        s.update(a_bits=item.get("a_bits", 2), per_channel=bool(item.get("per_channel", True)),
-                 weight_range=None, rounding=None)
+    d = _config_defaults(method)
+    s: dict[str, Any] = {"method": method, "w_bits": item.get("w_bits", d.get("w_bits", d.get("bits")))}
+    if method in ("ptq", "qat"):
+        keys = ("a_bits", "per_channel") + (("weight_range", "rounding") if method == "ptq" else ())
+        s.update({"weight_range": None, "rounding": None}, **{k: item.get(k, d[k]) for k in keys})
+        s["per_channel"] = bool(s["per_channel"])
     else:
         extra = sorted(k for k in ("a_bits", "per_channel", "weight_range", "rounding") if item.get(k) is not None)
         if extra:
