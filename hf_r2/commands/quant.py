@@ -124,10 +124,10 @@ def _add_data_args(parser: argparse.ArgumentParser, train: bool = False, calibra
             help="Fine-tune on a seeded random subset of this many training images.")
         add("--learning-rate", "--learning_rate", type=_Number(strict=True), default=1e-3, help="Peak LR (AdamW).")
         add("--weight-decay", "--weight_decay", type=_Number(), default=0.0, help="AdamW weight decay.")
-        # dest stays `r2_weight` (what quant_steps reads); --r2-weight, the older name, names itself in its errors
-        add("--r2-lambda", "--r2_lambda", dest="r2_weight", metavar="LAMBDA", type=_Number(), default=0.0,
+        # --r2-weight, the older name, is its own (hidden) flag so that its errors name it
+        add("--r2-lambda", "--r2_lambda", dest="r2_lambda", metavar="LAMBDA", type=_Number(), default=0.0,
             help="Keep R2-Loss on during fine-tuning with this lambda (the model's own R2 loss).")
-        add("--r2-weight", "--r2_weight", dest="r2_weight", type=_Number(), default=0.0, help=argparse.SUPPRESS)
+        add("--r2-weight", "--r2_weight", dest="r2_lambda", type=_Number(), default=0.0, help=argparse.SUPPRESS)
 
 
 _TYPES = {"bits": _Bits(1, 8, False), "act_bits": _Bits(2, 8, True), "first_last_bits": _Bits(2, 8, True, ("none",)),

@@ -120,13 +120,13 @@ def finish(args, rows: list[dict[str, Any]], folder: str, export_dir: str, title
 
 def _finetune_kwargs(train_ds, args, folder: str) -> dict[str, Any]:
     """The keyword arguments of the QAT / DKM fine-tune ([`hf_r2.loop.finetune`]): AdamW at `--learning-rate`, R2
-    (the model's own loss) on with `--r2-weight`, off (no regularizer) without."""
+    (the model's own loss) on with `--r2-lambda`, off (no regularizer) without."""
     from ..config import R2_CONFIG_NAME, R2Config
 
     r2 = None
-    if args.r2_weight:
+    if args.r2_lambda:
         r2 = R2Config.from_pretrained(folder) if os.path.isfile(os.path.join(folder, R2_CONFIG_NAME)) else R2Config()
-        r2 = R2Config.from_dict({**r2.to_dict(), "r2_lambda": args.r2_weight, "warmup_steps": 0})
+        r2 = R2Config.from_dict({**r2.to_dict(), "r2_lambda": args.r2_lambda, "warmup_steps": 0})
     # whole epochs, or a fraction of one as a step count
     steps = -1 if args.epochs >= 1 else max(1, int(args.epochs * len(train_ds) / args.batch_size))
     return {"learning_rate": args.learning_rate, "per_device_batch_size": args.batch_size,

@@ -133,6 +133,6 @@ def test_qat_and_compress_flags_build_their_configs(monkeypatch):
 @pytest.mark.parametrize("flag", ["--r2-lambda", "--r2_lambda", "--r2-weight", "--r2_weight"])
 def test_r2_lambda_keeps_its_older_name(flag):
     """`--r2-lambda` is the public name of the R2 coefficient; `--r2-weight` still works, out of `--help`."""
-    assert quant_command.qat_command_parser().parse_args(["m", flag, "0.5"]).r2_weight == 0.5
+    assert quant_command.qat_command_parser().parse_args(["m", flag, "0.5"]).r2_lambda == 0.5
     text = quant_command.compress_command_parser().format_help()
     assert "--r2-lambda" in text and "--r2-weight" not in text
