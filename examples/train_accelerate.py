@@ -4,7 +4,7 @@ One process (CPU or GPU):
 
     accelerate launch examples/train_accelerate.py --model resnet18 --dataset cifar10-small --input_size 32 \\
         --num_epochs 10 --per_device_batch_size 64 --learning_rate 0.05 --weight_decay 5e-4 \\
-        --loss margin --weight 0.01 --output_dir outputs/resnet18-r2
+        --loss margin --r2_lambda 0.01 --output_dir outputs/resnet18-r2
 
 Several GPUs: `accelerate launch --multi_gpu --num_processes 4 examples/train_accelerate.py ...`; the global batch
 is `per_device_batch_size x num_processes x gradient_accumulation_steps`. Two CPU processes (DDP over gloo):

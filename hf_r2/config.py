@@ -77,7 +77,10 @@ class R2Config(JsonConfigMixin):
         metadata={"help": f"Which R2 variant: one of {format_choices(R2LossType)}."},
     )
     r2_lambda: float = field(
-        default=0.01, metadata={"help": "The paper's lambda: coefficient of the R2 term in the total loss."}
+        default=0.01,
+        # `aliases`: the older flag of a parser built from this class (HfArgumentParser, examples/train_accelerate.py)
+        metadata={"help": "The paper's lambda: coefficient of the R2 term in the total loss.",
+                  "aliases": ["--weight"]},
     )
     warmup_steps: int = field(
         default=0, metadata={"help": "Optimizer steps over which lambda ramps linearly from 0 to `r2_lambda`."}

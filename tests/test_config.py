@@ -96,6 +96,14 @@ def test_an_older_r2_config_json_with_weight_still_loads(tmp_path):
     assert R2Config.resolve(None, {"weight": 0.2}) == R2Config(r2_lambda=0.2)
 
 
+@pytest.mark.parametrize("flag", ["--r2_lambda", "--r2-lambda", "--weight"])
+def test_a_parser_built_from_r2config_takes_the_older_flag(flag):
+    from transformers import HfArgumentParser
+
+    (config,) = HfArgumentParser(R2Config).parse_args_into_dataclasses([flag, "0.2"])
+    assert config == R2Config(r2_lambda=0.2)
+
+
 @pytest.mark.parametrize("build", [lambda: R2Config(weight=0.1, r2_lambda=0.2),
                                    lambda: R2Config.from_dict({"weight": 0.1, "r2_lambda": 0.2})])
 def test_weight_and_r2_lambda_together_is_an_error(build):

@@ -707,7 +707,7 @@ def test_example_script_runs(tmp_path, data_dir):
     metrics = example.main([
         "--model", "test_convnext", "--dataset", "cifar10-tiny", "--data_dir", str(data_dir), "--input_size", "32",
         "--max_train_samples", "16", "--max_eval_samples", "8", "--max_steps", "1", "--per_device_batch_size", "16",
-        "--loss", "margin", "--weight", "0.01", "--output_dir", str(tmp_path), "--use_cpu",
+        "--loss", "margin", "--r2-lambda", "0.01", "--output_dir", str(tmp_path), "--use_cpu",
     ])
     assert metrics["global_step"] == 1 and 0 <= metrics["eval_accuracy"] <= 1
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
