@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..quant import PalettizeConfig, PTQConfig, QATConfig
+    from ..quant import BlockReconstructionConfig, PalettizeConfig, PTQConfig, QATConfig
     from .config import ReproduceConfig
 
 __all__ = ["PRE_STEPS", "apply_pre_steps", "apply_low_bit_", "apply_setting"]
@@ -39,7 +39,7 @@ def apply_pre_steps(model: nn.Module, steps: list[str], calibration: list[Any]) 
 
 def apply_low_bit_(
     model: nn.Module,
-    config: PTQConfig | QATConfig | PalettizeConfig,
+    config: PTQConfig | BlockReconstructionConfig | QATConfig | PalettizeConfig,
     calibration: list[Any] | None,
     *,
     train_dataset: Any = None,
@@ -49,6 +49,8 @@ def apply_low_bit_(
     """Make `model` the low-bit model of `config`, in place, and return it.
 
     - [`~hf_r2.quant.PTQConfig`]: [`~hf_r2.quant.quantize_`] with `calibration` (BN handled as the config says);
+    - [`~hf_r2.quant.BlockReconstructionConfig`]: [`~hf_r2.quant.quantize_`] (BRECQ, or QDrop with `drop_prob > 0`:
+      round-to-nearest grids, then each block's rounding and activation steps learnt on `calibration`; BN kept);
     - [`~hf_r2.quant.QATConfig`]: [`~hf_r2.quant.quantize_`] (LSQ grids initialised on `calibration`), then the
       fine-tune;
     - [`~hf_r2.quant.PalettizeConfig`] with `method="kmeans"`: [`~hf_r2.quant.quantize_`] (k-means palettes),
@@ -63,7 +65,8 @@ def apply_low_bit_(
             The low-bit method and its grid.
         calibration (`list` of batches, *optional*):
             `{"pixel_values", "labels"}` batches of training images with the evaluation transform: activation
-            ranges, AdaRound, LSQ initialisation and BN re-estimation. `None` only for data-free configs.
+            ranges, AdaRound, block reconstruction, LSQ initialisation and BN re-estimation. `None` only for
+            data-free configs.
         train_dataset (*optional*):
             The fine-tuning dataset (items for [`hf_r2.data.collate_fn`]); QAT and DKM only.
         finetune (`dict`, *optional*):
@@ -114,7 +117,8 @@ def apply_setting(
         setting (`dict`):
             A full setting, as in [`ReproduceConfig`]'s `low_bit` after normalisation (`config.setting(name)`).
         config ([`ReproduceConfig`]):
-            Gives the quant config's `adaround_iters` and the fine-tune's settings.
+            Gives the quant config's `adaround_iters` (AdaRound rows without their own `iters`) and the fine-tune's
+            settings.
         seed (`int`):
             Seed of the fine-tune.
         calibration (`list` of batches):

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from .._utils import check_choice
 from ..config import R2LossType
+from ._rounding import normalise_rounding, ptq_config, rounding_label
 
 if TYPE_CHECKING:
-    from ..quant import PalettizeConfig, PTQConfig, QATConfig
+    from ..quant import BlockReconstructionConfig, PalettizeConfig, PTQConfig, QATConfig
 
 __all__ = [
     "BASELINE",
@@ -45,8 +46,8 @@ VARIANT_KEYS = ("name", "loss", "weight", "per_channel", "r2", "init_from", "epo
                 "weight_decay", "compare_to", "seeds", "models")
 #: The variant keys that change its training beyond the loss (a variant without them trains with the config's recipe).
 TRAINING_KEYS = ("init_from", "epochs", "lr", "warmup_ratio", "weight_decay")
-SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "pre",
-                "bias_correction", "finetune_steps", "headline", "variants", "models")
+SETTING_KEYS = ("name", "method", "w_bits", "a_bits", "per_channel", "weight_range", "rounding", "iters", "drop_prob",
+                "pre", "bias_correction", "finetune_steps", "headline", "variants", "models")
 #: The keys of a setting that say where it is measured, not how (left out of its cache spec).
 SCOPE_KEYS = ("name", "headline", "variants", "models")
 SWEEP_KEYS = ("variant", "lambdas", "models", "settings")
@@ -317,7 +318,7 @@ def _base_name(s: dict[str, Any]) -> str:
 
     if s["method"] == "ptq":
         grid = "per-channel" if s["per_channel"] else "per-tensor"
-        how = "adaround" if s["rounding"] == "adaround" else s["weight_range"]
+        how = rounding_label(s) or s["weight_range"]
         return f"{format_setting(s['w_bits'], s['a_bits'])} {grid} {how}"
     if s["method"] == "qat":
         grid = "" if s["per_channel"] else " per-tensor"
@@ -336,7 +337,8 @@ def _config_defaults(method: str) -> dict[str, Any]:
 
 def normalise_setting(item: Any, index: int) -> dict[str, Any]:
     """A low-bit setting as a full dict (see [`ReproduceConfig`]'s `low_bit`), its defaults those of its quant
-    config ([`quant_config`], which [`ReproduceConfig`] builds to validate it)."""
+    config ([`quant_config`], which [`ReproduceConfig`] builds to validate it). The learnt-rounding keys `iters` and
+    `drop_prob` are there only where they apply ([`~hf_r2.reproduce._rounding.normalise_rounding`])."""
     what = f"`low_bit[{index}]`"
     if not isinstance(item, dict):
         raise ValueError(f"{what} must be a mapping such as {{'method': 'ptq', 'w_bits': 2, 'a_bits': 8}}, "
@@ -364,6 +366,7 @@ def normalise_setting(item: Any, index: int) -> dict[str, Any]:
                              f"'kmeans' row, from ['cle', 'magr'], got {item.get('pre')!r} (method {method!r}).")
         pre = list(pre)
     s["pre"] = pre
+    s.update(normalise_rounding(what, method, s["rounding"], item))  # set only where they apply: old rows unchanged
     bias_correction = item.get("bias_correction")
     if bias_correction is not None and (method != "ptq" or not isinstance(bias_correction, bool)):
         raise ValueError(f"{what}: `bias_correction` (true / false) corrects the biases of a 'ptq' row after "
@@ -385,7 +388,7 @@ def normalise_setting(item: Any, index: int) -> dict[str, Any]:
             raise ValueError(f"{what}: `{key}` must be a list of {key[:-1]} names (the row is measured on those "
                              f"only; left out: on all), got {value!r}.")
         s[key] = None if value is None else list(value)
-    return {k: s[k] for k in SETTING_KEYS}
+    return {k: s[k] for k in SETTING_KEYS if k in s}
 
 
 def check_unique(name: str, values: list[Any]) -> None:
@@ -403,40 +406,32 @@ def slug(text: str) -> str:
 
 def quant_config(
     setting: dict[str, Any], adaround_iters: int | None = None
-) -> PTQConfig | QATConfig | PalettizeConfig:
+) -> PTQConfig | BlockReconstructionConfig | QATConfig | PalettizeConfig:
     """The `hf_r2.quant` config of a low-bit setting.
 
-    Every row keeps the first and the last layer at 8 bits: [`~hf_r2.quant.PTQConfig`] and
-    [`~hf_r2.quant.QATConfig`] by their default `first_last_bits=8`, [`~hf_r2.quant.PalettizeConfig`] (k-means and
-    DKM) by `first_last_bits=8` (256-entry palettes on those two layers).
+    Every row keeps the first and the last layer at 8 bits: [`~hf_r2.quant.PTQConfig`],
+    [`~hf_r2.quant.BlockReconstructionConfig`] and [`~hf_r2.quant.QATConfig`] by their default `first_last_bits=8`,
+    [`~hf_r2.quant.PalettizeConfig`] (k-means and DKM) by `first_last_bits=8` (256-entry palettes on those two layers).
 
     Args:
         setting (`dict`):
             A full setting, as in [`ReproduceConfig`]'s `low_bit` after normalisation (every key present, e.g.
             `config.setting(name)`).
         adaround_iters (`int`, *optional*):
-            AdaRound iterations of AdaRound rows (default: [`~hf_r2.quant.AdaRoundConfig`]'s).
+            AdaRound iterations of AdaRound rows without their own `iters` (default:
+            [`~hf_r2.quant.AdaRoundConfig`]'s).
 
     Returns:
         [`~hf_r2.quant.PTQConfig`] (`method="ptq"`, BN re-estimated, all calibration batches),
-        [`~hf_r2.quant.QATConfig`] (`"qat"`) or [`~hf_r2.quant.PalettizeConfig`] (`"kmeans"`, `"dkm"`).
+        [`~hf_r2.quant.BlockReconstructionConfig`] (`"ptq"` with `rounding="brecq"`: BRECQ, or QDrop with
+        `drop_prob > 0`; BN kept as trained), [`~hf_r2.quant.QATConfig`] (`"qat"`) or
+        [`~hf_r2.quant.PalettizeConfig`] (`"kmeans"`, `"dkm"`).
     """
-    from ..quant import PalettizeConfig, PTQConfig, QATConfig
+    from ..quant import PalettizeConfig, QATConfig
 
     method = setting["method"]
     if method == "ptq":
-        adaround = setting["rounding"] == "adaround"
-        return PTQConfig(
-            w_bits=setting["w_bits"],
-            a_bits=setting["a_bits"],
-            per_channel=setting["per_channel"],
-            weight_range=setting["weight_range"],
-            rounding=setting["rounding"],
-            adaround={"iters": adaround_iters} if adaround and adaround_iters else None,
-            bn="reestimate",
-            bias_correction=bool(setting.get("bias_correction")),
-            calibration_batches=10**6,  # all of them: their number is set by `calibration_samples`
-        )
+        return ptq_config(setting, adaround_iters)
     if method == "qat":
         return QATConfig(w_bits=setting["w_bits"], a_bits=setting["a_bits"], per_channel=setting["per_channel"])
     return PalettizeConfig(bits=setting["w_bits"], method=method, first_last_bits=8)
