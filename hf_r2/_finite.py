@@ -1,6 +1,6 @@
 """Non-finite values (NaN, +inf, -inf): one place to find them in tensors, models and numbers, and to refuse them.
 
-A diverged training (too high a learning rate or R2 weight) leaves NaN / inf in its loss first and in its weights
+A diverged training (too high a learning rate or R2 lambda) leaves NaN / inf in its loss first and in its weights
 soon after. Every later step would carry them silently: accuracy falls to chance, scales and BN statistics become NaN,
 and any numeric check that compares with `<` or `>` passes, because every comparison with NaN is false. So hf-r2
 checks where the values arise (the training loss, a model loaded for a verb, a number a user typed) and stops with one
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 #: What to try when a training diverges; shared by the messages of the Trainer, the accelerate loop and the CLI.
-DIVERGENCE_HINT = "the learning rate or the R2 weight (lambda) is probably too high: lower it and train again"
+DIVERGENCE_HINT = "the learning rate or the R2 lambda (`r2_lambda`) is probably too high: lower it and train again"
 
 
 class NonFiniteError(ValueError):
@@ -101,7 +101,7 @@ def check_finite_model(model: nn.Module | Mapping[str, Tensor], what: str = "the
     if bad is not None:
         name, counts = bad
         raise NonFiniteError(f"{what} has non-finite weights: {name} holds {counts}; a training that diverged "
-                             "leaves such weights (train it again with a lower learning rate or R2 weight); refusing "
+                             "leaves such weights (train it again with a lower learning rate or R2 lambda); refusing "
                              "to use it")
 
 

@@ -119,7 +119,7 @@ class LoopConfig(JsonConfigMixin):
     lr_scheduler_type (`str` or [`LRSchedulerType`], *optional*, defaults to `"cosine"`):
         `"cosine"` (to zero at the last step) or `"constant"`, after the warm-up.
     lr_warmup_steps (`int`, *optional*, defaults to `0`):
-        Optimizer steps of linear learning-rate warm-up from 0 (the R2 weight has its own warm-up, in `R2Config`).
+        Optimizer steps of linear learning-rate warm-up from 0 (R2's lambda has its own warm-up, in `R2Config`).
 
     > Parameters of precision and hardware
 

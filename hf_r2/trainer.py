@@ -85,7 +85,7 @@ class R2Trainer(Trainer):
     `loss = (1 / N) * sum_i CE(f(x_i), y_i) + lambda(t) * R(W)`
 
     over the `N` examples of the step (all gradient-accumulation micro-batches, and all processes), with `R` the
-    [`R2Regularizer`] total `sum_l R(W_l)` and `lambda(t) = regularizer.lambda_at(state.global_step)` (the R2 weight,
+    [`R2Regularizer`] total `sum_l R(W_l)` and `lambda(t) = regularizer.lambda_at(state.global_step)` (the R2 lambda,
     ramped from 0 over `r2_warmup_steps`). The cross-entropy is [`hf_r2.models.classification_loss`], so timm
     models, [`~transformers.TimmWrapperForImageClassification`] and any `AutoModelForImageClassification` model
     are trained the same way; batches are `{"pixel_values": (B, 3, H, W), "labels": (B,)}`.

@@ -1,7 +1,7 @@
 """Tests of `hf_r2.loop` and `hf_r2.loop_config`: the plain Accelerate loop with R2-Loss (or without a regularizer).
 
 The numbers are checked against a loop written out by hand (plain torch, the functional `margin_r2`, the learning
-rate and R2 weight formulas), against an uninterrupted run (resume), and against one process (two CPU processes
+rate and R2 lambda formulas), against an uninterrupted run (resume), and against one process (two CPU processes
 under `accelerate launch`).
 """
 

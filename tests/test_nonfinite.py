@@ -124,7 +124,7 @@ def test_train_with_a_huge_learning_rate_stops_in_one_line(data_dir, tmp_path, c
     line = _one_error_line(captured.err, "train")
     assert "Saved the model" not in captured.out
     assert "the training diverged at step 2: the loss is nan" in line
-    assert "learning rate" in line and "R2 weight (lambda)" in line
+    assert "learning rate" in line and "R2 lambda (`r2_lambda`)" in line
     assert f"the last good checkpoint is {out / 'checkpoint-1'}" in line and "the model was not saved" in line
     # no model.safetensors, no r2_stats.json; the manifest says what the run wrote
     assert sorted(p.name for p in out.iterdir()) == [".hf-r2-output.json", "checkpoint-1"]

@@ -209,4 +209,4 @@ def _final_line(output_dir: str, metrics: dict) -> str:
     one_class = " and it predicts one class for every image" if metrics.get("eval_predicted_classes") == 1 else ""
     return (f"{line}, but that is chance level: always guessing the most frequent class scores {chance:.4f} on these "
             f"{n} images{one_class}; the model learnt nothing: train longer (more steps or epochs), or lower the "
-            "learning rate or the R2 weight (lambda) if the loss did not fall.")
+            "learning rate or the R2 lambda (--r2_lambda) if the loss did not fall.")

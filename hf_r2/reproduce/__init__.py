@@ -9,7 +9,7 @@ What one [`ReproduceConfig`] runs:
 
 1. **Trainings.** Every model x variant x seed with [`~hf_r2.R2Trainer`]: the same data, recipe (`optimizer`
    AdamW or SGD, cosine, `weight_decay`, per-model `recipes`, augmentation) and seed for every variant; the
-   `baseline` variant is `r2_weight=0` (ordinary weight decay only), or a folder trained elsewhere (`baselines`,
+   `baseline` variant is `r2_lambda=0` (ordinary weight decay only), or a folder trained elsewhere (`baselines`,
    copied and checked against the config). Fine-tune variants (`init_from: baseline`, their own `epochs` / `lr`)
    start from the model's baseline, and a same-length fine-tune without R2 is their control (`compare_to`). Lambda
    sweeps train a variant at each lambda on the first seed. Each training is saved in
