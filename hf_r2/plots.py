@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["select_layers", "plot_weight_histograms", "plot_layer_ranges", "plot_accuracy_vs_bits", "plot_curves"]
+__all__ = ["select_layers", "plot_weight_histograms", "plot_layer_ranges", "plot_accuracy_vs_bits", "plot_curves",
+           "plot_budget_curves"]
 
 # Bit widths on the x axis of `plot_accuracy_vs_bits`, left to right after the float point.
 _BITS = (8, 4, 2, 1)
@@ -304,4 +305,87 @@ def plot_curves(
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_budget_curves(
+    panels: Mapping[str, Mapping[str, Mapping[str, Mapping[float, float | None]]]],
+    path: str | os.PathLike,
+    *,
+    levels: Mapping[str, float] | None = None,
+    level_label: str = "from scratch",
+    budgets: Mapping[float, str] | None = None,
+    title: str | None = None,
+) -> str:
+    """Values against a training budget, one panel each side by side: one colour per row (e.g. a low-bit setting),
+    one line style and marker per curve (e.g. `"R2 fine-tune"`, `"QAT"`).
+
+    Only measured points are drawn: a missing or NaN value is a gap, never a zero, and a line joins two points only
+    where no budget between them lacks a value, so a single budget shows markers and no line.
+
+    Args:
+        panels (`Mapping[str, Mapping[str, Mapping[str, Mapping[float, float | None]]]]`):
+            `panels[ylabel][row][curve][budget]`: the value of `curve` at `row` after `budget` (e.g. epochs).
+        path (`str` or `os.PathLike`):
+            The PNG to write.
+        levels (`Mapping[str, float]`, *optional*):
+            A value per row drawn across the first panel as a horizontal dash-dot line in the row's colour (e.g.
+            the gain of training from scratch), named `level_label` in the legend.
+        level_label (`str`, *optional*, defaults to `"from scratch"`):
+            The legend entry of `levels`.
+        budgets (`Mapping[float, str]`, *optional*):
+            The x ticks: budget -> label (e.g. `{2.0: "2 ep\\n6.7 %"}`); default: the budgets of the points.
+        title (`str`, *optional*):
+            Figure title.
+
+    Returns:
+        `str`: `path`.
+    """
+    from matplotlib.lines import Line2D
+
+    def measured(value: float | None) -> bool:
+        return value is not None and not math.isnan(value)
+
+    rows = list(dict.fromkeys(r for panel in panels.values() for r in panel))
+    curves = list(dict.fromkeys(c for panel in panels.values() for r in panel.values() for c in r))
+    if not rows or not curves:
+        raise ValueError("`panels` holds no curve: give at least one row with a curve of (budget, value) points.")
+    xs = sorted(budgets or {float(b) for p in panels.values() for r in p.values() for c in r.values() for b in c})
+    if len(rows) > 10:
+        from matplotlib import colormaps
+
+        colors = {row: colormaps["tab20"](i % 20) for i, row in enumerate(rows)}
+    else:
+        colors = dict(zip(rows, _colors(len(rows))))
+    fig, axes = _figure(6.0 * len(panels), 4.8, len(panels))
+    for ax, (ylabel, panel) in zip(axes, panels.items()):
+        for row, by_curve in panel.items():
+            for j, curve in enumerate(curves):
+                values = {float(b): v for b, v in by_curve.get(curve, {}).items()}
+                points = [(i, x, values.get(x)) for i, x in enumerate(xs)]
+                points = [(i, x, v) for i, x, v in points if measured(v)]
+                style = {"color": colors[row], "marker": _MARKERS[j % len(_MARKERS)]}
+                for run in _consecutive_runs([(i, (x, v)) for i, x, v in points]):
+                    run_x, run_y = zip(*(xy for _, xy in run))
+                    ax.plot(run_x, run_y, linestyle=_LINESTYLES[j % len(_LINESTYLES)] if len(run) > 1 else "none",
+                            **style)
+        ax.set_xticks(xs, [(budgets or {}).get(x, f"{x:g}") for x in xs])
+        ax.set_xlabel("fine-tune budget")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(xs) == 1:
+            ax.set_xlim(xs[0] - 1, xs[0] + 1)
+    first = axes[0]
+    for row, level in (levels or {}).items():
+        if row in colors and measured(level):
+            first.axhline(level, color=colors[row], linestyle="-.", linewidth=1.0)
+    first.axhline(0.0, color="grey", linewidth=0.8)
+    handles = [Line2D([], [], color=colors[r], label=r) for r in rows]
+    handles += [Line2D([], [], color="black", linestyle=_LINESTYLES[j % len(_LINESTYLES)],
+                       marker=_MARKERS[j % len(_MARKERS)], label=c) for j, c in enumerate(curves)]
+    if levels and any(r in colors and measured(v) for r, v in levels.items()):
+        handles.append(Line2D([], [], color="black", linestyle="-.", label=level_label))
+    axes[-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .budget import budget_tables, format_budget, plot_budgets
 from .config import ReproduceConfig
 from .summary import gains, summarise, summarise_stats
 from .sweep import SWEEP_RULE, WEIGHT_DECAY_RULE, sweep_tables, weight_decay_tables
@@ -236,6 +237,7 @@ def format_report(results: dict[str, Any]) -> str:
         lines.append("")
     classes = data.get("num_classes")
     lines += _format_gains(config, results.get("gains") or {}, 1 / classes if classes else None)
+    lines += format_budget(results.get("finetune_budget"), results["output_dir"])
     lines += _format_weight_decay_sweep(results.get("weight_decay_sweep"))
     for sweep in results.get("lambda_sweep") or []:
         for model, table in sweep["models"].items():
@@ -327,8 +329,10 @@ def assemble_results(
     runs, the summaries over seeds, the range statistics, the lambda sweep, the gains against the paper's
     ([`~hf_r2.reproduce.summary.PAPER_TARGETS`]), the lambdas of the `weight: chosen` variants (`chosen`,
     `{variant: {model: lambda}}`), the weight-decay sweep and its choice per model (`chosen_weight_decay`), the
-    plots (written here, from `weights` / `layer_stats` of the first seed's models) and the timing (`timing` holds
-    `seconds`, `trainings` and `trained_now`; the row counts and summed times are added here)."""
+    plots (written here, from `weights` / `layer_stats` of the first seed's models), the fine-tune budget curves
+    where R2 fine-tunes have controls (`finetune_budget`, [`~hf_r2.reproduce.budget.budget_tables`]) and the
+    timing (`timing` holds `seconds`, `trainings` and `trained_now`; the row counts and summed times are added
+    here)."""
     rows_all = [row for r in runs for row in r["rows"].values()]
     results: dict[str, Any] = {
         "config": config.to_dict(),
@@ -347,6 +351,10 @@ def assemble_results(
         results["val_summary"] = summarise(config, runs, key="val_accuracy")
     results["gains"] = gains(config, results["summary"])
     results["plots"] = _plots(config, results, weights, layer_stats)
+    budget = budget_tables(results)  # stored, so that reports of older results.json files stay as they were
+    if budget:
+        plot_budgets(budget, os.path.join(config.output_dir, "plots"))
+        results["finetune_budget"] = budget
     results["timing"] = {
         **timing,
         "reused_trainings": timing["trainings"] - timing["trained_now"],
