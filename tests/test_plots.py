@@ -65,3 +65,25 @@ def test_accuracy_vs_bits_draws_measured_points_only(tmp_path, monkeypatch):
     assert points == expected
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     assert labels == ["baseline (PTQ)", "baseline (k-means)", "linf (PTQ)", "linf (k-means)"]
+
+
+def test_plot_budget_curves_leaves_gaps_for_missing_values(tmp_path, monkeypatch):
+    """None and NaN are gaps, never zeros; one budget gives markers; no curve at all is refused."""
+    from matplotlib.axes import Axes
+
+    from hf_r2.plots import plot_budget_curves
+
+    drawn = []
+    plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda ax, xs, ys, *a, **k: drawn.append((list(xs), list(ys), k.get(
+        "linestyle"))) or plot(ax, xs, ys, *a, **k))
+    gains = {"W2A8": {"R2": {2.0: 5.0, 4.0: None, 6.0: 7.0}, "QAT": {2.0: float("nan"), 4.0: 3.0, 6.0: 4.0}}}
+    path = plot_budget_curves({"gain": gains}, tmp_path / "b.png", levels={"W2A8": 9.0},
+                              budgets={2.0: "2 ep", 4.0: "4 ep", 6.0: "6 ep"})
+    assert_png(path)
+    assert sorted(drawn) == [([2.0], [5.0], "none"), ([4.0, 6.0], [3.0, 4.0], "--"), ([6.0], [7.0], "none")]
+    drawn.clear()
+    assert_png(plot_budget_curves({"gain": {"W1": {"R2": {2.0: 1.5}}}}, tmp_path / "one.png"))
+    assert drawn == [([2.0], [1.5], "none")]
+    with pytest.raises(ValueError, match="`panels` holds no curve"):
+        plot_budget_curves({"gain": {}}, tmp_path / "none.png")

@@ -2,7 +2,8 @@
 recipe from the same checkpoint at several lengths, each against its same-length control without R2), the gain over
 the control at each low-bit row against the budget, beside the gain of the budget spent on QAT / DKM instead and the
 gain of R2 trained from scratch. [`budget_tables`] computes it (stored in `results.json` as `finetune_budget`),
-[`format_budget`] writes its `results.md` section and [`plot_budgets`] its PNGs.
+[`format_budget`] writes its `results.md` section and [`plot_budgets`] its PNGs; [`attach_budget`] does both
+for an assembled (or loaded) `results.json`.
 
 The curves, all on the test images (they report; choices such as each variant's lambda are made on the validation
 split, whose gains results.json carries beside them as `val_gain`):
@@ -28,7 +29,7 @@ from .config import RESULTS_NAME, ReproduceConfig
 from .summary import mean_std
 from .variants import BASELINE, on_model, slug
 
-__all__ = ["budget_tables", "from_scratch_gains", "format_budget", "plot_budgets"]
+__all__ = ["budget_tables", "from_scratch_gains", "format_budget", "plot_budgets", "attach_budget"]
 
 # The keys that make two R2 fine-tunes the same recipe at another length.
 _LENGTH_KEYS = ("name", "epochs", "compare_to", "seeds", "models")
@@ -270,3 +271,14 @@ def format_budget(tables: dict[str, Any] | None, output_dir: str) -> list[str]:
                               f"({os.path.relpath(family['plot'], output_dir)})"]
             lines.append("")
     return lines
+
+
+def attach_budget(results: dict[str, Any], folder: str) -> dict[str, Any]:
+    """Add `finetune_budget` ([`budget_tables`]) to `results`, its PNGs written into `folder`, where it has R2
+    fine-tunes with controls; `results` is left as it was otherwise, so older reports render unchanged. Also for a
+    `results.json` written before this existed: attach, then [`~hf_r2.reproduce.format_report`] again."""
+    tables = budget_tables(results)
+    if tables:
+        plot_budgets(tables, folder)
+        results["finetune_budget"] = tables
+    return results

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .budget import budget_tables, format_budget, plot_budgets
+from .budget import attach_budget, format_budget
 from .config import ReproduceConfig
 from .summary import gains, summarise, summarise_stats
 from .sweep import SWEEP_RULE, WEIGHT_DECAY_RULE, sweep_tables, weight_decay_tables
@@ -351,10 +351,7 @@ def assemble_results(
         results["val_summary"] = summarise(config, runs, key="val_accuracy")
     results["gains"] = gains(config, results["summary"])
     results["plots"] = _plots(config, results, weights, layer_stats)
-    budget = budget_tables(results)  # stored, so that reports of older results.json files stay as they were
-    if budget:
-        plot_budgets(budget, os.path.join(config.output_dir, "plots"))
-        results["finetune_budget"] = budget
+    attach_budget(results, os.path.join(config.output_dir, "plots"))  # stored: older reports stay as they were
     results["timing"] = {
         **timing,
         "reused_trainings": timing["trainings"] - timing["trained_now"],

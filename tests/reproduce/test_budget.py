@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_png
 
 from hf_r2.reproduce import ReproduceConfig
-from hf_r2.reproduce.budget import budget_tables, format_budget, from_scratch_gains, plot_budgets
+from hf_r2.reproduce.budget import attach_budget, budget_tables, format_budget, from_scratch_gains, plot_budgets
 from hf_r2.reproduce.report import assemble_results, format_report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,3 +151,20 @@ def test_assemble_results_stores_the_curve_and_the_report_shows_it(tmp_path):
     report = format_report(json.loads(json.dumps(results)))  # as read back from results.json
     assert "## R2 fine-tune against its budget" in report
     assert "![fine-tune budget: linf2](plots/test_resnet_linf2_finetune_budget.png)" in report
+
+
+def test_attach_budget_to_a_committed_results_json(tmp_path):
+    """The evidence study (2-epoch fine-tunes of four losses, linf also from scratch) gains the section and nothing
+    else: its report is the committed one with the section added."""
+    committed = ROOT / "docs/results/evidence"
+    results = attach_budget(json.loads((committed / "results.json").read_text(encoding="utf-8")), str(tmp_path))
+    families = results["finetune_budget"]["mobilenetv2_100"]["families"]
+    assert [f["name"] for f in families] == ["linf", "soft_min_max", "margin", "kure"]
+    assert [len(f["budgets"]) for f in families] == [1, 1, 1, 1] and families[0]["from_scratch"]["variant"] == (
+        "linf_scratch")
+    for family in families:
+        assert_png(family["plot"])
+    section = "\n".join(format_budget(results["finetune_budget"], results["output_dir"]))
+    report = format_report(results)
+    assert section in report
+    assert report.replace(section + "\n", "", 1) == (committed / "results.md").read_text(encoding="utf-8")
