@@ -15,7 +15,8 @@
   ([`LOOP_STATE_NAME`]), so that resuming never unpickles anything: accelerate's `register_for_checkpointing` files
   (`custom_checkpoint_<i>.pkl`) are read with `torch.load(weights_only=False)`, which runs whatever code the file
   holds. [`safe_torch_load`] is the `weights_only=True` read (plain tensors and containers) of the rest.
-  [`check_r2_state`] refuses in one line a checkpoint and a run that disagree on R2's learnable parameters.
+  [`check_r2_state`] refuses in one line a checkpoint and a run that disagree on R2 (its learnable parameters, and
+  the R2 settings a loop checkpoint records).
 - Interruptions: [`sigterm_as_interrupt`] makes SIGTERM (what a cluster scheduler sends) raise [`Terminated`], a
   `KeyboardInterrupt`, so that it is handled as Ctrl-C is; [`interrupted_line`] says where the run can resume and
   [`interrupt_exit_code`] is 130 for Ctrl-C, 143 for SIGTERM; [`resumable_on_interrupt`] does all of it for the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import pickle
@@ -73,8 +75,14 @@ LOOP_CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 _WEIGHTS = (*WEIGHT_NAMES, "adapter_model.safetensors")
 #: R2's learnable parameters (margins, temperatures) in a checkpoint of R2Trainer or of the accelerate loop.
 R2_STATE_NAME = "r2_regularizer.safetensors"
-#: The accelerate loop's step counter in its checkpoints: `{"global_step": <int>}`.
+#: The accelerate loop's step counter and R2 settings in its checkpoints: `{"global_step": <int>, "r2_config":
+#: <R2Config.to_dict(), or null without R2>}` (checkpoints written before the record hold the step counter only).
 LOOP_STATE_NAME = "loop_state.json"
+#: R2Config fields that a resume must keep (another objective or other layers) and those it may change with a
+#: warning (coefficients; a loss's own knob only counts for that loss). See [`check_r2_state`].
+_R2_KEPT = ("loss", "per_channel", "include", "exclude", "skip_first_last", "skip_frozen")
+_R2_CHANGEABLE = ("r2_lambda", "warmup_steps")
+_LOSS_KNOBS = {"margin": "margin_penalty", "soft_min_max": "soft_min_max_penalty", "kurtosis": "kurtosis_target"}
 
 
 class CheckpointError(ValueError):
@@ -255,12 +263,23 @@ def load_r2_state(regularizer, folder: str) -> bool:
     return True
 
 
-def check_r2_state(folder: str, regularizer) -> None:
-    """Refuse, in one line, to resume the loop checkpoint `folder` where it and the run disagree on R2's learnable
-    parameters: saved with them (`r2_regularizer.safetensors`) but resumed without R2 or with an R2 loss that has
-    none, or the reverse. accelerate would otherwise stop on the optimizer's state ("loaded state dict has a
-    different number of parameter groups"). A parameter-free R2 loss (`linf`, `kurtosis`) saves nothing to tell it
-    from no R2. hf-r2 0.1.0 checkpoints (no `loop_state.json`) are checked as they load."""
+def check_r2_state(folder: str, regularizer, *, main_process: bool = True) -> None:
+    """Refuse, in one line, to resume the loop checkpoint `folder` with other R2 than it was saved with, so the run
+    never goes on silently with another objective.
+
+    First R2's learnable parameters: saved with them (`r2_regularizer.safetensors`) but resumed without R2 or with an
+    R2 loss that has none, or the reverse (accelerate would otherwise stop on the optimizer's state, "loaded state
+    dict has a different number of parameter groups"). Then the R2 settings `loop_state.json` records
+    (`R2Config.to_dict()`, or null without R2), which tell a parameter-free loss (`linf`, `kurtosis`) from no R2:
+
+    - refused: R2 on / off, another `loss`, `per_channel`, or other target layers (`include`, `exclude`,
+      `skip_first_last`, `skip_frozen`): another objective, which a resumed optimizer state does not fit;
+    - allowed with one warning (on the main process): another `r2_lambda` or `warmup_steps`, or the loss's own knob
+      (`margin_penalty`, `soft_min_max_penalty`, `kurtosis_target`): a coefficient a user may change on purpose, as
+      transformers resumes with changed `TrainingArguments`; the rest of the run uses the new value.
+
+    A checkpoint saved before that record keeps only the parameter check; hf-r2 0.1.0 checkpoints (no
+    `loop_state.json`) are checked as they load."""
     if not os.path.isfile(os.path.join(folder, LOOP_STATE_NAME)):
         return
     path = os.path.join(folder, R2_STATE_NAME)
@@ -282,6 +301,45 @@ def check_r2_state(folder: str, regularizer) -> None:
         raise CheckpointError(f"checkpoint {folder} was saved without R2's learnable parameters (no {R2_STATE_NAME}: "
                               f"no R2, or a loss without any) but {run}: resume with the R2 settings it was saved "
                               "with, or start a new run without resume_from_checkpoint.")
+    _check_r2_record(folder, None if regularizer is None else regularizer.config.to_dict(), main_process)
+
+
+def _settings(values: dict[str, Any], names: list[str]) -> str:
+    return ", ".join(f"{name}={values.get(name)!r}" for name in names)
+
+
+def _check_r2_record(folder: str, run: dict[str, Any] | None, main_process: bool) -> None:
+    """The R2 settings part of [`check_r2_state`]: `run` is this run's `R2Config.to_dict()` (`None`: no R2)."""
+    path = os.path.join(folder, LOOP_STATE_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return  # load_checkpoint names the loop_state.json it cannot read
+    if not isinstance(state, dict) or "r2_config" not in state:
+        return  # written before the record: the parameter check is all there is
+    saved = state["r2_config"]
+    if saved is not None and not isinstance(saved, dict):
+        raise CheckpointError(f"{path} holds `r2_config` {saved!r}, neither R2Config's fields nor null: resume from a "
+                              "checkpoint that train_with_accelerate wrote.")
+    fix = "resume with the R2 settings it was saved with, or start a new run without resume_from_checkpoint."
+    if (saved is None) != (run is None):
+        main = ["loss", "r2_lambda"]
+        was = "without R2-Loss" if saved is None else f"with R2-Loss ({_settings(saved, main)})"
+        now = "this run has no R2" if run is None else f"this run has R2-Loss ({_settings(run, main)})"
+        raise CheckpointError(f"checkpoint {folder} was saved {was} (its {LOOP_STATE_NAME}) but {now}: {fix}")
+    if saved is None or run is None:
+        return
+    kept = [name for name in _R2_KEPT if name in saved and saved[name] != run[name]]
+    if kept:
+        raise CheckpointError(f"checkpoint {folder} was saved with R2-Loss {_settings(saved, kept)} (its "
+                              f"{LOOP_STATE_NAME}) but this run has {_settings(run, kept)}: {fix}")
+    changed = [name for name in (*_R2_CHANGEABLE, _LOSS_KNOBS.get(run["loss"])) if name and name in saved
+               and saved[name] != run[name]]
+    if changed and main_process:
+        logger.warning("Resuming %s with R2 %s where it was saved with %s: the rest of the run uses the new "
+                       "value%s.", folder, _settings(run, changed), _settings(saved, changed),
+                       "s" if len(changed) > 1 else "")
 
 
 def safe_torch_load(path: str, **kwargs: Any) -> Any:

@@ -357,7 +357,8 @@ def train_with_accelerate(
     checkpoint = resolve_checkpoint(config)
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
-        check_r2_state(checkpoint, regularizer)  # one line, not accelerate's optimizer mismatch
+        # one line, not accelerate's optimizer mismatch, nor a silent resume with another R2 objective
+        check_r2_state(checkpoint, regularizer, main_process=accelerator.is_main_process)
         state.global_step = load_checkpoint(accelerator, checkpoint, regularizer)
     if accelerator.log_with:
         accelerator.init_trackers(config.tracker_project_name, config=tracker_config(config, r2_config))

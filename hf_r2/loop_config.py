@@ -333,9 +333,11 @@ def resolve_checkpoint(config: LoopConfig) -> str | None:
 
 def save_checkpoint(accelerator, folder: str, global_step: int = 0, regularizer: R2Regularizer | None = None) -> str:
     """`accelerator.save_state` into a staging folder, renamed to `folder` once every process has written its part,
-    so an interrupted save never leaves a `step_<n>` that looks complete. The main process adds the step counter
-    (`loop_state.json`) and R2's learnable parameters (`r2_regularizer.safetensors`): data that [`load_checkpoint`]
-    reads without unpickling, where accelerate's `register_for_checkpointing` would write pickles."""
+    so an interrupted save never leaves a `step_<n>` that looks complete. The main process adds the step counter and
+    the R2 settings (`loop_state.json`: `R2Config.to_dict()`, or null without R2, which
+    [`~hf_r2.checkpoints.check_r2_state`] compares on resume) and R2's learnable parameters
+    (`r2_regularizer.safetensors`): data that [`load_checkpoint`] reads without unpickling, where accelerate's
+    `register_for_checkpointing` would write pickles."""
     import shutil
 
     staging = staging_folder(folder)
@@ -344,7 +346,8 @@ def save_checkpoint(accelerator, folder: str, global_step: int = 0, regularizer:
     accelerator.wait_for_everyone()
     accelerator.save_state(staging)
     if accelerator.is_main_process:
-        write_json_atomic(os.path.join(staging, LOOP_STATE_NAME), {"global_step": int(global_step)})
+        r2 = None if regularizer is None else regularizer.config.to_dict()
+        write_json_atomic(os.path.join(staging, LOOP_STATE_NAME), {"global_step": int(global_step), "r2_config": r2})
         if regularizer is not None:
             save_r2_state(regularizer, staging)
     accelerator.wait_for_everyone()

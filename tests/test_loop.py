@@ -60,7 +60,8 @@ def _as_hf_r2_0_1_0(folder: Path) -> None:
     """Rewrite a loop checkpoint as hf-r2 0.1.0 saved it: the regularizer and the step counter in accelerate's
     `custom_checkpoint_<i>.pkl` files (`register_for_checkpointing`, in that order), not safetensors / JSON."""
     torch.save(dict(load_file(folder / "r2_regularizer.safetensors")), folder / "custom_checkpoint_0.pkl")
-    torch.save(json.loads((folder / "loop_state.json").read_text()), folder / "custom_checkpoint_1.pkl")
+    step = json.loads((folder / "loop_state.json").read_text())["global_step"]
+    torch.save({"global_step": step}, folder / "custom_checkpoint_1.pkl")
     (folder / "r2_regularizer.safetensors").unlink()
     (folder / "loop_state.json").unlink()
 
@@ -303,7 +304,7 @@ def test_matches_reference_loop(tmp_path, per_device_batch_size, gradient_accumu
         torch.testing.assert_close(value, ref_weights[name], rtol=1e-5, atol=1e-6, msg=name)
     saved = _load_checkpoint(tmp_path / "checkpoints" / "step_8")
     torch.testing.assert_close(saved["r2"]["margin"], ref_margins, rtol=1e-5, atol=1e-6)
-    assert saved["loop"] == {"global_step": 8}
+    assert saved["loop"] == {"global_step": 8, "r2_config": r2_config.to_dict()}
     assert not torch.allclose(ref_margins, init_margins)  # the margins were learned, not left at max |w|
 
 
@@ -361,7 +362,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, saved_by):
     for name in full["model"]:
         torch.testing.assert_close(resumed["model"][name], full["model"][name], rtol=0, atol=1e-7, msg=name)
     torch.testing.assert_close(resumed["r2"]["margin"], full["r2"]["margin"], rtol=0, atol=1e-7)
-    assert resumed["loop"] == full["loop"] == {"global_step": 8}
+    assert resumed["loop"] == full["loop"] == {"global_step": 8, "r2_config": r2_config.to_dict()}
     assert resumed["scheduler"]["last_epoch"] == full["scheduler"]["last_epoch"] == 8
     for key, buf in full["optimizer"]["state"].items():
         torch.testing.assert_close(resumed["optimizer"]["state"][key]["momentum_buffer"], buf["momentum_buffer"],
@@ -399,6 +400,72 @@ def test_resume_with_other_r2_is_one_line(tmp_path, saved, resumed, match):
     assert "\n" not in str(refused.value)
 
 
+def _save_and_resume(tmp_path, saved: R2Config | None, resumed: R2Config | None, old_style: bool = False):
+    """Train 2 steps with `saved` (a checkpoint at step 2), then resume it with `resumed` for one more step; with
+    `old_style`, the checkpoint's loop_state.json first loses its R2 record (as saved before the record)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    model, _, train_ds, _, config = build(str(tmp_path / "saved"), 4, 1)
+    config = replace(config, checkpointing_steps=2, max_steps=2)
+    train_with_accelerate(model, train_ds, r2_config=saved, config=config)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    checkpoint = tmp_path / "saved" / "checkpoints" / "step_2"
+    state = json.loads((checkpoint / "loop_state.json").read_text())
+    assert state == {"global_step": 2, "r2_config": None if saved is None else saved.to_dict()}
+    if old_style:
+        (checkpoint / "loop_state.json").write_text(json.dumps({"global_step": 2}))
+    resume = replace(config, max_steps=3, output_dir=str(tmp_path / "resumed"),
+                     resume_from_checkpoint=str(checkpoint))
+    return checkpoint, lambda: train_with_accelerate(TinyConvNet(), train_ds, r2_config=resumed, config=resume)
+
+
+@pytest.mark.parametrize("saved, resumed, match", [
+    (R2Config(loss="linf"), None, r"was saved with R2-Loss \(loss='linf', r2_lambda=0\.01\) \(its loop_state\.json\) "
+                                  r"but this run has no R2: resume with the R2 settings it was saved with, or start a "
+                                  r"new run without resume_from_checkpoint\.$"),
+    (None, R2Config(loss="linf"), r"was saved without R2-Loss \(its loop_state\.json\) but this run has R2-Loss "
+                                  r"\(loss='linf', r2_lambda=0\.01\): resume with the R2 settings"),
+    (R2Config(loss="linf"), R2Config(loss="kurtosis"), r"was saved with R2-Loss loss='linf' \(its loop_state\.json\) "
+                                                       r"but this run has loss='kurtosis': resume"),
+    (R2Config(loss="linf", per_channel=True), R2Config(loss="linf"),
+     r"was saved with R2-Loss per_channel=True \(its loop_state\.json\) but this run has per_channel=False: resume"),
+    (R2Config(loss="kurtosis"), R2Config(loss="kurtosis", exclude=["head"]),
+     r"was saved with R2-Loss exclude=None \(its loop_state\.json\) but this run has exclude=\['head'\]: resume"),
+])
+def test_resume_with_another_parameter_free_r2_is_one_line(tmp_path, saved, resumed, match):
+    """linf and kurtosis learn nothing, so only the R2 settings loop_state.json records tell their checkpoints from
+    one without R2: another objective (on / off, loss, per_channel, target layers) is refused in one line."""
+    from hf_r2.checkpoints import CheckpointError
+
+    checkpoint, resume = _save_and_resume(tmp_path, saved, resumed)
+    with pytest.raises(CheckpointError, match=f"^checkpoint {checkpoint} {match}") as refused:
+        resume()
+    assert "\n" not in str(refused.value)
+
+
+def test_resume_with_another_lambda_warns_once(tmp_path, caplog):
+    """Another lambda is a change a user may make on purpose (transformers resumes with changed arguments): the run
+    resumes, and one warning line says what changed."""
+    checkpoint, resume = _save_and_resume(tmp_path, R2Config(loss="linf", r2_lambda=0.1),
+                                          R2Config(loss="linf", r2_lambda=0.2))
+    with caplog.at_level("WARNING", logger="hf_r2"):
+        assert resume()["global_step"] == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"Resuming {checkpoint} with R2 r2_lambda=0.2 where it was saved with r2_lambda=0.1: the rest "
+                        "of the run uses the new value."]
+
+
+@pytest.mark.parametrize("resumed", [R2Config(loss="linf", r2_lambda=0.2), None])
+def test_resume_a_checkpoint_without_the_r2_record(tmp_path, caplog, resumed):
+    """A checkpoint saved before loop_state.json recorded R2 resumes as it did: only R2's learnable parameters are
+    compared (linf has none), and nothing is said."""
+    _, resume = _save_and_resume(tmp_path, R2Config(loss="linf", r2_lambda=0.1), resumed, old_style=True)
+    with caplog.at_level("WARNING", logger="hf_r2"):
+        assert resume()["global_step"] == 3
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 @pytest.mark.parametrize("crafted", ["custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin",
                                      "scheduler.bin", "an extra custom_checkpoint_0.pkl"])
 def test_resume_never_runs_code_from_a_checkpoint(tmp_path, data_dir, crafted):
@@ -432,8 +499,8 @@ def test_resume_never_runs_code_from_a_checkpoint(tmp_path, data_dir, crafted):
     resume = ("--max_steps", "2", "--resume_from_checkpoint", str(folder))
     if crafted.startswith("an extra"):
         run_example(*resume)
-        assert json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "loop_state.json").read_text()) == {
-            "global_step": 2}
+        state = json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "loop_state.json").read_text())
+        assert state["global_step"] == 2 and state["r2_config"]["loss"] == "margin"
     else:
         with pytest.raises(SystemExit) as exited:
             run_example(*resume)
