@@ -21,7 +21,9 @@ Exports (a low-bit folder, a Core ML package) follow the same rule without a man
 own files: [`check_export_folder`] refuses an existing folder that is not empty and not an export of that kind, and
 [`replace_folder`] puts a complete new export in place of the old one, keeping the folder's mode and (for a low-bit
 folder) the entries added beside the export, moved rather than copied, so a link stays a link. A target that is
-itself a link to a folder is followed: the export goes where it points, and the link stays.
+itself a link to a folder is followed: the export goes where it points, and the link stays. An export that is one
+file (an ONNX file) is the same: [`check_export_file`] refuses a folder in its place and follows a link,
+[`replace_file`] renames the complete new file over the old one, which keeps its mode.
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ __all__ = [
     "STAGING_PREFIX",
     "TRAINER_CHECKPOINT_RE",
     "WEIGHT_NAMES",
+    "check_export_file",
     "check_export_folder",
     "check_output_folder",
     "clear_run",
     "finish_run",
     "is_run_name",
+    "replace_file",
     "replace_folder",
     "run_files",
     "start_run",
@@ -192,6 +196,29 @@ def check_export_folder(folder: str, is_export: Callable[[str], bool], what: str
         raise ValueError(f"`{option} {folder}` holds files that are not {what} ({listed}): choose a new or empty "
                          f"folder for `{option}`, or remove that one yourself (hf-r2 replaces only its own exports).")
     return real
+
+
+def check_export_file(path: str, what: str, option: str, name: str) -> str:
+    """The file an export of one file (`what`, e.g. "an ONNX file") writes for `path`: `path`, or the file a link
+    named `path` points to (followed, so the link stays). A folder (or a path ending in a separator) and a link to
+    nothing are refused in one line naming the fix; `name` is the file name the message suggests inside a folder.
+    Nothing is changed here."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(f"`{option} {path}` is a link to {os.readlink(path)}, which does not exist: choose another "
+                         f"`{option}`, or remove the link.")
+    real = os.path.realpath(path)
+    if path.endswith(os.sep) or os.path.isdir(real):
+        raise ValueError(f"`{option} {path}` is a folder, not {what}: name the file, e.g. "
+                         f"`{option} {os.path.join(path, name)}`.")
+    return real
+
+
+def replace_file(new: str, target: str) -> None:
+    """Rename the complete file `new` over `target` (a path [`check_export_file`] returned, in the same folder), so
+    an existing file is only ever replaced by a complete one, and give `new` the mode of an existing `target`."""
+    if os.path.isfile(target):
+        os.chmod(new, stat.S_IMODE(os.stat(target).st_mode))
+    os.replace(new, target)
 
 
 def replace_folder(new: str, target: str, *, keep_entries: bool = False) -> None:

@@ -180,6 +180,10 @@ def export_command(args: argparse.Namespace) -> int:
         from ..quant.export.coreml_export import check_coreml_path
 
         check_coreml_path(output, "--output")
+    else:  # and so is a folder where the file would go
+        from ..output_folder import check_export_file
+
+        check_export_file(output, "an ONNX file", "--output", "model.onnx")
     model, folder, description = load_any(args.model)
     if description is not None:
         restore_low_bit_weights_(model, folder)
@@ -214,12 +218,15 @@ def _eval_data(model, args: argparse.Namespace) -> tuple[object, dict]:
 
 
 def _export_onnx(model, output: str, args: argparse.Namespace, data: tuple | None) -> dict:
-    """Export, check, and only then put the file at `output`: a file that fails the check replaces nothing."""
+    """Export, check, and only then put the file at `output`: a file that fails the check replaces nothing. An
+    existing file keeps its mode, and a link is followed (the file is staged beside the one it points to)."""
     import torch
 
+    from ..output_folder import check_export_file, replace_file
     from ..quant.export.onnx_export import compare_onnx, export_onnx
 
-    staged = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.unchecked")
+    target = check_export_file(output, "an ONNX file", "--output", "model.onnx")
+    staged = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.unchecked")
     try:
         report = export_onnx(model, staged, input_size=args.input_size, opset=args.opset,
                              palette_lookup=not args.float_palettes, storage=args.storage)
@@ -236,7 +243,7 @@ def _export_onnx(model, output: str, args: argparse.Namespace, data: tuple | Non
                 f"{100 * check['top1_agreement']:.1f}%; nothing was written to {output} ("
                 + ("weights too large for float32 give NaN / inf: a diverged training" if check["nonfinite_logits"]
                    else "an exporter or runtime mismatch: please report it with `hf-r2 env`") + ")")
-        os.replace(staged, output)
+        replace_file(staged, target)
     finally:
         if os.path.exists(staged):
             os.remove(staged)

@@ -75,6 +75,7 @@ from torch import Tensor, nn
 
 from ..._finite import check_finite_model
 from ...models import LogitsModule, forward_logits, input_shape
+from ...output_folder import check_export_file, replace_file
 from ...version import __version__
 from ..cluster._palette import learned_palette_modules, set_palette
 from ..layers import FakeQuantizer, QuantLayerMixin, quantize_layer_
@@ -233,7 +234,8 @@ def export_onnx(
             [`~hf_r2.quant.post_training_quantize_`], [`~hf_r2.quant.prepare_qat`] (+ training),
             [`~hf_r2.quant.palettize_`], or none of them.
         path (`str` or `os.PathLike`):
-            The `.onnx` file to write (its folder is created).
+            The `.onnx` file to write (its folder is created). An existing file is replaced only once the new one is
+            complete, and keeps its mode; a link is followed (it stays a link); a folder is refused.
         input_size (`int` or `tuple`, *optional*):
             The side of the (square) example input, `(H, W)` or `(C, H, W)`; defaults to the model's config.
         opset (`int`, *optional*, defaults to `21`):
@@ -262,6 +264,7 @@ def export_onnx(
         raise ValueError(f"`opset` must be an integer from {MIN_ONNX_OPSET} to {MAX_ONNX_OPSET}, got {opset!r}.")
     if storage not in ONNX_STORAGES:
         raise ValueError(f"`storage` must be one of {', '.join(map(repr, ONNX_STORAGES))}, got {storage!r}.")
+    target = check_export_file(os.fspath(path), "an ONNX file", "path", "model.onnx")  # before any work
     shape = input_shape(model, input_size)
     parameter = next(model.parameters(), None)
     # a fixed example (the trace does not depend on its values), leaving the global random state alone
@@ -296,11 +299,11 @@ def export_onnx(
     onnx.helper.set_model_props(proto, {"hf_r2_version": __version__, "hf_r2_weights": "+".join(kinds) or "float"})
     onnx.checker.check_model(proto, full_check=True)
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.tmp{os.getpid()}"  # an existing file is replaced by a complete one only
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = f"{target}.tmp{os.getpid()}"  # beside the file a link points to: a rename, never a copy
     try:
         onnx.save_model(proto, partial)
-        os.replace(partial, path)
+        replace_file(partial, target)  # an existing file is replaced by a complete one only, and keeps its mode
     finally:
         if os.path.exists(partial):
             os.remove(partial)
