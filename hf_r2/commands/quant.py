@@ -203,8 +203,9 @@ def ptq_command(args: argparse.Namespace) -> int:
     from ..quant.results import format_setting
 
     if args.rounding == "brecq":
-        _refuse_unused(args, "ptq", ("BlockReconstructionConfig",), "--rounding brecq does not take {flags} (block "
-                       "reconstruction keeps the batch norms as trained): leave {it} out.")
+        _refuse_unused(args, "ptq", ("BlockReconstructionConfig",), "--rounding brecq does not read {flags} (block "
+                       "reconstruction has its own --brecq-* flags and keeps the batch norms as trained): leave {it} "
+                       "out.")
         config = BlockReconstructionConfig(**_config_fields(args, "BlockReconstructionConfig"),
                                            calibration_batches=10**6)  # all: --calibration-samples sets how many
         rounding, bias_correction = "qdrop" if config.drop_prob > 0 else "brecq", False

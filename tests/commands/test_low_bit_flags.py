@@ -101,9 +101,9 @@ def test_ptq_rounding_brecq_builds_block_reconstruction(monkeypatch):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--rounding", "brecq", "--bias-correction"], "--rounding brecq does not take --bias-correction (block "
-     "reconstruction keeps the batch norms as trained): leave it out."),
-    (["--rounding", "brecq", "--bn", "fold", "--adaround-iters", "3"], "does not take --adaround-iters, --bn"),
+    (["--rounding", "brecq", "--bias-correction"], "--rounding brecq does not read --bias-correction (block "
+     "reconstruction has its own --brecq-* flags and keeps the batch norms as trained): leave it out."),
+    (["--rounding", "brecq", "--bn", "fold", "--adaround-iters", "3"], "does not read --adaround-iters, --bn"),
     (["--drop-prob", "0.5"], "--drop-prob set block reconstruction: add --rounding brecq, or leave it out."),
 ])
 def test_ptq_refuses_flags_its_rounding_ignores(monkeypatch, capsys, flags, message):
