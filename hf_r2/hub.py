@@ -254,7 +254,7 @@ def push_folder(
     if not token:
         raise ValueError(
             "No Hugging Face token found to push with. Log in with `hf auth login`, set the `HF_TOKEN` environment "
-            f"variable, or pass `token=`. {_retry_hint(folder, repo_id)}"
+            f"variable, or pass `token=` (`hf-r2 push --token`). {_retry_hint(folder, repo_id)}"
         )
     card = None
     if write_card:

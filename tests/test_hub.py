@@ -290,6 +290,16 @@ def test_push_module_needs_save_directory(timm_folder):
         push_to_hub(model, "me/model")
 
 
+def test_push_without_token_names_both_ways_to_pass_one(timm_folder, monkeypatch):
+    import huggingface_hub
+
+    _, folder = timm_folder
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ValueError, match=r"pass `token=` \(`hf-r2 push --token`\)\. The local folder .* is complete"):
+        push_to_hub(folder, "me/model")
+    assert not os.path.exists(os.path.join(folder, "README.md"))  # refused before the card is written
+
+
 def test_push_folder_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         push_to_hub(str(tmp_path), "me/model")
