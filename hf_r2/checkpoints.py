@@ -16,7 +16,7 @@
   (`custom_checkpoint_<i>.pkl`) are read with `torch.load(weights_only=False)`, which runs whatever code the file
   holds. [`safe_torch_load`] is the `weights_only=True` read (plain tensors and containers) of the rest.
   [`check_r2_state`] refuses in one line a checkpoint and a run that disagree on R2 (its learnable parameters, and
-  the R2 settings a loop checkpoint records).
+  the R2 settings a checkpoint records: the loop's in `loop_state.json`, R2Trainer's in [`R2_RECORD_NAME`]).
 - Interruptions: [`sigterm_as_interrupt`] makes SIGTERM (what a cluster scheduler sends) raise [`Terminated`], a
   `KeyboardInterrupt`, so that it is handled as Ctrl-C is; [`interrupted_line`] says where the run can resume and
   [`interrupt_exit_code`] is 130 for Ctrl-C, 143 for SIGTERM; [`resumable_on_interrupt`] does all of it for the
@@ -37,12 +37,15 @@ import signal
 import threading
 from typing import Any, Callable, Iterator
 
+from ._utils import write_json_atomic
+from .config import R2_CONFIG_NAME
 from .output_folder import STAGING_PREFIX, TRAINER_CHECKPOINT_RE, WEIGHT_NAMES
 
 __all__ = [
     "CheckpointError",
     "LATEST",
     "LOOP_STATE_NAME",
+    "R2_RECORD_NAME",
     "R2_STATE_NAME",
     "STAGING_PREFIX",
     "Terminated",
@@ -62,6 +65,7 @@ __all__ = [
     "resolve_resume",
     "safe_torch_load",
     "save_r2_state",
+    "save_trainer_r2_state",
     "staging_folder",
     "wants_latest",
 ]
@@ -78,10 +82,14 @@ R2_STATE_NAME = "r2_regularizer.safetensors"
 #: The accelerate loop's step counter and R2 settings in its checkpoints: `{"global_step": <int>, "r2_config":
 #: <R2Config.to_dict(), or null without R2>}` (checkpoints written before the record hold the step counter only).
 LOOP_STATE_NAME = "loop_state.json"
+#: The same R2 record in R2Trainer's checkpoints: `{"r2_config": <R2Config.to_dict(), or null for r2_lambda=0, its run
+#: without R2>}` (checkpoints of older hf-r2 versions have none).
+R2_RECORD_NAME = "r2_state.json"
 #: R2Config fields that a resume must keep (another objective or other layers) and those it may change with a
 #: warning (coefficients; a loss's own knob only counts for that loss). See [`check_r2_state`].
 _R2_KEPT = ("loss", "per_channel", "include", "exclude", "skip_first_last", "skip_frozen")
 _R2_CHANGEABLE = ("r2_lambda", "warmup_steps")
+_FIX = "resume with the R2 settings it was saved with, or start a new run without resume_from_checkpoint."
 _LOSS_KNOBS = {"margin": "margin_penalty", "soft_min_max": "soft_min_max_penalty", "kurtosis": "kurtosis_target"}
 
 
@@ -141,8 +149,6 @@ def publish_trainer_checkpoint(state, staging_run_dir: str, final: str, write: b
 
 def checkpoint_step(folder: str) -> int:
     """The `global_step` of a Trainer checkpoint (its `trainer_state.json`)."""
-    import json
-
     with open(os.path.join(folder, "trainer_state.json")) as f:
         return int(json.load(f)["global_step"])
 
@@ -263,14 +269,27 @@ def load_r2_state(regularizer, folder: str) -> bool:
     return True
 
 
+def _r2_settings(regularizer, trainer: bool = True) -> dict[str, Any] | None:
+    off = regularizer is None or (trainer and regularizer.config.r2_lambda == 0)
+    return None if off else regularizer.config.to_dict()
+
+
+def save_trainer_r2_state(regularizer, folder: str) -> None:
+    """What R2Trainer adds to a checkpoint: R2's learnable parameters ([`save_r2_state`]) and its R2 settings
+    ([`R2_RECORD_NAME`], written atomically), which [`check_r2_state`] compares on resume."""
+    save_r2_state(regularizer, folder)
+    write_json_atomic(os.path.join(folder, R2_RECORD_NAME), {"r2_config": _r2_settings(regularizer)})
+
+
 def check_r2_state(folder: str, regularizer, *, main_process: bool = True) -> None:
-    """Refuse, in one line, to resume the loop checkpoint `folder` with other R2 than it was saved with, so the run
-    never goes on silently with another objective.
+    """Refuse, in one line, to resume the checkpoint `folder` (the accelerate loop's or R2Trainer's) with other R2
+    than it was saved with, so the run never goes on silently with another objective.
 
     First R2's learnable parameters: saved with them (`r2_regularizer.safetensors`) but resumed without R2 or with an
     R2 loss that has none, or the reverse (accelerate would otherwise stop on the optimizer's state, "loaded state
-    dict has a different number of parameter groups"). Then the R2 settings `loop_state.json` records
-    (`R2Config.to_dict()`, or null without R2), which tell a parameter-free loss (`linf`, `kurtosis`) from no R2:
+    dict has a different number of parameter groups"). Then the R2 settings that `loop_state.json` (R2Trainer:
+    [`R2_RECORD_NAME`]) records (`R2Config.to_dict()`, or null without R2: for R2Trainer, `r2_lambda=0`), which tell
+    a parameter-free loss (`linf`, `kurtosis`) from no R2:
 
     - refused: R2 on / off, another `loss`, `per_channel`, or other target layers (`include`, `exclude`,
       `skip_first_last`, `skip_frozen`): another objective, which a resumed optimizer state does not fit;
@@ -278,62 +297,68 @@ def check_r2_state(folder: str, regularizer, *, main_process: bool = True) -> No
       (`margin_penalty`, `soft_min_max_penalty`, `kurtosis_target`): a coefficient a user may change on purpose, as
       transformers resumes with changed `TrainingArguments`; the rest of the run uses the new value.
 
-    A checkpoint saved before that record keeps only the parameter check; hf-r2 0.1.0 checkpoints (no
-    `loop_state.json`) are checked as they load."""
-    if not os.path.isfile(os.path.join(folder, LOOP_STATE_NAME)):
+    A checkpoint saved before that record keeps only the parameter check (R2Trainer's: none); hf-r2 0.1.0 loop
+    checkpoints (no `loop_state.json`) are checked as they load. A checkpoint without any R2 file (a plain
+    Trainer's) resumed with R2 goes on with one warning, not an error: only a record that disagrees proves another
+    objective, and refusing would break users who rely on it (R2 on a trained model is rather a new run from it)."""
+    loop = os.path.isfile(os.path.join(folder, LOOP_STATE_NAME))
+    record = LOOP_STATE_NAME if loop else R2_RECORD_NAME
+    if not os.path.isfile(os.path.join(folder, record)):
+        if main_process and (run := _r2_settings(regularizer)) is not None and [os.path.isfile(os.path.join(
+                folder, n)) for n in ("trainer_state.json", R2_STATE_NAME, R2_CONFIG_NAME)] == [True, False, False]:
+            logger.warning("Resuming %s, a checkpoint without R2 (no %s), with R2-Loss (%s): the rest of the run adds "
+                           "the R2 term.", folder, R2_RECORD_NAME, _settings(run, ["loss", "r2_lambda"]))
         return
     path = os.path.join(folder, R2_STATE_NAME)
     learnt = sorted(regularizer.state_dict()) if regularizer is not None else []
-    if regularizer is None:
-        run = "this run has no R2"
-    else:
-        loss = getattr(regularizer.config.loss, "value", regularizer.config.loss)
-        run = f"this run's R2 (loss={loss!r}) learns " + (", ".join(f"`{k}`" for k in learnt) if learnt else "none")
+    loss = None if regularizer is None else getattr(regularizer.config.loss, "value", regularizer.config.loss)
+    run = "this run has no R2" if regularizer is None else f"this run's R2 (loss={loss!r}) learns " + (
+        ", ".join(f"`{k}`" for k in learnt) if learnt else "none")
     if os.path.isfile(path) and not learnt:
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:  # the names only: nothing is unpickled
             saved = ", ".join(f"`{k}`" for k in sorted(f.keys()))
         raise CheckpointError(f"checkpoint {folder} was saved with R2-Loss ({R2_STATE_NAME} holds its learnable "
-                              f"{saved}) but {run}: resume with the R2 settings it was saved with, or start a new run "
-                              "without resume_from_checkpoint.")
+                              f"{saved}) but {run}: {_FIX}")
     if learnt and not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {folder} was saved without R2's learnable parameters (no {R2_STATE_NAME}: "
-                              f"no R2, or a loss without any) but {run}: resume with the R2 settings it was saved "
-                              "with, or start a new run without resume_from_checkpoint.")
-    _check_r2_record(folder, None if regularizer is None else regularizer.config.to_dict(), main_process)
+                              f"no R2, or a loss without any) but {run}: {_FIX}")
+    _check_r2_record(folder, record, _r2_settings(regularizer, trainer=not loop), main_process)
 
 
 def _settings(values: dict[str, Any], names: list[str]) -> str:
     return ", ".join(f"{name}={values.get(name)!r}" for name in names)
 
 
-def _check_r2_record(folder: str, run: dict[str, Any] | None, main_process: bool) -> None:
-    """The R2 settings part of [`check_r2_state`]: `run` is this run's `R2Config.to_dict()` (`None`: no R2)."""
-    path = os.path.join(folder, LOOP_STATE_NAME)
+def _check_r2_record(folder: str, record: str, run: dict[str, Any] | None, main_process: bool) -> None:
+    """The R2 settings part of [`check_r2_state`]: `record` is the file that holds them, `run` this run's
+    `R2Config.to_dict()` (`None`: no R2)."""
+    path, trainer = os.path.join(folder, record), record == R2_RECORD_NAME
     try:
         with open(path, encoding="utf-8") as f:
             state = json.load(f)
     except (OSError, ValueError):
+        if trainer:  # nothing else reads it: a silent skip would resume unchecked
+            raise CheckpointError(f"{path} is not readable JSON: resume from a checkpoint R2Trainer wrote.") from None
         return  # load_checkpoint names the loop_state.json it cannot read
     if not isinstance(state, dict) or "r2_config" not in state:
         return  # written before the record: the parameter check is all there is
     saved = state["r2_config"]
     if saved is not None and not isinstance(saved, dict):
         raise CheckpointError(f"{path} holds `r2_config` {saved!r}, neither R2Config's fields nor null: resume from a "
-                              "checkpoint that train_with_accelerate wrote.")
-    fix = "resume with the R2 settings it was saved with, or start a new run without resume_from_checkpoint."
+                              f"checkpoint that {'R2Trainer' if trainer else 'train_with_accelerate'} wrote.")
     if (saved is None) != (run is None):
-        main = ["loss", "r2_lambda"]
-        was = "without R2-Loss" if saved is None else f"with R2-Loss ({_settings(saved, main)})"
-        now = "this run has no R2" if run is None else f"this run has R2-Loss ({_settings(run, main)})"
-        raise CheckpointError(f"checkpoint {folder} was saved {was} (its {LOOP_STATE_NAME}) but {now}: {fix}")
+        main, off = ["loss", "r2_lambda"], " (r2_lambda=0)" if trainer else ""
+        was = f"without R2-Loss{off}" if saved is None else f"with R2-Loss ({_settings(saved, main)})"
+        now = f"this run has no R2{off}" if run is None else f"this run has R2-Loss ({_settings(run, main)})"
+        raise CheckpointError(f"checkpoint {folder} was saved {was} (its {record}) but {now}: {_FIX}")
     if saved is None or run is None:
         return
     kept = [name for name in _R2_KEPT if name in saved and saved[name] != run[name]]
     if kept:
-        raise CheckpointError(f"checkpoint {folder} was saved with R2-Loss {_settings(saved, kept)} (its "
-                              f"{LOOP_STATE_NAME}) but this run has {_settings(run, kept)}: {fix}")
+        raise CheckpointError(f"checkpoint {folder} was saved with R2-Loss {_settings(saved, kept)} (its {record}) "
+                              f"but this run has {_settings(run, kept)}: {_FIX}")
     changed = [name for name in (*_R2_CHANGEABLE, _LOSS_KNOBS.get(run["loss"])) if name and name in saved
                and saved[name] != run[name]]
     if changed and main_process:

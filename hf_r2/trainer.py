@@ -13,9 +13,9 @@ The Trainer hooks overridden here, and why:
 | `log` | average and log `task_loss`, `r2_loss`, `r2_lambda` and the weight-range statistics |
 | `create_optimizer` | train R2's own margins / temperatures, without weight decay |
 | `get_decay_parameter_names` | no weight decay on the LSQ step sizes of a QAT-prepared model |
-| `_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler` | checkpoint and resume R2's own parameters |
+| `_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler` | checkpoint R2's parameters and settings, resume |
 | `_save` | timm models in timm's own layout; `r2_config.json` and `r2_stats.json` next to the weights |
-| `train`, `_save_checkpoint` | resume from `True` / `"latest"` (the newest complete checkpoint); checkpoints staged |
+| `train`, `_save_checkpoint` | resume from `"latest"`, never with another R2 objective; checkpoints staged |
 | `create_model_card` | hf-r2's card ([`hf_r2.model_card.build_model_card`]), so `push_to_hub` uploads it |
 
 plus one private callback that clears the gradients of R2's own parameters after each optimizer step (the
@@ -37,14 +37,16 @@ from accelerate.utils import broadcast
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from .checkpoints import (
     R2_STATE_NAME,
+    check_r2_state,
     checkpoint_step,
     load_r2_state,
     publish_trainer_checkpoint,
     resolve_resume,
-    save_r2_state,
+    save_trainer_r2_state,
     staging_folder,
 )
 from .config import R2Config
@@ -110,9 +112,10 @@ class R2Trainer(Trainer):
 
     Saving: [`~transformers.Trainer.save_model`] writes the model's own weights in its own format (transformers'
     `save_pretrained`, timm's `config.json` + `model.safetensors`), plus `r2_config.json` and `r2_stats.json`.
-    Checkpoints also hold `r2_regularizer.safetensors` (R2's parameters; their optimizer state is in `optimizer.pt`),
-    are renamed into place only when complete, and `train(resume_from_checkpoint=...)` (a folder, or `True` /
-    `"latest"`) resumes exactly, augmentation included with [`hf_r2.data.SeededTransformDataset`].
+    Checkpoints also hold `r2_regularizer.safetensors` and `r2_state.json` (R2's parameters and settings; the
+    parameters' optimizer state is in `optimizer.pt`), are renamed into place only when complete, and
+    `train(resume_from_checkpoint=...)` (a folder, or `True` / `"latest"`) resumes exactly, augmentation included
+    with [`hf_r2.data.SeededTransformDataset`], never with another R2 objective ([`hf_r2.checkpoints.check_r2_state`]).
 
     Args:
         model (`torch.nn.Module`):
@@ -330,12 +333,11 @@ class R2Trainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            save_r2_state(self.regularizer, output_dir)
+            save_trainer_r2_state(self.regularizer, output_dir)
 
     def _load_r2_state(self, checkpoint: str) -> None:
         if not load_r2_state(self.regularizer, checkpoint):
-            logger.warning("No %s in %s: R2's learnable parameters start from their initial values.",
-                           R2_STATE_NAME, checkpoint)
+            logger.warning("No %s in %s: R2's parameters start from their initial values.", R2_STATE_NAME, checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None:
@@ -348,9 +350,10 @@ class R2Trainer(Trainer):
         if hasattr(self.train_dataset, "set_default_seed"):
             self.train_dataset.set_default_seed(self.args.seed)
         resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume is not None:  # before any state loads: another R2 objective is one line, never a silent resume
+            check_r2_state(resume, self.regularizer, main_process=self.is_world_process_zero())
         if resume is not None and 0 < self.args.max_steps <= checkpoint_step(resume):
             # the run had finished (interrupted while saving or evaluating): the Trainer would train one more step
-            from transformers.trainer_utils import TrainOutput
             self._load_from_checkpoint(resume)
             self._load_r2_state(resume)
             self.state = self.state.load_from_json(os.path.join(resume, "trainer_state.json"))
@@ -367,8 +370,6 @@ class R2Trainer(Trainer):
         check_weights(self.accelerator.unwrap_model(model), self.state.global_step, self.args.output_dir)
         if self.args.push_to_hub:
             return super()._save_checkpoint(model, trial)
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
         run_dir = self._get_output_dir(trial)
         final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         staging = self._staging_run_dir = staging_folder(final, clear=self.args.should_save)
