@@ -122,6 +122,7 @@ def _load_raw(name_or_path: str, data_dir: str | None, train_split: str | None, 
     from datasets import DatasetDict, load_dataset
 
     caps: tuple[int | None, int | None] = (None, None)
+    fix = "check the id and the network, or unset HF_HUB_OFFLINE"
     if name_or_path in LOCAL_DATASETS:
         root = find_local_data_dir(data_dir)
         if root is not None and (root / name_or_path).is_dir():
@@ -134,6 +135,8 @@ def _load_raw(name_or_path: str, data_dir: str | None, train_split: str | None, 
             "from the Hub%s.", name_or_path, hub_id, "" if n_train is None else f", first {n_train}/{n_test} rows "
             "after a seeded shuffle (not the same images as the local copy)",
         )
+        fix = (f"point $HF_R2_DATA_DIR (or `data_dir=`, `--data_dir`) at the folder that holds {name_or_path}/, or "
+               "go online")
         name_or_path, data_dir, caps = hub_id, None, (n_train, n_test)
     elif name_or_path == "imagefolder":
         if data_dir is None:
@@ -160,7 +163,10 @@ def _load_raw(name_or_path: str, data_dir: str | None, train_split: str | None, 
         )
     if os.path.exists(name_or_path):
         raise ValueError(f"`name_or_path={name_or_path!r}` is a file, not a folder, a glob or a .parquet file.")
-    loaded = load_dataset(name_or_path, data_dir=data_dir)
+    try:
+        loaded = load_dataset(name_or_path, data_dir=data_dir)
+    except ConnectionError as err:  # offline, or no network: one line with the fix, not datasets' traceback
+        raise FileNotFoundError(f"The Hub dataset {name_or_path!r} could not be loaded ({err}): {fix}.") from err
     if not isinstance(loaded, DatasetDict):  # pragma: no cover - load_dataset without `split` gives a DatasetDict
         loaded = DatasetDict({"train": loaded})
     return loaded, f"Hub dataset {name_or_path}", caps

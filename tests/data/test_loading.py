@@ -217,6 +217,23 @@ def test_validation_size_holds_out_training_rows_the_same_for_every_seed(data_di
         load_image_dataset("cifar10-tiny", data_dir=data_dir, validation_size=0)
 
 
+def test_hub_unreachable_is_one_line_with_the_fix(monkeypatch):
+    """Offline (or no network) and no local copy: a FileNotFoundError naming the Hub id and the fix, which the CLI
+    prints as one line, not datasets' ConnectionError traceback."""
+    import datasets
+
+    def offline(path, *args, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("hf_r2.data.loading.find_local_data_dir", lambda data_dir=None: None)
+    with pytest.raises(FileNotFoundError, match=r"'uoft-cs/cifar10' could not be loaded \(Couldn't reach .*\): point "
+                       r"\$HF_R2_DATA_DIR .* at the folder that holds cifar10-tiny/, or go online\."):
+        load_image_dataset("cifar10-tiny")
+    with pytest.raises(FileNotFoundError, match=r"'me/pets' could not be loaded .*: check the id and the network"):
+        load_image_dataset("me/pets")
+
+
 def test_no_local_copy_without_data_dir_or_env(monkeypatch, tmp_path, data_dir):
     """The package looks only at `data_dir` and $HF_R2_DATA_DIR: no repository-relative guess."""
     monkeypatch.delenv("HF_R2_DATA_DIR", raising=False)
