@@ -45,8 +45,10 @@ __all__ = [
     "WEIGHT_NAMES",
     "check_export_file",
     "check_export_folder",
+    "EXPORT_RESULTS_NAME",
     "check_output_folder",
     "clear_run",
+    "exported_entries",
     "finish_run",
     "is_run_name",
     "replace_file",
@@ -59,6 +61,8 @@ MANIFEST_NAME = ".hf-r2-output.json"
 #: The hidden sibling a checkpoint is written into before it is renamed into place ([`hf_r2.checkpoints`]).
 STAGING_PREFIX = ".tmp-"
 TRAINER_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: What `hf-r2 export` records of the files it wrote inside a model folder (`{"exports": {format: {"path": ...}}}`).
+EXPORT_RESULTS_NAME = "export_results.json"
 #: The names a model's weights are saved under (Trainer / transformers / timm), whole or sharded.
 WEIGHT_NAMES = (
     "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
@@ -221,19 +225,38 @@ def replace_file(new: str, target: str) -> None:
     os.replace(new, target)
 
 
-def replace_folder(new: str, target: str, *, keep_entries: bool = False) -> None:
+def exported_entries(folder: str) -> set[str]:
+    """The top-level entries of `folder` that `hf-r2 export` wrote from its weights (`model.onnx`, a Core ML
+    package, ...: the `path` of each entry of its `export_results.json`, when that names an entry inside the folder)
+    and the record itself. They encode the weights they were exported from, so a new export of the folder must not
+    carry them over: a push would ship an ONNX file of the old weights beside the new ones."""
+    data = read_json(os.path.join(folder, EXPORT_RESULTS_NAME)) if os.path.isdir(folder) else None
+    exports = data.get("exports") if isinstance(data, dict) else None
+    names = {EXPORT_RESULTS_NAME} if data is not None else set()
+    for entry in exports.values() if isinstance(exports, dict) else ():
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(path, str) and path and not os.path.isabs(path):
+            first = os.path.normpath(path).split(os.sep)[0]
+            if first not in (os.curdir, os.pardir, ""):  # only names inside the folder, never `../x`
+                names.add(first)
+    return names
+
+
+def replace_folder(new: str, target: str, *, keep_entries: bool = False, leave: set[str] | frozenset[str] = frozenset()
+                   ) -> None:
     """Rename the complete folder `new` to `target` (a path [`check_export_folder`] returned; both in one parent),
     so that an existing export is replaced only by a complete one. An existing `target` gives `new` its mode, and
     with `keep_entries` the entries of `target` that `new` lacks (a card, results, the user's links) are moved into
-    `new` as they are: renamed, never copied, so a link stays a link. If a step fails, `target` is left as it was
-    and `new` is removed (kept only if one of the moved entries could not be moved back)."""
+    `new` as they are: renamed, never copied, so a link stays a link; the names in `leave` (what was derived from
+    the old export: [`exported_entries`]) go with the old folder. If a step fails, `target` is left as it was and
+    `new` is removed (kept only if one of the moved entries could not be moved back)."""
     moved: list[str] = []
     old = None
     try:
         if os.path.isdir(target):
             os.chmod(new, stat.S_IMODE(os.stat(target).st_mode))
             if keep_entries:
-                for name in sorted(set(os.listdir(target)) - set(os.listdir(new))):
+                for name in sorted(set(os.listdir(target)) - set(os.listdir(new)) - set(leave)):
                     os.rename(os.path.join(target, name), os.path.join(new, name))
                     moved.append(name)
             old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(target))

@@ -3,6 +3,7 @@
 export is replaced keeping its mode and the entries beside it (links stay links), a link to a folder is followed;
 and a Core ML export prints none of the notices coremltools logs on import."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 from conftest import REPO_ROOT, make_timm
 
 from hf_r2.cli import main
-from hf_r2.output_folder import replace_folder
+from hf_r2.output_folder import exported_entries, replace_folder
 from hf_r2.quant import PalettizeConfig, PTQConfig, palettize_, post_training_quantize_
 from hf_r2.quant.export import LOW_BIT_CONFIG_NAME, load_low_bit, save_low_bit
 from hf_r2.quant.export.coreml_export import check_coreml_path, is_coremltools_available
@@ -202,3 +203,30 @@ def test_a_core_ml_export_prints_no_import_notices_or_trace_warnings(tmp_path):
     for noise in ("Failed to load", "has not been tested", "TracerWarning", "torch.jit.trace"):
         assert noise not in run.stderr
     assert "WARNING" not in run.stderr and "Warning:" not in run.stderr, run.stderr[-2000:]
+
+
+def test_a_new_export_leaves_the_files_made_from_the_old_weights(model, tmp_path):
+    """`model.onnx` / a Core ML package that `hf-r2 export` wrote from the old export (recorded in its
+    export_results.json) would be pushed beside the new weights: they go with the old export; the user's entries
+    stay, and a recorded path outside the folder removes nothing."""
+    folder = tmp_path / "export"
+    save_low_bit(model, folder)
+    (folder / "model.onnx").write_bytes(b"old onnx")
+    (folder / "model.mlpackage").mkdir()
+    (folder / "notes.txt").write_text("mine")
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes(b"not the folder's")
+    (folder / "export_results.json").write_text(json.dumps({"exports": {
+        "onnx": {"path": "model.onnx"}, "coreml": {"path": "./model.mlpackage"}, "x": {"path": "../outside.onnx"},
+        "y": {"path": "/etc/passwd"}, "z": "not a dict"}}))
+    save_low_bit(model, folder)
+    assert sorted(os.listdir(folder)) == sorted([LOW_BIT_CONFIG_NAME, "config.json", "low_bit.safetensors",
+                                                 "notes.txt"])
+    assert outside.read_bytes() == b"not the folder's" and sorted(os.listdir(tmp_path)) == ["export", "outside.onnx"]
+
+
+def test_exported_entries_reads_only_names_inside_the_folder(tmp_path):
+    assert exported_entries(str(tmp_path / "missing")) == set() and exported_entries(str(tmp_path)) == set()
+    (tmp_path / "export_results.json").write_text(json.dumps({"exports": {"onnx": {"path": "sub/model.onnx"},
+                                                                          "bad": {"path": ".."}}}))
+    assert exported_entries(str(tmp_path)) == {"export_results.json", "sub"}

@@ -10,15 +10,15 @@ import os
 from typing import Any
 
 from .._utils import is_plain_path, read_json
+from ..output_folder import EXPORT_RESULTS_NAME
 from .measured import public_dataset_name
 
 __all__ = ["EXPORT_RESULTS_NAME", "deploy_section", "read_export_results", "weights_digest"]
 
 logger = logging.getLogger(__name__)
 
-#: What `hf-r2 export` wrote into a model folder and measured: `{"format_version", "hf_r2_version", "exports":
-#: {"onnx": {...}, "coreml": {...}}}`, one entry per format (see `hf_r2.commands.export`).
-EXPORT_RESULTS_NAME = "export_results.json"
+# EXPORT_RESULTS_NAME: what `hf-r2 export` wrote into a model folder and measured: `{"format_version",
+# "hf_r2_version", "exports": {"onnx": {...}, "coreml": {...}}}`, one entry per format (see `hf_r2.commands.export`).
 _TARGETS = {"iOS18": "iOS 18 / macOS 15"}  # Core ML deployment targets, as Apple names the systems
 
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..._finite import check_finite_model
 from ..._utils import give_default_mode, give_default_modes, write_json_atomic
 from ...models import create_model, is_transformers_model
-from ...output_folder import check_export_folder, replace_folder
+from ...output_folder import check_export_folder, exported_entries, replace_folder
 from ...saving import is_timm_model, write_timm_config
 from ..cluster.palettize import palette_indices
 from ..layers import FakeQuantizer, QuantLayerMixin, quantize_layer_
@@ -228,7 +228,9 @@ def save_low_bit(
 
     The folder is written under a temporary name beside `save_directory` and renamed into place, so an existing
     export is replaced only by a complete one. Only an export is replaced ([`check_low_bit_folder`]): it keeps its
-    mode, and the entries added beside it (card, results, the user's links) are moved over unchanged. A link to a
+    mode, and the entries added beside it (card, results, the user's links) are moved over unchanged, except the
+    files `hf-r2 export` made from the old weights (`model.onnx`, a Core ML package and their
+    `export_results.json`), which go with the old export: they no longer describe the folder's weights. A link to a
     folder is followed (the export goes where it points; the link stays).
 
     Args:
@@ -296,7 +298,7 @@ def save_low_bit(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_folder(tmp, save_directory, keep_entries=True)
+    replace_folder(tmp, save_directory, keep_entries=True, leave=exported_entries(save_directory))
     return description
 
 
