@@ -25,6 +25,7 @@ __all__ = [
     "give_default_mode",
     "give_default_modes",
     "format_choices",
+    "format_seconds",
     "is_plain_path",
     "machine_info",
     "read_config_file",
@@ -48,6 +49,16 @@ class UsageError(ValueError):
 def format_choices(choices: Iterable[Any]) -> str:
     """`'a', 'b', 'c'`: the choices (str enum members or strings), for error and help messages."""
     return ", ".join(repr(getattr(c, "value", c)) for c in choices)
+
+
+def format_seconds(seconds: float) -> str:
+    """`42 s`, `3 min 05 s`, `2 h 07 min`: every progress line of the package (training, quantization)."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def check_choice(name: str, value: Any, enum_cls: type[enum.Enum]) -> str:

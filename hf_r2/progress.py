@@ -24,6 +24,8 @@ from typing import Any, Iterator
 
 from transformers import TrainerCallback
 
+from ._utils import format_seconds
+
 __all__ = [
     "bars_wanted",
     "say",
@@ -65,16 +67,6 @@ def say(line: str) -> None:
 
     tqdm.write(line, file=sys.stdout)
     sys.stdout.flush()
-
-
-def format_seconds(seconds: float) -> str:
-    """`42 s`, `3 min 05 s`, `2 h 07 min`."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def _number(value: Any) -> str:

@@ -26,6 +26,8 @@ import sys
 import time
 from typing import Any
 
+from ..._utils import format_seconds
+
 __all__ = ["DISABLE_PROGRESS_ENV", "UnitProgress", "progress_disabled"]
 
 #: Set to `1` / `true` / `yes` to turn off the progress written to stderr (log records are the logging's to show).
@@ -35,16 +37,6 @@ DISABLE_PROGRESS_ENV = "HF_R2_DISABLE_PROGRESS_BARS"
 def progress_disabled() -> bool:
     """Whether `$HF_R2_DISABLE_PROGRESS_BARS` turns the stderr progress off."""
     return os.environ.get(DISABLE_PROGRESS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _seconds(seconds: float) -> str:
-    """`42 s`, `3 min 05 s`, `2 h 07 min` (as `hf_r2.progress.format_seconds`)."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def _isatty(stream: Any) -> bool:
@@ -108,8 +100,8 @@ class UnitProgress:
         """`layer 3/52, 41 s, about 6 min 10 s left` after the `count`-th unit."""
         elapsed = time.perf_counter() - self.start
         left = self.total - self.count
-        eta = f", about {_seconds(elapsed * left / self.count)} left" if 0 < self.count and left > 0 else ""
-        return f"{self.unit} {self.count}/{self.total}, {_seconds(elapsed)}{eta}"
+        eta = f", about {format_seconds(elapsed * left / self.count)} left" if 0 < self.count and left > 0 else ""
+        return f"{self.unit} {self.count}/{self.total}, {format_seconds(elapsed)}{eta}"
 
     def step(self, line: str | None = None) -> None:
         """One more unit ended; `line` says what it gave (`None`: it was skipped, which a warning said)."""
