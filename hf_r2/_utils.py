@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import os
 import re
@@ -18,6 +19,7 @@ __all__ = [
     "CONFIG_FILE_SUFFIXES",
     "JsonConfigMixin",
     "UsageError",
+    "accept_init_aliases",
     "check_choice",
     "check_patterns",
     "check_safetensors_files",
@@ -30,6 +32,7 @@ __all__ = [
     "machine_info",
     "read_config_file",
     "read_json",
+    "rename_aliases",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -338,6 +341,30 @@ def _is_newer(writer: Any, running: str) -> bool:
     return theirs + (0,) * (width - len(theirs)) > ours + (0,) * (width - len(ours))
 
 
+def rename_aliases(cls: type, data: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    """`data` with each older field name of `cls` (`aliases`: `{old: new}`) renamed to the current one; a
+    `ValueError` if both are given, since they would disagree about one setting."""
+    out = dict(data)
+    for old, new in aliases.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"`{cls.__name__}` got both `{new}` and `{old}` (its older name): give only `{new}`.")
+            out[new] = out.pop(old)
+    return out
+
+
+def accept_init_aliases(cls: type, aliases: dict[str, str]) -> None:
+    """Let the dataclass `cls` be built with older field names (`cls(weight=0.1)` as `cls(r2_lambda=0.1)`), by
+    wrapping its generated `__init__`, so that its signature and `repr` show only the current names."""
+    dataclass_init = cls.__init__
+
+    @functools.wraps(dataclass_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        dataclass_init(self, *args, **rename_aliases(cls, kwargs, aliases))
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
 class JsonConfigMixin:
     """JSON round trip for a config dataclass whose file name is `config_name`.
 
@@ -352,16 +379,7 @@ class JsonConfigMixin:
 
     @classmethod
     def _rename_aliases(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """`data` with each older field name ([`_aliases`]) renamed to the current one; a `ValueError` if both are
-        given, since they would disagree about one setting."""
-        out = dict(data)
-        for old, new in cls._aliases.items():
-            if old in out:
-                if new in out:
-                    raise ValueError(f"`{cls.__name__}` got both `{new}` and `{old}` (its older name): give only "
-                                     f"`{new}`.")
-                out[new] = out.pop(old)
-        return out
+        return rename_aliases(cls, data, cls._aliases)
 
     def to_dict(self) -> dict[str, Any]:
         from .version import __version__

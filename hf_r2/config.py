@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import enum
-import functools
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ._finite import check_finite_number
-from ._utils import JsonConfigMixin, check_choice, check_patterns, format_choices
+from ._utils import JsonConfigMixin, accept_init_aliases, check_choice, check_patterns, format_choices
 
 __all__ = ["R2Config", "R2LossType", "R2_CONFIG_NAME"]
 
@@ -137,13 +136,5 @@ class R2Config(JsonConfigMixin):
         return self.r2_lambda
 
 
-_dataclass_init = R2Config.__init__
-
-
-@functools.wraps(_dataclass_init)
-def _init_with_aliases(self: R2Config, *args: Any, **kwargs: Any) -> None:
-    # `R2Config(weight=0.1)` (the older name) builds `R2Config(r2_lambda=0.1)`; both at once is an error
-    _dataclass_init(self, *args, **R2Config._rename_aliases(kwargs))
-
-
-R2Config.__init__ = _init_with_aliases  # type: ignore[method-assign]
+# `R2Config(weight=0.1)` (the older name) builds `R2Config(r2_lambda=0.1)`; both at once is an error
+accept_init_aliases(R2Config, R2Config._aliases)

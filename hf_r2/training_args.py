@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from transformers import TrainingArguments
 
+from ._utils import accept_init_aliases
 from .config import R2Config, R2LossType
 
 __all__ = ["R2TrainingArguments"]
@@ -249,18 +248,5 @@ class R2TrainingArguments(TrainingArguments):
         return self.r2_lambda
 
 
-_dataclass_init = R2TrainingArguments.__init__
-
-
-@functools.wraps(_dataclass_init)
-def _init_with_aliases(self: R2TrainingArguments, *args: Any, **kwargs: Any) -> None:
-    # `r2_weight=` (the older name) sets `r2_lambda`; both at once is an error, as in `R2Config`
-    if "r2_weight" in kwargs:
-        if "r2_lambda" in kwargs:
-            raise ValueError("`R2TrainingArguments` got both `r2_lambda` and `r2_weight` (its older name): give only "
-                             "`r2_lambda`.")
-        kwargs["r2_lambda"] = kwargs.pop("r2_weight")
-    _dataclass_init(self, *args, **kwargs)
-
-
-R2TrainingArguments.__init__ = _init_with_aliases  # type: ignore[method-assign]
+# `r2_weight=` (the older name) sets `r2_lambda`; both at once is an error, as in `R2Config`
+accept_init_aliases(R2TrainingArguments, {"r2_weight": "r2_lambda"})
