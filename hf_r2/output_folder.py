@@ -49,6 +49,7 @@ __all__ = [
     "check_output_folder",
     "clear_run",
     "exported_entries",
+    "read_export_results",
     "finish_run",
     "is_run_name",
     "replace_file",
@@ -225,16 +226,24 @@ def replace_file(new: str, target: str) -> None:
     os.replace(new, target)
 
 
+def read_export_results(folder: str) -> dict[str, dict[str, Any]]:
+    """`{format: entry}` from the folder's `export_results.json` (`{}` when there is none): what `hf-r2 export`
+    wrote (`path` relative to the folder, `file_bytes`, `bits_per_weight`, ...) and measured (`check`, `accuracy`)."""
+    data = read_json(os.path.join(folder, EXPORT_RESULTS_NAME))
+    exports = data.get("exports") if isinstance(data, dict) else None
+    return {k: v for k, v in exports.items() if isinstance(v, dict)} if isinstance(exports, dict) else {}
+
+
 def exported_entries(folder: str) -> set[str]:
     """The top-level entries of `folder` that `hf-r2 export` wrote from its weights (`model.onnx`, a Core ML
     package, ...: the `path` of each entry of its `export_results.json`, when that names an entry inside the folder)
     and the record itself. They encode the weights they were exported from, so a new export of the folder must not
     carry them over: a push would ship an ONNX file of the old weights beside the new ones."""
-    data = read_json(os.path.join(folder, EXPORT_RESULTS_NAME)) if os.path.isdir(folder) else None
-    exports = data.get("exports") if isinstance(data, dict) else None
-    names = {EXPORT_RESULTS_NAME} if data is not None else set()
-    for entry in exports.values() if isinstance(exports, dict) else ():
-        path = entry.get("path") if isinstance(entry, dict) else None
+    if not os.path.isfile(os.path.join(folder, EXPORT_RESULTS_NAME)):
+        return set()
+    names = {EXPORT_RESULTS_NAME}
+    for entry in read_export_results(folder).values():
+        path = entry.get("path")
         if isinstance(path, str) and path and not os.path.isabs(path):
             first = os.path.normpath(path).split(os.sep)[0]
             if first not in (os.curdir, os.pardir, ""):  # only names inside the folder, never `../x`

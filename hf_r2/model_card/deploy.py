@@ -9,8 +9,8 @@ import logging
 import os
 from typing import Any
 
-from .._utils import is_plain_path, read_json
-from ..output_folder import EXPORT_RESULTS_NAME
+from .._utils import is_plain_path
+from ..output_folder import EXPORT_RESULTS_NAME, read_export_results
 from .measured import public_dataset_name
 
 __all__ = ["EXPORT_RESULTS_NAME", "deploy_section", "read_export_results", "weights_digest"]
@@ -37,14 +37,6 @@ def weights_digest(folder: str) -> str | None:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def read_export_results(folder: str) -> dict[str, dict[str, Any]]:
-    """`{format: entry}` from the folder's `export_results.json` (`{}` when there is none): what `hf-r2 export`
-    wrote (`path` relative to the folder, `file_bytes`, `bits_per_weight`, ...) and measured (`check`, `accuracy`)."""
-    data = read_json(os.path.join(folder, EXPORT_RESULTS_NAME))
-    exports = data.get("exports") if isinstance(data, dict) else None
-    return {k: v for k, v in exports.items() if isinstance(v, dict)} if isinstance(exports, dict) else {}
 
 
 def _size(num_bytes: int) -> str:
